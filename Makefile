@@ -1,0 +1,39 @@
+# openft: `make run` starts the API + a worker on embedded defaults; `make test` runs every check.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.openft-installed
+
+.PHONY: run test lint unit bench clean
+
+# Torch rule: a torch already importable by $(PYTHON) (e.g. a CUDA build on a GPU box) is
+# reused through --system-site-packages, never replaced; otherwise the CPU wheel is pinned
+# first, so no dependency can pull several GB of CUDA packages.
+$(STAMP): pyproject.toml
+	@if [ ! -x $(BIN)/python ]; then \
+	  if $(PYTHON) -c "import torch" 2>/dev/null; then \
+	    echo "reusing the torch of $(PYTHON)"; $(PYTHON) -m venv --system-site-packages $(VENV); \
+	  else $(PYTHON) -m venv $(VENV); fi; \
+	fi
+	@$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[dev,postgres]"
+	@touch $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/openft serve
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests bench
+	$(BIN)/lint-imports
+
+test: lint
+	$(BIN)/python -m pytest -q
+
+unit: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
+
+bench: $(STAMP)
+	$(BIN)/python bench/e2e_tiny.py
+
+clean:
+	rm -rf $(VENV) .openft .pytest_cache .ruff_cache

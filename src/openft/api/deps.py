@@ -1,0 +1,69 @@
+"""Typed dependencies: the app's state, a DB session, the caller's project."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Annotated
+
+from fastapi import Depends, Request
+from sqlalchemy.orm import Session
+
+from openft.errors import Unauthorized
+from openft.settings import Settings
+from openft.storage import repo
+from openft.storage.blobs import LocalBlobStore
+from openft.storage.db import Database
+from openft.storage.tables import Project
+
+if TYPE_CHECKING:
+    from openft.inference.registry import Registry
+
+
+@dataclass
+class AppState:
+    settings: Settings
+    db: Database
+    blobs: LocalBlobStore
+    _registry: Registry | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def registry(self) -> Registry:
+        # Imported and built on the first chat request: the API starts without torch.
+        with self._lock:
+            if self._registry is None:
+                from openft.inference.registry import Registry
+
+                self._registry = Registry(device=self.settings.device, max_loaded=self.settings.adapter_cache_size)
+            return self._registry
+
+
+def get_state(request: Request) -> AppState:
+    return request.app.state.openft
+
+
+def get_session(state: Annotated[AppState, Depends(get_state)]) -> Iterator[Session]:
+    with state.db.session() as s:
+        yield s
+
+
+def get_project(request: Request, s: Annotated[Session, Depends(get_session)]) -> Project:
+    header = request.headers.get("authorization", "")
+    scheme, _, key = header.partition(" ")
+    if scheme.lower() != "bearer" or not key.strip():
+        raise Unauthorized(
+            "You didn't provide an API key. Send 'Authorization: Bearer <key>'; create one with "
+            "'openft keys create --project NAME'.",
+            code="missing_api_key",
+        )
+    project = repo.project_for_key(s, key=key.strip())
+    if project is None:
+        raise Unauthorized(f"Incorrect API key provided: {key[:10]}****.", code="invalid_api_key")
+    return project
+
+
+State = Annotated[AppState, Depends(get_state)]
+DB = Annotated[Session, Depends(get_session)]
+CurrentProject = Annotated[Project, Depends(get_project)]

@@ -1,0 +1,73 @@
+"""One place that turns errors into OpenAI's error JSON.
+
+Domain errors (``openft.errors``) and request validation map to 4xx with ``param``; anything
+else is our bug: logged with its traceback and answered as a 500 ``server_error``.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from openft.errors import OpenFTError
+from openft.protocol.errors import ErrorBody, ErrorResponse
+
+log = logging.getLogger("openft.api")
+
+# pydantic adds union-member tags such as "literal['auto']" or "constrained-int" to locations.
+_FIELD = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_TAGS = {"int", "float", "str", "bool", "function-after", "function-before", "function-wrap"}
+
+
+def error_response(status: int, message: str, *, type: str, param: str | None = None, code: str | None = None) -> JSONResponse:
+    body = ErrorResponse(error=ErrorBody(message=message, type=type, param=param, code=code))
+    headers = {}
+    if status < 500 and status not in (408, 409, 429):
+        # Deterministic refusal: the same request will fail the same way, so the SDK must not retry.
+        headers["x-should-retry"] = "false"
+    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
+
+
+def loc_to_param(loc: tuple[object, ...]) -> str | None:
+    parts: list[str] = []
+    for item in loc:
+        if item in ("body", "query", "path", "header", "form"):
+            continue
+        if isinstance(item, int):
+            parts.append(f"[{item}]")
+        elif isinstance(item, str) and _FIELD.match(item) and item not in _TAGS:
+            parts.append(("." if parts else "") + item)
+        else:
+            break
+    return "".join(parts) or None
+
+
+def install(app: FastAPI) -> None:
+    @app.exception_handler(OpenFTError)
+    async def _domain(_: Request, exc: OpenFTError) -> JSONResponse:
+        return error_response(exc.status_code, exc.message, type=exc.error_type, param=exc.param, code=exc.code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = exc.errors()
+        first = errors[0] if errors else {"loc": (), "msg": "Invalid request"}
+        param = loc_to_param(tuple(first.get("loc", ())))
+        msg = first.get("msg", "Invalid request")
+        extra = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
+        message = f"Invalid value for '{param}': {msg}{extra}" if param else f"{msg}{extra}"
+        return error_response(400, message, type="invalid_request_error", param=param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return error_response(exc.status_code, str(exc.detail), type="invalid_request_error")
+
+    @app.exception_handler(Exception)
+    async def _bug(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return error_response(500, "The server had an error while processing your request.", type="server_error",
+                              code="server_error")

@@ -1,0 +1,1 @@
+"""Command line: ``openft serve | worker | keys | validate | files | jobs | chat | export``."""

@@ -1,0 +1,16 @@
+"""The ``openft`` command. Heavy imports happen inside commands so ``--help`` stays instant."""
+
+from __future__ import annotations
+
+import typer
+
+from openft.cli import keys, serve
+
+app = typer.Typer(help="openft: self-hosted fine-tuning with OpenAI's API.", no_args_is_help=True,
+                  pretty_exceptions_enable=False)
+app.command("serve")(serve.serve)
+app.command("worker")(serve.worker)
+app.add_typer(keys.app, name="keys")
+
+if __name__ == "__main__":
+    app()

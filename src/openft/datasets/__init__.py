@@ -1,0 +1,1 @@
+"""Training-file reading and validation. Pure Python + Pillow: no torch, no storage."""

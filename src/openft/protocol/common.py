@@ -1,0 +1,56 @@
+"""Pieces shared by several resources: the list envelopes and the request base class."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Generic, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, model_validator
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class Request(BaseModel):
+    """Base for request bodies: unknown fields are accepted (newer SDKs send more) but logged."""
+
+    model_config = ConfigDict(extra="allow")
+
+    @model_validator(mode="after")
+    def _log_unknown(self) -> Request:
+        if self.model_extra:
+            log.info("%s: ignoring unknown fields %s", type(self).__name__, sorted(self.model_extra))
+        return self
+
+
+class ListResponse(BaseModel, Generic[T]):
+    """``{"object": "list", "data": [...], "has_more": bool}``: the cursor-paginated envelope."""
+
+    object: Literal["list"] = "list"
+    data: list[T]
+    has_more: bool = False
+
+
+class FirstLastListResponse(ListResponse[T], Generic[T]):
+    """List envelope that also names its first and last ids (files, checkpoints)."""
+
+    first_id: str | None = None
+    last_id: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fill_ends(cls, values: Any) -> Any:
+        if isinstance(values, dict) and values.get("data") and "first_id" not in values:
+            data = values["data"]
+            first, last = data[0], data[-1]
+            values = dict(values)
+            values["first_id"] = first["id"] if isinstance(first, dict) else first.id
+            values["last_id"] = last["id"] if isinstance(last, dict) else last.id
+        return values
+
+
+class DeletedResponse(BaseModel):
+    id: str
+    object: str
+    deleted: bool = True

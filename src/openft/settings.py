@@ -1,0 +1,63 @@
+"""Process configuration. The only module that reads the environment (prefix ``OPENFT_``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+TINY_MODEL = "openft-tiny-vlm"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="OPENFT_", extra="ignore")
+
+    home: Path = Field(default=Path(".openft"), description="Root for the database, blobs and model cache.")
+    database_url: str | None = Field(
+        default=None, description="Any SQLAlchemy URL; default is SQLite at $OPENFT_HOME/openft.db (WAL)."
+    )
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_upload_bytes: int = Field(default=512 * 1024 * 1024, description="Files API upload limit (413 above).")
+    base_models: list[str] = Field(
+        default_factory=list,
+        description="Extra servable/trainable base models: Hugging Face ids or local folders.",
+    )
+    device: str = Field(default="auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'.")
+    model_cache: Path | None = Field(
+        default=None, description="Where generated/downloaded base models live; default $OPENFT_HOME/models."
+    )
+    worker_poll_seconds: float = 0.5
+    lease_seconds: float = Field(default=60.0, description="A running job whose worker is silent this long is reclaimed.")
+    allow_private_networks: bool = Field(
+        default=False, description="Let image URLs point at loopback/private addresses (on-prem use)."
+    )
+    adapter_cache_size: int = Field(default=4, description="Fine-tuned models kept loaded for chat (LRU).")
+    organization_prefix: str = Field(default="org-", description="Prefix of organization_id (project id).")
+
+    @property
+    def base_model_ids(self) -> list[str]:
+        """Base models this server offers: the built-in tiny model first, then the configured ones."""
+        return [TINY_MODEL, *(m for m in self.base_models if m != TINY_MODEL)]
+
+    @property
+    def resolved_home(self) -> Path:
+        return self.home.expanduser().resolve()
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.resolved_home / 'openft.db'}"
+
+    @property
+    def blob_dir(self) -> Path:
+        return self.resolved_home / "blobs"
+
+    @property
+    def resolved_model_cache(self) -> Path:
+        return (self.model_cache or self.resolved_home / "models").expanduser().resolve()
+
+    @property
+    def work_dir(self) -> Path:
+        """Scratch space for running jobs (checkpoints before they become blobs)."""
+        return self.resolved_home / "work"

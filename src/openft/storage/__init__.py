@@ -1,0 +1,1 @@
+"""Metadata (SQLAlchemy) and content-addressed blobs. Knows nothing of torch or HTTP."""

@@ -1,0 +1,28 @@
+"""Moving finished weights directories into blobs and recording them as servable models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from openft import ids
+from openft.storage import repo
+from openft.storage.blobs import BlobStore
+from openft.storage.db import Database
+from openft.storage.tables import Job
+
+KEEP_CHECKPOINTS = 3
+
+
+def store_checkpoint(
+    db: Database, blobs: BlobStore, *, job: Job, model_name: str, weights_dir: Path, step: int, metrics: dict[str, Any]
+) -> str:
+    """Store a checkpoint's weights, record it (servable as ``<model>:ckpt-step-N``), keep the last 3."""
+    key = blobs.put_dir(weights_dir)
+    with db.session() as s:
+        ckpt_name = ids.checkpoint_model_name(model_name, step)
+        row = repo.add_checkpoint(s, job=job, step=step, metrics={"step": step, **metrics}, model_name=ckpt_name, weights=key)
+        repo.prune_checkpoints(s, job_id=job.id, keep=KEEP_CHECKPOINTS)
+        repo.append_event(s, job_id=job.id, message=f"Checkpoint created at step {step}: {ckpt_name}",
+                          data={"checkpoint_id": row.id, "step": step})
+    return key

@@ -1,0 +1,93 @@
+"""``JobReporter``: the training ``Reporter`` that writes events, checkpoints and the results CSV."""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from openft.storage import repo
+from openft.storage.blobs import BlobStore
+from openft.storage.db import Database
+from openft.storage.tables import Job
+from openft.worker.checkpoints import store_checkpoint
+from openft.worker.queue import JobLease
+
+# OpenAI's results CSV columns, in order.
+CSV_COLUMNS = ("step", "train_loss", "train_accuracy", "valid_loss", "valid_mean_token_accuracy")
+# Above this many steps, metrics events are thinned (the CSV still has every step).
+MAX_METRIC_EVENTS = 500
+
+
+def _fmt(x: Any) -> str:
+    return f"{x:.4f}" if isinstance(x, float) else str(x)
+
+
+class JobReporter:
+    def __init__(
+        self, db: Database, blobs: BlobStore, *, job: Job, model_name: str, lease: JobLease
+    ) -> None:
+        self._db, self._blobs, self._job, self._lease = db, blobs, job, lease
+        self.model_name = model_name
+        self.rows: list[dict[str, Any]] = []
+        self.last_checkpoint_key: str | None = None
+        self.last_metrics: dict[str, Any] = {}
+        self._started = time.time()
+        self._last_eta_write = 0.0
+
+    # -- Reporter protocol -------------------------------------------------------------
+
+    def on_message(self, message: str, level: str = "info") -> None:
+        with self._db.session() as s:
+            repo.append_event(s, job_id=self._job.id, message=message, level=level)
+
+    def on_step(self, metrics: dict[str, float | int]) -> None:
+        step, total = int(metrics["step"]), int(metrics["total_steps"])
+        self.last_metrics = dict(metrics)
+        self.rows.append(
+            {
+                "step": step,
+                "train_loss": metrics.get("train_loss"),
+                "train_accuracy": metrics.get("train_mean_token_accuracy"),
+                "valid_loss": metrics.get("valid_loss"),
+                "valid_mean_token_accuracy": metrics.get("valid_mean_token_accuracy"),
+            }
+        )
+        every = max(1, math.ceil(total / MAX_METRIC_EVENTS))
+        now = time.time()
+        with self._db.session() as s:
+            if step % every == 0 or step == total or "valid_loss" in metrics:
+                parts = [f"training loss={_fmt(metrics.get('train_loss'))}"]
+                if metrics.get("valid_loss") is not None:
+                    parts.append(f"validation loss={_fmt(metrics['valid_loss'])}")
+                data = {k: v for k, v in metrics.items() if k != "epoch"}
+                repo.append_event(s, job_id=self._job.id, type="metrics", message=f"Step {step}/{total}: " + ", ".join(parts),
+                                  data=data)
+            if now - self._last_eta_write > 2.0:
+                # Keep estimated_finish current: linear extrapolation from the steps done so far.
+                eta = int(self._started + (now - self._started) * total / max(step, 1))
+                repo.transition(s, job_id=self._job.id, worker_id=self._lease.worker_id, frm=("running",),
+                                estimated_finish=eta)
+                self._last_eta_write = now
+
+    def on_checkpoint(self, weights_dir: Path, *, step: int, epoch: int, metrics: dict[str, float | int]) -> None:
+        keep = {k: v for k, v in metrics.items() if k not in ("step", "total_steps", "epoch", "trained_tokens")}
+        self.last_checkpoint_key = store_checkpoint(
+            self._db, self._blobs, job=self._job, model_name=self.model_name, weights_dir=weights_dir, step=step, metrics=keep
+        )
+
+    def should_stop(self) -> bool:
+        return self._lease.should_stop
+
+    # -- results -------------------------------------------------------------------------
+
+    def results_csv(self) -> bytes:
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        for row in self.rows:
+            writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
+        return buf.getvalue().encode()

@@ -1,0 +1,187 @@
+"""Run one claimed job: validate files -> resolve hyperparameters -> train -> record the model.
+
+Every state change is a conditional update on a job this worker holds, so a cancel made
+through the API meanwhile is never overwritten, and every step leaves an event behind.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from openft import ids
+from openft.datasets.validate import ValidationOptions, ValidationResult, validate_file
+from openft.errors import JobCancelled, JobFailed
+from openft.settings import Settings
+from openft.storage import repo
+from openft.storage.blobs import LocalBlobStore
+from openft.storage.db import Database
+from openft.storage.tables import File, Job
+from openft.training.config import LoraConfig, TrainConfig, default_training_type
+from openft.training.hparams import base_learning_rate, resolve_hparams
+from openft.worker.events import JobReporter
+from openft.worker.queue import JobLease
+
+log = logging.getLogger("openft.worker")
+
+ACTIVE = ("validating_files", "queued", "running")
+# Skips are reported one event each, up to this many; the summary event counts them all.
+MAX_ISSUE_EVENTS = 50
+
+
+@dataclass
+class WorkerContext:
+    settings: Settings
+    db: Database
+    blobs: LocalBlobStore
+    worker_id: str
+
+
+def run_job(ctx: WorkerContext, job: Job) -> None:
+    """Run a job to its end state. Never raises: a failing job must not take the worker down."""
+    with JobLease(ctx.db, job_id=job.id, worker_id=ctx.worker_id, lease_seconds=ctx.settings.lease_seconds) as lease:
+        try:
+            _run(ctx, job, lease)
+        except JobCancelled:
+            _event(ctx, job, "Training stopped at a step boundary after the job was cancelled.")
+        except JobFailed as exc:
+            _fail(ctx, job, code=exc.code or "failed", message=exc.message, param=exc.param)
+        except Exception as exc:  # our bug or the environment's: record it, keep the worker alive
+            log.exception("job %s crashed", job.id)
+            _fail(ctx, job, code="server_error", message=f"Training failed with an internal error: {type(exc).__name__}: {exc}",
+                  param=None)
+        finally:
+            shutil.rmtree(ctx.settings.work_dir / job.id, ignore_errors=True)
+
+
+def _event(ctx: WorkerContext, job: Job, message: str, *, level: str = "info", data: dict[str, Any] | None = None) -> None:
+    with ctx.db.session() as s:
+        repo.append_event(s, job_id=job.id, message=message, level=level, data=data)
+
+
+def _move(ctx: WorkerContext, job: Job, frm: tuple[str, ...], **values: Any) -> None:
+    with ctx.db.session() as s:
+        if not repo.transition(s, job_id=job.id, worker_id=ctx.worker_id, frm=frm, **values):
+            raise JobCancelled(job.id)
+
+
+def _fail(ctx: WorkerContext, job: Job, *, code: str, message: str, param: str | None) -> None:
+    with ctx.db.session() as s:
+        if repo.transition(s, job_id=job.id, worker_id=ctx.worker_id, frm=ACTIVE, status="failed",
+                           error={"code": code, "message": message, "param": param}, finished_at=repo.now(),
+                           estimated_finish=None):
+            repo.append_event(s, job_id=job.id, level="error", message=message)
+
+
+def _validate(ctx: WorkerContext, job: Job, file_id: str, *, param: str, processor: Any) -> ValidationResult:
+    from openft.models.render import count_tokens
+
+    with ctx.db.session() as s:
+        row = s.get(File, file_id)
+        assert row is not None  # checked at job creation; files are only soft-deleted
+        sha = row.sha256
+    tokenizer = getattr(processor, "tokenizer", processor)
+    options = ValidationOptions(
+        allow_private_networks=ctx.settings.allow_private_networks,
+        token_counter=lambda ex: count_tokens(processor, ex),
+        max_tokens=getattr(tokenizer, "model_max_length", None),
+        control_tokens=list(getattr(tokenizer, "all_special_tokens", [])) or None,
+        image_sink=lambda _sha, data: ctx.blobs.put_bytes(data),
+    )
+    with ctx.blobs.open(sha) as fp:
+        result = validate_file(io.BufferedReader(fp), method=job.method_type, options=options)  # type: ignore[arg-type]
+    report = result.report
+    summary = report.summary
+    _event(
+        ctx, job,
+        f"Validated {param}: {summary['examples']} examples, {summary['usable_examples']} usable, "
+        f"{summary['images']} images, {summary['skipped_examples']} skipped, {summary['errors']} errors.",
+        data={"file": file_id, "summary": summary},
+    )
+    shown = [i for i in report.issues if i.severity in ("skip", "warning")][:MAX_ISSUE_EVENTS]
+    for issue in shown:
+        _event(ctx, job, f"Line {issue.line} ({issue.field}): {issue.message}", level="warn",
+               data={"line": issue.line, "field": issue.field, "code": issue.code, "severity": issue.severity})
+    if not report.ok:
+        what = "training" if param == "training_file" else "validation"
+        raise JobFailed(f"The job failed due to an invalid {what} file. {report.error_message()}",
+                        code=f"invalid_{param}", param=param)
+    return result
+
+
+def _run(ctx: WorkerContext, job: Job, lease: JobLease) -> None:
+    from openft.models.loader import load_processor, resolve_base
+    from openft.training.recipes import sft
+
+    settings = ctx.settings
+    if job.status == "running":
+        _event(ctx, job, "The worker running this job stopped; restarting the job from the beginning.", level="warn")
+        _move(ctx, job, ACTIVE, status="validating_files")
+
+    base = resolve_base(job.base_model, settings.resolved_model_cache)
+    processor = load_processor(base)
+    train = _validate(ctx, job, job.training_file, param="training_file", processor=processor)
+    if job.validation_file:
+        _validate(ctx, job, job.validation_file, param="validation_file", processor=processor)
+    _move(ctx, job, ("validating_files", "queued"), status="queued")
+    _event(ctx, job, "Files validated, moving job to queued state")
+
+    training_type = job.options.get("training_type", "auto")
+    if training_type == "auto":
+        training_type = default_training_type(job.base_model)
+    hp = resolve_hparams(job.hyperparameters, n_examples=len(train.examples), training_type=training_type,
+                         method=job.method_type)
+    _move(ctx, job, ("queued",), status="running", started_at=repo.now(), hyperparameters=hp)
+    _event(
+        ctx, job,
+        f"Fine-tuning job started ({training_type}): n_epochs={hp['n_epochs']}, batch_size={hp['batch_size']}, "
+        f"learning_rate_multiplier={hp['learning_rate_multiplier']}. If the model follows the training data less "
+        "than expected, raise n_epochs by 1-2; if it becomes less diverse than expected, lower it by 1-2; if it "
+        "does not converge, raise learning_rate_multiplier.",
+        data={"hyperparameters": hp, "training_type": training_type},
+    )
+
+    init_weights = None
+    if job.init_model:
+        with ctx.db.session() as s:
+            parent = repo.get_model(s, project_id=job.project_id, model_id=job.init_model)
+            if parent is None:
+                raise JobFailed(f"Model {job.init_model} was deleted before training started.", code="model_not_found",
+                                param="model")
+            weights_key = parent.weights
+        init_weights = ctx.blobs.materialize_dir(weights_key, settings.resolved_home / "cache" / "weights" / weights_key)
+
+    with ctx.db.session() as s:
+        project = repo.get_project(s, project_id=job.project_id)
+    model_name = ids.fine_tuned_model_name(base=job.base_model, project=project.name, suffix=job.suffix, job_id=job.id)
+    reporter = JobReporter(ctx.db, ctx.blobs, job=job, model_name=model_name, lease=lease)
+    cfg = TrainConfig(
+        base_model=base,
+        output_dir=settings.work_dir / job.id,
+        n_epochs=int(hp["n_epochs"]),
+        batch_size=int(hp["batch_size"]),
+        learning_rate=base_learning_rate(training_type) * float(hp["learning_rate_multiplier"]),
+        seed=job.seed,
+        lora=LoraConfig() if training_type == "lora" else None,
+        init_weights=Path(init_weights) if init_weights else None,
+        device=settings.device,
+    )
+    result = sft.run(cfg, train.examples, reporter)
+
+    weights_key = reporter.last_checkpoint_key or ctx.blobs.put_dir(result.weights_dir)
+    csv_bytes = reporter.results_csv()
+    csv_key = ctx.blobs.put_bytes(csv_bytes)
+    with ctx.db.session() as s:
+        results = repo.create_file(s, project_id=job.project_id, filename=f"{job.id}_results.csv",
+                                   purpose="fine-tune-results", size=len(csv_bytes), sha256=csv_key)
+        if not repo.transition(s, job_id=job.id, worker_id=ctx.worker_id, frm=("running",), status="succeeded",
+                               fine_tuned_model=model_name, finished_at=repo.now(), estimated_finish=None,
+                               trained_tokens=result.trained_tokens, result_files=[results.id]):
+            raise JobCancelled(job.id)
+        repo.register_model(s, job=job, model_name=model_name, weights=weights_key)
+        repo.append_event(s, job_id=job.id, message=f"New fine-tuned model created: {model_name}")
+        repo.append_event(s, job_id=job.id, message="The job has successfully completed")

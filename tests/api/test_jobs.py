@@ -1,0 +1,140 @@
+"""Jobs API (no worker running): creation checks, listing, cancel, events, checkpoints."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import httpx
+import openai
+import pytest
+from openai.types.fine_tuning import FineTuningJob
+
+from tests.openapi_schema import validate_against
+
+GOOD = b"".join(
+    json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": str(i)}]}).encode() + b"\n"
+    for i in range(10)
+)
+
+
+@pytest.fixture
+def client(api_server):
+    return api_server.client("jobs")
+
+
+@pytest.fixture
+def train_file(client):
+    return client.files.create(file=("t.jsonl", io.BytesIO(GOOD)), purpose="fine-tune")
+
+
+def _raw(api_server, client, path):
+    return httpx.get(api_server.base_url + path, headers={"Authorization": f"Bearer {client.api_key}"}).json()
+
+
+def test_create_returns_a_complete_job(api_server, client, train_file):
+    job = client.fine_tuning.jobs.create(
+        training_file=train_file.id, model="openft-tiny-vlm", suffix="demo", seed=42, metadata={"team": "vision"},
+        method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 3}}},
+    )
+    raw = _raw(api_server, client, f"/fine_tuning/jobs/{job.id}")
+    validate_against("FineTuningJob", raw)
+    FineTuningJob.model_validate(raw)
+    assert job.id.startswith("ftjob-") and job.status == "validating_files"
+    assert job.seed == 42 and job.metadata == {"team": "vision"}
+    assert job.hyperparameters.n_epochs == 3 and job.hyperparameters.batch_size == "auto"
+    assert job.method.type == "supervised" and job.method.supervised.hyperparameters.n_epochs == 3
+    assert job.fine_tuned_model is None and job.finished_at is None and job.trained_tokens is None
+    assert job.result_files == [] and job.error is None and job.training_file == train_file.id
+
+
+def test_seed_is_generated_when_absent(client, train_file):
+    job = client.fine_tuning.jobs.create(training_file=train_file.id, model="openft-tiny-vlm")
+    assert isinstance(job.seed, int) and 0 <= job.seed < 2**31
+    # deprecated top-level hyperparameters still work and mean "supervised"
+    job2 = client.fine_tuning.jobs.create(training_file=train_file.id, model="openft-tiny-vlm",
+                                          hyperparameters={"batch_size": 4})
+    assert job2.method.type == "supervised" and job2.hyperparameters.batch_size == 4
+
+
+@pytest.mark.parametrize(
+    "kwargs, param",
+    [
+        ({"method": {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 0}}}},
+         "method.supervised.hyperparameters.n_epochs"),
+        ({"method": {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 51}}}},
+         "method.supervised.hyperparameters.n_epochs"),
+        ({"method": {"type": "supervised", "supervised": {"hyperparameters": {"batch_size": 257}}}},
+         "method.supervised.hyperparameters.batch_size"),
+        ({"method": {"type": "supervised", "supervised": {"hyperparameters": {"learning_rate_multiplier": 0}}}},
+         "method.supervised.hyperparameters.learning_rate_multiplier"),
+        ({"method": {"type": "dpo", "dpo": {"hyperparameters": {"beta": 3}}}}, "method.dpo.hyperparameters.beta"),
+        ({"suffix": "x" * 65}, "suffix"),
+        ({"suffix": "bad suffix!"}, "suffix"),
+        ({"seed": -1}, "seed"),
+        ({"model": "gpt-4o-mini"}, "model"),
+        ({"training_file": "file-doesnotexist"}, "training_file"),
+        ({"validation_file": "file-doesnotexist"}, "validation_file"),
+    ],
+)
+def test_bad_requests_name_the_param(client, train_file, kwargs, param):
+    args = {"training_file": train_file.id, "model": "openft-tiny-vlm"} | kwargs
+    with pytest.raises(openai.BadRequestError) as e:
+        client.fine_tuning.jobs.create(**args)
+    assert e.value.param == param, e.value.message
+    assert e.value.response.headers["x-should-retry"] == "false"
+
+
+def test_training_file_must_have_purpose_fine_tune(client):
+    f = client.files.create(file=("t.jsonl", io.BytesIO(GOOD)), purpose="user_data")
+    with pytest.raises(openai.BadRequestError) as e:
+        client.fine_tuning.jobs.create(training_file=f.id, model="openft-tiny-vlm")
+    assert e.value.param == "training_file" and "fine-tune" in e.value.message
+
+
+def test_list_paginates_and_filters_by_metadata(api_server, train_file):
+    c = api_server.client("jobs-list")
+    f = c.files.create(file=("t.jsonl", io.BytesIO(GOOD)), purpose="fine-tune")
+    made = [c.fine_tuning.jobs.create(training_file=f.id, model="openft-tiny-vlm", metadata={"n": str(i)}).id
+            for i in range(4)]
+    plain = c.fine_tuning.jobs.create(training_file=f.id, model="openft-tiny-vlm").id
+    all_ids = [j.id for j in c.fine_tuning.jobs.list(limit=2)]  # SDK walks the `after` cursor
+    assert all_ids == [plain, *reversed(made)]
+    page = c.fine_tuning.jobs.list(limit=2)
+    assert page.has_more and len(page.data) == 2
+    validate_against("ListPaginatedFineTuningJobsResponse", _raw(api_server, c, "/fine_tuning/jobs?limit=2"))
+    assert [j.id for j in c.fine_tuning.jobs.list(metadata={"n": "2"})] == [made[2]]
+
+
+def test_cancel_then_cancel_again(api_server, client, train_file):
+    job = client.fine_tuning.jobs.create(training_file=train_file.id, model="openft-tiny-vlm")
+    cancelled = client.fine_tuning.jobs.cancel(job.id)
+    assert cancelled.status == "cancelled" and cancelled.finished_at is not None
+    with pytest.raises(openai.BadRequestError) as e:
+        client.fine_tuning.jobs.cancel(job.id)
+    assert e.value.code == "invalid_job_state"
+    assert e.value.response.headers["x-should-retry"] == "false"
+    events = client.fine_tuning.jobs.list_events(job.id)
+    assert events.data[0].message == "Fine-tuning job cancelled"  # newest first
+    validate_against("ListFineTuningJobEventsResponse", _raw(api_server, client, f"/fine_tuning/jobs/{job.id}/events"))
+
+
+def test_events_paginate_newest_first(client, train_file):
+    job = client.fine_tuning.jobs.create(training_file=train_file.id, model="openft-tiny-vlm")
+    client.fine_tuning.jobs.cancel(job.id)
+    first = client.fine_tuning.jobs.list_events(job.id, limit=1)
+    assert first.has_more and len(first.data) == 1
+    every = [e.message for e in client.fine_tuning.jobs.list_events(job.id, limit=1)]
+    assert every[0] == "Fine-tuning job cancelled" and every[-1].startswith("Created fine-tuning job")
+
+
+def test_checkpoints_of_a_new_job_are_empty(api_server, client, train_file):
+    job = client.fine_tuning.jobs.create(training_file=train_file.id, model="openft-tiny-vlm")
+    raw = _raw(api_server, client, f"/fine_tuning/jobs/{job.id}/checkpoints")
+    validate_against("ListFineTuningJobCheckpointsResponse", raw)
+    assert raw["data"] == [] and raw["has_more"] is False
+
+
+def test_unknown_job_is_404(client):
+    with pytest.raises(openai.NotFoundError):
+        client.fine_tuning.jobs.retrieve("ftjob-nope")

@@ -1,0 +1,104 @@
+"""Shared fixtures: a real ``openft serve`` subprocess on a free loopback port, and SDK clients."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+from openai import OpenAI
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Server:
+    url: str
+    home: Path
+    proc: subprocess.Popen[bytes]
+    env: dict[str, str]
+    log: Path
+
+    @property
+    def base_url(self) -> str:
+        return self.url + "/v1"
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "openft.cli.main", *args], env=self.env, capture_output=True,
+                              text=True, check=False)
+
+    def new_key(self, project: str) -> str:
+        out = self.cli("keys", "create", "--project", project)
+        assert out.returncode == 0, out.stderr
+        return out.stdout.strip()
+
+    def client(self, project: str = "test", **kw: object) -> OpenAI:
+        return OpenAI(base_url=self.base_url, api_key=self.new_key(project), max_retries=0, **kw)  # type: ignore[arg-type]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+def start_server(home: Path, *extra: str, env: dict[str, str] | None = None) -> Server:
+    port = free_port()
+    full_env = dict(os.environ, OPENFT_HOME=str(home), OPENFT_MODEL_CACHE=str(model_cache()), **(env or {}))
+    log = home.parent / f"server-{port}.log"
+    home.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "openft.cli.main", "serve", "--port", str(port), *extra],
+        env=full_env, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(600):  # wait for readiness by polling, not by a fixed sleep
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited early:\n{log.read_text()}")
+        try:
+            if httpx.get(url + "/healthz", timeout=1).status_code == 200:
+                return Server(url=url, home=home, proc=proc, env=full_env, log=log)
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError(f"server did not start:\n{log.read_text()}")
+
+
+def model_cache() -> Path:
+    """One generated openft-tiny-vlm shared by every test process (it is deterministic)."""
+    path = Path(os.environ.get("OPENFT_TEST_MODEL_CACHE", REPO / ".openft" / "test-models"))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def api_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """API only (no worker): jobs stay where the API put them."""
+    server = start_server(tmp_path_factory.mktemp("api") / "home", "--no-worker",
+                          env={"OPENFT_MAX_UPLOAD_BYTES": str(2 * 1024 * 1024)})
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def full_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """API plus one embedded worker: jobs really train."""
+    server = start_server(tmp_path_factory.mktemp("full") / "home", "--workers", "1")
+    yield server
+    server.stop()
