@@ -35,9 +35,7 @@ def parse_line(raw: bytes) -> tuple[dict | None, str | None]:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        return None, (
-            f"the line is not valid UTF-8 (byte {e.start}); save the file with UTF-8 encoding"
-        )
+        return None, (f"the line is not valid UTF-8 (byte {e.start}); save the file with UTF-8 encoding")
     try:
         value = json.loads(text, parse_constant=_reject_constant)
     except RecursionError:

@@ -1,0 +1,98 @@
+"""``openft validate FILE``: check a training file offline, as the worker will.
+
+Exit status: 0 trainable, 1 not trainable, 2 usage error (typer's own, e.g. no such file).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from openft.cli.common import HomeOption, settings_for
+
+
+def validate(
+    file: Annotated[
+        Path, typer.Argument(exists=True, dir_okay=False, readable=True, help="JSONL training file")
+    ],
+    method: Annotated[str, typer.Option(help="Training method: supervised or dpo")] = "supervised",
+    model: Annotated[str | None, typer.Option(help="Base model, for token counts and context length")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON")] = False,
+    home: HomeOption = None,
+) -> None:
+    """Validate a training file offline and print a report."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from openft.datasets.lines import scan_jsonl
+    from openft.datasets.report import location
+    from openft.datasets.validate import ValidationOptions, validate_file
+
+    if method not in ("supervised", "dpo"):
+        raise typer.BadParameter("use 'supervised' or 'dpo'", param_hint="--method")
+    err = Console(stderr=True)
+    settings = settings_for(home)
+    with file.open("rb") as fp:
+        total = scan_jsonl(fp).lines
+    with Progress(
+        TextColumn("validating"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err,
+        transient=True,
+    ) as bar:
+        task = bar.add_task("validate", total=total)
+        progress = {
+            "progress": lambda n: bar.update(task, completed=n),
+            "allow_private_networks": settings.allow_private_networks,
+        }
+        if model:
+            # The model's own processor: token counts, context and control tokens as training sees them.
+            from openft.models.loader import load_processor, resolve_base
+            from openft.models.validation import model_validation_options
+
+            processor = load_processor(resolve_base(model, settings.resolved_model_cache))
+            options = model_validation_options(processor, **progress)
+        else:
+            options = ValidationOptions(**progress)
+        with file.open("rb") as fp:
+            report = validate_file(fp, method=method, options=options).report  # type: ignore[arg-type]
+
+    if json_out:
+        typer.echo(json.dumps(report.to_dict(), indent=2, ensure_ascii=False))
+    else:
+        out = Console()
+        s = report.summary
+        verdict = "[green]trainable[/green]" if report.ok else "[red]not trainable[/red]"
+        out.print(f"{file.name} ({report.method}): {verdict}")
+        out.print(
+            f"  examples {s['examples']}, usable {s['usable_examples']}, skipped {s['skipped_examples']}, "
+            f"with images {s['examples_with_images']} ({s['images']} images), errors {s['errors']}"
+        )
+        t = s["tokens"]
+        if t["total"] is not None:
+            out.print(
+                f"  tokens ({t['source']}): total {t['total']:,}, min {t['min']}, mean {t['mean']}, "
+                f"p50 {t['p50']}, p95 {t['p95']}, max {t['max']}; "
+                f"trained per epoch {t['trained_tokens_per_epoch']:,}"
+            )
+        if report.issues:
+            counts = ", ".join(f"{code} {n}" for code, n in report.counts_by_code().items())
+            out.print(f"  issues: {counts}")
+        for issue in report.issues[:50]:
+            style = {"error": "red", "skip": "yellow", "warning": "dim"}[issue.severity]
+            out.print(
+                f"  [{style}]{issue.severity:7}[/{style}] {location(issue)}: {issue.message} ({issue.code})"
+            )
+        if len(report.issues) > 50:
+            out.print(f"  ... and {len(report.issues) - 50} more (use --json for all)")
+    raise typer.Exit(0 if report.ok else 1)
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``validate`` to the ``openft`` command group."""
+    app.command("validate")(validate)
