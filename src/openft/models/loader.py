@@ -1,0 +1,103 @@
+"""Resolve a base-model name and load a model + processor, optionally with fine-tuned weights.
+
+A servable weights folder (a checkpoint or a job's final weights) holds either a peft adapter
+(``adapter_config.json``) or full weights (``config.json``), the processor files, and a small
+``openft.json`` marker ``{"kind": "adapter" | "full", "base_model": "..."}`` that tells serving
+how to load it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor
+
+from openft.errors import InvalidRequest
+from openft.models.tiny import TINY_NAME, ensure_tiny_vlm
+
+MARKER = "openft.json"
+
+WeightsKind = Literal["adapter", "full"]
+
+
+def resolve_base(name: str, cache_dir: Path) -> str:
+    """``openft-tiny-vlm`` -> its generated folder; a local folder -> its path; else an HF id as is."""
+    if name == TINY_NAME:
+        return str(ensure_tiny_vlm(Path(cache_dir)))
+    if Path(name).expanduser().is_dir():
+        return str(Path(name).expanduser())
+    return name
+
+
+def resolve_device(device: str = "auto") -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def weights_kind(weights_dir: Path) -> WeightsKind:
+    """What a weights folder holds: a peft adapter or full model weights."""
+    weights_dir = Path(weights_dir)
+    if (weights_dir / "adapter_config.json").exists():
+        return "adapter"
+    if (weights_dir / "config.json").exists():
+        return "full"
+    raise InvalidRequest(f"{weights_dir} holds neither a peft adapter nor full model weights", param="model")
+
+
+def write_marker(weights_dir: Path, *, kind: WeightsKind, base_model: str) -> None:
+    """Write ``openft.json`` so serving knows how to load ``weights_dir``."""
+    (Path(weights_dir) / MARKER).write_text(json.dumps({"kind": kind, "base_model": base_model}))
+
+
+def read_marker(weights_dir: Path) -> dict[str, str]:
+    return json.loads((Path(weights_dir) / MARKER).read_text())
+
+
+def load_model(
+    base: str,
+    weights_dir: Path | None = None,
+    *,
+    device: str = "auto",
+    dtype: torch.dtype | None = None,
+    trainable: bool = False,
+) -> tuple[Any, Any]:
+    """Load ``base`` (a folder or HF id, see :func:`resolve_base`) and its processor.
+
+    ``weights_dir`` with an adapter: the adapter is applied on top of ``base`` (trainable when
+    ``trainable``). With full weights: those are loaded instead of ``base``. The model is moved to
+    ``device`` (``"auto"``: cuda if available, else cpu) and put in eval mode unless ``trainable``.
+    """
+    kind = weights_kind(weights_dir) if weights_dir is not None else None
+    source = str(weights_dir) if kind == "full" else base
+    model = _auto_model(source, dtype)
+    processor_source = base
+    if weights_dir is not None and any(
+        (Path(weights_dir) / f).exists() for f in ("processor_config.json", "tokenizer_config.json")
+    ):
+        processor_source = str(weights_dir)
+    processor = AutoProcessor.from_pretrained(processor_source)
+    if kind == "adapter":
+        # peft directly (not openft.adapters): models/ sits beside adapters.py in the layers.
+        model = PeftModel.from_pretrained(model, str(weights_dir), is_trainable=trainable)
+    model.to(resolve_device(device))
+    model.train(trainable)
+    return model, processor
+
+
+def load_processor(base: str) -> Any:
+    """Only the processor (tokenizer + image processor + chat template): enough to validate and
+    count tokens without loading weights."""
+    return AutoProcessor.from_pretrained(base)
+
+
+def _auto_model(source: str, dtype: torch.dtype | None) -> Any:
+    kwargs: dict[str, Any] = {} if dtype is None else {"dtype": dtype}
+    try:
+        return AutoModelForImageTextToText.from_pretrained(source, **kwargs)
+    except ValueError:  # a text-only base model: still trainable on text-only data
+        return AutoModelForCausalLM.from_pretrained(source, **kwargs)

@@ -1,0 +1,317 @@
+"""Render a conversation into model inputs: token ids, an assistant-only label mask, vision tensors.
+
+Shared by training (labels) and chat inference (``add_generation_prompt=True``), so a model is
+served with exactly the token layout it was trained on.
+
+How it works, and why:
+
+1. **The model's own chat template decides the layout.** We never hard-code role headers. Every
+   user-controlled string (text parts, tool-call names/arguments, string values in tool schemas) is
+   swapped for an inert ASCII sentinel before the template runs, so the rendered string contains
+   only the template's own structure plus sentinels.
+2. **User text is encoded as plain text.** Each sentinel is replaced by its text encoded with
+   ``split_special_tokens=True``: a user typing ``<|im_end|>`` gets the bytes, never the special
+   token. Only the template's structural text is encoded with special tokens recognised.
+3. **Images are expanded only by the processor.** Each image placeholder the template emits is
+   encoded by calling the processor on that placeholder and that one image, so the number of
+   vision tokens is what the vision encoder will produce, and per-image ``detail`` can differ.
+4. **Labels** come from prefix renders: for an assistant turn *i*, ``template(messages[:i],
+   add_generation_prompt=True)`` ends where its reply starts; the trained span runs from there up
+   to and including the first end-of-turn token (``<|im_end|>``). Turns with ``weight=0`` and
+   everything else (system/user/tool text, headers, images) get ``-100``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from PIL import Image
+
+from openft.datasets.formats import ChatExample, ImagePart, Message, PreferenceExample, TextPart
+from openft.errors import InvalidRequest
+
+IGNORE_INDEX = -100
+
+LOW_DETAIL_MAX_SIDE = 512
+"""``detail="low"``: the image is first shrunk (aspect kept) to fit within 512x512 ..."""
+LOW_DETAIL_MAX_PIXELS = 448 * 448
+"""... and the processor's pixel budget is capped at ``min(448*448, max_pixels // 4)`` (never below
+its ``min_pixels``). ``"high"`` and ``"auto"`` use the processor's own ``min/max_pixels``."""
+
+_END_OF_TURN_CANDIDATES = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>")
+
+
+@dataclass
+class Rendered:
+    input_ids: list[int]
+    labels: list[int]  # token id where trained, -100 elsewhere
+    vision: dict[str, torch.Tensor] = field(default_factory=dict)
+    """``pixel_values``, ``image_grid_thw`` and the per-token ``mm_token_type_ids`` (same length as
+    ``input_ids``) when the conversation has images; empty otherwise."""
+    n_image_tokens: int = 0
+
+    @property
+    def n_label_tokens(self) -> int:
+        return sum(1 for t in self.labels if t != IGNORE_INDEX)
+
+
+def render_chat(
+    processor: Any,
+    messages: Sequence[Message],
+    *,
+    tools: Sequence[dict[str, Any]] | None = None,
+    add_generation_prompt: bool = False,
+    max_length: int | None = None,
+) -> Rendered:
+    """Turn ``messages`` into ``Rendered`` token ids, labels and vision tensors.
+
+    ``processor`` is a multimodal processor (with ``.tokenizer``) or a bare tokenizer for
+    text-only models. ``max_length`` truncates at the end of the last complete trained assistant
+    turn that fits (never inside an image); if none fits, it raises ``InvalidRequest``.
+
+    Image ``detail``: ``"low"`` shrinks the image to fit within 512x512 and caps the processor's
+    pixel budget at ``min(448*448, max_pixels // 4)``; ``"high"``/``"auto"`` use the processor's
+    normal ``max_pixels``.
+    """
+    tokenizer = getattr(processor, "tokenizer", processor)
+    template = getattr(processor, "chat_template", None) or tokenizer.chat_template
+    if template is None:
+        raise InvalidRequest(
+            "the base model has no chat template; pick an instruct/chat model", param="model"
+        )
+    sent = _Sentinels(messages, tools)
+    conv = [sent.message(m) for m in messages]
+    tools_t = sent.tools(tools)
+
+    def apply(msgs: list[dict[str, Any]], gen: bool) -> str:
+        return tokenizer.apply_chat_template(
+            msgs, tools=tools_t, chat_template=template, tokenize=False, add_generation_prompt=gen
+        )
+
+    full = apply(conv, add_generation_prompt)
+    eot = _end_of_turn(tokenizer)
+
+    # Character spans of the rendered string that are trained on (assistant reply + end-of-turn).
+    trained: list[tuple[int, int]] = []
+    for i, m in enumerate(messages):
+        if m.role != "assistant" or m.weight == 0:
+            continue
+        head, upto = apply(conv[:i], True), apply(conv[: i + 1], False)
+        if not (upto.startswith(head) and full.startswith(upto)):
+            raise ValueError("the chat template is not prefix-stable; cannot locate assistant turns")
+        stop = upto.find(eot, len(head)) if eot else -1
+        trained.append((len(head), stop + len(eot) if stop >= 0 else len(upto)))
+
+    # Cut the string at sentinels and trained-span edges; encode each piece by its kind.
+    cuts = {0, len(full)} | {p for span in trained for p in span}
+    for m in sent.pattern.finditer(full):
+        cuts |= {m.start(), m.end()}
+    edges = sorted(cuts)
+    images = iter(img for m in messages for img in m.images)
+    ids: list[int] = []
+    labels: list[int] = []
+    image_spans: list[tuple[int, int]] = []  # token [start, end) of each image's placeholders
+    per_image: list[dict[str, torch.Tensor]] = []
+    turn_ends: list[int] = []  # token index just after each trained turn
+    for a, b in zip(edges, edges[1:], strict=False):
+        piece = full[a:b]
+        is_trained = any(s <= a and b <= e for s, e in trained)
+        match = sent.pattern.fullmatch(piece)
+        if match:  # user-controlled text: plain text, never special tokens
+            new = _encode_text(tokenizer, sent.values[int(match.group(1))])
+        else:
+            new = _encode_structure(processor, tokenizer, piece, images, image_spans, per_image, len(ids))
+        ids += new
+        labels += new if is_trained else [IGNORE_INDEX] * len(new)
+        if any(b == e for _, e in trained):
+            turn_ends.append(len(ids))
+
+    if next(images, None) is not None:
+        raise InvalidRequest(
+            "the base model's chat template has no image placeholder; use a vision-language base model "
+            "or remove the images",
+            param="messages",
+        )
+
+    if max_length is not None and len(ids) > max_length:
+        fits = [t for t in turn_ends if t <= max_length and not any(s < t < e for s, e in image_spans)]
+        if not fits:
+            raise InvalidRequest(
+                f"example is {len(ids)} tokens (images included) and no complete trained assistant reply "
+                f"fits within max_length={max_length}; shorten it, use fewer or low-detail images, or raise the limit",
+                param="messages",
+            )
+        cut = max(fits)
+        ids, labels = ids[:cut], labels[:cut]
+        kept = sum(1 for _, e in image_spans if e <= cut)
+        image_spans, per_image = image_spans[:kept], per_image[:kept]
+
+    vision: dict[str, torch.Tensor] = {}
+    if per_image:
+        for key in per_image[0]:
+            vision[key] = torch.cat([v[key] for v in per_image], dim=0)
+        if hasattr(processor, "create_mm_token_type_ids"):
+            vision["mm_token_type_ids"] = torch.tensor(
+                processor.create_mm_token_type_ids([ids])[0], dtype=torch.long
+            )
+    return Rendered(
+        input_ids=ids,
+        labels=labels,
+        vision=vision,
+        n_image_tokens=sum(e - s for s, e in image_spans),
+    )
+
+
+def count_tokens(processor: Any, example: ChatExample | PreferenceExample) -> int:
+    """Total tokens (image tokens included) that training processes for ``example`` per epoch.
+
+    A chat example counts its whole rendered conversation. A preference pair counts both
+    sequences a DPO step runs: prompt + preferred and prompt + non-preferred.
+    """
+    tools = example.tools
+    if isinstance(example, ChatExample):
+        return len(render_chat(processor, example.messages, tools=tools).input_ids)
+    return sum(
+        len(render_chat(processor, (*example.prompt, reply), tools=tools).input_ids)
+        for reply in (example.preferred, example.non_preferred)
+    )
+
+
+def load_image(part: ImagePart) -> Image.Image:
+    """Decode an image part's bytes to RGB, applying the ``detail="low"`` resize."""
+    if part.data is None:
+        raise InvalidRequest("image has no decoded bytes; validate the file first", param="messages")
+    img = Image.open(io.BytesIO(part.data))
+    img = img.convert("RGB")
+    if part.detail == "low":
+        img.thumbnail((LOW_DETAIL_MAX_SIDE, LOW_DETAIL_MAX_SIDE))
+    return img
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
+
+def _encode_text(tokenizer: Any, text: str) -> list[int]:
+    if not text:
+        return []
+    return list(tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
+
+
+def _encode_structure(
+    processor: Any,
+    tokenizer: Any,
+    text: str,
+    images: Any,
+    image_spans: list[tuple[int, int]],
+    per_image: list[dict[str, torch.Tensor]],
+    offset: int,
+) -> list[int]:
+    """Encode template text (special tokens recognised), expanding each image placeholder."""
+    image_token = getattr(processor, "image_token", None)
+    chunks = text.split(image_token) if image_token else [text]
+    out: list[int] = []
+    for k, chunk in enumerate(chunks):
+        if k > 0:  # an image placeholder sat between chunk k-1 and chunk k
+            part = next(images, None)
+            if part is None:
+                raise ValueError("the chat template emitted more image placeholders than there are images")
+            enc = processor(
+                text=[image_token],
+                images=[load_image(part)],
+                add_special_tokens=False,
+                return_tensors="pt",
+                **_image_kwargs(processor, part),
+            )
+            new = enc["input_ids"][0].tolist()
+            image_spans.append((offset + len(out), offset + len(out) + len(new)))
+            per_image.append(
+                {
+                    k2: v
+                    for k2, v in enc.items()
+                    if k2 not in ("input_ids", "attention_mask", "mm_token_type_ids")
+                }
+            )
+            out += new
+        if chunk:
+            out += tokenizer(chunk, add_special_tokens=False)["input_ids"]
+    return out
+
+
+def _image_kwargs(processor: Any, part: ImagePart) -> dict[str, Any]:
+    """Per-image processor overrides: the low-detail pixel cap (Qwen-style pixel budgets only)."""
+    size = getattr(getattr(processor, "image_processor", None), "size", None)
+    if part.detail != "low" or not size:
+        return {}
+    size = dict(size)
+    if "longest_edge" not in size or "shortest_edge" not in size:
+        return {}
+    low = max(size["shortest_edge"], min(LOW_DETAIL_MAX_PIXELS, size["longest_edge"] // 4))
+    return {"size": {"shortest_edge": size["shortest_edge"], "longest_edge": low}}
+
+
+def _end_of_turn(tokenizer: Any) -> str | None:
+    vocab = tokenizer.get_vocab()
+    for tok in _END_OF_TURN_CANDIDATES:
+        if tok in vocab:
+            return tok
+    return tokenizer.eos_token
+
+
+class _Sentinels:
+    """Swaps user-controlled strings for inert ASCII markers, and remembers what they stood for."""
+
+    def __init__(self, messages: Sequence[Message], tools: Sequence[dict[str, Any]] | None) -> None:
+        blob = json.dumps(tools or []) + "".join(m.text + json.dumps(m.tool_calls or []) for m in messages)
+        nonce = 0
+        while f"OPENFTSEG{nonce}N" in blob:
+            nonce += 1
+        self.pattern = re.compile(f"OPENFTSEG{nonce}N(\\d+)E")
+        self._prefix = f"OPENFTSEG{nonce}N"
+        self.values: list[str] = []
+
+    def _mark(self, replacement: str) -> str:
+        self.values.append(replacement)
+        return f"{self._prefix}{len(self.values) - 1}E"
+
+    def message(self, m: Message) -> dict[str, Any]:
+        content = [
+            {"type": "text", "text": self._mark(p.text)} if isinstance(p, TextPart) else {"type": "image"}
+            for p in m.content
+        ]
+        out: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": content}
+        if m.tool_calls:
+            out["tool_calls"] = [self._tool_call(c) for c in m.tool_calls]
+        if m.tool_call_id is not None:
+            out["tool_call_id"] = m.tool_call_id
+        if m.name is not None:
+            out["name"] = m.name
+        return out
+
+    def _tool_call(self, call: dict[str, Any]) -> dict[str, Any]:
+        fn = dict(call.get("function") or {})
+        for key in ("name", "arguments"):
+            if isinstance(fn.get(key), str):
+                fn[key] = self._mark(fn[key])
+        return {**call, "function": fn}
+
+    def tools(self, tools: Sequence[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+        if not tools:
+            return None
+        return [self._json_values(t) for t in tools]
+
+    def _json_values(self, obj: Any, key: str | None = None) -> Any:
+        # String values become markers whose replacement is their JSON-escaped form, as `tojson`
+        # would print it; keys and `type` tags stay real so templates can still branch on them.
+        if isinstance(obj, dict):
+            return {k: self._json_values(v, k) for k, v in obj.items()}
+        if isinstance(obj, list):
+            return [self._json_values(v) for v in obj]
+        if isinstance(obj, str) and key != "type":
+            return self._mark(json.dumps(obj, ensure_ascii=False)[1:-1])
+        return obj

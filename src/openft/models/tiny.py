@@ -1,0 +1,276 @@
+"""The built-in offline base model ``openft-tiny-vlm``: a tiny, randomly initialised Qwen2-VL.
+
+Every test and demo needs a vision-language model without a model hub, so we generate one:
+transformers' real ``Qwen2VLForConditionalGeneration`` (~0.8 M parameters) with a byte-level BPE
+tokenizer trained here on a fixed corpus, a hand-written Qwen-style chat template and the
+Qwen2-VL image processor with small pixel limits. Generation is deterministic (fixed seeds, fixed
+corpus) so two machines building it get identical files.
+
+Two gotchas shape this module (see ``shared/notes/offline-vlm-facts.md``):
+
+- Without torchvision, ``Qwen2VLProcessor`` cannot be constructed (its video-processor check
+  fails) and cannot be saved with ``video_processor=None``. :class:`TinyVLProcessor` is the same
+  processor with the video half removed; it is registered with ``AutoProcessor`` when this module
+  is imported, so ``AutoProcessor.from_pretrained(path)`` finds it by name.
+- The vision merger outputs the *text* hidden size, and M-RoPE's ``mrope_section`` must sum to
+  ``head_dim / 2``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoProcessor,
+    PretrainedConfig,
+    PreTrainedTokenizerFast,
+    ProcessorMixin,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
+)
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+TINY_NAME = "openft-tiny-vlm"
+
+SPECIAL_TOKENS: tuple[str, ...] = (
+    "<|endoftext|>",  # pad
+    "<|im_start|>",
+    "<|im_end|>",  # end of turn = eos
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+)
+VOCAB_SIZE = 2048
+MIN_PIXELS = 28 * 28 * 4
+MAX_PIXELS = 28 * 28 * 64
+_SEED = 1234
+_FORMAT_VERSION = "1"  # bump when the generated files change; becomes part of the folder check
+
+# Qwen-style template. Content may be a string or a list of {"type": "text"|"image"} parts;
+# tools and tool calls follow Qwen2.5's <tools>/<tool_call> convention.
+CHAT_TEMPLATE = (
+    "{% if tools %}"
+    "<|im_start|>system\n"
+    "{% if messages[0].role == 'system' %}"
+    "{% if messages[0].content is string %}{{ messages[0].content }}"
+    "{% else %}{% for part in messages[0].content %}{% if part.type == 'text' %}{{ part.text }}{% endif %}{% endfor %}"
+    "{% endif %}\n\n"
+    "{% endif %}"
+    "# Tools\n<tools>"
+    "{% for tool in tools %}\n{{ tool | tojson }}{% endfor %}"
+    "\n</tools><|im_end|>\n"
+    "{% endif %}"
+    "{% for message in messages %}"
+    "{% if not (tools and loop.first and message.role == 'system') %}"
+    "<|im_start|>{{ message.role }}\n"
+    "{% if message.content is string %}{{ message.content }}"
+    "{% elif message.content %}"
+    "{% for part in message.content %}"
+    "{% if part.type == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif part.type == 'text' %}{{ part.text }}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% endif %}"
+    "{% if message.tool_calls %}"
+    "{% for call in message.tool_calls %}"
+    '<tool_call>\n{"name": "{{ call.function.name }}", "arguments": {{ call.function.arguments }}}\n</tool_call>'
+    "{% endfor %}"
+    "{% endif %}"
+    "<|im_end|>\n"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+class TinyVLProcessor(ProcessorMixin):
+    """Qwen2-VL's processor without the video half (which needs torchvision to construct)."""
+
+    return_mm_token_type_ids = True
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        self.image_token = "<|image_pad|>"
+        self.video_token = "<|video_pad|>"
+        self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+        self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
+        super().__init__(image_processor, tokenizer, chat_template=chat_template)
+
+    def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
+        # Same rule as Qwen2VLProcessor: one placeholder per merged 2x2 patch group.
+        merge_length = self.image_processor.merge_size**2
+        num_image_tokens = image_inputs["image_grid_thw"][image_idx].prod() // merge_length
+        return self.image_token * int(num_image_tokens)
+
+    @property
+    def model_input_names(self):
+        return super().model_input_names + ["mm_token_type_ids"]
+
+
+class _TinyVLProcessorConfig(PretrainedConfig):
+    """Only a registration key: lets ``AutoProcessor`` resolve ``TinyVLProcessor`` by name."""
+
+    model_type = "openft_tiny_vl"
+
+
+AutoProcessor.register(_TinyVLProcessorConfig, TinyVLProcessor, exist_ok=True)
+
+
+def ensure_tiny_vlm(cache_dir: Path) -> Path:
+    """Return ``cache_dir/openft-tiny-vlm``, generating it first if it does not exist.
+
+    Safe under concurrency: the model is built in a temporary sibling folder and renamed into
+    place atomically; a process that loses the race discards its copy and uses the winner's.
+    """
+    cache_dir = Path(cache_dir)
+    target = cache_dir / TINY_NAME
+    if (target / "openft-tiny.json").exists():
+        return target
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{TINY_NAME}-", dir=cache_dir))
+    try:
+        _build(tmp)
+        try:
+            os.rename(tmp, target)  # atomic on POSIX; fails if another process won the race
+        except OSError:
+            if not (target / "openft-tiny.json").exists():
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _build(out: Path) -> None:
+    tokenizer = _build_tokenizer()
+    image_processor = Qwen2VLImageProcessorPil(
+        min_pixels=MIN_PIXELS,
+        max_pixels=MAX_PIXELS,
+        patch_size=14,
+        merge_size=2,
+        temporal_patch_size=2,
+    )
+    processor = TinyVLProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE
+    )
+
+    ids = {tok: tokenizer.convert_tokens_to_ids(tok) for tok in SPECIAL_TOKENS}
+    config = Qwen2VLConfig(
+        text_config={
+            "vocab_size": VOCAB_SIZE,
+            "hidden_size": 128,
+            "intermediate_size": 256,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 4096,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "mrope_section": [4, 6, 6]},
+            "bos_token_id": ids["<|endoftext|>"],
+            "eos_token_id": ids["<|im_end|>"],
+            "pad_token_id": ids["<|endoftext|>"],
+            "tie_word_embeddings": False,
+        },
+        vision_config={
+            "depth": 2,
+            "embed_dim": 64,
+            "hidden_size": 128,  # the merger projects into the text hidden size
+            "num_heads": 4,
+            "mlp_ratio": 2,
+            "patch_size": 14,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+        },
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        bos_token_id=ids["<|endoftext|>"],
+        eos_token_id=ids["<|im_end|>"],
+        pad_token_id=ids["<|endoftext|>"],
+        tie_word_embeddings=False,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(_SEED)
+        model = Qwen2VLForConditionalGeneration(config)
+    model.generation_config.eos_token_id = ids["<|im_end|>"]
+    model.generation_config.pad_token_id = ids["<|endoftext|>"]
+    model.generation_config.bos_token_id = ids["<|endoftext|>"]
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    (out / "openft-tiny.json").write_text(json.dumps({"name": TINY_NAME, "format_version": _FORMAT_VERSION}))
+
+
+def _build_tokenizer() -> PreTrainedTokenizerFast:
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    # Qwen's regex split (words, digits one by one, punctuation, whitespace), then byte level.
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(_QWEN_SPLIT), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_corpus(), trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token=None,
+        bos_token=None,
+        padding_side="right",
+        model_max_length=4096,
+        clean_up_tokenization_spaces=False,
+    )
+
+
+_QWEN_SPLIT = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+
+
+def _corpus() -> list[str]:
+    """A fixed, generated English-ish corpus: enough for a 2k-token BPE; no files, no network."""
+    import random
+
+    words = (
+        "the a an of to and in is it you that he was for on are with as I his they be at one have this "
+        "from or had by hot word but what some we can out other were all there when up use your how said "
+        "each she which do their time if will way about many then them write would like so these her long "
+        "make thing see him two has look more day could go come did number sound no most people my over "
+        "know water than call first who may down side been now find any new work part take get place made "
+        "live where after back little only round man year came show every good me give our under name very "
+        "through just form sentence great think say help low line differ turn cause much mean before move "
+        "right boy old too same tell does set three want air well also play small end put home read hand "
+        "port large spell add even land here must big high such follow act why ask men change went light "
+        "kind off need house picture try us again animal point mother world near build self earth father "
+        "red green blue yellow black white orange purple brown pink grey colour color shape circle square "
+        "triangle star image photo answer question user assistant system tool function call yes no true false "
+        "what is the capital country city river mountain ocean cat dog bird fish tree flower car boat plane "
+        "zero one two three four five six seven eight nine ten hello thanks please sorry okay json name "
+        "arguments type text image url content role message weight"
+    ).split()
+    rng = random.Random(_SEED)
+    lines = []
+    for _ in range(3000):
+        n = rng.randint(3, 14)
+        sent = " ".join(rng.choice(words) for _ in range(n))
+        if rng.random() < 0.5:
+            sent = sent.capitalize()
+        sent += rng.choice([".", "?", "!", ",", ":", ""])
+        if rng.random() < 0.2:
+            sent += " " + str(rng.randint(0, 9999))
+        lines.append(sent)
+    lines.append('{"name": "get_weather", "arguments": {"city": "Paris"}}')
+    lines.append("ABCDEFGHIJKLMNOPQRSTUVWXYZ abcdefghijklmnopqrstuvwxyz 0123456789 \n\t")
+    return lines

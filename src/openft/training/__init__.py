@@ -1,0 +1,1 @@
+"""Training: configs, hyperparameter resolution, collators, losses and the recipes."""

@@ -1,0 +1,53 @@
+"""Batching rendered examples: length-grouped batches and a right-padding SFT collator."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+
+import torch
+
+from openft.models.render import IGNORE_INDEX, Rendered
+
+
+def length_grouped_batches(lengths: Sequence[int], batch_size: int, rng: random.Random) -> list[list[int]]:
+    """Indices grouped into batches of similar length (less padding), in a shuffled order.
+
+    Shuffle, sort within windows of ``50 * batch_size`` by length, chunk into batches, then shuffle
+    the batches, so every epoch sees a different order but each batch pads little.
+    """
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    window = max(batch_size * 50, 1)
+    batches: list[list[int]] = []
+    for w in range(0, len(order), window):
+        chunk = sorted(order[w : w + window], key=lambda i: lengths[i])
+        batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def collate_sft(items: Sequence[Rendered], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a batch: ``input_ids``, ``attention_mask``, ``labels`` (-100 on padding) and, when
+    any item has images, the concatenated vision tensors plus a padded ``mm_token_type_ids``."""
+    width = max(len(r.input_ids) for r in items)
+    ids = torch.full((len(items), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(items), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(items), width), dtype=torch.long)
+    for row, r in enumerate(items):
+        n = len(r.input_ids)
+        ids[row, :n] = torch.tensor(r.input_ids, dtype=torch.long)
+        labels[row, :n] = torch.tensor(r.labels, dtype=torch.long)
+        mask[row, :n] = 1
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    with_vision = [r for r in items if r.vision]
+    if with_vision:
+        tt = torch.zeros((len(items), width), dtype=torch.long)
+        for row, r in enumerate(items):
+            if "mm_token_type_ids" in r.vision:
+                tt[row, : len(r.input_ids)] = r.vision["mm_token_type_ids"]
+        for key in with_vision[0].vision:
+            if key != "mm_token_type_ids":
+                batch[key] = torch.cat([r.vision[key] for r in with_vision], dim=0)
+        batch["mm_token_type_ids"] = tt
+    return batch

@@ -1,0 +1,1 @@
+"""One file per training method; each exposes ``run(cfg, examples, reporter) -> TrainResult``."""
