@@ -1,0 +1,2 @@
+"""Serving: load fine-tuned models (``registry``), generate (``engine``), answer chat
+completions (``chat``) and stream them as server-sent events (``stream``)."""

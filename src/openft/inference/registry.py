@@ -1,0 +1,180 @@
+"""Which models are loaded: an LRU of (base, weights) -> model + processor, shared by all requests.
+
+The caller (the API) resolves a model id to a :class:`ModelRef` (base path or HF id, plus the
+weights folder of a fine-tuned model or checkpoint); this module never looks anything up in
+storage. Loading happens once per key even under concurrent requests (a lock per key), and
+generation on one loaded model is serialized by :attr:`LoadedModel.lock`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+_END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|endoftext|>", "<|end|>")
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    id: str
+    """What the user sent as ``model`` (a base name or an ``ft:...`` id)."""
+    base: str
+    """Resolved base model: a local folder or a Hugging Face id."""
+    weights_dir: Path | None
+    """Fine-tuned weights (peft adapter or full weights, see ``models.loader``); None for a base model."""
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to generate, with what generation needs to know about it."""
+
+    ref: ModelRef
+    """The ref it was first loaded for (other ids may share it; see ``Registry``)."""
+    model: Any
+    processor: Any
+    """A multimodal processor (with ``.tokenizer``) or a bare tokenizer for text-only models."""
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    """Held for the whole of one generation request: one request at a time per model."""
+    eos_token_ids: frozenset[int] = frozenset()
+    """Tokens that end the assistant's turn (finish_reason ``stop``)."""
+    pad_token_id: int | None = None
+    context_length: int | None = None
+    """Maximum positions the model handles (prompt + completion), if its config says."""
+
+    def __post_init__(self) -> None:
+        if not self.eos_token_ids:
+            self.eos_token_ids = _eos_ids(self.model, self.tokenizer)
+        if self.pad_token_id is None:
+            pad = self.tokenizer.pad_token_id
+            self.pad_token_id = pad if pad is not None else min(self.eos_token_ids)
+        if self.context_length is None:
+            self.context_length = _context_length(self.model)
+
+    @property
+    def tokenizer(self) -> Any:
+        return getattr(self.processor, "tokenizer", self.processor)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:
+    ids: set[int] = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if isinstance(configured, int):
+        ids.add(configured)
+    elif configured:
+        ids.update(int(i) for i in configured)
+    vocab = tokenizer.get_vocab()
+    ids.update(vocab[tok] for tok in _END_OF_TURN_TOKENS if tok in vocab)
+    if not ids:
+        raise ValueError("the model's tokenizer has no end-of-sequence token; cannot tell where a reply ends")
+    return frozenset(ids)
+
+
+def _context_length(model: Any) -> int | None:
+    config = model.config
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(text_config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+Loader = Callable[..., tuple[Any, Any]]
+
+
+def _default_loader(base: str, weights_dir: Path | None, *, device: str) -> tuple[Any, Any]:
+    from openft.models.loader import load_model  # imports torch/transformers/peft: only when needed
+
+    return load_model(base, weights_dir, device=device)
+
+
+class Registry:
+    """LRU cache of loaded models keyed by ``(base, weights_dir)``; thread-safe.
+
+    ``loader`` (tests) replaces ``models.loader.load_model``; it is called as
+    ``loader(base, weights_dir, device=...)`` and returns ``(model, processor)``.
+    """
+
+    def __init__(self, *, device: str = "auto", max_loaded: int = 4, loader: Loader | None = None) -> None:
+        if max_loaded < 1:
+            raise ValueError("max_loaded must be at least 1")
+        self.device = device
+        self.max_loaded = max_loaded
+        self._loader = loader or _default_loader
+        self._lock = threading.Lock()  # guards the two dicts below, never held while loading
+        self._loaded: OrderedDict[tuple[str, str | None], LoadedModel] = OrderedDict()
+        self._ids: dict[tuple[str, str | None], set[str]] = {}
+        self._key_locks: dict[tuple[str, str | None], threading.Lock] = {}
+
+    @staticmethod
+    def _key(ref: ModelRef) -> tuple[str, str | None]:
+        return (ref.base, str(ref.weights_dir) if ref.weights_dir is not None else None)
+
+    def get(self, ref: ModelRef) -> LoadedModel:
+        """The loaded model for ``ref``, loading it (once, even if many ask at the same time) if needed."""
+        key = self._key(ref)
+        with self._lock:
+            hit = self._hit(key, ref)
+            if hit is not None:
+                return hit
+            key_lock = self._key_locks.setdefault(key, threading.Lock())
+        with key_lock:  # one loader per key; others wait here, then find it loaded
+            with self._lock:
+                hit = self._hit(key, ref)
+                if hit is not None:
+                    return hit
+            log.info("loading model %s (base=%s, weights=%s)", ref.id, ref.base, ref.weights_dir)
+            model, processor = self._loader(ref.base, ref.weights_dir, device=self.device)
+            loaded = LoadedModel(ref=ref, model=model, processor=processor)
+            with self._lock:
+                self._loaded[key] = loaded
+                self._ids[key] = {ref.id}
+                while len(self._loaded) > self.max_loaded:
+                    old_key, old = self._loaded.popitem(last=False)
+                    self._ids.pop(old_key, None)
+                    self._key_locks.pop(old_key, None)
+                    log.info("unloading model %s (least recently used)", old.ref.id)
+            return loaded
+
+    def _hit(self, key: tuple[str, str | None], ref: ModelRef) -> LoadedModel | None:
+        loaded = self._loaded.get(key)
+        if loaded is not None:
+            self._loaded.move_to_end(key)
+            self._ids[key].add(ref.id)
+        return loaded
+
+    def evict(self, model_id: str) -> None:
+        """Forget every loaded entry served under ``model_id`` (e.g. the model was deleted).
+
+        A generation already running keeps its reference and finishes; memory is freed after.
+        """
+        with self._lock:
+            for key in [k for k, ids in self._ids.items() if model_id in ids]:
+                self._loaded.pop(key, None)
+                self._ids.pop(key, None)
+                self._key_locks.pop(key, None)
+                log.info("evicted model %s", model_id)
+
+    def loaded_ids(self) -> list[str]:
+        """Ids of the loaded models, least recently used first (for logs and tests)."""
+        with self._lock:
+            return [loaded.ref.id for loaded in self._loaded.values()]
