@@ -37,8 +37,13 @@ class Server:
         return self.url + "/v1"
 
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "openft.cli.main", *args], env=self.env, capture_output=True,
-                              text=True, check=False)
+        return subprocess.run(
+            [sys.executable, "-m", "openft.cli.main", *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
 
     def new_key(self, project: str) -> str:
         out = self.cli("keys", "create", "--project", project)
@@ -64,7 +69,9 @@ def start_server(home: Path, *extra: str, env: dict[str, str] | None = None) -> 
     home.mkdir(parents=True, exist_ok=True)
     proc = subprocess.Popen(
         [sys.executable, "-m", "openft.cli.main", "serve", "--port", str(port), *extra],
-        env=full_env, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
+        env=full_env,
+        stdout=open(log, "wb"),
+        stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{port}"
     for _ in range(600):  # wait for readiness by polling, not by a fixed sleep
@@ -90,8 +97,11 @@ def model_cache() -> Path:
 @pytest.fixture(scope="session")
 def api_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """API only (no worker): jobs stay where the API put them."""
-    server = start_server(tmp_path_factory.mktemp("api") / "home", "--no-worker",
-                          env={"OPENFT_MAX_UPLOAD_BYTES": str(2 * 1024 * 1024)})
+    server = start_server(
+        tmp_path_factory.mktemp("api") / "home",
+        "--no-worker",
+        env={"OPENFT_MAX_UPLOAD_BYTES": str(2 * 1024 * 1024)},
+    )
     yield server
     server.stop()
 

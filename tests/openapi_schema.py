@@ -6,6 +6,7 @@
 The YAML is OpenAPI 3.1 (JSON Schema 2020-12), but some schemas still carry the 3.0
 keyword ``nullable: true``; plain JSON Schema ignores it, which would reject ``null`` where
 the spec means to allow it, so it is rewritten to ``anyOf: [<schema>, {"type": "null"}]``.
+Likewise 3.0's boolean ``exclusiveMinimum: true`` becomes 2020-12's numeric form.
 OpenAPI-only keywords (``discriminator``, ``x-*``, ``example``, ``deprecated``) are ignored by
 the validator; ``format`` is not asserted.
 """
@@ -41,6 +42,12 @@ def _nullable_to_anyof(node: Any) -> Any:
     if not isinstance(node, dict):
         return node
     out = {key: _nullable_to_anyof(value) for key, value in node.items()}
+    # OpenAPI 3.0 style `minimum: 0, exclusiveMinimum: true` means "> 0"; JSON Schema 2020-12
+    # would read the boolean as the number 1 (so 1.0 fails), hence the translation.
+    for bound, exclusive in (("minimum", "exclusiveMinimum"), ("maximum", "exclusiveMaximum")):
+        if isinstance(out.get(exclusive), bool):
+            if out.pop(exclusive) and bound in out:
+                out[exclusive] = out.pop(bound)
     if out.pop("nullable", False) is True:
         # Keep the annotations outside so ``default: null`` etc. stay harmless.
         return {"anyOf": [out, {"type": "null"}]}

@@ -19,7 +19,9 @@ class Settings(BaseSettings):
     )
     host: str = "127.0.0.1"
     port: int = 8000
-    max_upload_bytes: int = Field(default=512 * 1024 * 1024, description="Files API upload limit (413 above).")
+    max_upload_bytes: int = Field(
+        default=512 * 1024 * 1024, description="Files API upload limit (413 above)."
+    )
     base_models: list[str] = Field(
         default_factory=list,
         description="Extra servable/trainable base models: Hugging Face ids or local folders.",
@@ -29,7 +31,9 @@ class Settings(BaseSettings):
         default=None, description="Where generated/downloaded base models live; default $OPENFT_HOME/models."
     )
     worker_poll_seconds: float = 0.5
-    lease_seconds: float = Field(default=60.0, description="A running job whose worker is silent this long is reclaimed.")
+    lease_seconds: float = Field(
+        default=60.0, description="A running job whose worker is silent this long is reclaimed."
+    )
     allow_private_networks: bool = Field(
         default=False, description="Let image URLs point at loopback/private addresses (on-prem use)."
     )

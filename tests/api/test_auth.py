@@ -8,11 +8,13 @@ import json
 import httpx
 import openai
 import pytest
-
 from tests.openapi_schema import validate_against
 
 GOOD = b"".join(
-    json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": str(i)}]}).encode() + b"\n"
+    json.dumps(
+        {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": str(i)}]}
+    ).encode()
+    + b"\n"
     for i in range(10)
 )
 
@@ -24,8 +26,6 @@ def test_missing_key_is_401_in_openai_envelope(api_server, path):
     body = resp.json()
     validate_against("ErrorResponse", body)
     assert "API key" in body["error"]["message"]
-
-
 
 
 def test_unknown_key_raises_authentication_error(api_server):

@@ -8,11 +8,12 @@ import json
 import httpx
 import openai
 import pytest
-
 from tests.openapi_schema import validate_against
 
 GOOD = b"".join(
-    json.dumps({"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]}).encode()
+    json.dumps(
+        {"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]}
+    ).encode()
     + b"\n"
     for i in range(12)
 )
@@ -21,14 +22,23 @@ GOOD = b"".join(
 def test_upload_retrieve_content_list_delete(api_server):
     c = api_server.client("files-a")
     f = c.files.create(file=("train.jsonl", io.BytesIO(GOOD)), purpose="fine-tune")
-    assert f.id.startswith("file-") and f.bytes == len(GOOD) and f.purpose == "fine-tune" and f.filename == "train.jsonl"
-    raw = httpx.get(f"{api_server.base_url}/files/{f.id}", headers={"Authorization": f"Bearer {c.api_key}"}).json()
+    assert (
+        f.id.startswith("file-")
+        and f.bytes == len(GOOD)
+        and f.purpose == "fine-tune"
+        and f.filename == "train.jsonl"
+    )
+    raw = httpx.get(
+        f"{api_server.base_url}/files/{f.id}", headers={"Authorization": f"Bearer {c.api_key}"}
+    ).json()
     validate_against("OpenAIFile", raw)
 
     assert c.files.retrieve(f.id).id == f.id
     assert c.files.content(f.id).read() == GOOD  # exact bytes back
 
-    listed = httpx.get(f"{api_server.base_url}/files", headers={"Authorization": f"Bearer {c.api_key}"}).json()
+    listed = httpx.get(
+        f"{api_server.base_url}/files", headers={"Authorization": f"Bearer {c.api_key}"}
+    ).json()
     validate_against("ListFilesResponse", listed)
     assert [x["id"] for x in listed["data"]] == [f.id]
 
@@ -88,6 +98,9 @@ def test_upload_over_the_limit_is_413(api_server):
 
 def test_expires_after(api_server):
     c = api_server.client("files-exp")
-    f = c.files.create(file=("t.jsonl", io.BytesIO(GOOD)), purpose="fine-tune",
-                       expires_after={"anchor": "created_at", "seconds": 3600})
+    f = c.files.create(
+        file=("t.jsonl", io.BytesIO(GOOD)),
+        purpose="fine-tune",
+        expires_after={"anchor": "created_at", "seconds": 3600},
+    )
     assert f.expires_at == f.created_at + 3600

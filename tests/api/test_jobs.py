@@ -9,11 +9,13 @@ import httpx
 import openai
 import pytest
 from openai.types.fine_tuning import FineTuningJob
-
 from tests.openapi_schema import validate_against
 
 GOOD = b"".join(
-    json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": str(i)}]}).encode() + b"\n"
+    json.dumps(
+        {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": str(i)}]}
+    ).encode()
+    + b"\n"
     for i in range(10)
 )
 
@@ -34,7 +36,11 @@ def _raw(api_server, client, path):
 
 def test_create_returns_a_complete_job(api_server, client, train_file):
     job = client.fine_tuning.jobs.create(
-        training_file=train_file.id, model="openft-tiny-vlm", suffix="demo", seed=42, metadata={"team": "vision"},
+        training_file=train_file.id,
+        model="openft-tiny-vlm",
+        suffix="demo",
+        seed=42,
+        metadata={"team": "vision"},
         method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 3}}},
     )
     raw = _raw(api_server, client, f"/fine_tuning/jobs/{job.id}")
@@ -52,23 +58,40 @@ def test_seed_is_generated_when_absent(client, train_file):
     job = client.fine_tuning.jobs.create(training_file=train_file.id, model="openft-tiny-vlm")
     assert isinstance(job.seed, int) and 0 <= job.seed < 2**31
     # deprecated top-level hyperparameters still work and mean "supervised"
-    job2 = client.fine_tuning.jobs.create(training_file=train_file.id, model="openft-tiny-vlm",
-                                          hyperparameters={"batch_size": 4})
+    job2 = client.fine_tuning.jobs.create(
+        training_file=train_file.id, model="openft-tiny-vlm", hyperparameters={"batch_size": 4}
+    )
     assert job2.method.type == "supervised" and job2.hyperparameters.batch_size == 4
 
 
 @pytest.mark.parametrize(
     "kwargs, param",
     [
-        ({"method": {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 0}}}},
-         "method.supervised.hyperparameters.n_epochs"),
-        ({"method": {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 51}}}},
-         "method.supervised.hyperparameters.n_epochs"),
-        ({"method": {"type": "supervised", "supervised": {"hyperparameters": {"batch_size": 257}}}},
-         "method.supervised.hyperparameters.batch_size"),
-        ({"method": {"type": "supervised", "supervised": {"hyperparameters": {"learning_rate_multiplier": 0}}}},
-         "method.supervised.hyperparameters.learning_rate_multiplier"),
-        ({"method": {"type": "dpo", "dpo": {"hyperparameters": {"beta": 3}}}}, "method.dpo.hyperparameters.beta"),
+        (
+            {"method": {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 0}}}},
+            "method.supervised.hyperparameters.n_epochs",
+        ),
+        (
+            {"method": {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 51}}}},
+            "method.supervised.hyperparameters.n_epochs",
+        ),
+        (
+            {"method": {"type": "supervised", "supervised": {"hyperparameters": {"batch_size": 257}}}},
+            "method.supervised.hyperparameters.batch_size",
+        ),
+        (
+            {
+                "method": {
+                    "type": "supervised",
+                    "supervised": {"hyperparameters": {"learning_rate_multiplier": 0}},
+                }
+            },
+            "method.supervised.hyperparameters.learning_rate_multiplier",
+        ),
+        (
+            {"method": {"type": "dpo", "dpo": {"hyperparameters": {"beta": 3}}}},
+            "method.dpo.hyperparameters.beta",
+        ),
         ({"suffix": "x" * 65}, "suffix"),
         ({"suffix": "bad suffix!"}, "suffix"),
         ({"seed": -1}, "seed"),
@@ -95,8 +118,10 @@ def test_training_file_must_have_purpose_fine_tune(client):
 def test_list_paginates_and_filters_by_metadata(api_server, train_file):
     c = api_server.client("jobs-list")
     f = c.files.create(file=("t.jsonl", io.BytesIO(GOOD)), purpose="fine-tune")
-    made = [c.fine_tuning.jobs.create(training_file=f.id, model="openft-tiny-vlm", metadata={"n": str(i)}).id
-            for i in range(4)]
+    made = [
+        c.fine_tuning.jobs.create(training_file=f.id, model="openft-tiny-vlm", metadata={"n": str(i)}).id
+        for i in range(4)
+    ]
     plain = c.fine_tuning.jobs.create(training_file=f.id, model="openft-tiny-vlm").id
     all_ids = [j.id for j in c.fine_tuning.jobs.list(limit=2)]  # SDK walks the `after` cursor
     assert all_ids == [plain, *reversed(made)]
@@ -116,7 +141,9 @@ def test_cancel_then_cancel_again(api_server, client, train_file):
     assert e.value.response.headers["x-should-retry"] == "false"
     events = client.fine_tuning.jobs.list_events(job.id)
     assert events.data[0].message == "Fine-tuning job cancelled"  # newest first
-    validate_against("ListFineTuningJobEventsResponse", _raw(api_server, client, f"/fine_tuning/jobs/{job.id}/events"))
+    validate_against(
+        "ListFineTuningJobEventsResponse", _raw(api_server, client, f"/fine_tuning/jobs/{job.id}/events")
+    )
 
 
 def test_events_paginate_newest_first(client, train_file):

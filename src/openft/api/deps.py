@@ -36,7 +36,9 @@ class AppState:
             if self._registry is None:
                 from openft.inference.registry import Registry
 
-                self._registry = Registry(device=self.settings.device, max_loaded=self.settings.adapter_cache_size)
+                self._registry = Registry(
+                    device=self.settings.device, max_loaded=self.settings.adapter_cache_size
+                )
             return self._registry
 
 

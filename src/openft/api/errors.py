@@ -24,7 +24,9 @@ _FIELD = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _TAGS = {"int", "float", "str", "bool", "function-after", "function-before", "function-wrap"}
 
 
-def error_response(status: int, message: str, *, type: str, param: str | None = None, code: str | None = None) -> JSONResponse:
+def error_response(
+    status: int, message: str, *, type: str, param: str | None = None, code: str | None = None
+) -> JSONResponse:
     body = ErrorResponse(error=ErrorBody(message=message, type=type, param=param, code=code))
     headers = {}
     if status < 500 and status not in (408, 409, 429):
@@ -50,7 +52,9 @@ def loc_to_param(loc: tuple[object, ...]) -> str | None:
 def install(app: FastAPI) -> None:
     @app.exception_handler(OpenFTError)
     async def _domain(_: Request, exc: OpenFTError) -> JSONResponse:
-        return error_response(exc.status_code, exc.message, type=exc.error_type, param=exc.param, code=exc.code)
+        return error_response(
+            exc.status_code, exc.message, type=exc.error_type, param=exc.param, code=exc.code
+        )
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -69,5 +73,9 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _bug(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return error_response(500, "The server had an error while processing your request.", type="server_error",
-                              code="server_error")
+        return error_response(
+            500,
+            "The server had an error while processing your request.",
+            type="server_error",
+            code="server_error",
+        )

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import typer
 
-from openft.cli import keys, serve
+from openft.cli import keys, serve, validate
 
-app = typer.Typer(help="openft: self-hosted fine-tuning with OpenAI's API.", no_args_is_help=True,
-                  pretty_exceptions_enable=False)
+app = typer.Typer(
+    help="openft: self-hosted fine-tuning with OpenAI's API.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
 app.command("serve")(serve.serve)
 app.command("worker")(serve.worker)
 app.add_typer(keys.app, name="keys")
+validate.register(app)
 
 if __name__ == "__main__":
     app()

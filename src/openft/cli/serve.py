@@ -18,7 +18,9 @@ def serve(
     host: Annotated[str | None, typer.Option(help="Bind address (default 127.0.0.1).")] = None,
     port: Annotated[int | None, typer.Option(help="Port (default 8000).")] = None,
     workers: Annotated[int, typer.Option("--workers", help="Embedded worker processes.")] = 1,
-    no_worker: Annotated[bool, typer.Option("--no-worker", help="API only; run 'openft worker' elsewhere.")] = False,
+    no_worker: Annotated[
+        bool, typer.Option("--no-worker", help="API only; run 'openft worker' elsewhere.")
+    ] = False,
 ) -> None:
     """Start the API (and dashboard) with N embedded workers on the same home."""
     import uvicorn
@@ -33,7 +35,9 @@ def serve(
         env = dict(os.environ, OPENFT_HOME=str(settings.resolved_home))
         for _ in range(workers):
             children.append(subprocess.Popen([sys.executable, "-m", "openft.cli.main", "worker"], env=env))
-    typer.echo(f"openft API on http://{settings.host}:{settings.port}/v1  (home {settings.resolved_home})", err=True)
+    typer.echo(
+        f"openft API on http://{settings.host}:{settings.port}/v1  (home {settings.resolved_home})", err=True
+    )
     try:
         uvicorn.run(app, host=settings.host, port=settings.port, log_level="info")
     finally:

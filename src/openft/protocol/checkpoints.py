@@ -6,10 +6,20 @@ from typing import Literal
 
 from pydantic import BaseModel
 
-from openft.protocol.common import FirstLastListResponse
+from openft.protocol.common import FirstLastListResponse, OmitUnset
 
 
-class CheckpointMetrics(BaseModel):
+class CheckpointMetrics(OmitUnset):
+    omit_if_none = (
+        "step",
+        "train_loss",
+        "train_mean_token_accuracy",
+        "valid_loss",
+        "valid_mean_token_accuracy",
+        "full_valid_loss",
+        "full_valid_mean_token_accuracy",
+    )
+
     step: float | None = None
     train_loss: float | None = None
     train_mean_token_accuracy: float | None = None

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, Generic, Literal, TypeVar
+from typing import Any, ClassVar, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import BaseModel, ConfigDict, SerializerFunctionWrapHandler, model_serializer, model_validator
 
 log = logging.getLogger(__name__)
 
@@ -22,6 +22,20 @@ class Request(BaseModel):
         if self.model_extra:
             log.info("%s: ignoring unknown fields %s", type(self).__name__, sorted(self.model_extra))
         return self
+
+
+class OmitUnset(BaseModel):
+    """For spec fields that are optional but not nullable: leave them out instead of sending null."""
+
+    omit_if_none: ClassVar[tuple[str, ...]] = ()
+
+    @model_serializer(mode="wrap")
+    def _omit(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data = handler(self)
+        for key in self.omit_if_none:
+            if data.get(key) is None:
+                data.pop(key, None)
+        return data
 
 
 class ListResponse(BaseModel, Generic[T]):

@@ -4,11 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from typing import Any
-
-from pydantic import BaseModel, SerializerFunctionWrapHandler, model_serializer
-
-from openft.protocol.common import DeletedResponse, FirstLastListResponse
+from openft.protocol.common import DeletedResponse, FirstLastListResponse, OmitUnset
 
 # Purposes a client may upload with (spec CreateFileRequest.purpose).
 UploadPurpose = Literal["assistants", "batch", "fine-tune", "vision", "user_data", "evals"]
@@ -27,7 +23,9 @@ FilePurpose = Literal[
 UPLOAD_PURPOSES: tuple[str, ...] = UploadPurpose.__args__  # type: ignore[attr-defined]
 
 
-class FileObject(BaseModel):
+class FileObject(OmitUnset):
+    omit_if_none = ("expires_at", "status_details")
+
     id: str
     object: Literal["file"] = "file"
     bytes: int
@@ -40,15 +38,6 @@ class FileObject(BaseModel):
     status: Literal["uploaded", "processed", "error"] = "processed"
     """Deprecated by OpenAI but still required; uploads are checked synchronously, so always processed."""
     status_details: str | None = None
-
-    @model_serializer(mode="wrap")
-    def _omit_unset_optionals(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        # The spec types these as integer / string (optional, not nullable): omit rather than null.
-        data = handler(self)
-        for key in ("expires_at", "status_details"):
-            if data.get(key) is None:
-                data.pop(key, None)
-        return data
 
 
 class FileList(FirstLastListResponse[FileObject]):

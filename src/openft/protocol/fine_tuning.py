@@ -109,7 +109,9 @@ class CreateFineTuningJobRequest(Request):
         """The method, with the deprecated top-level hyperparameters folded in (no method = supervised)."""
         if self.method is not None:
             if self.hyperparameters is not None and self.method.type == "supervised":
-                return Method(type="supervised", supervised=SupervisedMethod(hyperparameters=self.hyperparameters))
+                return Method(
+                    type="supervised", supervised=SupervisedMethod(hyperparameters=self.hyperparameters)
+                )
             return self.method
         hp = self.hyperparameters or SupervisedHyperparameters()
         return Method(type="supervised", supervised=SupervisedMethod(hyperparameters=hp))

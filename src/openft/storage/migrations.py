@@ -31,7 +31,9 @@ def migrate(engine: Engine) -> list[str]:
     """Bring the schema up to date; returns the names of migrations applied now."""
     with engine.begin() as conn:
         conn.execute(
-            text("CREATE TABLE IF NOT EXISTS _openft_migrations (name VARCHAR(128) PRIMARY KEY, applied_at BIGINT)")
+            text(
+                "CREATE TABLE IF NOT EXISTS _openft_migrations (name VARCHAR(128) PRIMARY KEY, applied_at BIGINT)"
+            )
         )
         done = {row[0] for row in conn.execute(text("SELECT name FROM _openft_migrations"))}
         fresh = not done and not inspect(conn).has_table("jobs")

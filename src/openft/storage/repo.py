@@ -73,7 +73,14 @@ def _after_clause(column_pairs: Sequence[tuple[Any, Any]], *, descending: bool):
 
 
 def create_file(
-    s: Session, *, project_id: str, filename: str, purpose: str, size: int, sha256: str, expires_at: int | None = None
+    s: Session,
+    *,
+    project_id: str,
+    filename: str,
+    purpose: str,
+    size: int,
+    sha256: str,
+    expires_at: int | None = None,
 ) -> File:
     row = File(
         id=ids.file_id(),
@@ -107,7 +114,9 @@ def list_files(
         q = q.where(File.purpose == purpose)
     if after:
         cursor = get_file(s, project_id=project_id, file_id=after)
-        q = q.where(_after_clause([(File.created_ns, cursor.created_ns), (File.id, cursor.id)], descending=desc))
+        q = q.where(
+            _after_clause([(File.created_ns, cursor.created_ns), (File.id, cursor.id)], descending=desc)
+        )
     keys = (File.created_ns.desc(), File.id.desc()) if desc else (File.created_ns, File.id)
     rows = list(s.scalars(q.order_by(*keys).limit(limit + 1)))
     return rows[:limit], len(rows) > limit
@@ -133,8 +142,14 @@ def file_to_protocol(row: File) -> FileObject:
 
 
 def create_job(s: Session, **fields: Any) -> Job:
-    row = Job(id=ids.job_id(), status="validating_files", created_at=now(), created_ns=time.time_ns(), result_files=[],
-              **fields)
+    row = Job(
+        id=ids.job_id(),
+        status="validating_files",
+        created_at=now(),
+        created_ns=time.time_ns(),
+        result_files=[],
+        **fields,
+    )
     s.add(row)
     s.flush()
     append_event(s, job_id=row.id, message=f"Created fine-tuning job: {row.id}")
@@ -155,7 +170,9 @@ def list_jobs(
     q = select(Job).where(Job.project_id == project_id)
     if after:
         cursor = get_job(s, project_id=project_id, job_id=after)
-        q = q.where(_after_clause([(Job.created_ns, cursor.created_ns), (Job.id, cursor.id)], descending=True))
+        q = q.where(
+            _after_clause([(Job.created_ns, cursor.created_ns), (Job.id, cursor.id)], descending=True)
+        )
     q = q.order_by(Job.created_ns.desc(), Job.id.desc())
     if metadata is None:
         rows = list(s.scalars(q.limit(limit + 1)))
@@ -283,7 +300,9 @@ def append_event(
     type: str = "message",
     data: dict[str, Any] | None = None,
 ) -> Event:
-    row = Event(id=ids.event_id(), job_id=job_id, created_at=now(), level=level, message=message, type=type, data=data)
+    row = Event(
+        id=ids.event_id(), job_id=job_id, created_at=now(), level=level, message=message, type=type, data=data
+    )
     s.add(row)
     s.flush()
     return row
@@ -318,7 +337,12 @@ def add_checkpoint(
     s: Session, *, job: Job, step: int, metrics: dict[str, Any], model_name: str, weights: str
 ) -> Checkpoint:
     row = Checkpoint(
-        id=ids.checkpoint_id(), job_id=job.id, created_at=now(), step_number=step, metrics=metrics, model_name=model_name
+        id=ids.checkpoint_id(),
+        job_id=job.id,
+        created_at=now(),
+        step_number=step,
+        metrics=metrics,
+        model_name=model_name,
     )
     s.add(row)
     s.add(
@@ -338,7 +362,11 @@ def add_checkpoint(
 
 def prune_checkpoints(s: Session, *, job_id: str, keep: int) -> list[str]:
     """Keep the newest ``keep`` checkpoints of a job (as OpenAI: the last 3 epochs); returns removed ids."""
-    rows = list(s.scalars(select(Checkpoint).where(Checkpoint.job_id == job_id).order_by(Checkpoint.step_number.desc())))
+    rows = list(
+        s.scalars(
+            select(Checkpoint).where(Checkpoint.job_id == job_id).order_by(Checkpoint.step_number.desc())
+        )
+    )
     removed = []
     for row in rows[keep:]:
         model = s.get(FineTunedModel, row.model_name)
@@ -349,7 +377,9 @@ def prune_checkpoints(s: Session, *, job_id: str, keep: int) -> list[str]:
     return removed
 
 
-def list_checkpoints(s: Session, *, job_id: str, limit: int, after: str | None) -> tuple[list[Checkpoint], bool]:
+def list_checkpoints(
+    s: Session, *, job_id: str, limit: int, after: str | None
+) -> tuple[list[Checkpoint], bool]:
     q = select(Checkpoint).where(Checkpoint.job_id == job_id)
     if after:
         cursor = s.scalar(select(Checkpoint).where(Checkpoint.id == after, Checkpoint.job_id == job_id))
@@ -374,7 +404,12 @@ def checkpoint_to_protocol(row: Checkpoint) -> FineTuningJobCheckpoint:
 
 def register_model(s: Session, *, job: Job, model_name: str, weights: str) -> FineTunedModel:
     row = FineTunedModel(
-        id=model_name, project_id=job.project_id, job_id=job.id, base_model=job.base_model, weights=weights, created_at=now()
+        id=model_name,
+        project_id=job.project_id,
+        job_id=job.id,
+        base_model=job.base_model,
+        weights=weights,
+        created_at=now(),
     )
     s.merge(row)
     s.flush()
@@ -389,5 +424,7 @@ def get_model(s: Session, *, project_id: str, model_id: str) -> FineTunedModel |
 
 
 def list_models(s: Session, *, project_id: str) -> list[FineTunedModel]:
-    q = select(FineTunedModel).where(FineTunedModel.project_id == project_id, FineTunedModel.deleted.is_(False))
+    q = select(FineTunedModel).where(
+        FineTunedModel.project_id == project_id, FineTunedModel.deleted.is_(False)
+    )
     return list(s.scalars(q.order_by(FineTunedModel.created_at, FineTunedModel.id)))

@@ -15,14 +15,27 @@ KEEP_CHECKPOINTS = 3
 
 
 def store_checkpoint(
-    db: Database, blobs: BlobStore, *, job: Job, model_name: str, weights_dir: Path, step: int, metrics: dict[str, Any]
+    db: Database,
+    blobs: BlobStore,
+    *,
+    job: Job,
+    model_name: str,
+    weights_dir: Path,
+    step: int,
+    metrics: dict[str, Any],
 ) -> str:
     """Store a checkpoint's weights, record it (servable as ``<model>:ckpt-step-N``), keep the last 3."""
     key = blobs.put_dir(weights_dir)
     with db.session() as s:
         ckpt_name = ids.checkpoint_model_name(model_name, step)
-        row = repo.add_checkpoint(s, job=job, step=step, metrics={"step": step, **metrics}, model_name=ckpt_name, weights=key)
+        row = repo.add_checkpoint(
+            s, job=job, step=step, metrics={"step": step, **metrics}, model_name=ckpt_name, weights=key
+        )
         repo.prune_checkpoints(s, job_id=job.id, keep=KEEP_CHECKPOINTS)
-        repo.append_event(s, job_id=job.id, message=f"Checkpoint created at step {step}: {ckpt_name}",
-                          data={"checkpoint_id": row.id, "step": step})
+        repo.append_event(
+            s,
+            job_id=job.id,
+            message=f"Checkpoint created at step {step}: {ckpt_name}",
+            data={"checkpoint_id": row.id, "step": step},
+        )
     return key

@@ -27,9 +27,7 @@ def _fmt(x: Any) -> str:
 
 
 class JobReporter:
-    def __init__(
-        self, db: Database, blobs: BlobStore, *, job: Job, model_name: str, lease: JobLease
-    ) -> None:
+    def __init__(self, db: Database, blobs: BlobStore, *, job: Job, model_name: str, lease: JobLease) -> None:
         self._db, self._blobs, self._job, self._lease = db, blobs, job, lease
         self.model_name = model_name
         self.rows: list[dict[str, Any]] = []
@@ -64,19 +62,39 @@ class JobReporter:
                 if metrics.get("valid_loss") is not None:
                     parts.append(f"validation loss={_fmt(metrics['valid_loss'])}")
                 data = {k: v for k, v in metrics.items() if k != "epoch"}
-                repo.append_event(s, job_id=self._job.id, type="metrics", message=f"Step {step}/{total}: " + ", ".join(parts),
-                                  data=data)
+                repo.append_event(
+                    s,
+                    job_id=self._job.id,
+                    type="metrics",
+                    message=f"Step {step}/{total}: " + ", ".join(parts),
+                    data=data,
+                )
             if now - self._last_eta_write > 2.0:
                 # Keep estimated_finish current: linear extrapolation from the steps done so far.
                 eta = int(self._started + (now - self._started) * total / max(step, 1))
-                repo.transition(s, job_id=self._job.id, worker_id=self._lease.worker_id, frm=("running",),
-                                estimated_finish=eta)
+                repo.transition(
+                    s,
+                    job_id=self._job.id,
+                    worker_id=self._lease.worker_id,
+                    frm=("running",),
+                    estimated_finish=eta,
+                )
                 self._last_eta_write = now
 
-    def on_checkpoint(self, weights_dir: Path, *, step: int, epoch: int, metrics: dict[str, float | int]) -> None:
-        keep = {k: v for k, v in metrics.items() if k not in ("step", "total_steps", "epoch", "trained_tokens")}
+    def on_checkpoint(
+        self, weights_dir: Path, *, step: int, epoch: int, metrics: dict[str, float | int]
+    ) -> None:
+        keep = {
+            k: v for k, v in metrics.items() if k not in ("step", "total_steps", "epoch", "trained_tokens")
+        }
         self.last_checkpoint_key = store_checkpoint(
-            self._db, self._blobs, job=self._job, model_name=self.model_name, weights_dir=weights_dir, step=step, metrics=keep
+            self._db,
+            self._blobs,
+            job=self._job,
+            model_name=self.model_name,
+            weights_dir=weights_dir,
+            step=step,
+            metrics=keep,
         )
 
     def should_stop(self) -> bool:

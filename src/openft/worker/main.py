@@ -23,7 +23,9 @@ def make_context(settings: Settings) -> WorkerContext:
     db = Database(settings.resolved_database_url)
     migrate(db.engine)
     worker_id = f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident()}"
-    return WorkerContext(settings=settings, db=db, blobs=LocalBlobStore(settings.blob_dir), worker_id=worker_id)
+    return WorkerContext(
+        settings=settings, db=db, blobs=LocalBlobStore(settings.blob_dir), worker_id=worker_id
+    )
 
 
 def run_forever(settings: Settings, *, stop: threading.Event | None = None, once: bool = False) -> None:

@@ -26,7 +26,9 @@ def claim(db: Database, *, worker_id: str, lease_seconds: float) -> Job | None:
 class JobLease:
     """Keeps a claimed job's lease alive in the background and notices cancellation."""
 
-    def __init__(self, db: Database, *, job_id: str, worker_id: str, lease_seconds: float, every: float = 1.0) -> None:
+    def __init__(
+        self, db: Database, *, job_id: str, worker_id: str, lease_seconds: float, every: float = 1.0
+    ) -> None:
         self._db, self.job_id, self.worker_id = db, job_id, worker_id
         self._lease, self._every = lease_seconds, every
         self._stop = threading.Event()
@@ -50,7 +52,9 @@ class JobLease:
         while not self._stop.wait(self._every):
             try:
                 with self._db.session() as s:
-                    status = repo.heartbeat(s, job_id=self.job_id, worker_id=self.worker_id, lease_seconds=self._lease)
+                    status = repo.heartbeat(
+                        s, job_id=self.job_id, worker_id=self.worker_id, lease_seconds=self._lease
+                    )
             except Exception:  # a busy database must not kill training; the lease has slack
                 log.warning("heartbeat for %s failed; will retry", self.job_id, exc_info=True)
                 continue

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from openft import ids
-from openft.datasets.validate import ValidationOptions, ValidationResult, validate_file
+from openft.datasets.validate import ValidationResult, validate_file
 from openft.errors import JobCancelled, JobFailed
 from openft.settings import Settings
 from openft.storage import repo
@@ -43,7 +43,9 @@ class WorkerContext:
 
 def run_job(ctx: WorkerContext, job: Job) -> None:
     """Run a job to its end state. Never raises: a failing job must not take the worker down."""
-    with JobLease(ctx.db, job_id=job.id, worker_id=ctx.worker_id, lease_seconds=ctx.settings.lease_seconds) as lease:
+    with JobLease(
+        ctx.db, job_id=job.id, worker_id=ctx.worker_id, lease_seconds=ctx.settings.lease_seconds
+    ) as lease:
         try:
             _run(ctx, job, lease)
         except JobCancelled:
@@ -52,13 +54,20 @@ def run_job(ctx: WorkerContext, job: Job) -> None:
             _fail(ctx, job, code=exc.code or "failed", message=exc.message, param=exc.param)
         except Exception as exc:  # our bug or the environment's: record it, keep the worker alive
             log.exception("job %s crashed", job.id)
-            _fail(ctx, job, code="server_error", message=f"Training failed with an internal error: {type(exc).__name__}: {exc}",
-                  param=None)
+            _fail(
+                ctx,
+                job,
+                code="server_error",
+                message=f"Training failed with an internal error: {type(exc).__name__}: {exc}",
+                param=None,
+            )
         finally:
             shutil.rmtree(ctx.settings.work_dir / job.id, ignore_errors=True)
 
 
-def _event(ctx: WorkerContext, job: Job, message: str, *, level: str = "info", data: dict[str, Any] | None = None) -> None:
+def _event(
+    ctx: WorkerContext, job: Job, message: str, *, level: str = "info", data: dict[str, Any] | None = None
+) -> None:
     with ctx.db.session() as s:
         repo.append_event(s, job_id=job.id, message=message, level=level, data=data)
 
@@ -71,45 +80,60 @@ def _move(ctx: WorkerContext, job: Job, frm: tuple[str, ...], **values: Any) -> 
 
 def _fail(ctx: WorkerContext, job: Job, *, code: str, message: str, param: str | None) -> None:
     with ctx.db.session() as s:
-        if repo.transition(s, job_id=job.id, worker_id=ctx.worker_id, frm=ACTIVE, status="failed",
-                           error={"code": code, "message": message, "param": param}, finished_at=repo.now(),
-                           estimated_finish=None):
+        if repo.transition(
+            s,
+            job_id=job.id,
+            worker_id=ctx.worker_id,
+            frm=ACTIVE,
+            status="failed",
+            error={"code": code, "message": message, "param": param},
+            finished_at=repo.now(),
+            estimated_finish=None,
+        ):
             repo.append_event(s, job_id=job.id, level="error", message=message)
 
 
 def _validate(ctx: WorkerContext, job: Job, file_id: str, *, param: str, processor: Any) -> ValidationResult:
-    from openft.models.render import count_tokens
+    from openft.models.validation import model_validation_options
 
     with ctx.db.session() as s:
         row = s.get(File, file_id)
         assert row is not None  # checked at job creation; files are only soft-deleted
         sha = row.sha256
-    tokenizer = getattr(processor, "tokenizer", processor)
-    options = ValidationOptions(
+    options = model_validation_options(
+        processor,
         allow_private_networks=ctx.settings.allow_private_networks,
-        token_counter=lambda ex: count_tokens(processor, ex),
-        max_tokens=getattr(tokenizer, "model_max_length", None),
-        control_tokens=list(getattr(tokenizer, "all_special_tokens", [])) or None,
-        image_sink=lambda _sha, data: ctx.blobs.put_bytes(data),
+        image_sink=lambda _sha, data: ctx.blobs.put_bytes(
+            data
+        ),  # fetched images are kept; never re-downloaded
     )
     with ctx.blobs.open(sha) as fp:
         result = validate_file(io.BufferedReader(fp), method=job.method_type, options=options)  # type: ignore[arg-type]
     report = result.report
     summary = report.summary
     _event(
-        ctx, job,
+        ctx,
+        job,
         f"Validated {param}: {summary['examples']} examples, {summary['usable_examples']} usable, "
         f"{summary['images']} images, {summary['skipped_examples']} skipped, {summary['errors']} errors.",
         data={"file": file_id, "summary": summary},
     )
     shown = [i for i in report.issues if i.severity in ("skip", "warning")][:MAX_ISSUE_EVENTS]
     for issue in shown:
-        _event(ctx, job, f"Line {issue.line} ({issue.field}): {issue.message}", level="warn",
-               data={"line": issue.line, "field": issue.field, "code": issue.code, "severity": issue.severity})
+        _event(
+            ctx,
+            job,
+            f"Line {issue.line} ({issue.field}): {issue.message}",
+            level="warn",
+            data={"line": issue.line, "field": issue.field, "code": issue.code, "severity": issue.severity},
+        )
     if not report.ok:
         what = "training" if param == "training_file" else "validation"
-        raise JobFailed(f"The job failed due to an invalid {what} file. {report.error_message()}",
-                        code=f"invalid_{param}", param=param)
+        raise JobFailed(
+            f"The job failed due to an invalid {what} file. {report.error_message()}",
+            code=f"invalid_{param}",
+            param=param,
+        )
     return result
 
 
@@ -119,7 +143,12 @@ def _run(ctx: WorkerContext, job: Job, lease: JobLease) -> None:
 
     settings = ctx.settings
     if job.status == "running":
-        _event(ctx, job, "The worker running this job stopped; restarting the job from the beginning.", level="warn")
+        _event(
+            ctx,
+            job,
+            "The worker running this job stopped; restarting the job from the beginning.",
+            level="warn",
+        )
         _move(ctx, job, ACTIVE, status="validating_files")
 
     base = resolve_base(job.base_model, settings.resolved_model_cache)
@@ -133,11 +162,16 @@ def _run(ctx: WorkerContext, job: Job, lease: JobLease) -> None:
     training_type = job.options.get("training_type", "auto")
     if training_type == "auto":
         training_type = default_training_type(job.base_model)
-    hp = resolve_hparams(job.hyperparameters, n_examples=len(train.examples), training_type=training_type,
-                         method=job.method_type)
+    hp = resolve_hparams(
+        job.hyperparameters,
+        n_examples=len(train.examples),
+        training_type=training_type,
+        method=job.method_type,
+    )
     _move(ctx, job, ("queued",), status="running", started_at=repo.now(), hyperparameters=hp)
     _event(
-        ctx, job,
+        ctx,
+        job,
         f"Fine-tuning job started ({training_type}): n_epochs={hp['n_epochs']}, batch_size={hp['batch_size']}, "
         f"learning_rate_multiplier={hp['learning_rate_multiplier']}. If the model follows the training data less "
         "than expected, raise n_epochs by 1-2; if it becomes less diverse than expected, lower it by 1-2; if it "
@@ -150,14 +184,21 @@ def _run(ctx: WorkerContext, job: Job, lease: JobLease) -> None:
         with ctx.db.session() as s:
             parent = repo.get_model(s, project_id=job.project_id, model_id=job.init_model)
             if parent is None:
-                raise JobFailed(f"Model {job.init_model} was deleted before training started.", code="model_not_found",
-                                param="model")
+                raise JobFailed(
+                    f"Model {job.init_model} was deleted before training started.",
+                    code="model_not_found",
+                    param="model",
+                )
             weights_key = parent.weights
-        init_weights = ctx.blobs.materialize_dir(weights_key, settings.resolved_home / "cache" / "weights" / weights_key)
+        init_weights = ctx.blobs.materialize_dir(
+            weights_key, settings.resolved_home / "cache" / "weights" / weights_key
+        )
 
     with ctx.db.session() as s:
         project = repo.get_project(s, project_id=job.project_id)
-    model_name = ids.fine_tuned_model_name(base=job.base_model, project=project.name, suffix=job.suffix, job_id=job.id)
+    model_name = ids.fine_tuned_model_name(
+        base=job.base_model, project=project.name, suffix=job.suffix, job_id=job.id
+    )
     reporter = JobReporter(ctx.db, ctx.blobs, job=job, model_name=model_name, lease=lease)
     cfg = TrainConfig(
         base_model=base,
@@ -176,11 +217,26 @@ def _run(ctx: WorkerContext, job: Job, lease: JobLease) -> None:
     csv_bytes = reporter.results_csv()
     csv_key = ctx.blobs.put_bytes(csv_bytes)
     with ctx.db.session() as s:
-        results = repo.create_file(s, project_id=job.project_id, filename=f"{job.id}_results.csv",
-                                   purpose="fine-tune-results", size=len(csv_bytes), sha256=csv_key)
-        if not repo.transition(s, job_id=job.id, worker_id=ctx.worker_id, frm=("running",), status="succeeded",
-                               fine_tuned_model=model_name, finished_at=repo.now(), estimated_finish=None,
-                               trained_tokens=result.trained_tokens, result_files=[results.id]):
+        results = repo.create_file(
+            s,
+            project_id=job.project_id,
+            filename=f"{job.id}_results.csv",
+            purpose="fine-tune-results",
+            size=len(csv_bytes),
+            sha256=csv_key,
+        )
+        if not repo.transition(
+            s,
+            job_id=job.id,
+            worker_id=ctx.worker_id,
+            frm=("running",),
+            status="succeeded",
+            fine_tuned_model=model_name,
+            finished_at=repo.now(),
+            estimated_finish=None,
+            trained_tokens=result.trained_tokens,
+            result_files=[results.id],
+        ):
             raise JobCancelled(job.id)
         repo.register_model(s, job=job, model_name=model_name, weights=weights_key)
         repo.append_event(s, job_id=job.id, message=f"New fine-tuned model created: {model_name}")

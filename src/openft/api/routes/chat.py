@@ -30,9 +30,13 @@ def _model_ref(model: str, *, project_id: str, s: DB, state: State) -> ModelRef:
     row = repo.get_model(s, project_id=project_id, model_id=model)
     if row is None:
         raise NotFound(
-            f"The model '{model}' does not exist or you do not have access to it.", param="model", code="model_not_found"
+            f"The model '{model}' does not exist or you do not have access to it.",
+            param="model",
+            code="model_not_found",
         )
-    weights = state.blobs.materialize_dir(row.weights, state.settings.resolved_home / "cache" / "weights" / row.weights)
+    weights = state.blobs.materialize_dir(
+        row.weights, state.settings.resolved_home / "cache" / "weights" / row.weights
+    )
     return ModelRef(id=model, base=resolve_base(row.base_model, cache), weights_dir=weights)
 
 
@@ -45,7 +49,9 @@ def create_chat_completion(
 
     ref = _model_ref(body.model, project_id=project.id, s=s, state=state)
     loaded = state.registry.get(ref)
-    image_loader = functools.partial(load_image_url, allow_private_networks=state.settings.allow_private_networks)
+    image_loader = functools.partial(
+        load_image_url, allow_private_networks=state.settings.allow_private_networks
+    )
     if body.stream:
         # Build the first chunk eagerly so request errors (bad image, too long) answer as
         # a normal 400 before any bytes of the event stream are sent.

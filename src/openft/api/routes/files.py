@@ -29,7 +29,9 @@ def _expires_at(form_anchor: str | None, form_seconds: str | None, created: int)
     try:
         seconds = int(form_seconds or "")
     except ValueError:
-        raise InvalidRequest("expires_after[seconds] must be an integer.", param="expires_after.seconds") from None
+        raise InvalidRequest(
+            "expires_after[seconds] must be an integer.", param="expires_after.seconds"
+        ) from None
     if not 3600 <= seconds <= 2592000:
         raise InvalidRequest(
             "expires_after[seconds] must be between 3600 (1 hour) and 2592000 (30 days).",
@@ -55,19 +57,22 @@ async def create_file(request: Request, state: State, project: CurrentProject, s
             raise InvalidRequest("Missing the 'file' part of the multipart upload.", param="file")
         if not isinstance(purpose, str) or purpose not in UPLOAD_PURPOSES:
             raise InvalidRequest(
-                f"Invalid purpose {purpose!r}; expected one of: {', '.join(UPLOAD_PURPOSES)}.", param="purpose"
+                f"Invalid purpose {purpose!r}; expected one of: {', '.join(UPLOAD_PURPOSES)}.",
+                param="purpose",
             )
         filename = upload.filename or "upload"
         if purpose == "fine-tune":
             if not filename.lower().endswith(".jsonl"):
                 raise InvalidRequest(
-                    f"Invalid file format for Fine-Tuning API. Must be .jsonl (got {filename!r}).", param="file"
+                    f"Invalid file format for Fine-Tuning API. Must be .jsonl (got {filename!r}).",
+                    param="file",
                 )
             scan = scan_jsonl(upload.file)
             if scan.first_error is not None:
                 line, what = scan.first_error
                 raise InvalidRequest(
-                    f"Invalid file format for Fine-Tuning API: line {line}: {what}", param="file",
+                    f"Invalid file format for Fine-Tuning API: line {line}: {what}",
+                    param="file",
                     code="invalid_file_format",
                 )
             upload.file.seek(0)
@@ -75,7 +80,13 @@ async def create_file(request: Request, state: State, project: CurrentProject, s
         created = repo.now()
         expires = _expires_at(form.get("expires_after[anchor]"), form.get("expires_after[seconds]"), created)  # type: ignore[arg-type]
         row = repo.create_file(
-            s, project_id=project.id, filename=filename, purpose=purpose, size=size, sha256=key, expires_at=expires
+            s,
+            project_id=project.id,
+            filename=filename,
+            purpose=purpose,
+            size=size,
+            sha256=key,
+            expires_at=expires,
         )
         return repo.file_to_protocol(row)
     finally:
@@ -91,7 +102,9 @@ def list_files(
     after: str | None = None,
     order: Literal["asc", "desc"] = "desc",
 ) -> FileList:
-    rows, has_more = repo.list_files(s, project_id=project.id, purpose=purpose, limit=limit, after=after, order=order)
+    rows, has_more = repo.list_files(
+        s, project_id=project.id, purpose=purpose, limit=limit, after=after, order=order
+    )
     return FileList(data=[repo.file_to_protocol(r) for r in rows], has_more=has_more)
 
 

@@ -26,12 +26,14 @@ def _check_file(s: Session, *, project_id: str, file_id: str, param: str) -> Non
     try:
         row = repo.get_file(s, project_id=project_id, file_id=file_id)
     except Exception:
-        raise InvalidRequest(f"invalid {param}: {file_id} (no such file in this project)", param=param,
-                             code="invalid_file") from None
+        raise InvalidRequest(
+            f"invalid {param}: {file_id} (no such file in this project)", param=param, code="invalid_file"
+        ) from None
     if row.purpose != "fine-tune":
         raise InvalidRequest(
             f"invalid {param}: {file_id} has purpose '{row.purpose}'; upload it with purpose 'fine-tune'.",
-            param=param, code="invalid_file_purpose",
+            param=param,
+            code="invalid_file_purpose",
         )
 
 
@@ -40,7 +42,9 @@ def _job(row, project: Project) -> FineTuningJob:  # type: ignore[no-untyped-def
 
 
 @router.post("", response_model=FineTuningJob)
-def create_job(body: CreateFineTuningJobRequest, project: CurrentProject, s: DB, state: State) -> FineTuningJob:
+def create_job(
+    body: CreateFineTuningJobRequest, project: CurrentProject, s: DB, state: State
+) -> FineTuningJob:
     method = body.resolved_method()
     init_model: str | None = None
     if body.model in state.settings.base_model_ids:
@@ -51,7 +55,8 @@ def create_job(body: CreateFineTuningJobRequest, project: CurrentProject, s: DB,
             raise InvalidRequest(
                 f"Model '{body.model}' is not available for fine-tuning. Use one of "
                 f"{', '.join(state.settings.base_model_ids)} or one of your own ft: models.",
-                param="model", code="model_not_available",
+                param="model",
+                code="model_not_available",
             )
         base_model, init_model = parent.base_model, parent.id
     _check_file(s, project_id=project.id, file_id=body.training_file, param="training_file")

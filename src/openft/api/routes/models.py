@@ -15,13 +15,18 @@ OWNER_BASE = "openft"
 
 
 def _base_models(state: State) -> list[Model]:
-    created = int(state.settings.resolved_home.stat().st_ctime) if state.settings.resolved_home.exists() else 0
+    created = (
+        int(state.settings.resolved_home.stat().st_ctime) if state.settings.resolved_home.exists() else 0
+    )
     return [Model(id=m, created=created, owned_by=OWNER_BASE) for m in state.settings.base_model_ids]
 
 
 @router.get("", response_model=ModelList)
 def list_models(project: CurrentProject, s: DB, state: State) -> ModelList:
-    tuned = [Model(id=r.id, created=r.created_at, owned_by=project.id) for r in repo.list_models(s, project_id=project.id)]
+    tuned = [
+        Model(id=r.id, created=r.created_at, owned_by=project.id)
+        for r in repo.list_models(s, project_id=project.id)
+    ]
     return ModelList(data=_base_models(state) + tuned)
 
 
@@ -39,7 +44,9 @@ def retrieve_model(model_id: str, project: CurrentProject, s: DB, state: State) 
 @router.delete("/{model_id:path}", response_model=ModelDeleted)
 def delete_model(model_id: str, project: CurrentProject, s: DB, state: State) -> ModelDeleted:
     if model_id in state.settings.base_model_ids:
-        raise InvalidRequest(f"'{model_id}' is a base model; only fine-tuned models can be deleted.", param="model")
+        raise InvalidRequest(
+            f"'{model_id}' is a base model; only fine-tuned models can be deleted.", param="model"
+        )
     row = repo.get_model(s, project_id=project.id, model_id=model_id)
     if row is None:
         raise NotFound(f"The model '{model_id}' does not exist", param="model", code="model_not_found")

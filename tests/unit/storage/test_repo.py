@@ -1,0 +1,132 @@
+"""Storage: migrations, atomic job claims, leases, blobs."""
+
+from __future__ import annotations
+
+import io
+import threading
+import time
+
+import pytest
+from sqlalchemy import text
+
+from openft.errors import PayloadTooLarge
+from openft.storage import repo
+from openft.storage.blobs import LocalBlobStore
+from openft.storage.db import Database
+from openft.storage.migrations import MIGRATIONS, migrate
+
+
+@pytest.fixture
+def db(tmp_path):
+    database = Database(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    migrate(database.engine)
+    yield database
+    database.dispose()
+
+
+def _job(db: Database, project: str = "p") -> str:
+    with db.session() as s:
+        repo.create_api_key(s, project_name=project)
+        pid = s.execute(text("SELECT id FROM projects WHERE name=:n"), {"n": project}).scalar_one()
+        f = repo.create_file(
+            s, project_id=pid, filename="t.jsonl", purpose="fine-tune", size=1, sha256="0" * 64
+        )
+        job = repo.create_job(
+            s,
+            project_id=pid,
+            model="m",
+            base_model="m",
+            init_model=None,
+            training_file=f.id,
+            validation_file=None,
+            suffix=None,
+            seed=1,
+            job_metadata=None,
+            integrations=None,
+            method_type="supervised",
+            hyperparameters={},
+            options={},
+        )
+        return job.id
+
+
+def test_migrations_are_recorded_and_idempotent(tmp_path):
+    database = Database(f"sqlite:///{tmp_path / 'm.sqlite'}")
+    assert migrate(database.engine) == [name for name, _ in MIGRATIONS]
+    assert migrate(database.engine) == []
+    with database.engine.connect() as conn:
+        assert conn.execute(text("PRAGMA journal_mode")).scalar() == "wal"
+
+
+def test_two_workers_never_claim_the_same_job(db):
+    job_ids = {_job(db, f"p{i}") for i in range(6)}
+    claims: list[tuple[str, str]] = []
+    lock = threading.Lock()
+
+    def worker(name: str) -> None:
+        while True:
+            with db.session() as s:
+                job = repo.claim_next_job(s, worker_id=name, lease_seconds=60)
+            if job is None:
+                return
+            with lock:
+                claims.append((name, job.id))
+
+    threads = [threading.Thread(target=worker, args=(f"w{i}",)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    claimed = [job for _, job in claims]
+    assert sorted(claimed) == sorted(job_ids)  # every job once, none twice
+
+
+def test_expired_lease_is_reclaimed_and_the_old_owner_loses_it(db):
+    job_id = _job(db)
+    with db.session() as s:
+        assert repo.claim_next_job(s, worker_id="dead", lease_seconds=0.05).id == job_id
+    with db.session() as s:
+        assert repo.claim_next_job(s, worker_id="other", lease_seconds=60) is None  # lease still live
+    time.sleep(0.1)
+    with db.session() as s:
+        assert repo.claim_next_job(s, worker_id="other", lease_seconds=60).id == job_id
+    with db.session() as s:
+        assert repo.heartbeat(s, job_id=job_id, worker_id="dead", lease_seconds=60) is None
+        assert repo.heartbeat(s, job_id=job_id, worker_id="other", lease_seconds=60) == "validating_files"
+
+
+def test_transition_does_not_overwrite_a_cancel(db):
+    job_id = _job(db)
+    with db.session() as s:
+        job = repo.claim_next_job(s, worker_id="w", lease_seconds=60)
+        pid = job.project_id
+    with db.session() as s:
+        repo.cancel_job(s, project_id=pid, job_id=job_id)
+    with db.session() as s:
+        assert not repo.transition(
+            s, job_id=job_id, worker_id="w", frm=("validating_files", "queued", "running"), status="succeeded"
+        )
+    with db.session() as s:
+        assert repo.get_job(s, project_id=pid, job_id=job_id).status == "cancelled"
+
+
+def test_blobs_are_content_addressed_and_size_limited(tmp_path):
+    store = LocalBlobStore(tmp_path / "blobs")
+    k1, n1 = store.put_stream(io.BytesIO(b"hello"))
+    k2 = store.put_bytes(b"hello")
+    assert k1 == k2 and n1 == 5 and store.read_bytes(k1) == b"hello"
+    with pytest.raises(PayloadTooLarge):
+        store.put_stream(io.BytesIO(b"x" * 100), max_bytes=10)
+    assert list((tmp_path / "blobs" / "tmp").iterdir()) == []  # nothing half-written left behind
+
+
+def test_directories_round_trip(tmp_path):
+    store = LocalBlobStore(tmp_path / "blobs")
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    (src / "a.bin").write_bytes(b"\x00\x01")
+    (src / "sub" / "b.json").write_text("{}")
+    key = store.put_dir(src)
+    out = store.materialize_dir(key, tmp_path / "out")
+    assert (out / "a.bin").read_bytes() == b"\x00\x01" and (out / "sub" / "b.json").read_text() == "{}"
+    assert store.materialize_dir(key, tmp_path / "out") == out  # idempotent
