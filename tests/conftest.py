@@ -95,6 +95,17 @@ def model_cache() -> Path:
 
 
 @pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """URL of a fresh PostgreSQL cluster; one per test session."""
+    from tests.postgres import pg_bin, postgres_cluster
+
+    if pg_bin() is None:
+        pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) are not installed")
+    with postgres_cluster(free_port()) as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
 def api_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """API only (no worker): jobs stay where the API put them."""
     server = start_server(

@@ -165,3 +165,24 @@ def test_checkpoints_of_a_new_job_are_empty(api_server, client, train_file):
 def test_unknown_job_is_404(client):
     with pytest.raises(openai.NotFoundError):
         client.fine_tuning.jobs.retrieve("ftjob-nope")
+
+
+def test_the_api_works_on_postgresql(postgres_url, tmp_path):
+    """OPENFT_DATABASE_URL switches metadata to PostgreSQL; the wire behaviour is the same."""
+    from sqlalchemy import create_engine
+    from sqlalchemy import text as sql
+    from tests.conftest import start_server
+
+    with create_engine(postgres_url).begin() as conn:
+        conn.execute(sql("DROP SCHEMA public CASCADE; CREATE SCHEMA public"))
+    server = start_server(tmp_path / "home", "--no-worker", env={"OPENFT_DATABASE_URL": postgres_url})
+    try:
+        c = server.client("pg")
+        f = c.files.create(file=("t.jsonl", io.BytesIO(GOOD)), purpose="fine-tune")
+        assert c.files.content(f.id).read() == GOOD
+        job = c.fine_tuning.jobs.create(training_file=f.id, model="openft-tiny-vlm", metadata={"db": "pg"})
+        assert [j.id for j in c.fine_tuning.jobs.list(metadata={"db": "pg"})] == [job.id]
+        assert c.fine_tuning.jobs.cancel(job.id).status == "cancelled"
+        assert not (tmp_path / "home" / "openft.db").exists()  # nothing went to SQLite
+    finally:
+        server.stop()

@@ -16,9 +16,17 @@ from openft.storage.db import Database
 from openft.storage.migrations import MIGRATIONS, migrate
 
 
-@pytest.fixture
-def db(tmp_path):
-    database = Database(f"sqlite:///{tmp_path / 'db.sqlite'}")
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db(request, tmp_path):
+    """The same repository behaviour on both supported databases."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    else:
+        url = request.getfixturevalue("postgres_url")
+    database = Database(url)
+    if request.param == "postgresql":  # one cluster per session: start each test on an empty schema
+        with database.engine.begin() as conn:
+            conn.execute(text("DROP SCHEMA public CASCADE; CREATE SCHEMA public"))
     migrate(database.engine)
     yield database
     database.dispose()
