@@ -244,3 +244,48 @@ def test_cancel_stops_a_running_job(full_server):
     assert last_step() == frozen
     final = c.fine_tuning.jobs.retrieve(job.id)
     assert final.status == "cancelled" and final.fine_tuned_model is None
+
+
+def test_lora_job_exports_merged_weights_that_answer_like_openft(full_server, tmp_path):
+    """The openft extension field picks LoRA; `openft export --merged` loads with plain transformers
+    and gives the same greedy answer as openft's own serving."""
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoTokenizer
+
+    c = full_server.client("export")
+    f = c.files.create(
+        file=("t.jsonl", io.BytesIO(to_jsonl(colour_examples(24, seed=8)))), purpose="fine-tune"
+    )
+    job = c.fine_tuning.jobs.create(
+        training_file=f.id,
+        model="openft-tiny-vlm",
+        hyperparameters={"n_epochs": 1},
+        extra_body={"openft": {"training_type": "lora"}},
+    )
+    job = wait_for(c, job.id)
+    assert job.status == "succeeded", job.error
+    started = [
+        e
+        for e in c.fine_tuning.jobs.list_events(job.id, limit=100)
+        if e.message.startswith("Fine-tuning job started")
+    ]
+    assert "(lora)" in started[0].message
+
+    adapter_dir, merged_dir = tmp_path / "adapter", tmp_path / "merged"
+    for target, extra in ((adapter_dir, []), (merged_dir, ["--merged"])):
+        out = full_server.cli("export", job.fine_tuned_model, "--to", str(target), *extra)
+        assert out.returncode == 0, out.stderr
+    assert (adapter_dir / "adapter_config.json").exists()
+    assert (merged_dir / "config.json").exists() and not (merged_dir / "adapter_config.json").exists()
+
+    messages = [{"role": "user", "content": "Colour of the old grass far?"}]
+    served = c.chat.completions.create(
+        model=job.fine_tuned_model, messages=messages, temperature=0, max_tokens=8
+    )
+    tok = AutoTokenizer.from_pretrained(merged_dir)
+    model = AutoModelForImageTextToText.from_pretrained(merged_dir).eval()
+    ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    with torch.no_grad():
+        gen = model.generate(**ids, max_new_tokens=8, do_sample=False)
+    plain = tok.decode(gen[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
+    assert plain == served.choices[0].message.content

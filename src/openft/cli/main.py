@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from openft.cli import keys, serve, validate
+from openft.cli import export, keys, serve, validate
 
 app = typer.Typer(
     help="openft: self-hosted fine-tuning with OpenAI's API.",
@@ -15,6 +15,7 @@ app.command("serve")(serve.serve)
 app.command("worker")(serve.worker)
 app.add_typer(keys.app, name="keys")
 validate.register(app)
+app.command("export")(export.export)
 
 if __name__ == "__main__":
     app()
