@@ -46,9 +46,18 @@ class Server:
         )
 
     def new_key(self, project: str) -> str:
-        out = self.cli("keys", "create", "--project", project)
-        assert out.returncode == 0, out.stderr
-        return out.stdout.strip()
+        """A key made in-process on the server's database (the CLI path has its own test)."""
+        from openft.settings import Settings
+        from openft.storage import repo
+        from openft.storage.db import Database
+
+        settings = Settings(home=self.home, database_url=self.env.get("OPENFT_DATABASE_URL"))
+        db = Database(settings.resolved_database_url)
+        try:
+            with db.session() as s:
+                return repo.create_api_key(s, project_name=project)
+        finally:
+            db.dispose()
 
     def client(self, project: str = "test", **kw: object) -> OpenAI:
         return OpenAI(base_url=self.base_url, api_key=self.new_key(project), max_retries=0, **kw)  # type: ignore[arg-type]

@@ -231,3 +231,169 @@ def test_keeps_only_the_newest_checkpoints(base: str, tmp_path: Path) -> None:
         result.weights_dir == tmp_path / "out" / "step-6"
         and result.trained_tokens == reporter.steps[-1]["trained_tokens"]
     )
+
+
+# --- validation metrics, micro-batches, resumable state (issue 7), what trains (issue 5) ------------
+
+
+def _weights(weights_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    name = (
+        "adapter_model.safetensors"
+        if (weights_dir / "adapter_model.safetensors").exists()
+        else "model.safetensors"
+    )
+    return load_file(str(weights_dir / name))
+
+
+def _assert_close_weights(a: Path, b: Path, atol: float) -> None:
+    wa, wb = _weights(a), _weights(b)
+    assert wa.keys() == wb.keys()
+    worst = max((wa[k] - wb[k]).abs().max().item() for k in wa)
+    assert worst <= atol, worst
+
+
+@pytest.mark.slow
+def test_validation_metrics_on_a_fixed_sample_and_full_pass_each_epoch(base: str, tmp_path: Path) -> None:
+    rng = random.Random(5)
+    train = [_example(i + 1, *_prompt(rng)) for i in range(12)]
+    valid = [_example(i + 1, *_prompt(rng)) for i in range(5)]
+    reporter = ListReporter()
+    sft.run(_cfg(base, tmp_path / "out", n_epochs=2, valid_every=2), train, reporter, valid_examples=valid)
+    with_valid = [s["step"] for s in reporter.steps if "valid_loss" in s]
+    with_full = [s["step"] for s in reporter.steps if "full_valid_loss" in s]
+    assert with_valid == [2, 3, 4, 6]  # every 2 steps, and at each epoch end
+    assert with_full == [3, 6]
+    for s in reporter.steps:
+        if "valid_loss" in s:
+            assert s["valid_loss"] > 0 and 0 <= s["valid_mean_token_accuracy"] <= 1
+    # 5 examples fit in the sample, so sample and full pass agree at epoch ends.
+    end = reporter.steps[2]
+    assert abs(end["valid_loss"] - end["full_valid_loss"]) < 1e-6
+    assert reporter.steps[-1]["full_valid_loss"] < reporter.steps[2]["full_valid_loss"]  # it learns
+    for c in reporter.checkpoints:
+        assert {
+            "valid_loss",
+            "valid_mean_token_accuracy",
+            "full_valid_loss",
+            "full_valid_mean_token_accuracy",
+        } <= set(c["metrics"])
+    # Default cadence: ~10 evaluations per run, at least one per epoch.
+    auto = ListReporter()
+    sft.run(_cfg(base, tmp_path / "auto", n_epochs=1, batch_size=1), train, auto, valid_examples=valid[:2])
+    assert [s["step"] for s in auto.steps if "valid_loss" in s] == [2, 4, 6, 8, 10, 12]
+
+
+@pytest.mark.slow
+def test_micro_batches_equal_the_full_batch(base: str, tmp_path: Path) -> None:
+    rng = random.Random(6)
+    train = [_example(i + 1, *_prompt(rng)) for i in range(8)]  # prompts of different lengths
+    full, micro = ListReporter(), ListReporter()
+    a = sft.run(_cfg(base, tmp_path / "a", n_epochs=2), train, full)
+    b = sft.run(_cfg(base, tmp_path / "b", n_epochs=2, micro_batch_size=3), train, micro)
+    for x, y in zip(full.steps, micro.steps, strict=True):
+        assert abs(x["train_loss"] - y["train_loss"]) < 1e-5, (x, y)
+        assert abs(x["train_mean_token_accuracy"] - y["train_mean_token_accuracy"]) < 1e-6
+    _assert_close_weights(a.weights_dir, b.weights_dir, atol=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["full", "lora"])
+def test_stop_then_resume_replays_the_uninterrupted_run(base: str, tmp_path: Path, kind: str) -> None:
+    from openft.errors import JobCancelled
+    from openft.training.config import LoraConfig
+
+    rng = random.Random(7)
+    train = [_example(i + 1, *_prompt(rng)) for i in range(12)]
+    valid = [_example(i + 1, *_prompt(rng)) for i in range(3)]
+    # LoRA with dropout: the resumed run must also restore the RNG to draw the same masks.
+    extra = (
+        {"lora": LoraConfig(r=4, alpha=8, dropout=0.1, modules_to_save=("lm_head",))}
+        if kind == "lora"
+        else {}
+    )
+    cfg = {"n_epochs": 2, "valid_every": 2, **extra}
+
+    whole = ListReporter()
+    want = sft.run(_cfg(base, tmp_path / "whole", **cfg), train, whole, valid_examples=valid)
+
+    out = tmp_path / "paused"
+    first = ListReporter(stop_after=4)  # mid-epoch 2 (an epoch is 3 steps)
+    with pytest.raises(JobCancelled):
+        sft.run(_cfg(base, out, **cfg), train, first, valid_examples=valid)
+    assert (out / "state" / "state.json").exists() and (out / "step-3").is_dir()
+    second = ListReporter()
+    got = sft.run(_cfg(base, out, **cfg), train, second, valid_examples=valid, resume=True)
+
+    assert [s["step"] for s in second.steps] == [5, 6]
+    assert any("resumed at step 4 of 6" in m for _, m in second.messages)
+    for x, y in zip(whole.steps, first.steps + second.steps, strict=True):
+        for key in ("train_loss", "valid_loss", "full_valid_loss"):
+            if key in x:
+                assert abs(x[key] - y[key]) < 1e-5, (key, x, y)
+        assert x["trained_tokens"] == y["trained_tokens"]
+    assert got.steps == want.steps == 6 and got.trained_tokens == want.trained_tokens
+    assert [c["step"] for c in second.checkpoints] == [6]
+    assert sorted(p.name for p in out.iterdir()) == ["step-3", "step-6"]  # done: state removed
+    _assert_close_weights(want.weights_dir, got.weights_dir, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_crash_resumes_from_the_last_saved_state(base: str, tmp_path: Path) -> None:
+    class Crash(ListReporter):
+        def on_step(self, metrics):
+            if metrics["step"] == 3:
+                raise RuntimeError("worker died")
+            super().on_step(metrics)
+
+    rng = random.Random(8)
+    train = [_example(i + 1, *_prompt(rng)) for i in range(8)]
+    whole = ListReporter()
+    sft.run(_cfg(base, tmp_path / "whole", batch_size=2, state_every_steps=2), train, whole)
+    out = tmp_path / "crashed"
+    with pytest.raises(RuntimeError):
+        sft.run(_cfg(base, out, batch_size=2, state_every_steps=2), train, Crash())
+    again = ListReporter()
+    sft.run(_cfg(base, out, batch_size=2, state_every_steps=2), train, again, resume=True)
+    assert [s["step"] for s in again.steps] == [3, 4]  # state of step 2; step 3 replays
+    for x, y in zip(whole.steps[2:], again.steps, strict=True):
+        assert abs(x["train_loss"] - y["train_loss"]) < 1e-5
+    # resume=False ignores (and later replaces) whatever state is there.
+    fresh = ListReporter()
+    sft.run(_cfg(base, tmp_path / "whole", batch_size=2), train, fresh, resume=False)
+    assert [s["train_loss"] for s in fresh.steps] == [s["train_loss"] for s in whole.steps]
+
+
+@pytest.mark.slow
+def test_full_fine_tuning_freezes_the_vision_tower_unless_asked(base: str, tmp_path: Path) -> None:
+    train = [
+        ChatExample(
+            line=i + 1,
+            messages=(
+                Message("user", (ImagePart(url="data:", data=_png(c, (56, 56))), TextPart("colour?"))),
+                Message("assistant", (TextPart(name),)),
+            ),
+        )
+        for i, (name, c) in enumerate([("red", (220, 20, 20)), ("blue", (20, 20, 220))] * 2)
+    ]
+    before = _weights(Path(base))
+    frozen_rep = ListReporter()
+    frozen = _weights(sft.run(_cfg(base, tmp_path / "a", batch_size=2), train, frozen_rep).weights_dir)
+    thawed = _weights(
+        sft.run(
+            _cfg(base, tmp_path / "b", batch_size=2, train_vision_tower=True), train, ListReporter()
+        ).weights_dir
+    )
+
+    def changed(w: dict[str, torch.Tensor], key: str) -> bool:
+        return not torch.equal(w[key], before[key])
+
+    tower, merger, lm = (
+        "model.visual.blocks.0.attn.qkv.weight",
+        "model.visual.merger.mlp.0.weight",
+        "model.language_model.layers.0.self_attn.q_proj.weight",
+    )
+    assert (changed(frozen, tower), changed(frozen, merger), changed(frozen, lm)) == (False, True, True)
+    assert (changed(thawed, tower), changed(thawed, merger), changed(thawed, lm)) == (True, True, True)
+    assert any("trainable parameters (full fine-tuning)" in m for _, m in frozen_rep.messages)
