@@ -71,7 +71,8 @@ class Server:
                 self.proc.kill()
 
 
-def start_server(home: Path, *extra: str, env: dict[str, str] | None = None) -> Server:
+def start_server(home: Path, *extra: str, env: dict[str, str] | None = None, new_session: bool = False) -> Server:
+    """`openft serve` on a free port; ``new_session`` puts it (and its workers) in its own process group."""
     port = free_port()
     full_env = dict(os.environ, OPENFT_HOME=str(home), OPENFT_MODEL_CACHE=str(model_cache()), **(env or {}))
     log = home.parent / f"server-{port}.log"
@@ -81,6 +82,7 @@ def start_server(home: Path, *extra: str, env: dict[str, str] | None = None) -> 
         env=full_env,
         stdout=open(log, "wb"),
         stderr=subprocess.STDOUT,
+        start_new_session=new_session,
     )
     url = f"http://127.0.0.1:{port}"
     for _ in range(600):  # wait for readiness by polling, not by a fixed sleep

@@ -34,7 +34,11 @@ def serve(
     if not no_worker:
         env = dict(os.environ, OPENFT_HOME=str(settings.resolved_home))
         for _ in range(workers):
-            children.append(subprocess.Popen([sys.executable, "-m", "openft.cli.main", "worker"], env=env))
+            children.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "openft.cli.main", "worker"], env=env, preexec_fn=_die_with_parent
+                )
+            )
     typer.echo(
         f"openft API on http://{settings.host}:{settings.port}/v1  (home {settings.resolved_home})", err=True
     )
@@ -48,6 +52,16 @@ def serve(
                 child.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 child.kill()
+
+
+def _die_with_parent() -> None:
+    """Linux: the worker gets SIGTERM if `serve` dies (even by SIGKILL): it saves state and requeues."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:  # not Linux: workers outlive the API and keep training, which is also safe
+        pass
 
 
 def worker(home: HomeOption = None) -> None:

@@ -14,7 +14,8 @@ BatchSize = Auto | Annotated[int, Field(ge=1, le=256)]
 LrMultiplier = Auto | Annotated[float, Field(gt=0)]
 Beta = Auto | Annotated[float, Field(gt=0, le=2)]
 
-JobStatus = Literal["validating_files", "queued", "running", "succeeded", "failed", "cancelled"]
+# "paused" is not in the spec's enum, but the spec's own pause example returns it and the SDK accepts it.
+JobStatus = Literal["validating_files", "queued", "running", "paused", "succeeded", "failed", "cancelled"]
 TERMINAL_STATUSES: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
 
 
@@ -71,6 +72,10 @@ class OpenFTOptions(_Strict):
 
     training_type: Literal["auto", "lora", "full"] = "auto"
     """``auto``: full fine-tuning for the tiny built-in model, LoRA for real models."""
+    train_vision_tower: bool = False
+    """Also train the vision encoder (LoRA on its linear layers, or all its weights in full fine-tuning)."""
+    train_projector: bool = False
+    """Also train the vision-to-language projector (e.g. Qwen2-VL's ``visual.merger``)."""
 
 
 class WandbIntegration(BaseModel):

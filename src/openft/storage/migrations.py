@@ -12,18 +12,26 @@ from collections.abc import Callable
 
 from sqlalchemy import Connection, Engine, inspect, text
 
-from openft.storage.tables import Base
+from openft.storage.tables import Base, StepMetric
 
 Migration = Callable[[Connection], None]
 
 
 def m001_initial(conn: Connection) -> None:
     """Projects, API keys, files, jobs, events, checkpoints and fine-tuned models."""
-    Base.metadata.create_all(conn)
+    Base.metadata.create_all(
+        conn, tables=[t for t in Base.metadata.sorted_tables if t.name != "step_metrics"]
+    )
+
+
+def m002_step_metrics(conn: Connection) -> None:
+    """Per-step metrics in the database, so results survive pause/resume and worker restarts."""
+    StepMetric.__table__.create(conn, checkfirst=True)
 
 
 MIGRATIONS: list[tuple[str, Migration]] = [
     ("m001_initial", m001_initial),
+    ("m002_step_metrics", m002_step_metrics),
 ]
 
 

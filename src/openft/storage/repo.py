@@ -20,7 +20,7 @@ from openft.protocol.checkpoints import CheckpointMetrics, FineTuningJobCheckpoi
 from openft.protocol.events import FineTuningJobEvent
 from openft.protocol.files import FileObject
 from openft.protocol.fine_tuning import FineTuningJob, JobError
-from openft.storage.tables import ApiKey, Checkpoint, Event, File, FineTunedModel, Job, Project
+from openft.storage.tables import ApiKey, Checkpoint, Event, File, FineTunedModel, Job, Project, StepMetric
 
 
 def now() -> int:
@@ -220,7 +220,7 @@ def cancel_job(s: Session, *, project_id: str, job_id: str) -> Job:
     if row.status in ("succeeded", "failed", "cancelled"):
         raise InvalidRequest(
             f"Job {job_id} has already {row.status if row.status != 'cancelled' else 'been cancelled'}; "
-            "only validating_files, queued or running jobs can be cancelled.",
+            "only validating_files, queued, running or paused jobs can be cancelled.",
             param="fine_tuning_job_id",
             code="invalid_job_state",
         )
@@ -229,6 +229,49 @@ def cancel_job(s: Session, *, project_id: str, job_id: str) -> Job:
     row.estimated_finish = None
     append_event(s, job_id=row.id, message="Fine-tuning job cancelled")
     return row
+
+
+def pause_job(s: Session, *, project_id: str, job_id: str) -> Job:
+    """Pause a queued or running job; a running worker saves full training state at the next step."""
+    row = get_job(s, project_id=project_id, job_id=job_id)
+    if row.status not in ("queued", "running"):
+        raise InvalidRequest(
+            f"Job {job_id} is {row.status}; only queued or running jobs can be paused.",
+            param="fine_tuning_job_id",
+            code="invalid_job_state",
+        )
+    row.status = "paused"
+    row.estimated_finish = None
+    append_event(
+        s, job_id=row.id, message="Fine-tuning job paused; resume it to continue from where it stopped."
+    )
+    return row
+
+
+def resume_job(s: Session, *, project_id: str, job_id: str) -> Job:
+    """Put a paused job back in the queue; the next worker continues from its saved state."""
+    row = get_job(s, project_id=project_id, job_id=job_id)
+    if row.status != "paused":
+        raise InvalidRequest(
+            f"Job {job_id} is {row.status}; only paused jobs can be resumed.",
+            param="fine_tuning_job_id",
+            code="invalid_job_state",
+        )
+    row.status = "queued"
+    row.worker_id = None
+    row.lease_expires_at = None
+    append_event(s, job_id=row.id, message="Fine-tuning job resumed")
+    return row
+
+
+def release_job(s: Session, *, job_id: str, worker_id: str) -> None:
+    """Give up the claim on a job (e.g. after it paused) so any worker may take it later."""
+    s.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.worker_id == worker_id)
+        .values(worker_id=None, lease_expires_at=None)
+        .execution_options(synchronize_session=False)
+    )
 
 
 def claim_next_job(s: Session, *, worker_id: str, lease_seconds: float) -> Job | None:
@@ -328,6 +371,15 @@ def event_to_protocol(row: Event) -> FineTuningJobEvent:
         type=row.type,  # type: ignore[arg-type]
         data=row.data if row.data is not None else {},
     )
+
+
+def record_step(s: Session, *, job_id: str, step: int, data: dict[str, Any]) -> None:
+    s.merge(StepMetric(job_id=job_id, step=step, data=data))
+
+
+def step_metrics(s: Session, *, job_id: str) -> list[dict[str, Any]]:
+    rows = s.scalars(select(StepMetric).where(StepMetric.job_id == job_id).order_by(StepMetric.step))
+    return [{"step": r.step, **r.data} for r in rows]
 
 
 # ---------------------------------------------------------------- checkpoints and models

@@ -94,6 +94,16 @@ class Event(Base):
     data: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
 
 
+class StepMetric(Base):
+    """One training step's metrics (the results CSV is built from these). Keyed by step, so a
+    step replayed after a crash overwrites its earlier row instead of duplicating it."""
+
+    __tablename__ = "step_metrics"
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"), primary_key=True)
+    step: Mapped[int] = mapped_column(Integer, primary_key=True)
+    data: Mapped[dict[str, Any]] = mapped_column(JSON)
+
+
 class Checkpoint(Base):
     __tablename__ = "checkpoints"
     id: Mapped[str] = mapped_column(String(64), primary_key=True)

@@ -30,7 +30,6 @@ class JobReporter:
     def __init__(self, db: Database, blobs: BlobStore, *, job: Job, model_name: str, lease: JobLease) -> None:
         self._db, self._blobs, self._job, self._lease = db, blobs, job, lease
         self.model_name = model_name
-        self.rows: list[dict[str, Any]] = []
         self.last_checkpoint_key: str | None = None
         self.last_metrics: dict[str, Any] = {}
         self._started = time.time()
@@ -45,18 +44,12 @@ class JobReporter:
     def on_step(self, metrics: dict[str, float | int]) -> None:
         step, total = int(metrics["step"]), int(metrics["total_steps"])
         self.last_metrics = dict(metrics)
-        self.rows.append(
-            {
-                "step": step,
-                "train_loss": metrics.get("train_loss"),
-                "train_accuracy": metrics.get("train_mean_token_accuracy"),
-                "valid_loss": metrics.get("valid_loss"),
-                "valid_mean_token_accuracy": metrics.get("valid_mean_token_accuracy"),
-            }
-        )
         every = max(1, math.ceil(total / MAX_METRIC_EVENTS))
         now = time.time()
         with self._db.session() as s:
+            repo.record_step(
+                s, job_id=self._job.id, step=step, data={k: v for k, v in metrics.items() if k != "step"}
+            )
             if step % every == 0 or step == total or "valid_loss" in metrics:
                 parts = [f"training loss={_fmt(metrics.get('train_loss'))}"]
                 if metrics.get("valid_loss") is not None:
@@ -103,9 +96,19 @@ class JobReporter:
     # -- results -------------------------------------------------------------------------
 
     def results_csv(self) -> bytes:
+        """OpenAI's results CSV, from every recorded step (also those run before a pause or restart)."""
+        with self._db.session() as s:
+            steps = repo.step_metrics(s, job_id=self._job.id)
         buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, lineterminator="\n")
-        writer.writeheader()
-        for row in self.rows:
-            writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
+        writer = csv.writer(buf, lineterminator="\n")
+        writer.writerow(CSV_COLUMNS)
+        for m in steps:
+            row = (
+                m["step"],
+                m.get("train_loss"),
+                m.get("train_mean_token_accuracy"),
+                m.get("valid_loss"),
+                m.get("valid_mean_token_accuracy"),
+            )
+            writer.writerow(["" if v is None else v for v in row])
         return buf.getvalue().encode()

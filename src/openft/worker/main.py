@@ -43,6 +43,9 @@ def run_forever(settings: Settings, *, stop: threading.Event | None = None, once
             stop.wait(settings.worker_poll_seconds)
             continue
         log.info("worker %s took job %s", ctx.worker_id, job.id)
-        run_job(ctx, job)
+        try:
+            run_job(ctx, job, shutdown=stop)
+        except Exception:  # run_job records job failures itself; this is the last line of defence
+            log.exception("worker error around job %s; the lease will expire and the job be retried", job.id)
         if once:
             return

@@ -2,6 +2,7 @@
 
 A job belongs to the worker that claimed it until its lease runs out. The heartbeat renews
 the lease every second and reads the job's status, so a cancel made through the API is seen
+(or a pause)
 within about a second, and a worker that dies (SIGKILL, power loss) leaves a lease that simply
 expires: another worker then claims the job again. Nothing stays ``running`` for ever.
 """
@@ -27,12 +28,22 @@ class JobLease:
     """Keeps a claimed job's lease alive in the background and notices cancellation."""
 
     def __init__(
-        self, db: Database, *, job_id: str, worker_id: str, lease_seconds: float, every: float = 1.0
+        self,
+        db: Database,
+        *,
+        job_id: str,
+        worker_id: str,
+        lease_seconds: float,
+        shutdown: threading.Event | None = None,
+        every: float = 1.0,
     ) -> None:
         self._db, self.job_id, self.worker_id = db, job_id, worker_id
+        self.shutdown = shutdown or threading.Event()
+        """Set when the worker process is asked to stop: save state, requeue the job."""
         self._lease, self._every = lease_seconds, every
         self._stop = threading.Event()
         self.cancelled = threading.Event()
+        self.paused = threading.Event()
         self.lost = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"lease-{job_id}", daemon=True)
 
@@ -46,7 +57,7 @@ class JobLease:
 
     @property
     def should_stop(self) -> bool:
-        return self.cancelled.is_set() or self.lost.is_set()
+        return self.cancelled.is_set() or self.paused.is_set() or self.lost.is_set() or self.shutdown.is_set()
 
     def _run(self) -> None:
         while not self._stop.wait(self._every):
@@ -63,3 +74,5 @@ class JobLease:
                 self.lost.set()
             elif status == "cancelled":
                 self.cancelled.set()
+            elif status == "paused":
+                self.paused.set()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import logging
 import shutil
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from typing import Any
 from openft import ids
 from openft.datasets.validate import ValidationResult, validate_file
 from openft.errors import JobCancelled, JobFailed
+from openft.protocol.fine_tuning import TERMINAL_STATUSES
 from openft.settings import Settings
 from openft.storage import repo
 from openft.storage.blobs import LocalBlobStore
@@ -41,14 +43,36 @@ class WorkerContext:
     worker_id: str
 
 
-def run_job(ctx: WorkerContext, job: Job) -> None:
-    """Run a job to its end state. Never raises: a failing job must not take the worker down."""
+def run_job(ctx: WorkerContext, job: Job, *, shutdown: threading.Event | None = None) -> None:
+    """Run a job until it ends, pauses or is taken away. Never raises: a failing job must not take
+    the worker down. ``shutdown`` set: stop at the next step, save state and requeue the job."""
+    lease_seconds = ctx.settings.lease_seconds
     with JobLease(
-        ctx.db, job_id=job.id, worker_id=ctx.worker_id, lease_seconds=ctx.settings.lease_seconds
+        ctx.db, job_id=job.id, worker_id=ctx.worker_id, lease_seconds=lease_seconds, shutdown=shutdown
     ) as lease:
         try:
             _run(ctx, job, lease)
         except JobCancelled:
+            if lease.lost.is_set():
+                # Another worker owns the job now and continues from the saved state: leave it be.
+                log.warning("job %s was taken over by another worker", job.id)
+                return
+            if lease.shutdown.is_set() and _status(ctx, job) in ACTIVE:
+                with ctx.db.session() as s:
+                    repo.transition(s, job_id=job.id, worker_id=ctx.worker_id, frm=ACTIVE, status="queued")
+                    repo.release_job(s, job_id=job.id, worker_id=ctx.worker_id)
+                    repo.append_event(
+                        s,
+                        job_id=job.id,
+                        message="The worker stopped; the job is back in the "
+                        "queue and continues from its saved state.",
+                    )
+                return
+            if _status(ctx, job) == "paused":
+                _event(ctx, job, "Training state saved; the job is paused.")
+                with ctx.db.session() as s:
+                    repo.release_job(s, job_id=job.id, worker_id=ctx.worker_id)
+                return
             _event(ctx, job, "Training stopped at a step boundary after the job was cancelled.")
         except JobFailed as exc:
             _fail(ctx, job, code=exc.code or "failed", message=exc.message, param=exc.param)
@@ -61,8 +85,14 @@ def run_job(ctx: WorkerContext, job: Job) -> None:
                 message=f"Training failed with an internal error: {type(exc).__name__}: {exc}",
                 param=None,
             )
-        finally:
-            shutil.rmtree(ctx.settings.work_dir / job.id, ignore_errors=True)
+    if _status(ctx, job) in TERMINAL_STATUSES:
+        # Saved training state is only needed by a job that may still continue.
+        shutil.rmtree(ctx.settings.work_dir / job.id, ignore_errors=True)
+
+
+def _status(ctx: WorkerContext, job: Job) -> str:
+    with ctx.db.session() as s:
+        return repo.get_job(s, project_id=job.project_id, job_id=job.id).status
 
 
 def _event(
@@ -139,25 +169,28 @@ def _validate(ctx: WorkerContext, job: Job, file_id: str, *, param: str, process
 
 def _run(ctx: WorkerContext, job: Job, lease: JobLease) -> None:
     from openft.models.loader import load_processor, resolve_base
-    from openft.training.recipes import sft
+    from openft.training.recipes import dpo, sft
 
     settings = ctx.settings
     if job.status == "running":
         _event(
             ctx,
             job,
-            "The worker running this job stopped; restarting the job from the beginning.",
+            "The worker running this job stopped; another worker continues it from its last saved state.",
             level="warn",
         )
-        _move(ctx, job, ACTIVE, status="validating_files")
 
     base = resolve_base(job.base_model, settings.resolved_model_cache)
     processor = load_processor(base)
     train = _validate(ctx, job, job.training_file, param="training_file", processor=processor)
+    valid = None
     if job.validation_file:
-        _validate(ctx, job, job.validation_file, param="validation_file", processor=processor)
-    _move(ctx, job, ("validating_files", "queued"), status="queued")
-    _event(ctx, job, "Files validated, moving job to queued state")
+        valid = _validate(
+            ctx, job, job.validation_file, param="validation_file", processor=processor
+        ).examples
+    if job.status == "validating_files":
+        _move(ctx, job, ("validating_files",), status="queued")
+        _event(ctx, job, "Files validated, moving job to queued state")
 
     training_type = job.options.get("training_type", "auto")
     if training_type == "auto":
@@ -168,7 +201,14 @@ def _run(ctx: WorkerContext, job: Job, lease: JobLease) -> None:
         training_type=training_type,
         method=job.method_type,
     )
-    _move(ctx, job, ("queued",), status="running", started_at=repo.now(), hyperparameters=hp)
+    _move(
+        ctx,
+        job,
+        ("queued", "running"),
+        status="running",
+        started_at=job.started_at or repo.now(),
+        hyperparameters=hp,
+    )
     _event(
         ctx,
         job,
@@ -210,8 +250,17 @@ def _run(ctx: WorkerContext, job: Job, lease: JobLease) -> None:
         lora=LoraConfig() if training_type == "lora" else None,
         init_weights=Path(init_weights) if init_weights else None,
         device=settings.device,
+        train_vision_tower=bool(job.options.get("train_vision_tower")),
+        train_projector=bool(job.options.get("train_projector")),
     )
-    result = sft.run(cfg, train.examples, reporter)
+    # resume=True: a paused or interrupted job continues from the state saved in its work dir
+    # (a fresh job has none and starts at step 0).
+    if job.method_type == "dpo":
+        result = dpo.run(
+            cfg, train.examples, reporter, beta=float(hp["beta"]), valid_examples=valid, resume=True
+        )
+    else:
+        result = sft.run(cfg, train.examples, reporter, valid_examples=valid, resume=True)
 
     weights_key = reporter.last_checkpoint_key or ctx.blobs.put_dir(result.weights_dir)
     csv_bytes = reporter.results_csv()

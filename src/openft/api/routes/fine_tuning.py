@@ -1,4 +1,5 @@
-"""Fine-tuning jobs: create (inserts a row; a worker trains), list, retrieve, cancel, events, checkpoints."""
+"""Fine-tuning jobs: create (inserts a row; a worker trains), list, retrieve, cancel/pause/resume,
+events, checkpoints."""
 
 from __future__ import annotations
 
@@ -107,6 +108,16 @@ def retrieve_job(job_id: str, project: CurrentProject, s: DB) -> FineTuningJob:
 @router.post("/{job_id}/cancel", response_model=FineTuningJob)
 def cancel_job(job_id: str, project: CurrentProject, s: DB) -> FineTuningJob:
     return _job(repo.cancel_job(s, project_id=project.id, job_id=job_id), project)
+
+
+@router.post("/{job_id}/pause", response_model=FineTuningJob)
+def pause_job(job_id: str, project: CurrentProject, s: DB) -> FineTuningJob:
+    return _job(repo.pause_job(s, project_id=project.id, job_id=job_id), project)
+
+
+@router.post("/{job_id}/resume", response_model=FineTuningJob)
+def resume_job(job_id: str, project: CurrentProject, s: DB) -> FineTuningJob:
+    return _job(repo.resume_job(s, project_id=project.id, job_id=job_id), project)
 
 
 @router.get("/{job_id}/events", response_model=EventList)
