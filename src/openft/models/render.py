@@ -11,14 +11,19 @@ How it works, and why:
    only the template's own structure plus sentinels.
 2. **User text is encoded as plain text.** Each sentinel is replaced by its text encoded with
    ``split_special_tokens=True``: a user typing ``<|im_end|>`` gets the bytes, never the special
-   token. Only the template's structural text is encoded with special tokens recognised.
+   token. Added tokens that are not flagged special (some checkpoints ship ``<image>`` that way)
+   and the family's vision placeholders are broken up too, so user text can never yield an image
+   slot. Only the template's structural text is encoded with special tokens recognised.
 3. **Images are expanded only by the processor.** Each image placeholder the template emits is
    encoded by calling the processor on that placeholder and that one image, so the number of
    vision tokens is what the vision encoder will produce, and per-image ``detail`` can differ.
 4. **Labels** come from prefix renders: for an assistant turn *i*, ``template(messages[:i],
    add_generation_prompt=True)`` ends where its reply starts; the trained span runs from there up
-   to and including the first end-of-turn token (``<|im_end|>``). Turns with ``weight=0`` and
-   everything else (system/user/tool text, headers, images) get ``-100``.
+   to and including the first end-of-turn token (``<|im_end|>``, ``<|eot_id|>``...). Turns with
+   ``weight=0`` and everything else (system/user/tool text, headers, images) get ``-100``.
+
+What differs between model families (placeholder, end-of-turn token, ``detail`` rule) comes from
+:mod:`openft.models.families`; call sites are the same for every family.
 """
 
 from __future__ import annotations
@@ -35,15 +40,17 @@ from PIL import Image
 
 from openft.datasets.formats import ChatExample, ImagePart, Message, PreferenceExample, TextPart
 from openft.errors import InvalidRequest
+from openft.models.families import LOW_DETAIL_MAX_PIXELS, Family, find_family
 
 IGNORE_INDEX = -100
 
 LOW_DETAIL_MAX_SIDE = 512
 """``detail="low"``: the image is first shrunk (aspect kept) to fit within 512x512 ..."""
-LOW_DETAIL_MAX_PIXELS = 448 * 448
-"""... and the processor's pixel budget is capped at ``min(448*448, max_pixels // 4)`` (never below
-its ``min_pixels``). ``"high"`` and ``"auto"`` use the processor's own ``min/max_pixels``."""
+# ... then the family's rule applies (``Family.detail_kwargs``; Qwen2-VL caps the pixel budget at
+# ``min(LOW_DETAIL_MAX_PIXELS, max_pixels // 4)``).
+__all__ = ["IGNORE_INDEX", "LOW_DETAIL_MAX_PIXELS", "Rendered", "count_tokens", "load_image", "render_chat"]
 
+# For tokenizers of no known family (text-only bases).
 _END_OF_TURN_CANDIDATES = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>")
 
 
@@ -52,8 +59,9 @@ class Rendered:
     input_ids: list[int]
     labels: list[int]  # token id where trained, -100 elsewhere
     vision: dict[str, torch.Tensor] = field(default_factory=dict)
-    """``pixel_values``, ``image_grid_thw`` and the per-token ``mm_token_type_ids`` (same length as
-    ``input_ids``) when the conversation has images; empty otherwise."""
+    """The processor's vision tensors (Qwen2-VL: ``pixel_values``, ``image_grid_thw``; LLaVA:
+    ``pixel_values``) and, for models that take it, the per-token ``mm_token_type_ids`` (same length
+    as ``input_ids``) when the conversation has images; empty otherwise."""
     n_image_tokens: int = 0
 
     @property
@@ -75,9 +83,10 @@ def render_chat(
     text-only models. ``max_length`` truncates at the end of the last complete trained assistant
     turn that fits (never inside an image); if none fits, it raises ``InvalidRequest``.
 
-    Image ``detail``: ``"low"`` shrinks the image to fit within 512x512 and caps the processor's
-    pixel budget at ``min(448*448, max_pixels // 4)``; ``"high"``/``"auto"`` use the processor's
-    normal ``max_pixels``.
+    Image ``detail``: ``"low"`` shrinks the image to fit within 512x512, then the family's rule
+    applies (Qwen2-VL: the pixel budget is capped at ``min(448*448, max_pixels // 4)``; LLaVA: no
+    further change, every image has the same cost); ``"high"``/``"auto"`` use the processor's
+    defaults.
     """
     tokenizer = getattr(processor, "tokenizer", processor)
     template = getattr(processor, "chat_template", None) or tokenizer.chat_template
@@ -95,7 +104,9 @@ def render_chat(
         )
 
     full = apply(conv, add_generation_prompt)
-    eot = _end_of_turn(tokenizer)
+    family = find_family(processor)
+    eot = family.end_of_turn(tokenizer) if family else _end_of_turn(tokenizer)
+    protected = _protected_ids(processor, tokenizer, family)
 
     # Character spans of the rendered string that are trained on (assistant reply + end-of-turn).
     trained: list[tuple[int, int]] = []
@@ -124,9 +135,11 @@ def render_chat(
         is_trained = any(s <= a and b <= e for s, e in trained)
         match = sent.pattern.fullmatch(piece)
         if match:  # user-controlled text: plain text, never special tokens
-            new = _encode_text(tokenizer, sent.values[int(match.group(1))])
+            new = _encode_text(tokenizer, sent.values[int(match.group(1))], protected)
         else:
-            new = _encode_structure(processor, tokenizer, piece, images, image_spans, per_image, len(ids))
+            new = _encode_structure(
+                processor, tokenizer, family, piece, images, image_spans, per_image, len(ids)
+            )
         ids += new
         labels += new if is_trained else [IGNORE_INDEX] * len(new)
         if any(b == e for _, e in trained):
@@ -156,7 +169,9 @@ def render_chat(
     if per_image:
         for key in per_image[0]:
             vision[key] = torch.cat([v[key] for v in per_image], dim=0)
-        if hasattr(processor, "create_mm_token_type_ids"):
+        # Only for models that take it (Qwen2-VL's M-RoPE): the processor says so. LLaVA's
+        # ``generate`` rejects the unknown keyword.
+        if getattr(processor, "return_mm_token_type_ids", False):
             vision["mm_token_type_ids"] = torch.tensor(
                 processor.create_mm_token_type_ids([ids])[0], dtype=torch.long
             )
@@ -197,15 +212,55 @@ def load_image(part: ImagePart) -> Image.Image:
 # --- helpers ---------------------------------------------------------------------------------
 
 
-def _encode_text(tokenizer: Any, text: str) -> list[int]:
+def _encode_text(tokenizer: Any, text: str, protected: dict[int, str] | None = None) -> list[int]:
+    """User text as plain text: never a special token, an added token or a vision placeholder."""
     if not text:
         return []
-    return list(tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
+    ids = list(tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
+    if not protected or protected.keys().isdisjoint(ids):
+        return ids
+    # ``split_special_tokens`` only splits tokens flagged special; an added token that is not (or a
+    # pre-tokenizer that keeps it whole) still comes out as one id. Cut the text one character into
+    # every occurrence of a protected string, so no piece contains one, and encode piece by piece.
+    cuts = {0, len(text)}
+    for s in set(protected.values()):
+        start = text.find(s)
+        while start >= 0:
+            cuts.add(start + 1)
+            start = text.find(s, start + 1)
+    edges = sorted(cuts)
+    ids = []
+    for a, b in zip(edges, edges[1:], strict=False):
+        ids += tokenizer(text[a:b], add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    if not protected.keys().isdisjoint(ids):  # a one-character protected token: nothing safe to do
+        raise InvalidRequest(
+            "the text contains a special token of this model; remove it or write it differently",
+            param="messages",
+        )
+    return ids
+
+
+def _protected_ids(processor: Any, tokenizer: Any, family: Family | None) -> dict[int, str]:
+    """Token ids user text must never produce -> their strings: every added special token and the
+    family's vision placeholders (special or not). Plain added tokens (Qwen's ``<tool_call>``,
+    ``<think>``) stay encodable: assistant text may legitimately contain them."""
+    out: dict[int, str] = {}
+    for tid, tok in getattr(tokenizer, "added_tokens_decoder", {}).items():
+        if getattr(tok, "special", False):
+            out[tid] = getattr(tok, "content", str(tok))
+    names = list(family.placeholder_tokens) if family else []
+    names += [getattr(processor, a, None) for a in ("image_token", "video_token")]
+    vocab = tokenizer.get_vocab()
+    for name in names:
+        if name and name in vocab:
+            out[vocab[name]] = name
+    return out
 
 
 def _encode_structure(
     processor: Any,
     tokenizer: Any,
+    family: Family | None,
     text: str,
     images: Any,
     image_spans: list[tuple[int, int]],
@@ -213,7 +268,7 @@ def _encode_structure(
     offset: int,
 ) -> list[int]:
     """Encode template text (special tokens recognised), expanding each image placeholder."""
-    image_token = getattr(processor, "image_token", None)
+    image_token = getattr(processor, "image_token", None) or (family.image_token if family else None)
     chunks = text.split(image_token) if image_token else [text]
     out: list[int] = []
     for k, chunk in enumerate(chunks):
@@ -226,7 +281,7 @@ def _encode_structure(
                 images=[load_image(part)],
                 add_special_tokens=False,
                 return_tensors="pt",
-                **_image_kwargs(processor, part),
+                **(family.detail_kwargs(processor.image_processor, part.detail) if family else {}),
             )
             new = enc["input_ids"][0].tolist()
             image_spans.append((offset + len(out), offset + len(out) + len(new)))
@@ -241,18 +296,6 @@ def _encode_structure(
         if chunk:
             out += tokenizer(chunk, add_special_tokens=False)["input_ids"]
     return out
-
-
-def _image_kwargs(processor: Any, part: ImagePart) -> dict[str, Any]:
-    """Per-image processor overrides: the low-detail pixel cap (Qwen-style pixel budgets only)."""
-    size = getattr(getattr(processor, "image_processor", None), "size", None)
-    if part.detail != "low" or not size:
-        return {}
-    size = dict(size)
-    if "longest_edge" not in size or "shortest_edge" not in size:
-        return {}
-    low = max(size["shortest_edge"], min(LOW_DETAIL_MAX_PIXELS, size["longest_edge"] // 4))
-    return {"size": {"shortest_edge": size["shortest_edge"], "longest_edge": low}}
 
 
 def _end_of_turn(tokenizer: Any) -> str | None:

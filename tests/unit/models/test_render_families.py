@@ -16,13 +16,13 @@ from typing import Any
 import pytest
 import torch
 from PIL import Image
+from tests.unit.models.tiny_llava import TOKENS_PER_IMAGE, build_tiny_llava
 
 from openft.datasets.formats import ImagePart, Message, TextPart
 from openft.models.families import family_of
 from openft.models.loader import load_model
 from openft.models.render import IGNORE_INDEX, render_chat
 from openft.training.collate import collate_sft
-from tests.unit.models.tiny_llava import TOKENS_PER_IMAGE, build_tiny_llava
 
 GOLDEN = Path(__file__).resolve().parents[2] / "golden" / "render"
 _spec = importlib.util.spec_from_file_location("make_render_golden", GOLDEN / "make_golden.py")
@@ -111,7 +111,7 @@ def test_mask_is_exactly_trained_replies_and_their_end_of_turn(family_model) -> 
     eot_id = tok.convert_tokens_to_ids(eot)
     for (a, b), text in zip(runs, trained, strict=True):
         assert r.input_ids[a:b] == tok(text, add_special_tokens=False)["input_ids"] + [eot_id]
-    for k, (text, weight) in enumerate(replies):  # each run begins exactly at its turn's reply
+    for k, (_text, weight) in enumerate(replies):  # each run begins exactly at its turn's reply
         if weight == 0:
             continue
         prompt = render_chat(proc, msgs[: 2 + 2 * k], add_generation_prompt=True)
@@ -188,11 +188,17 @@ def test_train_step_and_generate(family_model) -> None:
         assert torch.isfinite(loss)
         loss.backward()
         opt.step()
-        changed = {n.split(".")[1] for (n, p), b in zip(model.named_parameters(), before, strict=True)
-                   if not torch.equal(p.detach(), b)}
+        changed = {
+            n.split(".")[1]
+            for (n, p), b in zip(model.named_parameters(), before, strict=True)
+            if not torch.equal(p.detach(), b)
+        }
         fam = family_of(model)
         assert {fam.component(n) for n, _ in model.named_parameters()} >= {
-            "vision_tower", "projector", "language_model", "lm_head"
+            "vision_tower",
+            "projector",
+            "language_model",
+            "lm_head",
         }
         assert changed  # gradients reached the weights
     finally:

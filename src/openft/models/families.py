@@ -1,0 +1,191 @@
+"""Per-family facts about the vision-language architectures openft trains and serves.
+
+Rendering, training and serving go through one code path for every model; what differs between
+architectures is a handful of facts, kept here in one small registry:
+
+- the **image placeholder** the chat template emits and the processor expands into exactly as
+  many tokens as the vision encoder produces features (``<|image_pad|>``, ``<image>``), and every
+  other vision-structure token user text must never turn into (``<|vision_start|>``, ...);
+- the **end-of-turn** token that closes an assistant reply (trained on, so the model learns to
+  stop);
+- the **``detail`` rule**: processor kwargs for OpenAI's ``detail: "low" | "high" | "auto"``;
+- **which parameters are which part**: vision tower, projector, language model, output head (by
+  name prefix, so training can freeze or select them without knowing the architecture).
+
+Families are looked up by ``config.model_type`` (a model, a config, or a peft wrapper) or by the
+processor's class (rendering only sees the processor). Supported: Qwen2-VL / Qwen2.5-VL (the
+built-in ``openft-tiny-vlm`` is a Qwen2-VL) and LLaVA-1.5-style models (CLIP-like vision tower,
+MLP projector, any causal LM).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from openft.errors import InvalidRequest
+
+Component = Literal["vision_tower", "projector", "language_model", "lm_head", "other"]
+
+LOW_DETAIL_MAX_PIXELS = 448 * 448
+"""``detail="low"`` on pixel-budget processors (Qwen2-VL): the budget becomes
+``min(448*448, max_pixels // 4)``, never below ``min_pixels``."""
+
+# Prefixes peft (and similar wrappers) put in front of the base model's parameter names.
+_WRAPPER_PREFIXES = ("base_model.model.",)
+
+
+def _no_detail(image_processor: Any, detail: str) -> dict[str, Any]:
+    return {}
+
+
+def _pixel_budget_detail(image_processor: Any, detail: str) -> dict[str, Any]:
+    """Qwen2-VL: the number of image tokens follows the pixel budget, so ``low`` lowers it."""
+    size = getattr(image_processor, "size", None)
+    if detail != "low" or not size:
+        return {}
+    size = dict(size)
+    if not size.get("longest_edge") or not size.get("shortest_edge"):
+        return {}
+    low = max(size["shortest_edge"], min(LOW_DETAIL_MAX_PIXELS, size["longest_edge"] // 4))
+    return {"size": {"shortest_edge": size["shortest_edge"], "longest_edge": low}}
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    """Short stable name (``"qwen2_vl"``, ``"llava"``)."""
+    model_types: tuple[str, ...]
+    """``config.model_type`` values of this family."""
+    processor_classes: tuple[str, ...]
+    """Processor class names (anywhere in the MRO) that identify the family."""
+    image_processor_classes: tuple[str, ...]
+    """Image-processor class names, without a ``Pil``/``Fast`` suffix, that identify the family."""
+    image_token: str
+    """What the chat template emits per image; the processor expands it to one token per vision
+    feature."""
+    placeholder_tokens: tuple[str, ...]
+    """Every vision-structure token (``image_token`` included). User text containing one is
+    encoded as plain characters, and the dataset validator flags it (``control_token_in_content``)."""
+    end_of_turn_candidates: tuple[str, ...]
+    """Tokens that close a turn, in order of preference; the first one the tokenizer knows wins
+    (the chat template, not the architecture, decides: a LLaVA on Llama-3 ends with ``<|eot_id|>``,
+    one on Qwen2 with ``<|im_end|>``). Falls back to the tokenizer's eos token."""
+    vision_tower_prefixes: tuple[str, ...]
+    """Parameter-name prefixes of the vision encoder (the projector excluded)."""
+    projector_prefixes: tuple[str, ...]
+    """Parameter-name prefixes of the vision-to-text projector (merger)."""
+    language_model_prefixes: tuple[str, ...]
+    """Parameter-name prefixes of the text decoder (embeddings included, output head excluded)."""
+    lm_head_prefixes: tuple[str, ...] = ("lm_head.",)
+    detail_kwargs: Callable[[Any, str], dict[str, Any]] = _no_detail
+    """``(image_processor, detail) -> processor kwargs`` for one image."""
+    detail_rule: str = ""
+    """The ``detail`` rule in words (for docs and error messages)."""
+
+    def end_of_turn(self, tokenizer: Any) -> str | None:
+        vocab = tokenizer.get_vocab()
+        for tok in self.end_of_turn_candidates:
+            if tok in vocab:
+                return tok
+        return getattr(tokenizer, "eos_token", None)
+
+    def component(self, param_name: str) -> Component:
+        """Which part of the model a parameter (or module) name belongs to; peft's
+        ``base_model.model.`` prefix is ignored."""
+        for prefix in _WRAPPER_PREFIXES:
+            if param_name.startswith(prefix):
+                param_name = param_name[len(prefix) :]
+        # Projector first: some families nest it under the vision module (Qwen's visual.merger).
+        for part, prefixes in (
+            ("projector", self.projector_prefixes),
+            ("vision_tower", self.vision_tower_prefixes),
+            ("language_model", self.language_model_prefixes),
+            ("lm_head", self.lm_head_prefixes),
+        ):
+            if param_name.startswith(prefixes):
+                return part  # type: ignore[return-value]
+        return "other"
+
+
+QWEN2_VL = Family(
+    name="qwen2_vl",
+    model_types=("qwen2_vl", "qwen2_5_vl"),
+    processor_classes=("Qwen2VLProcessor", "Qwen2_5_VLProcessor", "TinyVLProcessor"),
+    image_processor_classes=("Qwen2VLImageProcessor",),
+    image_token="<|image_pad|>",
+    placeholder_tokens=("<|image_pad|>", "<|vision_start|>", "<|vision_end|>", "<|video_pad|>"),
+    end_of_turn_candidates=("<|im_end|>",),
+    vision_tower_prefixes=("model.visual.patch_embed.", "model.visual.blocks."),
+    projector_prefixes=("model.visual.merger.",),
+    language_model_prefixes=("model.language_model.",),
+    detail_kwargs=_pixel_budget_detail,
+    detail_rule=(
+        "image tokens follow the pixel budget: 'low' caps it at min(448*448, max_pixels // 4) "
+        "after shrinking the image to fit 512x512; 'high'/'auto' use the processor's max_pixels"
+    ),
+)
+
+LLAVA = Family(
+    name="llava",
+    model_types=("llava",),
+    processor_classes=("LlavaProcessor",),
+    image_processor_classes=("LlavaImageProcessor", "CLIPImageProcessor"),
+    image_token="<image>",
+    placeholder_tokens=("<image>",),
+    end_of_turn_candidates=("<|eot_id|>", "<|im_end|>", "<end_of_turn>"),
+    vision_tower_prefixes=("model.vision_tower.",),
+    projector_prefixes=("model.multi_modal_projector.",),
+    language_model_prefixes=("model.language_model.",),
+    detail_kwargs=_no_detail,
+    detail_rule=(
+        "every image is resized and centre-cropped to the vision tower's fixed input, so each "
+        "image costs the same number of tokens whatever its detail"
+    ),
+)
+
+FAMILIES: tuple[Family, ...] = (QWEN2_VL, LLAVA)
+
+
+def find_family(obj: Any) -> Family | None:
+    """The family of a model, config, processor, or ``model_type`` string; None if unknown."""
+    if isinstance(obj, str):
+        return next((f for f in FAMILIES if obj in f.model_types), None)
+    config = getattr(obj, "config", obj)  # a model (or peft wrapper) -> its config
+    model_type = getattr(config, "model_type", None)
+    if isinstance(model_type, str):
+        found = find_family(model_type)
+        if found is not None:
+            return found
+    names = {c.__name__ for c in type(obj).__mro__}
+    for fam in FAMILIES:
+        if names & set(fam.processor_classes):
+            return fam
+    image_processor = getattr(obj, "image_processor", None)
+    if image_processor is not None:
+        ip_names = {_strip_backend(c.__name__) for c in type(image_processor).__mro__}
+        for fam in FAMILIES:
+            if ip_names & set(fam.image_processor_classes):
+                return fam
+    return None
+
+
+def family_of(obj: Any) -> Family:
+    """Like :func:`find_family`, but an unknown family is the user's to fix: ``InvalidRequest``."""
+    fam = find_family(obj)
+    if fam is None:
+        config = getattr(obj, "config", obj)
+        what = obj if isinstance(obj, str) else getattr(config, "model_type", None) or type(obj).__name__
+        supported = ", ".join(t for f in FAMILIES for t in f.model_types)
+        raise InvalidRequest(
+            f"unsupported vision-language model family {what!r}; supported: {supported}", param="model"
+        )
+    return fam
+
+
+def _strip_backend(name: str) -> str:
+    for suffix in ("Pil", "Fast"):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name

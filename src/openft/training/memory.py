@@ -1,0 +1,169 @@
+"""Predict a training step's peak memory, and split a batch into micro-batches that fit.
+
+Pure arithmetic (no torch import): the worker can refuse a job that cannot fit, or pick
+gradient accumulation, before loading anything. The model is the usual one for transformer
+training (weights + gradients + AdamW states + saved activations + logits), with constants
+measured on this code base's models (``tests/unit/training/test_memory_estimate.py`` compares
+against measured peaks and asserts a factor-of-two band):
+
+- **activations** per decoder layer and token: ``26*hidden + 4*intermediate`` elements without
+  gradient checkpointing (norm inputs/outputs, q/k/v and their rotary copies, attention output,
+  residuals; gate, up, act and product of the MLP). With checkpointing only each layer's input is
+  kept (``hidden`` per layer and token), plus one layer recomputed at a time. Attention is assumed
+  memory-efficient (SDPA/flash: no ``seq^2`` term); eager attention on long sequences needs more.
+- **logits**: ``batch*seq*vocab`` in the model dtype, an fp32 copy for the loss (log-softmax) and
+  its fp32 gradient. DPO doubles the sequences (chosen + rejected rows).
+- **vision tower**: ``image_tokens`` per example (patches entering the encoder) through
+  ``vision_layers`` layers of ``30*vision_hidden`` elements each (stored like the decoder's).
+
+``total`` is the sum of the parts, a deliberately conservative peak (activations are partly freed
+before the optimizer step allocates its temporaries).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from openft.errors import InvalidRequest
+
+ADAMW_STATE_BYTES = 8
+"""Two fp32 states (exp_avg, exp_avg_sq) per trainable parameter."""
+ACT_HIDDEN_FACTOR = 26
+ACT_INTERMEDIATE_FACTOR = 4
+VISION_ACT_FACTOR = 30
+LOGITS_FP32_COPIES = 2  # the fp32 log-softmax input/output and its gradient, beside the model-dtype logits
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    total: int
+    """Predicted peak bytes of one optimizer step on the training device."""
+    breakdown: dict[str, int]
+    """Bytes per part: weights, gradients, optimizer, activations, vision_activations, logits,
+    reference_model (DPO without LoRA)."""
+
+    def describe(self) -> str:
+        parts = sorted(self.breakdown.items(), key=lambda kv: -kv[1])
+        return ", ".join(f"{k} {_gib(v)}" for k, v in parts if v)
+
+
+def estimate_peak_bytes(
+    *,
+    n_params: int,
+    n_trainable: int,
+    dtype_bytes: int,
+    seq_len: int,
+    batch_size: int,
+    hidden_size: int,
+    n_layers: int,
+    vocab_size: int,
+    image_tokens: int,
+    gradient_checkpointing: bool,
+    lora: bool,
+    dpo: bool,
+    intermediate_size: int | None = None,
+    vision_hidden_size: int | None = None,
+    vision_layers: int | None = None,
+) -> MemoryEstimate:
+    """Peak bytes of one training step (forward, backward, AdamW step) for one micro-batch.
+
+    ``seq_len`` is the padded sequence length the decoder sees (image placeholder tokens
+    included); ``batch_size`` counts examples (a DPO example is two sequences); ``image_tokens``
+    is the number of patches per example entering the vision encoder (0 for text). ``lora``: the
+    base weights are frozen (``n_trainable`` counts the adapters plus anything saved with them)
+    and a DPO reference is the same model with adapters disabled; without LoRA, DPO keeps a
+    frozen reference copy. ``intermediate_size`` defaults to ``4*hidden_size``, the vision sizes
+    to the text ones.
+    """
+    inter = intermediate_size if intermediate_size is not None else 4 * hidden_size
+    v_hidden = vision_hidden_size if vision_hidden_size is not None else hidden_size
+    v_layers = vision_layers if vision_layers is not None else n_layers
+    rows = batch_size * (2 if dpo else 1)
+    tokens = rows * seq_len
+
+    per_layer = ACT_HIDDEN_FACTOR * hidden_size + ACT_INTERMEDIATE_FACTOR * inter  # elements/token
+    if gradient_checkpointing:
+        act_elems = tokens * (n_layers * hidden_size + per_layer)
+    else:
+        act_elems = tokens * n_layers * per_layer
+    v_tokens = rows * image_tokens
+    v_per_layer = VISION_ACT_FACTOR * v_hidden
+    if gradient_checkpointing:
+        v_elems = v_tokens * (v_layers * v_hidden + v_per_layer) if v_tokens else 0
+    else:
+        v_elems = v_tokens * v_layers * v_per_layer
+
+    breakdown = {
+        "weights": n_params * dtype_bytes,
+        "gradients": n_trainable * dtype_bytes,
+        "optimizer": n_trainable * ADAMW_STATE_BYTES,
+        "activations": act_elems * dtype_bytes,
+        "vision_activations": v_elems * dtype_bytes,
+        "logits": tokens * vocab_size * (dtype_bytes + 4 * LOGITS_FP32_COPIES),
+        "reference_model": n_params * dtype_bytes if dpo and not lora else 0,
+    }
+    return MemoryEstimate(total=sum(breakdown.values()), breakdown=breakdown)
+
+
+def plan_batch(
+    estimate_fn: Callable[[int], MemoryEstimate], *, batch_size: int, available_bytes: int
+) -> tuple[int, int]:
+    """``(micro_batch_size, grad_accum_steps)`` with ``micro * steps == batch_size``: the largest
+    micro-batch dividing ``batch_size`` whose estimate fits in ``available_bytes`` (the effective
+    batch, and so the training dynamics, stay what the user asked for).
+
+    ``estimate_fn(micro_batch_size)`` returns the estimate for that micro-batch. Raises
+    ``InvalidRequest`` with what to change when not even one example fits.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    for micro in sorted((d for d in range(1, batch_size + 1) if batch_size % d == 0), reverse=True):
+        if estimate_fn(micro).total <= available_bytes:
+            return micro, batch_size // micro
+    one = estimate_fn(1)
+    raise InvalidRequest(
+        f"one training example needs about {_gib(one.total)} but {_gib(available_bytes)} is available "
+        f"({one.describe()}); batch_size does not help here (batches are already split into "
+        'micro-batches of 1). Use shorter examples, fewer images or images with detail: "low", '
+        "or a lower image pixel cap (max_pixels)",
+        param="training_file",
+        code="insufficient_memory",
+    )
+
+
+def model_facts(model: Any) -> dict[str, int]:
+    """The numbers :func:`estimate_peak_bytes` needs, read from a loaded model (peft or not).
+
+    Keys: ``n_params``, ``n_trainable``, ``dtype_bytes``, ``hidden_size``, ``n_layers``,
+    ``vocab_size``, ``intermediate_size``, ``vision_hidden_size``, ``vision_layers`` (the last two
+    only for vision-language models).
+    """
+    params = list(model.parameters())
+    config = model.config
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    facts = {
+        "n_params": sum(p.numel() for p in params),
+        "n_trainable": sum(p.numel() for p in params if p.requires_grad),
+        "dtype_bytes": max((p.element_size() for p in params), default=4),
+        "hidden_size": int(text.hidden_size),
+        "n_layers": int(text.num_hidden_layers),
+        "vocab_size": int(text.vocab_size),
+        "intermediate_size": int(getattr(text, "intermediate_size", None) or 4 * text.hidden_size),
+    }
+    vision = getattr(config, "vision_config", None)
+    if vision is not None:
+        # Qwen2-VL names the encoder width embed_dim (its hidden_size is the merger's output).
+        width = getattr(vision, "embed_dim", None) or vision.hidden_size
+        depth = getattr(vision, "depth", None) or getattr(vision, "num_hidden_layers", None)
+        facts["vision_hidden_size"] = int(width)
+        if depth:
+            facts["vision_layers"] = int(depth)
+    return facts
+
+
+def _gib(n: int) -> str:
+    if n >= 2**30:
+        return f"{n / 2**30:.1f} GiB"
+    return f"{n / 2**20:.1f} MiB"

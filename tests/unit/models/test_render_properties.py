@@ -1,0 +1,222 @@
+"""Property tests: image tokens always match image features, and truncation never cuts an image.
+
+Random conversations (0-10 images of random size, aspect and ``detail``; random text; random
+weights; a tiny ``max_length``) are rendered for each family. The rendered number of image
+placeholder tokens must equal what the vision encoder produces for the vision tensors rendered
+with them, and a truncated render is either a clean ``InvalidRequest`` or a prefix of the full
+render that ends after a complete trained reply, with only complete images. Rendering only; the
+real vision encoder runs on a handful of cases in ``test_vision_encoder_agrees``.
+
+CI (``CI`` set) uses a derandomized profile: the same cases on every run.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from functools import cache
+from typing import Any
+
+import pytest
+import torch
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+from tests.unit.models.tiny_llava import build_processor, build_tiny_llava
+
+from openft.datasets.formats import ImagePart, Message, TextPart
+from openft.errors import InvalidRequest
+from openft.models.families import family_of
+from openft.models.loader import load_model
+from openft.models.render import IGNORE_INDEX, Rendered, render_chat
+
+settings.register_profile(
+    "openft-render-ci",
+    derandomize=True,
+    database=None,
+    deadline=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.register_profile(
+    "openft-render-dev",
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+PROFILE = settings.get_profile("openft-render-ci" if os.environ.get("CI") else "openft-render-dev")
+
+
+@cache
+def _png(w: int, h: int, shade: int) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (w, h), (shade, 255 - shade, 60)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+images = st.builds(
+    lambda w, h, shade, detail: ImagePart(
+        url="data:image/png;base64,...", data=_png(w, h, shade), detail=detail
+    ),
+    st.integers(8, 300),
+    st.integers(8, 300),
+    st.integers(0, 255),
+    st.sampled_from(["low", "high", "auto"]),
+)
+words = st.text(alphabet="abcdefg <>|_!\n", min_size=0, max_size=40)
+
+
+@st.composite
+def conversations(draw) -> list[Message]:
+    """1-4 user/assistant rounds, 0-10 images spread over the user turns, random weights."""
+    n_rounds = draw(st.integers(1, 4))
+    n_images = draw(st.integers(0, 10))
+    where = [draw(st.integers(0, n_rounds - 1)) for _ in range(n_images)]
+    msgs: list[Message] = []
+    if draw(st.booleans()):
+        msgs.append(Message("system", (TextPart(draw(words)),)))
+    for k in range(n_rounds):
+        parts: list[Any] = [draw(images) for _ in range(where.count(k))]
+        parts.insert(draw(st.integers(0, len(parts))), TextPart(draw(words)))
+        msgs.append(Message("user", tuple(parts)))
+        reply = draw(words)
+        msgs.append(
+            Message(
+                "assistant", (TextPart(reply),) if reply else (), weight=draw(st.sampled_from([0, 1, None]))
+            )
+        )
+    return msgs
+
+
+# --- what the vision encoder produces, from the model config alone -------------------------------
+
+
+def encoder_tokens(family: str, config: Any, vision: dict[str, torch.Tensor]) -> list[int]:
+    """Features per image the model's vision encoder yields for these rendered vision tensors."""
+    if not vision:
+        return []
+    if family == "qwen2_vl":
+        merge = config.vision_config.spatial_merge_size
+        return [int(t) // merge**2 for t in vision["image_grid_thw"].prod(-1)]
+    vc = config.vision_config
+    per_image = (vc.image_size // vc.patch_size) ** 2 + (
+        0 if config.vision_feature_select_strategy == "default" else 1
+    )
+    return [per_image] * vision["pixel_values"].shape[0]
+
+
+@pytest.fixture(scope="module")
+def llava_processor():
+    return build_processor()
+
+
+@pytest.fixture(scope="module")
+def llava_config():
+    from transformers import AutoConfig  # noqa: PLC0415
+
+    return AutoConfig.for_model(
+        "llava",
+        vision_config={"model_type": "clip_vision_model", "image_size": 56, "patch_size": 14},
+        vision_feature_select_strategy="default",
+    )
+
+
+@pytest.fixture(scope="module", params=["qwen2_vl", "llava"])
+def fam(request, tiny, llava_processor, llava_config) -> tuple[str, Any, Any]:
+    """(family, processor, model config)."""
+    if request.param == "qwen2_vl":
+        return "qwen2_vl", tiny[1], tiny[0].config
+    return "llava", llava_processor, llava_config
+
+
+def _image_runs(ids: list[int], image_id: int) -> list[int]:
+    runs, n = [], 0
+    for i in [*ids, -1]:
+        if i == image_id:
+            n += 1
+        elif n:
+            runs.append(n)
+            n = 0
+    return runs
+
+
+def check_images(family: str, proc: Any, config: Any, r: Rendered) -> None:
+    image_id = proc.tokenizer.convert_tokens_to_ids(proc.image_token)
+    expected = encoder_tokens(family, config, r.vision)
+    assert r.input_ids.count(image_id) == r.n_image_tokens == sum(expected)
+    if family == "qwen2_vl":  # each image is its own run between <|vision_start|> and <|vision_end|>
+        assert _image_runs(r.input_ids, image_id) == expected
+    if "mm_token_type_ids" in r.vision:
+        assert r.vision["mm_token_type_ids"].tolist() == [int(i == image_id) for i in r.input_ids]
+
+
+@settings(PROFILE, max_examples=150)
+@given(msgs=conversations(), max_length=st.integers(1, 300))
+def test_image_tokens_match_features_and_truncation_is_clean(fam, msgs, max_length) -> None:
+    family, proc, config = fam
+    full = render_chat(proc, msgs)
+    check_images(family, proc, config, full)
+    n_images = sum(len(m.images) for m in msgs)
+    assert len(encoder_tokens(family, config, full.vision)) == n_images
+
+    try:
+        r = render_chat(proc, msgs, max_length=max_length)
+    except InvalidRequest as e:
+        event("refused: no complete trained reply fits")
+        assert f"max_length={max_length}" in e.message and e.param == "messages"
+        assert len(full.input_ids) > max_length
+        return
+    check_images(family, proc, config, r)
+    if len(full.input_ids) <= max_length:
+        event("fits")
+        assert r.input_ids == full.input_ids and r.labels == full.labels
+        return
+    # A prefix of the full render, within the limit, ending on a trained end-of-turn token.
+    n = len(r.input_ids)
+    event("truncated, with images dropped" if r.n_image_tokens < full.n_image_tokens else "truncated")
+    assert n <= max_length
+    assert r.input_ids == full.input_ids[:n] and r.labels == full.labels[:n]
+    eot = family_of(family).end_of_turn(proc.tokenizer)
+    assert r.labels[-1] == r.input_ids[-1] == proc.tokenizer.convert_tokens_to_ids(eot)
+    assert any(lab != IGNORE_INDEX for lab in r.labels)
+    # Only complete images: their vision tensors are the first k of the full render's.
+    k = len(encoder_tokens(family, config, r.vision))
+    for key, value in r.vision.items():
+        if key != "mm_token_type_ids":
+            full_value = full.vision[key]
+            rows = value.shape[0]
+            assert torch.equal(value, full_value[:rows])
+    assert sum(encoder_tokens(family, config, full.vision)[:k]) == r.n_image_tokens
+
+
+# --- the real vision encoder, on a few cases -----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def llava_model(tmp_path_factory: pytest.TempPathFactory):
+    return load_model(str(build_tiny_llava(tmp_path_factory.mktemp("llava") / "tiny-llava")), device="cpu")
+
+
+@pytest.fixture(scope="module", params=["qwen2_vl", "llava"])
+def fam_model(request, tiny, llava_model) -> tuple[str, Any, Any]:
+    model, proc = tiny if request.param == "qwen2_vl" else llava_model
+    return request.param, model, proc
+
+
+@settings(PROFILE, max_examples=5)
+@given(msgs=conversations())
+def test_vision_encoder_agrees(fam_model, msgs) -> None:
+    family, model, proc = fam_model
+    r = render_chat(proc, msgs)
+    check_images(family, proc, model.config, r)
+    if not r.vision:
+        return
+    kwargs = {k: v for k, v in r.vision.items() if k != "mm_token_type_ids"}
+    with torch.no_grad():
+        feats = model.model.get_image_features(**kwargs).pooler_output
+        assert [f.shape[0] for f in feats] == encoder_tokens(family, model.config, r.vision)
+        assert sum(f.shape[0] for f in feats) == r.n_image_tokens
+        # The full forward also checks that placeholders and features line up (it raises if not).
+        inputs = {"input_ids": torch.tensor([r.input_ids]), **kwargs}
+        if "mm_token_type_ids" in r.vision:
+            inputs["mm_token_type_ids"] = r.vision["mm_token_type_ids"][None]
+        assert model(**inputs).logits.shape[1] == len(r.input_ids)
