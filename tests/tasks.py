@@ -55,3 +55,73 @@ def to_jsonl(pairs: list[tuple[str, str]], system: str | None = None) -> bytes:
         ]
         lines.append(json.dumps({"messages": messages}))
     return ("\n".join(lines) + "\n").encode()
+
+
+# ---------------------------------------------------------------- a picture task
+
+SHAPE_COLOURS = {
+    "red": (220, 30, 30),
+    "green": (30, 170, 40),
+    "blue": (30, 60, 220),
+    "yellow": (235, 210, 20),
+    "purple": (140, 40, 170),
+    "orange": (245, 130, 20),
+}
+SHAPES = ("circle", "square", "triangle")
+
+
+def shape_picture(rng: random.Random, colour: str, shape: str, size: int = 56) -> bytes:
+    """A coloured shape at a random place and size on a random light, low-saturation background."""
+    import io
+
+    from PIL import Image, ImageDraw
+
+    bg = tuple(rng.randint(170, 250) for _ in range(3))
+    img = Image.new("RGB", (size, size), bg)
+    draw = ImageDraw.Draw(img)
+    r = rng.randint(size // 5, size // 3)
+    cx, cy = rng.randint(r, size - r), rng.randint(r, size - r)
+    fill = SHAPE_COLOURS[colour]
+    if shape == "circle":
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
+    elif shape == "square":
+        draw.rectangle((cx - r, cy - r, cx + r, cy + r), fill=fill)
+    else:
+        draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def data_url(png: bytes) -> str:
+    import base64
+
+    return "data:image/png;base64," + base64.b64encode(png).decode()
+
+
+def picture_examples(n: int, *, seed: int) -> list[tuple[bytes, str]]:
+    """(picture, colour of the shape); the shape kind and background vary and do not matter."""
+    rng = random.Random(seed)
+    colours = list(SHAPE_COLOURS)
+    return [
+        (shape_picture(rng, colours[i % len(colours)], rng.choice(SHAPES)), colours[i % len(colours)])
+        for i in range(n)
+    ]
+
+
+def picture_message(png: bytes, question: str = "What colour is the shape?", detail: str = "auto") -> dict:
+    return {
+        "role": "user",
+        "content": [
+            {"type": "text", "text": question},
+            {"type": "image_url", "image_url": {"url": data_url(png), "detail": detail}},
+        ],
+    }
+
+
+def picture_jsonl(pairs: list[tuple[bytes, str]]) -> bytes:
+    lines = [
+        json.dumps({"messages": [picture_message(png), {"role": "assistant", "content": answer}]})
+        for png, answer in pairs
+    ]
+    return ("\n".join(lines) + "\n").encode()
