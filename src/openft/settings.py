@@ -37,6 +37,10 @@ class Settings(BaseSettings):
     allow_private_networks: bool = Field(
         default=False, description="Let image URLs point at loopback/private addresses (on-prem use)."
     )
+    memory_limit_bytes: int | None = Field(
+        default=None,
+        description="Memory training may use; default: the device's free memory (GPU) or available RAM.",
+    )
     adapter_cache_size: int = Field(default=4, description="Fine-tuned models kept loaded for chat (LRU).")
     organization_prefix: str = Field(default="org-", description="Prefix of organization_id (project id).")
 

@@ -89,6 +89,19 @@ def load_model(
     return model, processor
 
 
+def load_empty_model(base: str) -> Any:
+    """The model's architecture on the meta device: sizes and parameter counts, no weights, no memory."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(base)
+    with init_empty_weights():
+        try:
+            return AutoModelForImageTextToText.from_config(config)
+        except ValueError:
+            return AutoModelForCausalLM.from_config(config)
+
+
 def load_processor(base: str) -> Any:
     """Only the processor (tokenizer + image processor + chat template): enough to validate and
     count tokens without loading weights."""

@@ -22,7 +22,7 @@ before the optimizer step allocates its temporaries).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -167,3 +167,57 @@ def _gib(n: int) -> str:
     if n >= 2**30:
         return f"{n / 2**30:.1f} GiB"
     return f"{n / 2**20:.1f} MiB"
+
+
+def available_bytes(device: str) -> int:
+    """Free memory on ``device``: the GPU's free memory, or the machine's available RAM on CPU."""
+    import os
+
+    import torch
+
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return int(torch.cuda.mem_get_info(torch.device(device))[0])
+    return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+
+
+def lora_trainable_params(model: Any, target_modules: Sequence[str]) -> int:
+    """Parameters LoRA of rank 1 adds on the language model's target linears (scale by ``r``)."""
+    total = 0
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1] in target_modules and hasattr(module, "in_features") and "visual" not in name \
+                and "vision" not in name:
+            total += module.in_features + module.out_features
+    return total
+
+
+def plan_for_model(
+    model: Any,
+    *,
+    batch_size: int,
+    seq_len: int,
+    image_tokens: int,
+    lora_rank: int | None,
+    lora_targets: Sequence[str] = (),
+    dpo: bool,
+    gradient_checkpointing: bool,
+    available: int,
+) -> tuple[int, int, MemoryEstimate]:
+    """Micro-batch and accumulation steps that fit ``available`` bytes for this (meta) model and
+    the longest example; plus the estimate at the chosen micro-batch."""
+    facts = model_facts(model)
+    if lora_rank is not None:
+        facts["n_trainable"] = lora_rank * lora_trainable_params(model, lora_targets)
+
+    def estimate(micro: int) -> MemoryEstimate:
+        return estimate_peak_bytes(
+            **facts,
+            seq_len=seq_len,
+            batch_size=micro,
+            image_tokens=image_tokens,
+            gradient_checkpointing=gradient_checkpointing,
+            lora=lora_rank is not None,
+            dpo=dpo,
+        )
+
+    micro, accum = plan_batch(estimate, batch_size=batch_size, available_bytes=available)
+    return micro, accum, estimate(micro)

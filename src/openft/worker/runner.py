@@ -16,7 +16,7 @@ from typing import Any
 
 from openft import ids
 from openft.datasets.validate import ValidationResult, validate_file
-from openft.errors import JobCancelled, JobFailed
+from openft.errors import InvalidRequest, JobCancelled, JobFailed
 from openft.protocol.fine_tuning import TERMINAL_STATUSES
 from openft.settings import Settings
 from openft.storage import repo
@@ -167,6 +167,67 @@ def _validate(ctx: WorkerContext, job: Job, file_id: str, *, param: str, process
     return result
 
 
+def _plan_memory(
+    ctx: WorkerContext,
+    job: Job,
+    base: str,
+    train: ValidationResult,
+    *,
+    batch_size: int,
+    lora: LoraConfig | None,
+) -> int | None:
+    """Predict peak memory from the validation statistics before spending any compute: split the
+    batch into micro-batches with gradient accumulation when it would not fit, or fail with advice.
+    Returns the micro-batch size (None: the whole batch fits)."""
+    from openft.models.loader import load_empty_model, resolve_device
+    from openft.training.memory import available_bytes, plan_for_model
+
+    device = resolve_device(ctx.settings.device)
+    available = ctx.settings.memory_limit_bytes or available_bytes(device)
+    tokens = train.report.summary["tokens"]
+    seq_len = int(tokens.get("max") or 0)
+    try:
+        micro, accum, estimate = plan_for_model(
+            load_empty_model(base),
+            batch_size=batch_size,
+            seq_len=seq_len,
+            image_tokens=seq_len if train.report.summary["images"] else 0,
+            lora_rank=lora.r if lora else None,
+            lora_targets=lora.target_modules if lora else (),
+            dpo=job.method_type == "dpo",
+            gradient_checkpointing=device.startswith("cuda"),
+            available=available,
+        )
+    except InvalidRequest as exc:
+        raise JobFailed(
+            f"The job would run out of memory on {device}: {exc.message}.",
+            code="insufficient_memory",
+            param="training_file",
+        ) from exc
+    gib = 1024**3
+    message = (
+        f"Estimated peak training memory {estimate.total / gib:.2f} GiB of {available / gib:.2f} GiB "
+        f"available on {device} (longest example {seq_len} tokens)."
+    )
+    if accum > 1:
+        message += (
+            f" Training in micro-batches of {micro} with {accum} gradient-accumulation steps, so the "
+            f"effective batch_size stays {batch_size}."
+        )
+    _event(
+        ctx,
+        job,
+        message,
+        data={
+            "estimate_bytes": estimate.total,
+            "available_bytes": available,
+            "micro_batch_size": micro,
+            "grad_accum_steps": accum,
+        },
+    )
+    return micro if accum > 1 else None
+
+
 def _run(ctx: WorkerContext, job: Job, lease: JobLease) -> None:
     from openft.models.loader import load_processor, resolve_base
     from openft.training.recipes import dpo, sft
@@ -234,6 +295,9 @@ def _run(ctx: WorkerContext, job: Job, lease: JobLease) -> None:
             weights_key, settings.resolved_home / "cache" / "weights" / weights_key
         )
 
+    lora = LoraConfig() if training_type == "lora" else None
+    micro_batch = _plan_memory(ctx, job, base, train, batch_size=int(hp["batch_size"]), lora=lora)
+
     with ctx.db.session() as s:
         project = repo.get_project(s, project_id=job.project_id)
     model_name = ids.fine_tuned_model_name(
@@ -247,7 +311,8 @@ def _run(ctx: WorkerContext, job: Job, lease: JobLease) -> None:
         batch_size=int(hp["batch_size"]),
         learning_rate=base_learning_rate(training_type) * float(hp["learning_rate_multiplier"]),
         seed=job.seed,
-        lora=LoraConfig() if training_type == "lora" else None,
+        lora=lora,
+        micro_batch_size=micro_batch,
         init_weights=Path(init_weights) if init_weights else None,
         device=settings.device,
         train_vision_tower=bool(job.options.get("train_vision_tower")),
