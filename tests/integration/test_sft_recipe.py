@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import random
+import shutil
 import time
 from pathlib import Path
 
@@ -341,6 +342,8 @@ def test_stop_then_resume_replays_the_uninterrupted_run(base: str, tmp_path: Pat
 
 @pytest.mark.slow
 def test_crash_resumes_from_the_last_saved_state(base: str, tmp_path: Path) -> None:
+    from openft.errors import JobCancelled
+
     class Crash(ListReporter):
         def on_step(self, metrics):
             if metrics["step"] == 3:
@@ -354,15 +357,20 @@ def test_crash_resumes_from_the_last_saved_state(base: str, tmp_path: Path) -> N
     out = tmp_path / "crashed"
     with pytest.raises(RuntimeError):
         sft.run(_cfg(base, out, batch_size=2, state_every_steps=2), train, Crash())
+    shutil.copytree(out / "state", tmp_path / "crashed-state")
     again = ListReporter()
     sft.run(_cfg(base, out, batch_size=2, state_every_steps=2), train, again, resume=True)
     assert [s["step"] for s in again.steps] == [3, 4]  # state of step 2; step 3 replays
     for x, y in zip(whole.steps[2:], again.steps, strict=True):
         assert abs(x["train_loss"] - y["train_loss"]) < 1e-5
-    # resume=False ignores (and later replaces) whatever state is there.
-    fresh = ListReporter()
-    sft.run(_cfg(base, tmp_path / "whole", batch_size=2), train, fresh, resume=False)
-    assert [s["train_loss"] for s in fresh.steps] == [s["train_loss"] for s in whole.steps]
+    # State saved under other settings is not resumed: a warning, then a fresh start.
+    other = tmp_path / "other"
+    shutil.copytree(tmp_path / "crashed-state", other / "state")
+    changed = ListReporter(stop_after=1)
+    with pytest.raises(JobCancelled):
+        sft.run(_cfg(base, other, batch_size=2, learning_rate=5e-4), train, changed, resume=True)
+    assert [s["step"] for s in changed.steps] == [1]
+    assert any(level == "warn" and "starting from the beginning" in m for level, m in changed.messages)
 
 
 @pytest.mark.slow
@@ -389,11 +397,43 @@ def test_full_fine_tuning_freezes_the_vision_tower_unless_asked(base: str, tmp_p
     def changed(w: dict[str, torch.Tensor], key: str) -> bool:
         return not torch.equal(w[key], before[key])
 
+    # Saved files use Qwen2-VL's on-disk key layout (``visual.*``, ``model.layers.*``).
     tower, merger, lm = (
-        "model.visual.blocks.0.attn.qkv.weight",
-        "model.visual.merger.mlp.0.weight",
-        "model.language_model.layers.0.self_attn.q_proj.weight",
+        "visual.blocks.0.attn.qkv.weight",
+        "visual.merger.mlp.0.weight",
+        "model.layers.0.self_attn.q_proj.weight",
     )
     assert (changed(frozen, tower), changed(frozen, merger), changed(frozen, lm)) == (False, True, True)
     assert (changed(thawed, tower), changed(thawed, merger), changed(thawed, lm)) == (True, True, True)
     assert any("trainable parameters (full fine-tuning)" in m for _, m in frozen_rep.messages)
+
+
+@pytest.mark.slow
+def test_gradient_checkpointing_gives_the_same_losses(base: str, tmp_path: Path) -> None:
+    from openft.training.config import LoraConfig
+
+    train = [
+        ChatExample(
+            line=i + 1,
+            messages=(
+                Message("user", (ImagePart(url="data:", data=_png(c, (56, 56))), TextPart("colour?"))),
+                Message("assistant", (TextPart(name),)),
+            ),
+        )
+        for i, (name, c) in enumerate([("red", (220, 20, 20)), ("blue", (20, 20, 220))] * 2)
+    ]
+    # LoRA on language model and vision tower, projector in full: every trainable kind at once.
+    cfg = {
+        "batch_size": 2,
+        "lora": LoraConfig(r=4, alpha=8),
+        "train_vision_tower": True,
+        "train_projector": True,
+    }
+    plain, ckpt = ListReporter(), ListReporter()
+    sft.run(_cfg(base, tmp_path / "a", **cfg), train, plain)
+    sft.run(_cfg(base, tmp_path / "b", gradient_checkpointing=True, **cfg), train, ckpt)
+    assert [s["train_loss"] for s in plain.steps] == pytest.approx(
+        [s["train_loss"] for s in ckpt.steps], abs=1e-6
+    )
+    assert any("gradient checkpointing" in m for _, m in ckpt.messages)
+    assert any("vision tower" in m and "LoRA" in m for _, m in ckpt.messages)

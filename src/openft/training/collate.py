@@ -27,6 +27,24 @@ def length_grouped_batches(lengths: Sequence[int], batch_size: int, rng: random.
     return batches
 
 
+def epoch_batches(lengths: Sequence[int], batch_size: int, *, seed: int, epoch: int) -> list[list[int]]:
+    """The batch order of one epoch: a pure function of ``(seed, epoch)`` and the lengths, so a
+    resumed run replays exactly the batches an uninterrupted run would have seen."""
+    return length_grouped_batches(lengths, batch_size, random.Random(f"openft-epoch:{seed}:{epoch}"))
+
+
+def micro_batches(batch: Sequence[int], size: int | None) -> list[list[int]]:
+    """Split one optimizer batch into forward/backward chunks of at most ``size`` (None: whole)."""
+    if size is None or size >= len(batch):
+        return [list(batch)]
+    return [list(batch[i : i + size]) for i in range(0, len(batch), size)]
+
+
+def target_tokens(item: Rendered) -> int:
+    """Tokens the loss is taken over: labelled tokens after the first (nothing predicts token 0)."""
+    return sum(1 for t in item.labels[1:] if t != IGNORE_INDEX)
+
+
 def collate_sft(items: Sequence[Rendered], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad a batch: ``input_ids``, ``attention_mask``, ``labels`` (-100 on padding) and, when
     any item has images, the concatenated vision tensors plus a padded ``mm_token_type_ids``."""
@@ -51,3 +69,16 @@ def collate_sft(items: Sequence[Rendered], pad_id: int) -> dict[str, torch.Tenso
                 batch[key] = torch.cat([r.vision[key] for r in with_vision], dim=0)
         batch["mm_token_type_ids"] = tt
     return batch
+
+
+def collate_preference(
+    chosen: Sequence[Rendered], rejected: Sequence[Rendered], pad_id: int
+) -> dict[str, torch.Tensor]:
+    """One right-padded batch for a DPO step: rows ``[0, n)`` are prompt + chosen reply, rows
+    ``[n, 2n)`` the same prompts + rejected reply, so a single forward pass scores both sides.
+
+    Vision tensors follow the row order (an image prompt's pixels appear twice, once per side).
+    """
+    if len(chosen) != len(rejected):
+        raise ValueError(f"{len(chosen)} chosen but {len(rejected)} rejected sequences")
+    return collate_sft([*chosen, *rejected], pad_id)

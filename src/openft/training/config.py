@@ -26,7 +26,10 @@ class LoraConfig:
         "up_proj",
         "down_proj",
     )
-    """Module names (peft vocabulary) that get adapters; the defaults are the language model's projections."""
+    """Module names (peft vocabulary) that get adapters, matched *inside the language model only*:
+    the recipe expands them to full module paths so a vision encoder with same-named layers
+    (Qwen2.5-VL's ``mlp.gate_proj``...) stays untouched. The vision tower gets adapters only with
+    ``TrainConfig.train_vision_tower``."""
     modules_to_save: tuple[str, ...] = ()
     """Modules trained in full and saved with the adapter (e.g. ``embed_tokens``, ``lm_head``)."""
 
@@ -56,6 +59,54 @@ class TrainConfig:
     """``"auto"`` (cuda if available, else cpu), ``"cpu"``, ``"cuda"``, ``"cuda:1"``..."""
     keep_checkpoints: int = 3
     """How many epoch checkpoints to keep on disk; older ones are deleted (the final one is always kept)."""
+
+    # --- what trains (namespaced extension options the API passes through) ------------------
+    train_vision_tower: bool = False
+    """Also train the vision encoder (Qwen2-VL: ``visual.blocks`` + ``visual.patch_embed``). Off by
+    default: the pretrained encoder already sees well and is easily damaged by small datasets.
+    With LoRA it gets adapters on all of its linear layers; with full fine-tuning all its weights train."""
+    train_projector: bool = False
+    """LoRA only: train the vision-to-text projector (Qwen2-VL: ``visual.merger``; LLaVA-style:
+    ``multi_modal_projector``) in full, saved with the adapter (peft ``modules_to_save``). Full
+    fine-tuning always trains the projector: it is small and is where image features meet the
+    language model, so freezing it while the language model moves helps nothing."""
+
+    # --- how it trains (memory and speed; results equal up to float error) -----------------
+    micro_batch_size: int | None = None
+    """Examples per forward/backward pass; gradients accumulate until ``batch_size`` examples make
+    one optimizer step. The loss is normalised over the whole batch's tokens, so any micro-batch
+    size gives the same update as the full batch. ``None``: the whole batch at once."""
+    gradient_checkpointing: bool | None = None
+    """Recompute activations in the backward pass (less memory, ~30% slower). ``None``: on when the
+    device is CUDA, off on CPU."""
+    bf16: bool | None = None
+    """bf16 autocast for forward/backward (fp32 master weights and optimizer state; with LoRA the
+    frozen base weights are loaded in bf16). ``None``: on when the CUDA device supports bf16; CPU
+    always trains in fp32."""
+
+    # --- validation and crash safety ---------------------------------------------------------
+    valid_every: int | None = None
+    """Compute ``valid_loss`` / ``valid_mean_token_accuracy`` on a fixed sample of validation
+    examples every this many steps (and at every epoch end, with a full pass too). ``None``: about
+    10 evaluations per run and at least one per epoch."""
+    state_every_steps: int | None = None
+    """Write resumable training state (``output_dir/state``) every this many steps, besides every
+    epoch end and right before a cancel/pause. ``None``: every ~5% of the run's steps, but at most
+    once per 30 s; ``0``: only at epoch ends and stops."""
+
+    def __post_init__(self) -> None:
+        problems = []
+        for name in ("n_epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("micro_batch_size", "valid_every"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                problems.append(f"{name} must be >= 1 or None, got {value}")
+        if self.state_every_steps is not None and self.state_every_steps < 0:
+            problems.append(f"state_every_steps must be >= 0 or None, got {self.state_every_steps}")
+        if problems:
+            raise ValueError("invalid TrainConfig: " + "; ".join(problems))
 
 
 def default_training_type(base_model: str) -> Literal["full", "lora"]:

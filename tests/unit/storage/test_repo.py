@@ -161,3 +161,17 @@ def test_an_existing_database_is_upgraded_in_order(tmp_path):
         repo.record_step(s, job_id=job_id, step=1, data={"train_loss": 2.0})
         repo.record_step(s, job_id=job_id, step=1, data={"train_loss": 1.5})  # a replayed step overwrites
         assert repo.step_metrics(s, job_id=job_id) == [{"step": 1, "train_loss": 1.5}]
+
+
+def test_a_checkpoint_reported_twice_is_recorded_once(db):
+    job_id = _job(db)
+    with db.session() as s:
+        job = repo.claim_next_job(s, worker_id="w", lease_seconds=60)
+    for weights in ("a" * 64, "b" * 64):
+        with db.session() as s:
+            repo.add_checkpoint(s, job=job, step=5, metrics={"train_loss": 1.0}, model_name="ft:x:ckpt-step-5",
+                                weights=weights)
+    with db.session() as s:
+        rows, _ = repo.list_checkpoints(s, job_id=job_id, limit=10, after=None)
+        assert [r.step_number for r in rows] == [5]
+        assert repo.get_model(s, project_id=job.project_id, model_id="ft:x:ckpt-step-5").weights == "b" * 64

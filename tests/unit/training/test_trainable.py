@@ -85,6 +85,7 @@ def test_lora_combinations(base: str, train_vision_tower: bool, train_projector:
     assert _trainable_parts(peft_model) == want
     counts = parameter_counts(peft_model)
     assert counts["language_model"][0] > 0
+    assert (counts["projector"][0] == counts["projector"][1]) == train_projector  # no double count
     assert (counts["vision_tower"][0] > 0) == train_vision_tower
     assert "trainable parameters (LoRA)" in describe_trainable(peft_model, lora=True)
 

@@ -1,0 +1,173 @@
+"""Resumable training state: everything a run needs to continue from the exact next batch.
+
+A state folder holds
+
+- ``trainable.safetensors``: every parameter with ``requires_grad`` (LoRA adapters and
+  ``modules_to_save``, or all trained weights for full fine-tuning), by name. Frozen weights are
+  not saved: they come back from the base model (and ``init_weights``) as before.
+- ``optimizer.pt``, ``scheduler.pt``: their ``state_dict()``.
+- ``rng.pt``: Python ``random``, torch CPU and (when used) CUDA generator states.
+- ``state.json``: position (``step``, ``epoch``, ``batch_in_epoch`` = the next batch to run), the
+  names of the saved parameters, and whatever ``extra`` the recipe adds (cumulative tokens,
+  last metrics, a fingerprint of the config and data). Written last.
+
+Writes are atomic: the folder is built as a hidden sibling and renamed into place; the previous
+state is renamed aside first and removed after, and :func:`find_state` falls back to it if a
+crash lands between the two renames.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+STATE_FILE = "state.json"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class TrainState:
+    step: int
+    """Optimizer steps done."""
+    epoch: int
+    """1-based epoch of the next batch to run (``n_epochs + 1`` once training is done)."""
+    batch_in_epoch: int
+    """Index of the next batch in that epoch's batch order."""
+    rng_states: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def capture_rng(device: torch.device | str | None = None) -> dict[str, Any]:
+    """Python and torch generator states (CUDA too when ``device`` is a CUDA device)."""
+    states: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if device is not None and torch.device(device).type == "cuda":
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def restore_rng(states: dict[str, Any]) -> None:
+    if "python" in states:
+        random.setstate(_to_tuple(states["python"]))
+    if "torch" in states:
+        torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def save_state(
+    directory: Path,
+    *,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    step: int,
+    epoch: int,
+    batch_in_epoch: int,
+    rng_states: dict[str, Any],
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write the state atomically to ``directory`` (replacing an older one) and return it."""
+    directory = Path(directory)
+    tmp, old = _siblings(directory)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    trainable = {n: p.detach().to("cpu").contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    save_file(trainable, str(tmp / "trainable.safetensors"))
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+    torch.save(rng_states, tmp / "rng.pt")
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "step": step,
+        "epoch": epoch,
+        "batch_in_epoch": batch_in_epoch,
+        "trainable": sorted(trainable),
+        "extra": extra or {},
+    }
+    (tmp / STATE_FILE).write_text(json.dumps(meta, indent=1))
+    for f in tmp.iterdir():
+        _fsync(f)
+    if directory.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        directory.rename(old)
+    tmp.rename(directory)
+    shutil.rmtree(old, ignore_errors=True)
+    return directory
+
+
+def find_state(directory: Path) -> Path | None:
+    """The complete state folder at ``directory`` (or its set-aside predecessor), if any."""
+    directory = Path(directory)
+    _, old = _siblings(directory)
+    for candidate in (directory, old):
+        if (candidate / STATE_FILE).exists():
+            return candidate
+    return None
+
+
+def read_extra(directory: Path) -> dict[str, Any]:
+    """The ``extra`` a state was saved with, without loading anything (to check it first)."""
+    return dict(json.loads((Path(directory) / STATE_FILE).read_text()).get("extra", {}))
+
+
+def load_state(
+    directory: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any
+) -> TrainState:
+    """Load trainable weights, optimizer and scheduler state in place; return position and RNG.
+
+    ``model`` must have the same trainable parameters (same names) as the one that was saved, and
+    ``optimizer`` must have been built over them in ``named_parameters()`` order.
+    """
+    directory = Path(directory)
+    meta = json.loads((directory / STATE_FILE).read_text())
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"unsupported training state format {meta.get('format_version')!r} in {directory}")
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if sorted(params) != meta["trainable"]:
+        missing = sorted(set(meta["trainable"]) ^ set(params))[:5]
+        raise ValueError(f"training state in {directory} was saved for other trainable weights: {missing}")
+    tensors = load_file(str(directory / "trainable.safetensors"))
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(tensors[name].to(device=p.device, dtype=p.dtype))
+    optimizer.load_state_dict(torch.load(directory / "optimizer.pt", map_location="cpu", weights_only=True))
+    scheduler.load_state_dict(torch.load(directory / "scheduler.pt", map_location="cpu", weights_only=True))
+    rng = torch.load(directory / "rng.pt", map_location="cpu", weights_only=True)
+    return TrainState(
+        step=int(meta["step"]),
+        epoch=int(meta["epoch"]),
+        batch_in_epoch=int(meta["batch_in_epoch"]),
+        rng_states=rng,
+        extra=dict(meta["extra"]),
+    )
+
+
+def remove_state(directory: Path) -> None:
+    """Delete the state (and any half-written or set-aside copy)."""
+    for d in (Path(directory), *_siblings(Path(directory))):
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def _siblings(directory: Path) -> tuple[Path, Path]:
+    return directory.with_name(f".{directory.name}.tmp"), directory.with_name(f".{directory.name}.old")
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _to_tuple(x: Any) -> Any:
+    """``random.setstate`` wants tuples all the way down (a round trip may hand back lists)."""
+    return tuple(_to_tuple(v) for v in x) if isinstance(x, list | tuple) else x
