@@ -8,6 +8,7 @@ import json
 import httpx
 import openai
 import pytest
+
 from tests.openapi_schema import validate_against
 
 GOOD = b"".join(

@@ -9,6 +9,7 @@ import httpx
 import openai
 import pytest
 from openai.types.fine_tuning import FineTuningJob
+
 from tests.openapi_schema import validate_against
 
 GOOD = b"".join(
@@ -171,6 +172,7 @@ def test_the_api_works_on_postgresql(postgres_url, tmp_path):
     """OPENFT_DATABASE_URL switches metadata to PostgreSQL; the wire behaviour is the same."""
     from sqlalchemy import create_engine
     from sqlalchemy import text as sql
+
     from tests.conftest import start_server
 
     with create_engine(postgres_url).begin() as conn:

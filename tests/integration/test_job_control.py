@@ -10,6 +10,7 @@ import time
 
 import openai
 import pytest
+
 from tests.conftest import start_server
 from tests.integration.test_service_e2e import wait_for
 from tests.tasks import colour_examples, to_jsonl

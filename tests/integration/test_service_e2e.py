@@ -12,6 +12,7 @@ import httpx
 import openai
 import pytest
 from openai.types.chat import ChatCompletion
+
 from tests.openapi_schema import validate_against
 from tests.tasks import COLOURS, colour_examples, to_jsonl
 

@@ -7,6 +7,7 @@ import io
 import json
 
 import pytest
+
 from tests.integration.test_service_e2e import wait_for
 from tests.tasks import SHAPE_COLOURS, data_url, picture_examples, picture_jsonl, picture_message
 

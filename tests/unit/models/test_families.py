@@ -8,7 +8,6 @@ import json
 
 import pytest
 from peft import LoraConfig, get_peft_model
-from tests.unit.models.tiny_llava import build_processor, build_tiny_llava
 
 from openft.datasets.moderation import NoopModerator
 from openft.datasets.validate import DEFAULT_CONTROL_TOKENS, ValidationOptions, validate_file
@@ -16,6 +15,7 @@ from openft.errors import InvalidRequest
 from openft.models.families import FAMILIES, LLAVA, QWEN2_VL, family_of, find_family
 from openft.models.loader import load_model
 from openft.models.render import _encode_text, _protected_ids
+from tests.unit.models.tiny_llava import build_processor, build_tiny_llava
 
 
 @pytest.fixture(scope="module")

@@ -16,13 +16,13 @@ from typing import Any
 import pytest
 import torch
 from PIL import Image
-from tests.unit.models.tiny_llava import TOKENS_PER_IMAGE, build_tiny_llava
 
 from openft.datasets.formats import ImagePart, Message, TextPart
 from openft.models.families import family_of
 from openft.models.loader import load_model
 from openft.models.render import IGNORE_INDEX, render_chat
 from openft.training.collate import collate_sft
+from tests.unit.models.tiny_llava import TOKENS_PER_IMAGE, build_tiny_llava
 
 GOLDEN = Path(__file__).resolve().parents[2] / "golden" / "render"
 _spec = importlib.util.spec_from_file_location("make_render_golden", GOLDEN / "make_golden.py")

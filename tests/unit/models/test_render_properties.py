@@ -22,13 +22,13 @@ import torch
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from PIL import Image
-from tests.unit.models.tiny_llava import build_processor, build_tiny_llava
 
 from openft.datasets.formats import ImagePart, Message, TextPart
 from openft.errors import InvalidRequest
 from openft.models.families import family_of
 from openft.models.loader import load_model
 from openft.models.render import IGNORE_INDEX, Rendered, render_chat
+from tests.unit.models.tiny_llava import build_processor, build_tiny_llava
 
 settings.register_profile(
     "openft-render-ci",
