@@ -37,6 +37,12 @@ class Settings(BaseSettings):
     allow_private_networks: bool = Field(
         default=False, description="Let image URLs point at loopback/private addresses (on-prem use)."
     )
+    moderator: str | None = Field(
+        default=None,
+        description="Image moderator as 'package.module:Class' (e.g. a local model or an HTTP client); "
+        "default: the offline OpenCV face/person/CAPTCHA detector; 'openft.datasets.moderation:NoopModerator' "
+        "turns moderation off.",
+    )
     memory_limit_bytes: int | None = Field(
         default=None,
         description="Memory training may use; default: the device's free memory (GPU) or available RAM.",

@@ -28,6 +28,7 @@ def validate(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from openft.datasets.lines import scan_jsonl
+    from openft.datasets.moderation import load_moderator
     from openft.datasets.report import location
     from openft.datasets.validate import ValidationOptions, validate_file
 
@@ -49,6 +50,7 @@ def validate(
         progress = {
             "progress": lambda n: bar.update(task, completed=n),
             "allow_private_networks": settings.allow_private_networks,
+            "moderator": load_moderator(settings.moderator) if settings.moderator else None,
         }
         if model:
             # The model's own processor: token counts, context and control tokens as training sees them.

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from openft import ids
+from openft.datasets.moderation import load_moderator
 from openft.datasets.validate import ValidationResult, validate_file
 from openft.errors import InvalidRequest, JobCancelled, JobFailed
 from openft.protocol.fine_tuning import TERMINAL_STATUSES
@@ -132,6 +133,7 @@ def _validate(ctx: WorkerContext, job: Job, file_id: str, *, param: str, process
         sha = row.sha256
     options = model_validation_options(
         processor,
+        moderator=load_moderator(ctx.settings.moderator) if ctx.settings.moderator else None,
         allow_private_networks=ctx.settings.allow_private_networks,
         image_sink=lambda _sha, data: ctx.blobs.put_bytes(
             data

@@ -39,3 +39,40 @@ def test_usage_errors_exit_2(tmp_path: Path) -> None:
     assert CliRunner().invoke(app(), ["validate", str(tmp_path / "nope.jsonl")]).exit_code == 2
     f = GOLDEN / "clean_dpo.jsonl"
     assert CliRunner().invoke(app(), ["validate", str(f), "--method", "rl"]).exit_code == 2
+
+
+def test_moderator_is_chosen_by_setting(tmp_path):
+    """OPENFT_MODERATOR swaps the moderator: the no-op one lets a photo of a person through."""
+    import base64
+    import io
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from PIL import Image
+    from skimage import data
+
+    buf = io.BytesIO()
+    Image.fromarray(data.astronaut()).resize((256, 256)).save(buf, format="JPEG")
+    url = "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+    line = {
+        "messages": [
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]},
+            {"role": "assistant", "content": "a person"},
+        ]
+    }
+    path = tmp_path / "people.jsonl"
+    path.write_text(json.dumps(line) + "\n")
+
+    def codes(env: dict[str, str]) -> list[str]:
+        out = subprocess.run(
+            [sys.executable, "-m", "openft.cli.main", "validate", str(path), "--json"],
+            capture_output=True,
+            text=True,
+            env=dict(os.environ, OPENFT_HOME=str(tmp_path), **env),
+        )
+        return [i["code"] for i in json.loads(out.stdout)["issues"]]
+
+    assert {"contains_people", "contains_faces"} & set(codes({}))
+    assert codes({"OPENFT_MODERATOR": "openft.datasets.moderation:NoopModerator"}) == ["too_few_examples"]
