@@ -70,6 +70,11 @@ def test_job_succeeds_with_every_field_filled(full_server, trained):
     assert job.finished_at >= job.created_at and job.trained_tokens > 0
     assert job.hyperparameters.n_epochs == 5 and job.hyperparameters.batch_size == 8
     assert job.estimated_finish is None and job.error is None
+    # validation counted tokens with the same rendering training uses: every epoch bills them all
+    summary = next(
+        e for e in c.fine_tuning.jobs.list_events(job.id, limit=200) if e.message.startswith("Validated")
+    )
+    assert job.trained_tokens == 5 * summary.data["summary"]["tokens"]["total"]
 
 
 def test_events_tell_the_story(full_server, trained):

@@ -56,6 +56,9 @@ def test_person_photo_is_skipped_reported_and_the_job_succeeds(vision_job):
     assert skips and skips[0].data["code"] in ("contains_people", "contains_faces")
     summary = next(e for e in events if e.message.startswith("Validated training_file"))
     assert "181 examples, 180 usable" in summary.message and "1 skipped" in summary.message
+    # image tokens included, validation and training count the same tokens (6 epochs)
+    assert summary.data["summary"]["images"] == 181  # every image in the file, the skipped one too
+    assert job.trained_tokens == 6 * summary.data["summary"]["tokens"]["total"]
 
 
 def test_fine_tuned_model_reads_pictures_it_never_saw(vision_job):
@@ -100,3 +103,56 @@ def test_checkpoints_and_detail_low_serve_images(vision_job):
         model=job.fine_tuned_model, messages=msgs("high"), max_tokens=1
     ).usage.prompt_tokens
     assert high > low
+
+
+def test_vision_lora_is_served_and_kept_by_merged_export(full_server, tmp_path):
+    """LoRA on the vision tower (which e.g. vLLM ignores) is used by openft's own serving, and
+    `openft export --merged` folds it in: the export, served as a plain base model, answers
+    image prompts exactly as the adapter does."""
+    from tests.conftest import start_server
+
+    c = full_server.client("vision-lora")
+    f = c.files.create(
+        file=("p.jsonl", io.BytesIO(picture_jsonl(picture_examples(24, seed=41)))), purpose="fine-tune"
+    )
+    job = c.fine_tuning.jobs.create(
+        training_file=f.id,
+        model="openft-tiny-vlm",
+        hyperparameters={"n_epochs": 1},
+        extra_body={"openft": {"training_type": "lora", "train_vision_tower": True}},
+    )
+    job = wait_for(c, job.id)
+    assert job.status == "succeeded", job.error
+
+    adapter, merged = tmp_path / "adapter", tmp_path / "merged"
+    assert full_server.cli("export", job.fine_tuned_model, "--to", str(adapter)).returncode == 0
+    from safetensors import safe_open
+
+    with safe_open(str(adapter / "adapter_model.safetensors"), "pt") as weights:
+        vision_lora = [k for k in weights.keys() if "visual" in k and "lora_" in k]
+    assert vision_lora  # the vision tower really has LoRA weights
+    out = full_server.cli("export", job.fine_tuned_model, "--to", str(merged), "--merged")
+    assert out.returncode == 0, out.stderr
+
+    pictures = [png for png, _ in picture_examples(4, seed=43)]
+    served = [
+        c.chat.completions.create(
+            model=job.fine_tuned_model, messages=[picture_message(p)], temperature=0, max_tokens=6
+        )
+        for p in pictures
+    ]
+    other = start_server(
+        tmp_path / "home2", "--no-worker", env={"OPENFT_BASE_MODELS": json.dumps([str(merged)])}
+    )
+    try:
+        c2 = other.client("plain")
+        plain = [
+            c2.chat.completions.create(
+                model=str(merged), messages=[picture_message(p)], temperature=0, max_tokens=6
+            )
+            for p in pictures
+        ]
+    finally:
+        other.stop()
+    assert [r.choices[0].message.content for r in plain] == [r.choices[0].message.content for r in served]
+    assert [r.usage.prompt_tokens for r in plain] == [r.usage.prompt_tokens for r in served]

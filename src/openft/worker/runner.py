@@ -19,13 +19,13 @@ from openft.datasets.moderation import load_moderator
 from openft.datasets.validate import ValidationResult, validate_file
 from openft.errors import InvalidRequest, JobCancelled, JobFailed
 from openft.protocol.fine_tuning import TERMINAL_STATUSES
-from openft.settings import Settings
+from openft.settings import TINY_MODEL, Settings
 from openft.storage import repo
 from openft.storage.blobs import LocalBlobStore
 from openft.storage.db import Database
 from openft.storage.tables import File, Job
 from openft.training.config import LoraConfig, TrainConfig, default_training_type
-from openft.training.hparams import base_learning_rate, resolve_hparams
+from openft.training.hparams import DatasetStats, advice, base_learning_rate, resolve_hparams
 from openft.worker.events import JobReporter
 from openft.worker.queue import JobLease
 
@@ -231,6 +231,7 @@ def _plan_memory(
 
 
 def _run(ctx: WorkerContext, job: Job, lease: JobLease) -> None:
+    from openft.models.families import find_family
     from openft.models.loader import load_processor, resolve_base
     from openft.training.recipes import dpo, sft
 
@@ -263,6 +264,11 @@ def _run(ctx: WorkerContext, job: Job, lease: JobLease) -> None:
         n_examples=len(train.examples),
         training_type=training_type,
         method=job.method_type,
+        stats=DatasetStats.from_summary(train.report.summary),
+    )
+    family = find_family(processor)
+    base_lr = base_learning_rate(
+        training_type, family=family.name if family else None, pretrained=job.base_model != TINY_MODEL
     )
     _move(
         ctx,
@@ -276,10 +282,8 @@ def _run(ctx: WorkerContext, job: Job, lease: JobLease) -> None:
         ctx,
         job,
         f"Fine-tuning job started ({training_type}): n_epochs={hp['n_epochs']}, batch_size={hp['batch_size']}, "
-        f"learning_rate_multiplier={hp['learning_rate_multiplier']}. If the model follows the training data less "
-        "than expected, raise n_epochs by 1-2; if it becomes less diverse than expected, lower it by 1-2; if it "
-        "does not converge, raise learning_rate_multiplier.",
-        data={"hyperparameters": hp, "training_type": training_type},
+        f"learning_rate_multiplier={hp['learning_rate_multiplier']} (base learning rate {base_lr:g}). {advice(hp)}",
+        data={"hyperparameters": hp, "training_type": training_type, "base_learning_rate": base_lr},
     )
 
     init_weights = None
@@ -311,7 +315,7 @@ def _run(ctx: WorkerContext, job: Job, lease: JobLease) -> None:
         output_dir=settings.work_dir / job.id,
         n_epochs=int(hp["n_epochs"]),
         batch_size=int(hp["batch_size"]),
-        learning_rate=base_learning_rate(training_type) * float(hp["learning_rate_multiplier"]),
+        learning_rate=base_lr * float(hp["learning_rate_multiplier"]),
         seed=job.seed,
         lora=lora,
         micro_batch_size=micro_batch,
