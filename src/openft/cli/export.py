@@ -39,9 +39,7 @@ def export(
     if to.exists() and any(to.iterdir()):
         typer.echo(f"error: {to} is not empty", err=True)
         raise typer.Exit(2)
-    weights = state.blobs.materialize_dir(
-        weights_key, state.settings.resolved_home / "cache" / "weights" / weights_key
-    )
+    weights = state.blobs.materialize_dir(weights_key)
     if not merged:
         shutil.copytree(weights, to, dirs_exist_ok=True, ignore=shutil.ignore_patterns(".complete"))
         typer.echo(str(to))

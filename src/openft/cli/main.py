@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from openft.cli import export, keys, serve, validate
+from openft.cli import chat, export, files, jobs, keys, serve, validate
 
 app = typer.Typer(
     help="openft: self-hosted fine-tuning with OpenAI's API.",
@@ -16,6 +16,9 @@ app.command("worker")(serve.worker)
 app.add_typer(keys.app, name="keys")
 validate.register(app)
 app.command("export")(export.export)
+app.add_typer(files.app, name="files")
+app.add_typer(jobs.app, name="jobs")
+app.command("chat")(chat.chat)
 
 if __name__ == "__main__":
     app()

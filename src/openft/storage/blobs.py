@@ -31,14 +31,18 @@ class BlobStore(Protocol):
     def open(self, key: str) -> Iterator[BinaryIO]: ...
     def read_bytes(self, key: str) -> bytes: ...
     def put_dir(self, directory: Path) -> str: ...
-    def materialize_dir(self, key: str, dest: Path) -> Path: ...
+    def materialize_dir(self, key: str) -> Path: ...
+    def dir_members(self, key: str) -> list[str]: ...
+    def delete(self, key: str) -> None: ...
 
 
 class LocalBlobStore:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, dir_cache: Path | None = None) -> None:
         self.root = root
         self.root.mkdir(parents=True, exist_ok=True)
         (self.root / "tmp").mkdir(exist_ok=True)
+        # Stored directories (model weights) are recreated here for loaders that want a folder.
+        self.dir_cache = dir_cache or root.parent / "cache" / "weights"
 
     def _path(self, key: str) -> Path:
         if len(key) != 64 or not all(c in "0123456789abcdef" for c in key):
@@ -106,8 +110,19 @@ class LocalBlobStore:
             manifest[path.relative_to(directory).as_posix()] = key
         return self.put_bytes(json.dumps({"files": manifest}, sort_keys=True).encode())
 
-    def materialize_dir(self, key: str, dest: Path) -> Path:
-        """Recreate a stored directory at ``dest`` (hard links where possible); idempotent."""
+    def dir_members(self, key: str) -> list[str]:
+        """Blob keys of the files of a stored directory (not the manifest itself)."""
+        return list(json.loads(self.read_bytes(key))["files"].values())
+
+    def delete(self, key: str) -> None:
+        """Remove a blob (and a directory materialized from it). Callers decide what is
+        unreferenced (see ``repo.delete_unreferenced``)."""
+        self._path(key).unlink(missing_ok=True)
+        shutil.rmtree(self.dir_cache / key, ignore_errors=True)
+
+    def materialize_dir(self, key: str) -> Path:
+        """Recreate a stored directory under the cache (hard links where possible); idempotent."""
+        dest = self.dir_cache / key
         if (dest / ".complete").exists():
             return dest
         manifest = json.loads(self.read_bytes(key))["files"]

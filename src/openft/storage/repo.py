@@ -20,6 +20,7 @@ from openft.protocol.checkpoints import CheckpointMetrics, FineTuningJobCheckpoi
 from openft.protocol.events import FineTuningJobEvent
 from openft.protocol.files import FileObject
 from openft.protocol.fine_tuning import FineTuningJob, JobError
+from openft.storage.blobs import BlobStore
 from openft.storage.tables import ApiKey, Checkpoint, Event, File, FineTunedModel, Job, Project, StepMetric
 
 
@@ -422,7 +423,8 @@ def add_checkpoint(
 
 
 def prune_checkpoints(s: Session, *, job_id: str, keep: int) -> list[str]:
-    """Keep the newest ``keep`` checkpoints of a job (as OpenAI: the last 3 epochs); returns removed ids."""
+    """Keep the newest ``keep`` checkpoints of a job (as OpenAI: the last 3 epochs); returns the
+    weights keys (directory manifests) of the removed ones, for ``delete_unreferenced``."""
     rows = list(
         s.scalars(
             select(Checkpoint).where(Checkpoint.job_id == job_id).order_by(Checkpoint.step_number.desc())
@@ -432,10 +434,31 @@ def prune_checkpoints(s: Session, *, job_id: str, keep: int) -> list[str]:
     for row in rows[keep:]:
         model = s.get(FineTunedModel, row.model_name)
         if model is not None:
+            removed.append(model.weights)
             s.delete(model)
         s.delete(row)
-        removed.append(row.id)
     return removed
+
+
+def delete_unreferenced(s: Session, blobs: BlobStore, *, weights: list[str]) -> int:
+    """Delete the given weights directories' blobs that no live model or file still uses.
+
+    Blobs are content-addressed and shared (every checkpoint of a base carries the same processor
+    files), so a blob goes only when nothing else references it. Returns the number deleted.
+    """
+    s.flush()
+    live: set[str] = set(s.scalars(select(File.sha256)))
+    for key in s.scalars(select(FineTunedModel.weights).where(FineTunedModel.deleted.is_(False))):
+        live.add(key)
+        live.update(blobs.dir_members(key))
+    deleted = 0
+    for manifest in set(weights) - live:
+        for member in [*blobs.dir_members(manifest), manifest]:
+            if member not in live:
+                blobs.delete(member)
+                live.add(member)  # shared members of several removed dirs: delete once
+                deleted += 1
+    return deleted
 
 
 def list_checkpoints(

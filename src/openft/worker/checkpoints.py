@@ -31,7 +31,8 @@ def store_checkpoint(
         row = repo.add_checkpoint(
             s, job=job, step=step, metrics={"step": step, **metrics}, model_name=ckpt_name, weights=key
         )
-        repo.prune_checkpoints(s, job_id=job.id, keep=KEEP_CHECKPOINTS)
+        removed = repo.prune_checkpoints(s, job_id=job.id, keep=KEEP_CHECKPOINTS)
+        repo.delete_unreferenced(s, blobs, weights=removed)  # older epochs' weights leave storage too
         repo.append_event(
             s,
             job_id=job.id,

@@ -297,9 +297,7 @@ def _run(ctx: WorkerContext, job: Job, lease: JobLease) -> None:
                     param="model",
                 )
             weights_key = parent.weights
-        init_weights = ctx.blobs.materialize_dir(
-            weights_key, settings.resolved_home / "cache" / "weights" / weights_key
-        )
+        init_weights = ctx.blobs.materialize_dir(weights_key)
 
     lora = LoraConfig() if training_type == "lora" else None
     micro_batch = _plan_memory(ctx, job, base, train, batch_size=int(hp["batch_size"]), lora=lora)

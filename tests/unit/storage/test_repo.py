@@ -135,9 +135,9 @@ def test_directories_round_trip(tmp_path):
     (src / "a.bin").write_bytes(b"\x00\x01")
     (src / "sub" / "b.json").write_text("{}")
     key = store.put_dir(src)
-    out = store.materialize_dir(key, tmp_path / "out")
+    out = store.materialize_dir(key)
     assert (out / "a.bin").read_bytes() == b"\x00\x01" and (out / "sub" / "b.json").read_text() == "{}"
-    assert store.materialize_dir(key, tmp_path / "out") == out  # idempotent
+    assert store.materialize_dir(key) == out  # idempotent
 
 
 def test_an_existing_database_is_upgraded_in_order(tmp_path):
@@ -169,9 +169,46 @@ def test_a_checkpoint_reported_twice_is_recorded_once(db):
         job = repo.claim_next_job(s, worker_id="w", lease_seconds=60)
     for weights in ("a" * 64, "b" * 64):
         with db.session() as s:
-            repo.add_checkpoint(s, job=job, step=5, metrics={"train_loss": 1.0}, model_name="ft:x:ckpt-step-5",
-                                weights=weights)
+            repo.add_checkpoint(
+                s,
+                job=job,
+                step=5,
+                metrics={"train_loss": 1.0},
+                model_name="ft:x:ckpt-step-5",
+                weights=weights,
+            )
     with db.session() as s:
         rows, _ = repo.list_checkpoints(s, job_id=job_id, limit=10, after=None)
         assert [r.step_number for r in rows] == [5]
         assert repo.get_model(s, project_id=job.project_id, model_id="ft:x:ckpt-step-5").weights == "b" * 64
+
+
+def test_pruned_weights_leave_storage_but_shared_blobs_stay(db, tmp_path):
+    """Checkpoints share content (processor files): pruning one removes only what nothing else uses."""
+    store = LocalBlobStore(tmp_path / "blobs")
+    dirs = []
+    for step in (1, 2):
+        d = tmp_path / f"step-{step}"
+        d.mkdir()
+        (d / "weights.bin").write_bytes(f"weights {step}".encode())
+        (d / "tokenizer.json").write_text("{}")  # identical in both
+        dirs.append(store.put_dir(d))
+    job_id = _job(db)
+    with db.session() as s:
+        job = repo.claim_next_job(s, worker_id="w", lease_seconds=60)
+    for step, key in zip((1, 2), dirs, strict=True):
+        with db.session() as s:
+            repo.add_checkpoint(
+                s, job=job, step=step, metrics={}, model_name=f"ft:m:ckpt-step-{step}", weights=key
+            )
+    old_files = store.dir_members(dirs[0])
+    store.materialize_dir(dirs[0])
+    with db.session() as s:
+        removed = repo.prune_checkpoints(s, job_id=job_id, keep=1)
+        assert removed == [dirs[0]]
+        assert repo.delete_unreferenced(s, store, weights=removed) == 2  # its weights file + its manifest
+    shared = set(old_files) & set(store.dir_members(dirs[1]))
+    assert shared and all(store.exists(k) for k in shared)
+    assert not store.exists(dirs[0]) and not any(store.exists(k) for k in set(old_files) - shared)
+    assert not (store.dir_cache / dirs[0]).exists()
+    assert (store.materialize_dir(dirs[1]) / "weights.bin").read_bytes() == b"weights 2"

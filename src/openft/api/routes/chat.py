@@ -34,9 +34,7 @@ def _model_ref(model: str, *, project_id: str, s: DB, state: State) -> ModelRef:
             param="model",
             code="model_not_found",
         )
-    weights = state.blobs.materialize_dir(
-        row.weights, state.settings.resolved_home / "cache" / "weights" / row.weights
-    )
+    weights = state.blobs.materialize_dir(row.weights)
     return ModelRef(id=model, base=resolve_base(row.base_model, cache), weights_dir=weights)
 
 

@@ -51,6 +51,7 @@ def delete_model(model_id: str, project: CurrentProject, s: DB, state: State) ->
     if row is None:
         raise NotFound(f"The model '{model_id}' does not exist", param="model", code="model_not_found")
     row.deleted = True
+    repo.delete_unreferenced(s, state.blobs, weights=[row.weights])
     if state._registry is not None:
         state.registry.evict(model_id)
     return ModelDeleted(id=model_id)
