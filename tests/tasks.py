@@ -34,6 +34,15 @@ FILLER = [
 ]
 
 
+def tiny_chat_jsonl(n: int) -> bytes:
+    """``n`` minimal, valid supervised examples: for API tests that never train."""
+    lines = [
+        json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": str(i)}]})
+        for i in range(n)
+    ]
+    return ("\n".join(lines) + "\n").encode()
+
+
 def colour_prompt(rng: random.Random, keyword: str) -> str:
     words = rng.sample(FILLER, 3)
     words.insert(rng.randrange(4), keyword)
@@ -124,4 +133,47 @@ def picture_jsonl(pairs: list[tuple[bytes, str]]) -> bytes:
         json.dumps({"messages": [picture_message(png), {"role": "assistant", "content": answer}]})
         for png, answer in pairs
     ]
+    return ("\n".join(lines) + "\n").encode()
+
+
+# ---------------------------------------------------------------- two answer styles (for DPO)
+
+ANIMALS = {"red": "cat", "green": "dog", "blue": "bird", "yellow": "fish"}
+STYLE_FILLER = (
+    "the a of to and in is it you that he was for on are with as his they be at one have this".split()
+)
+
+
+def style_prompt(rng: random.Random) -> tuple[str, str]:
+    colour = rng.choice(sorted(ANIMALS))
+    words = [rng.choice(STYLE_FILLER) for _ in range(rng.randint(2, 5))]
+    words.insert(rng.randint(0, len(words)), colour)
+    return " ".join(words) + "?", ANIMALS[colour]
+
+
+def both_styles_jsonl(n: int, *, seed: int) -> bytes:
+    """SFT data answering in lowercase and UPPERCASE equally often: the task, but no style."""
+    rng = random.Random(seed)
+    pairs = []
+    for i in range(n):
+        prompt, answer = style_prompt(rng)
+        pairs.append((prompt, answer.upper() if i % 2 else answer))
+    return to_jsonl(pairs)
+
+
+def preference_jsonl(n: int, *, seed: int) -> bytes:
+    """DPO data: the same answer, UPPERCASE preferred over lowercase."""
+    rng = random.Random(seed)
+    lines = []
+    for _ in range(n):
+        prompt, answer = style_prompt(rng)
+        lines.append(
+            json.dumps(
+                {
+                    "input": {"messages": [{"role": "user", "content": prompt}]},
+                    "preferred_output": [{"role": "assistant", "content": answer.upper()}],
+                    "non_preferred_output": [{"role": "assistant", "content": answer}],
+                }
+            )
+        )
     return ("\n".join(lines) + "\n").encode()

@@ -3,21 +3,15 @@
 from __future__ import annotations
 
 import io
-import json
 
 import httpx
 import openai
 import pytest
 
 from tests.openapi_schema import validate_against
+from tests.tasks import tiny_chat_jsonl
 
-GOOD = b"".join(
-    json.dumps(
-        {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": str(i)}]}
-    ).encode()
-    + b"\n"
-    for i in range(10)
-)
+GOOD = tiny_chat_jsonl(10)
 
 
 @pytest.mark.parametrize("path", ["/files", "/fine_tuning/jobs", "/models"])

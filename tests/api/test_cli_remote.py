@@ -11,15 +11,9 @@ from typer.testing import CliRunner
 
 from openft.cli import chat, files, jobs
 from tests.conftest import free_port
-from tests.tasks import colour_examples, to_jsonl
+from tests.tasks import colour_examples, tiny_chat_jsonl, to_jsonl
 
-GOOD = b"".join(
-    json.dumps(
-        {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": str(i)}]}
-    ).encode()
-    + b"\n"
-    for i in range(10)
-)
+GOOD = tiny_chat_jsonl(10)
 
 
 def remote_app() -> typer.Typer:

@@ -352,15 +352,20 @@ def append_event(
     return row
 
 
-def list_events(s: Session, *, job_id: str, limit: int, after: str | None) -> tuple[list[Event], bool]:
-    q = select(Event).where(Event.job_id == job_id)
+def _job_page(s: Session, table: Any, *, job_id: str, order: Any, limit: int, after: str | None, noun: str):  # type: ignore[no-untyped-def]
+    """Newest-first page of a job's rows after the cursor row ``after`` (keyset on ``order``)."""
+    q = select(table).where(table.job_id == job_id)
     if after:
-        cursor = s.scalar(select(Event).where(Event.id == after, Event.job_id == job_id))
+        cursor = s.scalar(select(table).where(table.id == after, table.job_id == job_id))
         if cursor is None:
-            raise NotFound(f"No such event: {after}", param="after")
-        q = q.where(Event.seq < cursor.seq)
-    rows = list(s.scalars(q.order_by(Event.seq.desc()).limit(limit + 1)))
+            raise NotFound(f"No such {noun}: {after}", param="after")
+        q = q.where(order < getattr(cursor, order.key))
+    rows = list(s.scalars(q.order_by(order.desc()).limit(limit + 1)))
     return rows[:limit], len(rows) > limit
+
+
+def list_events(s: Session, *, job_id: str, limit: int, after: str | None) -> tuple[list[Event], bool]:
+    return _job_page(s, Event, job_id=job_id, order=Event.seq, limit=limit, after=after, noun="event")
 
 
 def event_to_protocol(row: Event) -> FineTuningJobEvent:
@@ -464,14 +469,15 @@ def delete_unreferenced(s: Session, blobs: BlobStore, *, weights: list[str]) -> 
 def list_checkpoints(
     s: Session, *, job_id: str, limit: int, after: str | None
 ) -> tuple[list[Checkpoint], bool]:
-    q = select(Checkpoint).where(Checkpoint.job_id == job_id)
-    if after:
-        cursor = s.scalar(select(Checkpoint).where(Checkpoint.id == after, Checkpoint.job_id == job_id))
-        if cursor is None:
-            raise NotFound(f"No such checkpoint: {after}", param="after")
-        q = q.where(Checkpoint.step_number < cursor.step_number)
-    rows = list(s.scalars(q.order_by(Checkpoint.step_number.desc()).limit(limit + 1)))
-    return rows[:limit], len(rows) > limit
+    return _job_page(
+        s,
+        Checkpoint,
+        job_id=job_id,
+        order=Checkpoint.step_number,
+        limit=limit,
+        after=after,
+        noun="checkpoint",
+    )
 
 
 def checkpoint_to_protocol(row: Checkpoint) -> FineTuningJobCheckpoint:

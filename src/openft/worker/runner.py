@@ -298,6 +298,13 @@ def _run(ctx: WorkerContext, job: Job, lease: JobLease) -> None:
                 )
             weights_key = parent.weights
         init_weights = ctx.blobs.materialize_dir(weights_key)
+        _event(
+            ctx,
+            job,
+            f"Starting from fine-tuned model {job.init_model} (base model {job.base_model}); it is "
+            "also the reference model for DPO.",
+            data={"parent_model": job.init_model},
+        )
 
     lora = LoraConfig() if training_type == "lora" else None
     micro_batch = _plan_memory(ctx, job, base, train, batch_size=int(hp["batch_size"]), lora=lora)
