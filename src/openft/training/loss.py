@@ -34,3 +34,48 @@ def sft_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, 
         correct = (shift_logits.argmax(-1) == shift_labels) & mask
         accuracy = correct.sum().float() / n
     return loss, accuracy
+
+
+def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed log-probability of each row's label tokens: ``(B,)`` float32, 0 for a row without any.
+
+    Same shift as :func:`sft_loss` (position t predicts token t+1). ``gather - logsumexp`` instead of
+    a full ``log_softmax``: autograd then keeps only the logits, not a second (B, T, V) tensor.
+    """
+    shift_logits = logits[:, :-1, :].float()
+    shift_labels = labels[:, 1:]
+    mask = shift_labels != IGNORE_INDEX
+    picked = shift_logits.gather(-1, shift_labels.masked_fill(~mask, 0).unsqueeze(-1)).squeeze(-1)
+    token_logps = picked - torch.logsumexp(shift_logits, dim=-1)
+    return (token_logps * mask).sum(-1)
+
+
+def dpo_loss(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+    beta: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sigmoid DPO (Rafailov et al. 2023) on summed response log-probs, one value per pair.
+
+    The implicit reward of a reply is ``beta * (log pi(reply) - log ref(reply))``; the loss is
+    ``-logsigmoid(reward_chosen - reward_rejected)`` averaged over pairs. Returns ``(loss,
+    rewards_chosen, rewards_rejected)``; the rewards are detached, for metrics only.
+    """
+    rewards_chosen = beta * (policy_chosen - ref_chosen)
+    rewards_rejected = beta * (policy_rejected - ref_rejected)
+    loss = -F.logsigmoid(rewards_chosen - rewards_rejected).mean()
+    return loss, rewards_chosen.detach(), rewards_rejected.detach()
+
+
+def dpo_metrics(rewards_chosen: torch.Tensor, rewards_rejected: torch.Tensor) -> dict[str, float]:
+    """Batch means of the implicit rewards, their margin, and the fraction of pairs whose chosen
+    reply out-scores the rejected one (a tie counts as wrong: a fresh policy starts at 0)."""
+    margin = rewards_chosen - rewards_rejected
+    return {
+        "rewards_chosen": rewards_chosen.float().mean().item(),
+        "rewards_rejected": rewards_rejected.float().mean().item(),
+        "reward_margin": margin.float().mean().item(),
+        "reward_accuracy": (margin > 0).float().mean().item(),
+    }

@@ -232,7 +232,7 @@ def _plan_memory(
 
 def _run(ctx: WorkerContext, job: Job, lease: JobLease) -> None:
     from openft.models.families import find_family
-    from openft.models.loader import load_processor, resolve_base
+    from openft.models.loader import load_processor, resolve_base, weights_kind
     from openft.training.recipes import dpo, sft
 
     settings = ctx.settings
@@ -256,9 +256,38 @@ def _run(ctx: WorkerContext, job: Job, lease: JobLease) -> None:
         _move(ctx, job, ("validating_files",), status="queued")
         _event(ctx, job, "Files validated, moving job to queued state")
 
+    init_weights = None
+    if job.init_model:
+        with ctx.db.session() as s:
+            parent = repo.get_model(s, project_id=job.project_id, model_id=job.init_model)
+            if parent is None:
+                raise JobFailed(
+                    f"Model {job.init_model} was deleted before training started.",
+                    code="model_not_found",
+                    param="model",
+                )
+            weights_key = parent.weights
+        init_weights = ctx.blobs.materialize_dir(weights_key)
+        _event(
+            ctx,
+            job,
+            f"Starting from fine-tuned model {job.init_model} (base model {job.base_model}); it is "
+            "also the reference model for DPO.",
+            data={"parent_model": job.init_model},
+        )
+
     training_type = job.options.get("training_type", "auto")
+    parent_kind = weights_kind(init_weights) if init_weights else None
     if training_type == "auto":
-        training_type = default_training_type(job.base_model)
+        # Continue the way the parent was trained: an adapter on its base, or all weights.
+        training_type = "full" if parent_kind == "full" else default_training_type(job.base_model)
+    elif training_type == "lora" and parent_kind == "full":
+        raise JobFailed(
+            f"Model {job.init_model} was fully fine-tuned, and LoRA on top of it is not supported yet; "
+            "continue it with training_type 'full' or 'auto'.",
+            code="invalid_training_type",
+            param="openft.training_type",
+        )
     hp = resolve_hparams(
         job.hyperparameters,
         n_examples=len(train.examples),
@@ -285,26 +314,6 @@ def _run(ctx: WorkerContext, job: Job, lease: JobLease) -> None:
         f"learning_rate_multiplier={hp['learning_rate_multiplier']} (base learning rate {base_lr:g}). {advice(hp)}",
         data={"hyperparameters": hp, "training_type": training_type, "base_learning_rate": base_lr},
     )
-
-    init_weights = None
-    if job.init_model:
-        with ctx.db.session() as s:
-            parent = repo.get_model(s, project_id=job.project_id, model_id=job.init_model)
-            if parent is None:
-                raise JobFailed(
-                    f"Model {job.init_model} was deleted before training started.",
-                    code="model_not_found",
-                    param="model",
-                )
-            weights_key = parent.weights
-        init_weights = ctx.blobs.materialize_dir(weights_key)
-        _event(
-            ctx,
-            job,
-            f"Starting from fine-tuned model {job.init_model} (base model {job.base_model}); it is "
-            "also the reference model for DPO.",
-            data={"parent_model": job.init_model},
-        )
 
     lora = LoraConfig() if training_type == "lora" else None
     micro_batch = _plan_memory(ctx, job, base, train, batch_size=int(hp["batch_size"]), lora=lora)

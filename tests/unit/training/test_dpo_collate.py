@@ -22,13 +22,15 @@ def test_chosen_rows_first_then_rejected_in_one_padded_batch() -> None:
 
 
 def test_image_prompt_pixels_repeat_once_per_side() -> None:
-    vision = {
-        "pixel_values": torch.ones(4, 3),
-        "image_grid_thw": torch.tensor([[1, 2, 2]]),
-        "mm_token_type_ids": torch.tensor([1, 0, 0]),
-    }
-    chosen = [Rendered([9, 5, 7], [P, 5, 7], vision=vision, n_image_tokens=1)]
-    rejected = [Rendered([9, 6, 6, 7], [P, 6, 6, 7], vision=vision, n_image_tokens=1)]
+    def vision(types: list[int]) -> dict[str, torch.Tensor]:
+        return {
+            "pixel_values": torch.ones(4, 3),
+            "image_grid_thw": torch.tensor([[1, 2, 2]]),
+            "mm_token_type_ids": torch.tensor(types),
+        }
+
+    chosen = [Rendered([9, 5, 7], [P, 5, 7], vision=vision([1, 0, 0]), n_image_tokens=1)]
+    rejected = [Rendered([9, 6, 6, 7], [P, 6, 6, 7], vision=vision([1, 0, 0, 0]), n_image_tokens=1)]
     batch = collate_preference(chosen, rejected, pad_id=0)
     assert batch["pixel_values"].shape == (8, 3)
     assert batch["image_grid_thw"].tolist() == [[1, 2, 2], [1, 2, 2]]

@@ -65,4 +65,4 @@ def test_sequence_logprobs_sums_label_tokens_only() -> None:
     # Position t predicts token t+1: row 0 scores tokens 3 (from t=1) and 1 (from t=2); row 1 token 2 (t=0).
     expected = [logp[0, 1, 3] + logp[0, 2, 1], logp[1, 0, 2]]
     assert sequence_logprobs(logits, labels).tolist() == pytest.approx([e.item() for e in expected], abs=1e-6)
-    assert sequence_logprobs(logits, torch.full((1, 4), IGNORE_INDEX)).tolist() == [0.0]
+    assert sequence_logprobs(logits[:1], torch.full((1, 4), IGNORE_INDEX)).tolist() == [0.0]

@@ -1,0 +1,333 @@
+"""Preference fine-tuning (sigmoid DPO): one readable loop, full weights or LoRA.
+
+``run(cfg, examples, reporter, beta=...)`` renders every pair once as two conversations, prompt +
+preferred and prompt + non-preferred (only the reply and its end-of-turn token are labelled; images
+may sit in the prompt), and stacks both sides of a batch into one right-padded batch so a single
+forward pass scores them. The loss is ``-logsigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r)))``
+on summed reply log-probs (see ``training.loss.dpo_loss``). Every epoch ends with a servable
+checkpoint in ``output_dir/step-<N>/``, exactly like SFT; the last one is the final model.
+
+The reference model, without a second copy of the weights
+-----------------------------------------------------------
+DPO measures how far the policy moved from a frozen reference. A second model would double the
+memory, so the reference is always the policy's own starting point, obtained one of two ways:
+
+- **Adapter disabled** (LoRA from the bare base, or LoRA on top of an ``ft:`` model's *full*
+  weights): the base weights never train, so ``model.disable_adapter()`` under ``no_grad`` *is* the
+  starting model, computed on the fly each step (one extra forward pass, no backward).
+- **Precomputed** (full fine-tuning, from the base or from any ``ft:`` model; LoRA *continuing* an
+  ``ft:`` model's adapter): the weights that define the reference move, so before the first step
+  the starting model scores every training and validation pair once and the log-probs are kept as
+  an ``(n_pairs, 2)`` tensor. Costs one forward pass over the data, and the reference can never
+  drift.
+
+Why LoRA continuing an adapter is precomputed, not "merge, then a fresh LoRA": OpenAI's flow is
+SFT first, then DPO from that ``ft:`` model, so the reference must be the SFT model. With its
+adapter still attached, ``disable_adapter()`` would give the *base*, the wrong reference. Merging
+the SFT adapter and stacking a fresh LoRA would fix the reference, but the new adapter would then
+be relative to the merged weights: the checkpoint folder (an adapter whose ``openft.json`` names
+the base model) would serve as base + DPO delta, silently dropping the SFT delta. Continuing the
+SFT adapter itself, as SFT does, keeps every checkpoint a small adapter over the base that serves
+correctly, and the precomputed reference is exactly the SFT model.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import shutil
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from openft.datasets.formats import PreferenceExample
+from openft.errors import InvalidRequest, JobCancelled
+from openft.models.loader import resolve_device, weights_kind
+from openft.models.render import IGNORE_INDEX, Rendered, render_chat
+from openft.training.collate import collate_preference, epoch_batches, micro_batches
+from openft.training.config import TrainConfig
+from openft.training.loss import dpo_loss, dpo_metrics, sequence_logprobs
+from openft.training.recipes.sft import (
+    MAX_GRAD_NORM,
+    TrainResult,
+    _build_model,
+    _fixed_sample,
+    _save_checkpoint,
+    _to_device,
+    _warmup_then_linear,
+    seed_everything,
+)
+from openft.training.reporter import Reporter
+from openft.training.trainable import describe_trainable
+
+Pair = tuple[Rendered, Rendered]
+"""(prompt + preferred, prompt + non-preferred), rendered."""
+
+VALID_SAMPLE_PAIRS = 16
+"""Pairs in the fixed validation sample behind the periodic ``valid_*`` metrics."""
+VALID_EVALS_PER_RUN = 10
+"""With ``cfg.valid_every=None``: about this many periodic evaluations per run, at least one per epoch."""
+
+
+@dataclass(frozen=True)
+class Scorer:
+    """What scoring a chunk of pairs needs besides the pairs: the model and how to run it."""
+
+    model: Any
+    pad_id: int
+    device: torch.device
+    beta: float
+    autocast: Callable[[], Any]
+    """bf16 autocast (or a no-op); the reference is scored under the same precision as the policy."""
+
+
+def run(
+    cfg: TrainConfig,
+    examples: Sequence[PreferenceExample],
+    reporter: Reporter,
+    *,
+    beta: float,
+    valid_examples: Sequence[PreferenceExample] | None = None,
+) -> TrainResult:
+    if not examples:
+        raise InvalidRequest("the training file has no examples", param="training_file")
+    if not beta > 0:
+        raise InvalidRequest(f"beta must be > 0, got {beta}", param="hyperparameters.beta")
+    seed_everything(cfg.seed)
+    device = torch.device(resolve_device(cfg.device))
+    bf16, checkpointing = _precision(cfg, device)
+    model, processor = _build_model(cfg, bf16=bf16, gradient_checkpointing=checkpointing)
+    reporter.on_message(describe_trainable(model, lora=cfg.lora is not None))
+    tokenizer = getattr(processor, "tokenizer", processor)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    autocast = functools.partial(torch.autocast, device_type=device.type, dtype=torch.bfloat16, enabled=bf16)
+    scorer = Scorer(model=model, pad_id=pad_id, device=device, beta=beta, autocast=autocast)
+
+    # Render once: tokenization and image decoding are the slow part on CPU, and they never change.
+    pairs = [_render_pair(processor, ex, cfg.max_length, "line") for ex in examples]
+    valid = [
+        _render_pair(processor, ex, cfg.max_length, "validation_file line") for ex in valid_examples or ()
+    ]
+    # Both sides share one padded batch, so the longer side sets a pair's cost.
+    widths = [max(len(c.input_ids), len(r.input_ids)) for c, r in pairs]
+    tokens = [len(c.input_ids) + len(r.input_ids) for c, r in pairs]  # what count_tokens bills
+    chunk = cfg.micro_batch_size or cfg.batch_size  # pairs per forward pass (2x rows)
+
+    ref_table = valid_ref = None
+    disabled_adapter = reference_is_disabled_adapter(cfg)
+    if not disabled_adapter:
+        reporter.on_message(
+            f"scoring {len(pairs) + len(valid)} pairs with the starting model: the DPO reference, "
+            "computed once because the weights that define it are about to train"
+        )
+        ref_table = reference_logps(scorer, pairs, chunk)
+        valid_ref = reference_logps(scorer, valid, chunk)
+
+    steps_per_epoch = math.ceil(len(pairs) / cfg.batch_size)
+    total_steps = steps_per_epoch * cfg.n_epochs
+    valid_every = cfg.valid_every or max(
+        1, min(steps_per_epoch, math.ceil(total_steps / VALID_EVALS_PER_RUN))
+    )
+    valid_sample = _fixed_sample(list(range(len(valid))), max(VALID_SAMPLE_PAIRS, chunk), cfg.seed)
+    params = [p for _, p in model.named_parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_then_linear(total_steps))
+    reporter.on_message(
+        f"DPO with beta={beta} (reference: {'adapter disabled' if disabled_adapter else 'precomputed'}) "
+        f"on {sum(p.numel() for p in params):,} parameters: {len(pairs)} pairs ({sum(tokens):,} tokens), "
+        f"{cfg.n_epochs} epochs, {total_steps} steps on {device.type} ({'bf16' if bf16 else 'fp32'}"
+        f"{', gradient checkpointing' if checkpointing else ''})"
+        + (f"; {len(valid)} validation pairs, evaluated every {valid_every} steps" if valid else "")
+    )
+
+    step = trained_tokens = 0
+    metrics: dict[str, float | int] = {}
+    checkpoints: list[Path] = []
+    model.train()
+    for epoch in range(1, cfg.n_epochs + 1):
+        batches = epoch_batches(widths, cfg.batch_size, seed=cfg.seed, epoch=epoch)
+        for b, batch_ids in enumerate(batches):
+            if reporter.should_stop():
+                raise JobCancelled(f"stopped at step {step} of {total_steps}")
+            # Gradient accumulation: the loss is a mean over pairs, so each micro-batch's mean is
+            # weighted by its share of the batch's pairs and the summed gradient is the batch's.
+            loss_sum, correct, labelled, rewards_c, rewards_r = 0.0, 0, 0, [], []
+            for ids in micro_batches(batch_ids, cfg.micro_batch_size):
+                out = score(scorer, [pairs[i] for i in ids], ref_table, ids)
+                (out.loss * len(ids) / len(batch_ids)).backward()
+                loss_sum += out.loss.item() * len(ids)
+                correct, labelled = correct + out.correct, labelled + out.labelled
+                rewards_c.append(out.rewards_chosen)
+                rewards_r.append(out.rewards_rejected)
+            torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+
+            step += 1
+            trained_tokens += sum(tokens[i] for i in batch_ids)  # both replies, every epoch
+            metrics = {
+                "step": step,
+                "total_steps": total_steps,
+                "epoch": epoch,
+                "train_loss": loss_sum / len(batch_ids),
+                "train_mean_token_accuracy": correct / max(1, labelled),  # chosen replies only
+                "trained_tokens": trained_tokens,
+                **dpo_metrics(torch.cat(rewards_c), torch.cat(rewards_r)),
+            }
+            epoch_done = b == len(batches) - 1
+            if valid and (step % valid_every == 0 or epoch_done):
+                metrics |= _prefixed("valid_", evaluate(scorer, valid, valid_sample, valid_ref, chunk))
+            if valid and epoch_done:
+                every = range(len(valid))
+                metrics |= _prefixed("full_valid_", evaluate(scorer, valid, every, valid_ref, chunk))
+            reporter.on_step(metrics)
+
+        weights_dir = _save_checkpoint(model, processor, cfg, step)
+        checkpoints.append(weights_dir)
+        reporter.on_checkpoint(weights_dir, step=step, epoch=epoch, metrics=metrics)
+        for old in checkpoints[: -max(1, cfg.keep_checkpoints)]:
+            shutil.rmtree(old, ignore_errors=True)
+        checkpoints = checkpoints[-max(1, cfg.keep_checkpoints) :]
+
+    return TrainResult(
+        weights_dir=checkpoints[-1], steps=step, trained_tokens=trained_tokens, final_metrics=metrics
+    )
+
+
+def reference_is_disabled_adapter(cfg: TrainConfig) -> bool:
+    """True when the trainable part is a *fresh* LoRA, so the model with its adapter disabled is
+    exactly the starting model; otherwise the reference is precomputed (see the module docstring)."""
+    if cfg.lora is None:
+        return False
+    return cfg.init_weights is None or weights_kind(cfg.init_weights) != "adapter"
+
+
+def reference_logps(scorer: Scorer, pairs: Sequence[Pair], chunk: int) -> torch.Tensor:
+    """Score every pair with the model as it is now: ``(len(pairs), 2)`` summed reply log-probs on
+    the CPU, column 0 the preferred reply, column 1 the non-preferred one. Eval mode, no gradients."""
+    model = scorer.model
+    was_training = model.training
+    model.eval()
+    out = [torch.zeros((0, 2))]
+    try:
+        with torch.no_grad():
+            for m in range(0, len(pairs), chunk):
+                part = pairs[m : m + chunk]
+                logps = _forward(scorer, collate_preference(*zip(*part, strict=True), scorer.pad_id))[0]
+                out.append(torch.stack([logps[: len(part)], logps[len(part) :]], dim=1).cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(out)
+
+
+@dataclass
+class Scored:
+    loss: torch.Tensor
+    """Mean DPO loss over the chunk's pairs (with a graph unless scored under ``no_grad``)."""
+    rewards_chosen: torch.Tensor
+    rewards_rejected: torch.Tensor
+    correct: int
+    """Chosen-reply label tokens predicted exactly (argmax) ..."""
+    labelled: int
+    """... out of this many."""
+
+
+def score(
+    scorer: Scorer, chunk: Sequence[Pair], ref_table: torch.Tensor | None, ids: Sequence[int]
+) -> Scored:
+    """DPO loss and rewards for ``chunk`` (pairs ``ids``): both replies in one stacked forward pass;
+    the reference from ``ref_table`` rows ``ids``, or the same model with its adapter disabled."""
+    n = len(chunk)
+    batch = collate_preference(*zip(*chunk, strict=True), scorer.pad_id)
+    if ref_table is not None:
+        ref = ref_table[list(ids)].to(scorer.device)
+        ref_c, ref_r = ref[:, 0], ref[:, 1]
+    else:
+        with torch.no_grad(), scorer.model.disable_adapter():
+            ref_logps = _forward(scorer, batch)[0]
+        ref_c, ref_r = ref_logps[:n], ref_logps[n:]
+    logps, logits, labels = _forward(scorer, batch)
+    loss, rewards_c, rewards_r = dpo_loss(logps[:n], logps[n:], ref_c, ref_r, scorer.beta)
+    correct, labelled = _token_hits(logits[:n], labels[:n])
+    return Scored(loss, rewards_c, rewards_r, correct, labelled)
+
+
+def evaluate(
+    scorer: Scorer,
+    pairs: Sequence[Pair],
+    indices: Sequence[int],
+    ref_table: torch.Tensor | None,
+    chunk: int,
+) -> dict[str, float]:
+    """``loss``, ``mean_token_accuracy`` (chosen replies), ``reward_accuracy`` and ``reward_margin``
+    over ``pairs[indices]``: no dropout, no gradients."""
+    model = scorer.model
+    indices = list(indices)
+    loss_sum, correct, labelled, rewards_c, rewards_r = 0.0, 0, 0, [], []
+    model.eval()
+    try:
+        with torch.no_grad():
+            for m in range(0, len(indices), chunk):
+                ids = indices[m : m + chunk]
+                out = score(scorer, [pairs[i] for i in ids], ref_table, ids)
+                loss_sum += out.loss.item() * len(ids)
+                correct, labelled = correct + out.correct, labelled + out.labelled
+                rewards_c.append(out.rewards_chosen)
+                rewards_r.append(out.rewards_rejected)
+    finally:
+        model.train()
+    rewards = dpo_metrics(torch.cat(rewards_c), torch.cat(rewards_r))
+    return {
+        "loss": loss_sum / len(indices),
+        "mean_token_accuracy": correct / max(1, labelled),
+        "reward_accuracy": rewards["reward_accuracy"],
+        "reward_margin": rewards["reward_margin"],
+    }
+
+
+def _forward(scorer: Scorer, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Any, Any]:
+    """(summed reply log-probs per row, logits, labels) for a collated batch."""
+    batch = _to_device(batch, scorer.device)
+    labels = batch.pop("labels")
+    with scorer.autocast():
+        logits = scorer.model(**batch, use_cache=False).logits
+    return sequence_logprobs(logits, labels), logits, labels
+
+
+@torch.no_grad()
+def _token_hits(logits: torch.Tensor, labels: torch.Tensor) -> tuple[int, int]:
+    """(argmax hits, label tokens), as counts so micro-batches add up exactly."""
+    shift_labels = labels[:, 1:]
+    mask = shift_labels != IGNORE_INDEX
+    hits = (logits[:, :-1, :].argmax(-1) == shift_labels) & mask
+    return int(hits.sum()), int(mask.sum())
+
+
+def _precision(cfg: TrainConfig, device: torch.device) -> tuple[bool, bool]:
+    """(bf16 autocast, gradient checkpointing): the same rule as ``sft.run`` (see ``TrainConfig``)."""
+    bf16 = cfg.bf16 if cfg.bf16 is not None else (device.type == "cuda" and torch.cuda.is_bf16_supported())
+    checkpointing = (
+        cfg.gradient_checkpointing if cfg.gradient_checkpointing is not None else device.type == "cuda"
+    )
+    return bf16 and device.type == "cuda", checkpointing
+
+
+def _render_pair(processor: Any, ex: PreferenceExample, max_length: int, where: str) -> Pair:
+    # Only the reply is trained: assistant turns inside the prompt are context (weight 0).
+    prompt = tuple(replace(m, weight=0) if m.role == "assistant" else m for m in ex.prompt)
+    out = []
+    for reply in (ex.preferred, ex.non_preferred):
+        conversation = (*prompt, replace(reply, weight=1))
+        try:
+            out.append(render_chat(processor, conversation, tools=ex.tools, max_length=max_length))
+        except InvalidRequest as e:
+            raise InvalidRequest(f"{where} {ex.line}: {e.message}", param=e.param, code=e.code) from e
+    return out[0], out[1]
+
+
+def _prefixed(prefix: str, values: dict[str, float]) -> dict[str, float]:
+    return {prefix + k: v for k, v in values.items()}
