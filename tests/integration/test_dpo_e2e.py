@@ -3,6 +3,7 @@ recommended flow); the preferred style wins on held-out prompts."""
 
 from __future__ import annotations
 
+import csv
 import io
 import json
 import random
@@ -81,6 +82,16 @@ def test_dpo_job_records_method_lineage_and_metrics(sft_then_dpo):
     last = sum(m["reward_accuracy"] for m in metrics[-2:]) / 2
     assert last > first and last >= 0.9
     assert metrics[-1]["reward_margin"] > metrics[0]["reward_margin"]
+    rows = list(csv.DictReader(io.StringIO(c.files.content(dpo.result_files[0]).text)))
+    assert list(rows[0])[:5] == [
+        "step",
+        "train_loss",
+        "train_accuracy",
+        "valid_loss",
+        "valid_mean_token_accuracy",
+    ]
+    assert {"rewards_chosen", "rewards_rejected", "reward_margin", "reward_accuracy"} <= set(rows[0])
+    assert len(rows) == metrics[-1]["total_steps"] and float(rows[-1]["reward_accuracy"]) >= 0.9
 
 
 def test_the_preferred_style_wins_on_held_out_prompts(sft_then_dpo):
@@ -110,3 +121,29 @@ def test_malformed_preference_file_fails_naming_the_line(full_server):
         c.fine_tuning.jobs.create(training_file=chat.id, model="openft-tiny-vlm", method={"type": "dpo"}).id,
     )
     assert job.status == "failed" and job.error.code == "invalid_training_file"
+
+
+def test_a_paused_dpo_job_resumes_from_its_saved_state(full_server):
+    from tests.integration.test_job_control import last_step, wait_until
+
+    c = full_server.client("dpo-pause")
+    pref = c.files.create(file=("p.jsonl", io.BytesIO(preference_jsonl(40, seed=55))), purpose="fine-tune")
+    job = c.fine_tuning.jobs.create(
+        training_file=pref.id,
+        model="openft-tiny-vlm",
+        method={"type": "dpo", "dpo": {"hyperparameters": {"n_epochs": 4, "batch_size": 1}}},
+    )
+    wait_until(lambda: last_step(c, job.id) >= 10)
+    assert c.fine_tuning.jobs.pause(job.id).status == "paused"
+    wait_until(
+        lambda: any(
+            "the job is paused" in e.message for e in c.fine_tuning.jobs.list_events(job.id, limit=10)
+        )
+    )
+    assert c.fine_tuning.jobs.resume(job.id).status == "queued"
+    done = wait_for(c, job.id)
+    assert done.status == "succeeded", done.error
+    messages = [e.message for e in c.fine_tuning.jobs.list_events(job.id, limit=300)]
+    assert any(m.startswith("resumed at step") for m in messages)
+    rows = list(csv.DictReader(io.StringIO(c.files.content(done.result_files[0]).text)))
+    assert [int(r["step"]) for r in rows] == list(range(1, 161))

@@ -101,6 +101,8 @@ def test_pause_holds_still_and_resume_matches_an_uninterrupted_run(full_server):
 
     job = c.fine_tuning.jobs.create(training_file=f.id, model="openft-tiny-vlm", seed=7, hyperparameters=hp)
     wait_until(lambda: last_step(c, job.id) >= 20)
+    running = c.fine_tuning.jobs.retrieve(job.id)
+    assert running.status == "running" and running.estimated_finish >= running.created_at  # kept current
     assert c.fine_tuning.jobs.pause(job.id).status == "paused"
     wait_until(
         lambda: any(

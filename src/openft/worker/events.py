@@ -16,8 +16,23 @@ from openft.storage.tables import Job
 from openft.worker.checkpoints import store_checkpoint
 from openft.worker.queue import JobLease
 
-# OpenAI's results CSV columns, in order.
-CSV_COLUMNS = ("step", "train_loss", "train_accuracy", "valid_loss", "valid_mean_token_accuracy")
+# OpenAI's results CSV columns, in order, and the metric each is read from.
+CSV_COLUMNS = {
+    "step": "step",
+    "train_loss": "train_loss",
+    "train_accuracy": "train_mean_token_accuracy",
+    "valid_loss": "valid_loss",
+    "valid_mean_token_accuracy": "valid_mean_token_accuracy",
+}
+# openft extension: DPO jobs add the preference quantities after OpenAI's columns.
+DPO_CSV_COLUMNS = (
+    "rewards_chosen",
+    "rewards_rejected",
+    "reward_margin",
+    "reward_accuracy",
+    "valid_reward_margin",
+    "valid_reward_accuracy",
+)
 # Above this many steps, metrics events are thinned (the CSV still has every step).
 MAX_METRIC_EVENTS = 500
 
@@ -99,16 +114,12 @@ class JobReporter:
         """OpenAI's results CSV, from every recorded step (also those run before a pause or restart)."""
         with self._db.session() as s:
             steps = repo.step_metrics(s, job_id=self._job.id)
+        columns = dict(CSV_COLUMNS)
+        if self._job.method_type == "dpo":
+            columns |= {name: name for name in DPO_CSV_COLUMNS}
         buf = io.StringIO()
         writer = csv.writer(buf, lineterminator="\n")
-        writer.writerow(CSV_COLUMNS)
+        writer.writerow(columns)
         for m in steps:
-            row = (
-                m["step"],
-                m.get("train_loss"),
-                m.get("train_mean_token_accuracy"),
-                m.get("valid_loss"),
-                m.get("valid_mean_token_accuracy"),
-            )
-            writer.writerow(["" if v is None else v for v in row])
+            writer.writerow(["" if m.get(key) is None else m[key] for key in columns.values()])
         return buf.getvalue().encode()

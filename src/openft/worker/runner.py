@@ -338,11 +338,12 @@ def _run(ctx: WorkerContext, job: Job, lease: JobLease) -> None:
         train_vision_tower=bool(job.options.get("train_vision_tower")),
         train_projector=bool(job.options.get("train_projector")),
     )
-    # SFT resume=True: a paused or interrupted job continues from the state saved in its work dir
+    # resume=True: a paused or interrupted job continues from the state saved in its work dir
     # (a fresh job has none and starts at step 0).
     if job.method_type == "dpo":
-        # DPO saves no mid-run state yet: a paused or interrupted DPO job starts over (checkpoints stay).
-        result = dpo.run(cfg, train.examples, reporter, beta=float(hp["beta"]), valid_examples=valid)
+        result = dpo.run(
+            cfg, train.examples, reporter, beta=float(hp["beta"]), valid_examples=valid, resume=True
+        )
     else:
         result = sft.run(cfg, train.examples, reporter, valid_examples=valid, resume=True)
 

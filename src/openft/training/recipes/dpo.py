@@ -21,6 +21,12 @@ memory, so the reference is always the policy's own starting point, obtained one
   an ``(n_pairs, 2)`` tensor. Costs one forward pass over the data, and the reference can never
   drift.
 
+Resuming works exactly as in SFT (``resume=True``; state in ``output_dir/state`` at epoch ends,
+every few steps and right before a cancel or pause; the exact next batch). A precomputed reference
+is also written once, before the first step, to ``output_dir/state-reference.safetensors``: a
+resumed run reuses the *starting* model's log-probs instead of rescoring with trained weights (if
+that file is missing, it rescores the freshly loaded starting model before loading the state).
+
 Why LoRA continuing an adapter is precomputed, not "merge, then a fresh LoRA": OpenAI's flow is
 SFT first, then DPO from that ``ft:`` model, so the reference must be the SFT model. With its
 adapter still attached, ``disable_adapter()`` would give the *base*, the wrong reference. Merging
@@ -34,14 +40,19 @@ correctly, and the precomputed reference is exactly the SFT model.
 from __future__ import annotations
 
 import functools
+import hashlib
 import math
+import os
 import shutil
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from openft.datasets.formats import PreferenceExample
 from openft.errors import InvalidRequest, JobCancelled
@@ -52,8 +63,13 @@ from openft.training.config import TrainConfig
 from openft.training.loss import dpo_loss, dpo_metrics, sequence_logprobs
 from openft.training.recipes.sft import (
     MAX_GRAD_NORM,
+    STATE_DIR,
+    STATE_FRACTION,
+    STATE_MIN_SECONDS,
     TrainResult,
     _build_model,
+    _existing_checkpoints,
+    _fingerprint,
     _fixed_sample,
     _save_checkpoint,
     _to_device,
@@ -61,6 +77,15 @@ from openft.training.recipes.sft import (
     seed_everything,
 )
 from openft.training.reporter import Reporter
+from openft.training.state import (
+    capture_rng,
+    find_state,
+    load_state,
+    read_extra,
+    remove_state,
+    restore_rng,
+    save_state,
+)
 from openft.training.trainable import describe_trainable
 
 Pair = tuple[Rendered, Rendered]
@@ -70,6 +95,9 @@ VALID_SAMPLE_PAIRS = 16
 """Pairs in the fixed validation sample behind the periodic ``valid_*`` metrics."""
 VALID_EVALS_PER_RUN = 10
 """With ``cfg.valid_every=None``: about this many periodic evaluations per run, at least one per epoch."""
+REFERENCE_FILE = "state-reference.safetensors"
+"""Next to ``STATE_DIR`` in ``output_dir``: the precomputed reference log-probs of the *starting*
+model, written once before the first step so a resumed run never rescores with trained weights."""
 
 
 @dataclass(frozen=True)
@@ -91,7 +119,9 @@ def run(
     *,
     beta: float,
     valid_examples: Sequence[PreferenceExample] | None = None,
+    resume: bool = False,
 ) -> TrainResult:
+    """Train with DPO; ``resume=True`` continues from ``output_dir/state`` exactly like ``sft.run``."""
     if not examples:
         raise InvalidRequest("the training file has no examples", param="training_file")
     if not beta > 0:
@@ -116,21 +146,44 @@ def run(
     tokens = [len(c.input_ids) + len(r.input_ids) for c, r in pairs]  # what count_tokens bills
     chunk = cfg.micro_batch_size or cfg.batch_size  # pairs per forward pass (2x rows)
 
+    output_dir = Path(cfg.output_dir)
+    state_dir = output_dir / STATE_DIR
+    fingerprint = _dpo_fingerprint(cfg, pairs, valid, beta)
+    found = find_state(state_dir) if resume else None
+    if found is not None and read_extra(found).get("fingerprint") != fingerprint:
+        reporter.on_message(
+            "the saved training state belongs to other data or settings; starting from the beginning",
+            level="warn",
+        )
+        found = None
+
+    # The reference comes before any saved state is loaded: the model is still the starting model.
     ref_table = valid_ref = None
     disabled_adapter = reference_is_disabled_adapter(cfg)
     if not disabled_adapter:
-        reporter.on_message(
-            f"scoring {len(pairs) + len(valid)} pairs with the starting model: the DPO reference, "
-            "computed once because the weights that define it are about to train"
-        )
-        ref_table = reference_logps(scorer, pairs, chunk)
-        valid_ref = reference_logps(scorer, valid, chunk)
+        saved_ref = _read_reference(output_dir / REFERENCE_FILE, fingerprint) if found else None
+        if saved_ref is not None:
+            ref_table, valid_ref = saved_ref
+        else:
+            reporter.on_message(
+                f"scoring {len(pairs) + len(valid)} pairs with the starting model: the DPO reference, "
+                "computed once because the weights that define it are about to train"
+            )
+            ref_table = reference_logps(scorer, pairs, chunk)
+            valid_ref = reference_logps(scorer, valid, chunk)
+            _write_reference(output_dir / REFERENCE_FILE, ref_table, valid_ref, fingerprint)
 
     steps_per_epoch = math.ceil(len(pairs) / cfg.batch_size)
     total_steps = steps_per_epoch * cfg.n_epochs
     valid_every = cfg.valid_every or max(
         1, min(steps_per_epoch, math.ceil(total_steps / VALID_EVALS_PER_RUN))
     )
+    state_every = (
+        cfg.state_every_steps
+        if cfg.state_every_steps is not None
+        else max(1, math.ceil(STATE_FRACTION * total_steps))
+    )
+    state_min_seconds = STATE_MIN_SECONDS if cfg.state_every_steps is None else 0.0
     valid_sample = _fixed_sample(list(range(len(valid))), max(VALID_SAMPLE_PAIRS, chunk), cfg.seed)
     params = [p for _, p in model.named_parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0)
@@ -144,14 +197,40 @@ def run(
     )
 
     step = trained_tokens = 0
+    first_epoch, first_batch = 1, 0
     metrics: dict[str, float | int] = {}
-    checkpoints: list[Path] = []
+    if found is not None:
+        saved = load_state(found, model=model, optimizer=optimizer, scheduler=scheduler)
+        restore_rng(saved.rng_states)
+        step, first_epoch, first_batch = saved.step, saved.epoch, saved.batch_in_epoch
+        trained_tokens, metrics = saved.extra["trained_tokens"], saved.extra["metrics"]
+        reporter.on_message(
+            f"resumed at step {step} of {total_steps} (epoch {first_epoch}, batch {first_batch + 1})"
+        )
+
+    def write_state(epoch: int, batch_in_epoch: int) -> None:
+        save_state(
+            state_dir,
+            model=model,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            step=step,
+            epoch=epoch,
+            batch_in_epoch=batch_in_epoch,
+            rng_states=capture_rng(device),
+            extra={"fingerprint": fingerprint, "trained_tokens": trained_tokens, "metrics": metrics},
+        )
+
+    checkpoints = _existing_checkpoints(output_dir, up_to=step)
+    last_state_step, last_state_time = step, time.monotonic()
     model.train()
-    for epoch in range(1, cfg.n_epochs + 1):
+    for epoch in range(first_epoch, cfg.n_epochs + 1):
         batches = epoch_batches(widths, cfg.batch_size, seed=cfg.seed, epoch=epoch)
-        for b, batch_ids in enumerate(batches):
+        for b in range(first_batch if epoch == first_epoch else 0, len(batches)):
             if reporter.should_stop():
+                write_state(epoch, b)  # a pause keeps its progress
                 raise JobCancelled(f"stopped at step {step} of {total_steps}")
+            batch_ids = batches[b]
             # Gradient accumulation: the loss is a mean over pairs, so each micro-batch's mean is
             # weighted by its share of the batch's pairs and the summed gradient is the batch's.
             loss_sum, correct, labelled, rewards_c, rewards_r = 0.0, 0, 0, [], []
@@ -185,6 +264,14 @@ def run(
                 every = range(len(valid))
                 metrics |= _prefixed("full_valid_", evaluate(scorer, valid, every, valid_ref, chunk))
             reporter.on_step(metrics)
+            if (
+                not epoch_done
+                and state_every
+                and step - last_state_step >= state_every
+                and time.monotonic() - last_state_time >= state_min_seconds
+            ):
+                write_state(epoch, b + 1)
+                last_state_step, last_state_time = step, time.monotonic()
 
         weights_dir = _save_checkpoint(model, processor, cfg, step)
         checkpoints.append(weights_dir)
@@ -192,10 +279,42 @@ def run(
         for old in checkpoints[: -max(1, cfg.keep_checkpoints)]:
             shutil.rmtree(old, ignore_errors=True)
         checkpoints = checkpoints[-max(1, cfg.keep_checkpoints) :]
+        write_state(epoch + 1, 0)
+        last_state_step, last_state_time = step, time.monotonic()
 
+    # Done: the final checkpoint is the result; optimizer state and reference are not needed.
+    remove_state(state_dir)
+    (output_dir / REFERENCE_FILE).unlink(missing_ok=True)
     return TrainResult(
         weights_dir=checkpoints[-1], steps=step, trained_tokens=trained_tokens, final_metrics=metrics
     )
+
+
+def _dpo_fingerprint(cfg: TrainConfig, pairs: Sequence[Pair], valid: Sequence[Pair], beta: float) -> str:
+    """``sft``'s fingerprint over both sides' lengths, plus what only DPO depends on."""
+    lengths = [n for c, r in pairs for n in (len(c.input_ids), len(r.input_ids))]
+    what = f"{_fingerprint(cfg, lengths)}:dpo:{beta!r}:{len(valid)}:{cfg.init_weights}"
+    return hashlib.sha256(what.encode()).hexdigest()[:16]
+
+
+def _write_reference(path: Path, train: torch.Tensor, valid: torch.Tensor, fingerprint: str) -> None:
+    """Atomically write the starting model's reference log-probs (tagged with the run's fingerprint)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tensors = {"train": train.contiguous(), "valid": valid.contiguous()}
+    save_file(tensors, str(tmp), metadata={"fingerprint": fingerprint})
+    os.replace(tmp, path)
+
+
+def _read_reference(path: Path, fingerprint: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The saved reference log-probs, or None when missing, unreadable or from another run."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            if (f.metadata() or {}).get("fingerprint") != fingerprint:
+                return None
+            return f.get_tensor("train"), f.get_tensor("valid")
+    except Exception:  # missing or half-written: rescoring the starting model is always correct
+        return None
 
 
 def reference_is_disabled_adapter(cfg: TrainConfig) -> bool:
