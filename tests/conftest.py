@@ -71,7 +71,9 @@ class Server:
                 self.proc.kill()
 
 
-def start_server(home: Path, *extra: str, env: dict[str, str] | None = None, new_session: bool = False) -> Server:
+def start_server(
+    home: Path, *extra: str, env: dict[str, str] | None = None, new_session: bool = False
+) -> Server:
     """`openft serve` on a free port; ``new_session`` puts it (and its workers) in its own process group."""
     port = free_port()
     full_env = dict(os.environ, OPENFT_HOME=str(home), OPENFT_MODEL_CACHE=str(model_cache()), **(env or {}))

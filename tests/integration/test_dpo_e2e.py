@@ -28,6 +28,7 @@ def sft_then_dpo(full_server):
             training_file=sft_file.id,
             model="openft-tiny-vlm",
             suffix="sft",
+            seed=1,  # fixed so the run is reproducible; over seeds 1-23 the style test scored 37-40 of 40
             hyperparameters={"n_epochs": 4, "batch_size": 8},
         ).id,
     )
@@ -37,6 +38,7 @@ def sft_then_dpo(full_server):
         training_file=pref.id,
         model=sft.fine_tuned_model,
         suffix="dpo",
+        seed=1,
         method={
             "type": "dpo",
             "dpo": {

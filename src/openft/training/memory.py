@@ -184,8 +184,12 @@ def lora_trainable_params(model: Any, target_modules: Sequence[str]) -> int:
     """Parameters LoRA of rank 1 adds on the language model's target linears (scale by ``r``)."""
     total = 0
     for name, module in model.named_modules():
-        if name.rsplit(".", 1)[-1] in target_modules and hasattr(module, "in_features") and "visual" not in name \
-                and "vision" not in name:
+        if (
+            name.rsplit(".", 1)[-1] in target_modules
+            and hasattr(module, "in_features")
+            and "visual" not in name
+            and "vision" not in name
+        ):
             total += module.in_features + module.out_features
     return total
 

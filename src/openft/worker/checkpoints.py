@@ -28,15 +28,16 @@ def store_checkpoint(
     key = blobs.put_dir(weights_dir)
     with db.session() as s:
         ckpt_name = ids.checkpoint_model_name(model_name, step)
-        row = repo.add_checkpoint(
+        row, created = repo.add_checkpoint(
             s, job=job, step=step, metrics={"step": step, **metrics}, model_name=ckpt_name, weights=key
         )
         removed = repo.prune_checkpoints(s, job_id=job.id, keep=KEEP_CHECKPOINTS)
         repo.delete_unreferenced(s, blobs, weights=removed)  # older epochs' weights leave storage too
-        repo.append_event(
-            s,
-            job_id=job.id,
-            message=f"Checkpoint created at step {step}: {ckpt_name}",
-            data={"checkpoint_id": row.id, "step": step},
-        )
+        if created:  # a checkpoint recorded again after a restart is announced once
+            repo.append_event(
+                s,
+                job_id=job.id,
+                message=f"Checkpoint created at step {step}: {ckpt_name}",
+                data={"checkpoint_id": row.id, "step": step},
+            )
     return key

@@ -167,9 +167,10 @@ def test_a_checkpoint_reported_twice_is_recorded_once(db):
     job_id = _job(db)
     with db.session() as s:
         job = repo.claim_next_job(s, worker_id="w", lease_seconds=60)
+    created = []
     for weights in ("a" * 64, "b" * 64):
         with db.session() as s:
-            repo.add_checkpoint(
+            _, new = repo.add_checkpoint(
                 s,
                 job=job,
                 step=5,
@@ -177,6 +178,8 @@ def test_a_checkpoint_reported_twice_is_recorded_once(db):
                 model_name="ft:x:ckpt-step-5",
                 weights=weights,
             )
+            created.append(new)
+    assert created == [True, False]
     with db.session() as s:
         rows, _ = repo.list_checkpoints(s, job_id=job_id, limit=10, after=None)
         assert [r.step_number for r in rows] == [5]

@@ -43,8 +43,6 @@ import functools
 import hashlib
 import math
 import os
-import shutil
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -55,37 +53,23 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from openft.datasets.formats import PreferenceExample
-from openft.errors import InvalidRequest, JobCancelled
+from openft.errors import InvalidRequest
 from openft.models.loader import resolve_device, weights_kind
 from openft.models.render import IGNORE_INDEX, Rendered, render_chat
 from openft.training.collate import collate_preference, epoch_batches, micro_batches
 from openft.training.config import TrainConfig
 from openft.training.loss import dpo_loss, dpo_metrics, sequence_logprobs
+from openft.training.recipes.progress import Progress, TrainResult, optimizer_and_schedule, resumable_state
 from openft.training.recipes.sft import (
     MAX_GRAD_NORM,
-    STATE_DIR,
-    STATE_FRACTION,
-    STATE_MIN_SECONDS,
-    TrainResult,
     _build_model,
-    _existing_checkpoints,
     _fingerprint,
     _fixed_sample,
-    _save_checkpoint,
+    _precision,
     _to_device,
-    _warmup_then_linear,
     seed_everything,
 )
 from openft.training.reporter import Reporter
-from openft.training.state import (
-    capture_rng,
-    find_state,
-    load_state,
-    read_extra,
-    remove_state,
-    restore_rng,
-    save_state,
-)
 from openft.training.trainable import describe_trainable
 
 Pair = tuple[Rendered, Rendered]
@@ -147,15 +131,8 @@ def run(
     chunk = cfg.micro_batch_size or cfg.batch_size  # pairs per forward pass (2x rows)
 
     output_dir = Path(cfg.output_dir)
-    state_dir = output_dir / STATE_DIR
     fingerprint = _dpo_fingerprint(cfg, pairs, valid, beta)
-    found = find_state(state_dir) if resume else None
-    if found is not None and read_extra(found).get("fingerprint") != fingerprint:
-        reporter.on_message(
-            "the saved training state belongs to other data or settings; starting from the beginning",
-            level="warn",
-        )
-        found = None
+    found = resumable_state(cfg, reporter, fingerprint, resume=resume)
 
     # The reference comes before any saved state is loaded: the model is still the starting model.
     ref_table = valid_ref = None
@@ -178,16 +155,8 @@ def run(
     valid_every = cfg.valid_every or max(
         1, min(steps_per_epoch, math.ceil(total_steps / VALID_EVALS_PER_RUN))
     )
-    state_every = (
-        cfg.state_every_steps
-        if cfg.state_every_steps is not None
-        else max(1, math.ceil(STATE_FRACTION * total_steps))
-    )
-    state_min_seconds = STATE_MIN_SECONDS if cfg.state_every_steps is None else 0.0
     valid_sample = _fixed_sample(list(range(len(valid))), max(VALID_SAMPLE_PAIRS, chunk), cfg.seed)
-    params = [p for _, p in model.named_parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_then_linear(total_steps))
+    params, optimizer, scheduler = optimizer_and_schedule(model, cfg, total_steps)
     reporter.on_message(
         f"DPO with beta={beta} (reference: {'adapter disabled' if disabled_adapter else 'precomputed'}) "
         f"on {sum(p.numel() for p in params):,} parameters: {len(pairs)} pairs ({sum(tokens):,} tokens), "
@@ -196,40 +165,13 @@ def run(
         + (f"; {len(valid)} validation pairs, evaluated every {valid_every} steps" if valid else "")
     )
 
-    step = trained_tokens = 0
-    first_epoch, first_batch = 1, 0
-    metrics: dict[str, float | int] = {}
-    if found is not None:
-        saved = load_state(found, model=model, optimizer=optimizer, scheduler=scheduler)
-        restore_rng(saved.rng_states)
-        step, first_epoch, first_batch = saved.step, saved.epoch, saved.batch_in_epoch
-        trained_tokens, metrics = saved.extra["trained_tokens"], saved.extra["metrics"]
-        reporter.on_message(
-            f"resumed at step {step} of {total_steps} (epoch {first_epoch}, batch {first_batch + 1})"
-        )
-
-    def write_state(epoch: int, batch_in_epoch: int) -> None:
-        save_state(
-            state_dir,
-            model=model,
-            optimizer=optimizer,
-            scheduler=scheduler,
-            step=step,
-            epoch=epoch,
-            batch_in_epoch=batch_in_epoch,
-            rng_states=capture_rng(device),
-            extra={"fingerprint": fingerprint, "trained_tokens": trained_tokens, "metrics": metrics},
-        )
-
-    checkpoints = _existing_checkpoints(output_dir, up_to=step)
-    last_state_step, last_state_time = step, time.monotonic()
+    progress = Progress(cfg, reporter, model, optimizer, scheduler, device, fingerprint, total_steps)
+    progress.resume(found)
     model.train()
-    for epoch in range(first_epoch, cfg.n_epochs + 1):
+    for epoch in range(progress.start_epoch, cfg.n_epochs + 1):
         batches = epoch_batches(widths, cfg.batch_size, seed=cfg.seed, epoch=epoch)
-        for b in range(first_batch if epoch == first_epoch else 0, len(batches)):
-            if reporter.should_stop():
-                write_state(epoch, b)  # a pause keeps its progress
-                raise JobCancelled(f"stopped at step {step} of {total_steps}")
+        for b in progress.batches(epoch, len(batches)):
+            progress.stop_if_asked(epoch, b)
             batch_ids = batches[b]
             # Gradient accumulation: the loss is a mean over pairs, so each micro-batch's mean is
             # weighted by its share of the batch's pairs and the summed gradient is the batch's.
@@ -246,48 +188,31 @@ def run(
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
 
-            step += 1
-            trained_tokens += sum(tokens[i] for i in batch_ids)  # both replies, every epoch
-            metrics = {
-                "step": step,
+            progress.step += 1
+            progress.trained_tokens += sum(tokens[i] for i in batch_ids)  # both replies, every epoch
+            metrics: dict[str, float | int] = {
+                "step": progress.step,
                 "total_steps": total_steps,
                 "epoch": epoch,
                 "train_loss": loss_sum / len(batch_ids),
                 "train_mean_token_accuracy": correct / max(1, labelled),  # chosen replies only
-                "trained_tokens": trained_tokens,
+                "trained_tokens": progress.trained_tokens,
                 **dpo_metrics(torch.cat(rewards_c), torch.cat(rewards_r)),
             }
             epoch_done = b == len(batches) - 1
-            if valid and (step % valid_every == 0 or epoch_done):
+            if valid and (progress.step % valid_every == 0 or epoch_done):
                 metrics |= _prefixed("valid_", evaluate(scorer, valid, valid_sample, valid_ref, chunk))
             if valid and epoch_done:
                 every = range(len(valid))
                 metrics |= _prefixed("full_valid_", evaluate(scorer, valid, every, valid_ref, chunk))
+            progress.metrics = metrics
             reporter.on_step(metrics)
-            if (
-                not epoch_done
-                and state_every
-                and step - last_state_step >= state_every
-                and time.monotonic() - last_state_time >= state_min_seconds
-            ):
-                write_state(epoch, b + 1)
-                last_state_step, last_state_time = step, time.monotonic()
+            if not epoch_done:
+                progress.save_if_due(epoch, b + 1)
+        progress.end_epoch(epoch, processor)
 
-        weights_dir = _save_checkpoint(model, processor, cfg, step)
-        checkpoints.append(weights_dir)
-        reporter.on_checkpoint(weights_dir, step=step, epoch=epoch, metrics=metrics)
-        for old in checkpoints[: -max(1, cfg.keep_checkpoints)]:
-            shutil.rmtree(old, ignore_errors=True)
-        checkpoints = checkpoints[-max(1, cfg.keep_checkpoints) :]
-        write_state(epoch + 1, 0)
-        last_state_step, last_state_time = step, time.monotonic()
-
-    # Done: the final checkpoint is the result; optimizer state and reference are not needed.
-    remove_state(state_dir)
-    (output_dir / REFERENCE_FILE).unlink(missing_ok=True)
-    return TrainResult(
-        weights_dir=checkpoints[-1], steps=step, trained_tokens=trained_tokens, final_metrics=metrics
-    )
+    (output_dir / REFERENCE_FILE).unlink(missing_ok=True)  # the reference is no longer needed either
+    return progress.finish()
 
 
 def _dpo_fingerprint(cfg: TrainConfig, pairs: Sequence[Pair], valid: Sequence[Pair], beta: float) -> str:
@@ -424,15 +349,6 @@ def _token_hits(logits: torch.Tensor, labels: torch.Tensor) -> tuple[int, int]:
     mask = shift_labels != IGNORE_INDEX
     hits = (logits[:, :-1, :].argmax(-1) == shift_labels) & mask
     return int(hits.sum()), int(mask.sum())
-
-
-def _precision(cfg: TrainConfig, device: torch.device) -> tuple[bool, bool]:
-    """(bf16 autocast, gradient checkpointing): the same rule as ``sft.run`` (see ``TrainConfig``)."""
-    bf16 = cfg.bf16 if cfg.bf16 is not None else (device.type == "cuda" and torch.cuda.is_bf16_supported())
-    checkpointing = (
-        cfg.gradient_checkpointing if cfg.gradient_checkpointing is not None else device.type == "cuda"
-    )
-    return bf16 and device.type == "cuda", checkpointing
 
 
 def _render_pair(processor: Any, ex: PreferenceExample, max_length: int, where: str) -> Pair:

@@ -12,8 +12,8 @@ Along the way:
   ``valid_every`` steps, and ``full_valid_*`` over all of them at each epoch end;
 - every epoch ends with a servable checkpoint in ``output_dir/step-<N>/`` (the last one is the
   final model);
-- resumable state goes to ``output_dir/state`` (``training.state``) at epoch ends, every few
-  steps, and right before stopping for a cancel or pause. ``resume=True`` continues from it at the
+- resumable state goes to ``output_dir/state`` at epoch ends, every few steps, and right before
+  stopping for a cancel or pause (``recipes.progress``). ``resume=True`` continues from it at the
   exact next batch: each epoch's batch order is a pure function of ``(seed, epoch)``.
 """
 
@@ -24,57 +24,29 @@ import hashlib
 import json
 import math
 import random
-import re
-import shutil
-import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
 
-from openft.adapters import apply_lora, merge, save_adapter
+from openft.adapters import apply_lora, merge
 from openft.datasets.formats import ChatExample
-from openft.errors import InvalidRequest, JobCancelled
-from openft.models.loader import load_model, resolve_device, weights_kind, write_marker
+from openft.errors import InvalidRequest
+from openft.models.loader import load_model, resolve_device, weights_kind
 from openft.models.render import Rendered, render_chat
 from openft.training.collate import collate_sft, epoch_batches, micro_batches, target_tokens
 from openft.training.config import TrainConfig
 from openft.training.loss import sft_loss
+from openft.training.recipes.progress import Progress, TrainResult, optimizer_and_schedule, resumable_state
 from openft.training.reporter import Reporter
-from openft.training.state import (
-    capture_rng,
-    find_state,
-    load_state,
-    read_extra,
-    remove_state,
-    restore_rng,
-    save_state,
-)
 from openft.training.trainable import describe_trainable, lora_plan, set_full_trainable
 
 MAX_GRAD_NORM = 1.0
-WARMUP_FRACTION = 0.03
-FINAL_LR_FRACTION = 0.1
 VALID_SAMPLE_EXAMPLES = 32
 """Size of the fixed validation sample behind ``valid_loss`` (the same examples every time)."""
 VALID_EVALS_PER_RUN = 10
-STATE_FRACTION = 0.05
-STATE_MIN_SECONDS = 30.0
-STATE_DIR = "state"
 
 T = TypeVar("T")
-
-
-@dataclass
-class TrainResult:
-    weights_dir: Path
-    """The last epoch's checkpoint folder: the fine-tuned model."""
-    steps: int
-    trained_tokens: int
-    """All tokens (prompt + reply + image tokens) of every example, summed over epochs."""
-    final_metrics: dict[str, float | int] = field(default_factory=dict)
 
 
 def run(
@@ -115,16 +87,7 @@ def run(
     valid_every = cfg.valid_every or max(
         1, min(steps_per_epoch, math.ceil(total_steps / VALID_EVALS_PER_RUN))
     )
-    state_every = (
-        cfg.state_every_steps
-        if cfg.state_every_steps is not None
-        else max(1, math.ceil(STATE_FRACTION * total_steps))
-    )
-    state_min_seconds = STATE_MIN_SECONDS if cfg.state_every_steps is None else 0.0
-    # Optimizer over named_parameters() order: the saved optimizer state refers to this order.
-    params = [p for _, p in model.named_parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_then_linear(total_steps))
+    params, optimizer, scheduler = optimizer_and_schedule(model, cfg, total_steps)
     autocast = functools.partial(torch.autocast, device_type=device.type, dtype=torch.bfloat16, enabled=bf16)
     eval_batch = cfg.micro_batch_size or cfg.batch_size
     reporter.on_message(
@@ -135,49 +98,14 @@ def run(
         + (f"; {len(valid)} validation examples, evaluated every {valid_every} steps" if valid else "")
     )
 
-    state_dir = Path(cfg.output_dir) / STATE_DIR
     fingerprint = _fingerprint(cfg, lengths)
-    step = trained_tokens = 0
-    first_epoch, first_batch = 1, 0
-    metrics: dict[str, float | int] = {}
-    found = find_state(state_dir) if resume else None
-    if found is not None and read_extra(found).get("fingerprint") != fingerprint:
-        reporter.on_message(
-            "the saved training state belongs to other data or settings; starting from the beginning",
-            level="warn",
-        )
-        found = None
-    if found is not None:
-        saved = load_state(found, model=model, optimizer=optimizer, scheduler=scheduler)
-        restore_rng(saved.rng_states)
-        step, first_epoch, first_batch = saved.step, saved.epoch, saved.batch_in_epoch
-        trained_tokens, metrics = saved.extra["trained_tokens"], saved.extra["metrics"]
-        reporter.on_message(
-            f"resumed at step {step} of {total_steps} (epoch {first_epoch}, batch {first_batch + 1})"
-        )
-
-    def write_state(epoch: int, batch_in_epoch: int) -> None:
-        save_state(
-            state_dir,
-            model=model,
-            optimizer=optimizer,
-            scheduler=scheduler,
-            step=step,
-            epoch=epoch,
-            batch_in_epoch=batch_in_epoch,
-            rng_states=capture_rng(device),
-            extra={"fingerprint": fingerprint, "trained_tokens": trained_tokens, "metrics": metrics},
-        )
-
-    checkpoints = _existing_checkpoints(Path(cfg.output_dir), up_to=step)
-    last_state_step, last_state_time = step, time.monotonic()
+    progress = Progress(cfg, reporter, model, optimizer, scheduler, device, fingerprint, total_steps)
+    progress.resume(resumable_state(cfg, reporter, fingerprint, resume=resume))
     model.train()
-    for epoch in range(first_epoch, cfg.n_epochs + 1):
+    for epoch in range(progress.start_epoch, cfg.n_epochs + 1):
         batches = epoch_batches(lengths, cfg.batch_size, seed=cfg.seed, epoch=epoch)
-        for b in range(first_batch if epoch == first_epoch else 0, len(batches)):
-            if reporter.should_stop():
-                write_state(epoch, b)  # a pause keeps its progress
-                raise JobCancelled(f"stopped at step {step} of {total_steps}")
+        for b in progress.batches(epoch, len(batches)):
+            progress.stop_if_asked(epoch, b)
             batch_ids = batches[b]
 
             # Gradient accumulation: each micro-batch's mean loss is weighted by its share of the
@@ -199,46 +127,29 @@ def run(
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
 
-            step += 1
-            trained_tokens += sum(lengths[i] for i in batch_ids)  # OpenAI bills every token, every epoch
+            progress.step += 1
+            progress.trained_tokens += sum(lengths[i] for i in batch_ids)  # OpenAI bills every epoch
             epoch_done = b == len(batches) - 1
-            metrics = {
-                "step": step,
+            metrics: dict[str, float | int] = {
+                "step": progress.step,
                 "total_steps": total_steps,
                 "epoch": epoch,
                 "train_loss": loss_sum,
                 "train_mean_token_accuracy": correct,
-                "trained_tokens": trained_tokens,
+                "trained_tokens": progress.trained_tokens,
             }
-            if valid and (step % valid_every == 0 or epoch_done):
+            if valid and (progress.step % valid_every == 0 or epoch_done):
                 v_loss, v_acc = _evaluate(model, valid_sample, pad_id, device, eval_batch, autocast)
                 metrics |= {"valid_loss": v_loss, "valid_mean_token_accuracy": v_acc}
             if valid and epoch_done:
                 v_loss, v_acc = _evaluate(model, valid, pad_id, device, eval_batch, autocast)
                 metrics |= {"full_valid_loss": v_loss, "full_valid_mean_token_accuracy": v_acc}
+            progress.metrics = metrics
             reporter.on_step(metrics)
-            if (
-                not epoch_done
-                and state_every
-                and step - last_state_step >= state_every
-                and time.monotonic() - last_state_time >= state_min_seconds
-            ):
-                write_state(epoch, b + 1)
-                last_state_step, last_state_time = step, time.monotonic()
-
-        weights_dir = _save_checkpoint(model, processor, cfg, step)
-        checkpoints.append(weights_dir)
-        reporter.on_checkpoint(weights_dir, step=step, epoch=epoch, metrics=metrics)
-        for old in checkpoints[: -max(1, cfg.keep_checkpoints)]:
-            shutil.rmtree(old, ignore_errors=True)
-        checkpoints = checkpoints[-max(1, cfg.keep_checkpoints) :]
-        write_state(epoch + 1, 0)
-        last_state_step, last_state_time = step, time.monotonic()
-
-    remove_state(state_dir)  # done: the final checkpoint is the result, the optimizer state is not needed
-    return TrainResult(
-        weights_dir=checkpoints[-1], steps=step, trained_tokens=trained_tokens, final_metrics=metrics
-    )
+            if not epoch_done:
+                progress.save_if_due(epoch, b + 1)
+        progress.end_epoch(epoch, processor)
+    return progress.finish()
 
 
 def seed_everything(seed: int) -> None:
@@ -352,45 +263,3 @@ def _fingerprint(cfg: TrainConfig, lengths: list[int]) -> str:
         "lora": cfg.lora is not None,
     }
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _existing_checkpoints(output_dir: Path, *, up_to: int) -> list[Path]:
-    """Checkpoint folders a previous (interrupted) run already wrote, oldest first."""
-    found = []
-    for p in output_dir.glob("step-*") if output_dir.exists() else ():
-        m = re.fullmatch(r"step-(\d+)", p.name)
-        if m and p.is_dir() and int(m.group(1)) <= up_to:
-            found.append((int(m.group(1)), p))
-    return [p for _, p in sorted(found)]
-
-
-def _warmup_then_linear(total_steps: int):
-    """Linear warm-up over the first 3% of steps, then linear decay to 10% of the peak rate."""
-    warmup = max(1, round(WARMUP_FRACTION * total_steps))
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total_steps - warmup)
-        return 1.0 - (1.0 - FINAL_LR_FRACTION) * min(1.0, progress)
-
-    return factor
-
-
-def _save_checkpoint(model: Any, processor: Any, cfg: TrainConfig, step: int) -> Path:
-    """Write a servable folder (weights + processor + openft.json) atomically as ``step-<N>``."""
-    target = Path(cfg.output_dir) / f"step-{step}"
-    tmp = Path(cfg.output_dir) / f".step-{step}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    if cfg.lora is not None:
-        save_adapter(model, tmp)
-        kind = "adapter"
-    else:
-        model.save_pretrained(tmp)
-        kind = "full"
-    processor.save_pretrained(tmp)
-    write_marker(tmp, kind=kind, base_model=cfg.base_model)
-    shutil.rmtree(target, ignore_errors=True)
-    tmp.rename(target)
-    return target
