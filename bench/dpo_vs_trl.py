@@ -31,16 +31,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import random
-import resource
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from harness import REPO, TimingReporter, import_both_stacks, measure, trl_step_timer
 
 KEYS = {"red": "cat", "green": "dog", "blue": "bird", "yellow": "fish", "black": "tree", "white": "flower"}
 FILLER = "the a of to and in is it you that he was for on are with as his they be at one have this".split()
@@ -62,38 +59,19 @@ def make_pairs(n: int, seed: int) -> list[tuple[str, str, str]]:
     return out
 
 
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 # --- child: one variant ----------------------------------------------------------------------
 
 
 def child(args: argparse.Namespace) -> dict:
     impl, mode = args.child.split(":")
-    # Import both stacks in both children, so the RSS baseline is the same for either.
-    import datasets  # noqa: F401
+    import_both_stacks("dpo")
     import torch
-    import transformers  # noqa: F401
-    import trl  # noqa: F401
-
-    sys.path.insert(0, str(REPO / "src"))
-    import openft.training.recipes.dpo  # noqa: F401
 
     torch.manual_seed(args.seed)
     data = make_pairs(args.pairs, args.seed)
-    cuda = args.device.startswith("cuda")
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    base_rss = rss_bytes()
-    t0 = time.perf_counter()
-    res = (run_openft if impl == "openft" else run_trl)(args, mode, data)
-    res["wall_s"] = time.perf_counter() - t0
+    run = run_openft if impl == "openft" else run_trl
+    res = measure(lambda: run(args, mode, data), cuda=args.device.startswith("cuda"))
     res["variant"] = f"{impl} {mode}"
-    res["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base_rss
-    if cuda:
-        res["cuda_peak_bytes"] = torch.cuda.max_memory_allocated()
     return res
 
 
@@ -132,7 +110,7 @@ def run_openft(args, mode: str, data) -> dict:
             device=args.device,
             **{k: v for k, v in extra.items() if k in fields},
         )
-        rep = _TimingReporter()
+        rep = TimingReporter()
         result = dpo.run(cfg, examples, rep, beta=args.beta)
     return {
         "step_s": rep.step_s,
@@ -143,39 +121,9 @@ def run_openft(args, mode: str, data) -> dict:
     }
 
 
-class _TimingReporter:
-    """Times the gap between consecutive optimizer steps; checkpoint saving is not counted.
-    ``should_stop`` is polled at the start of every step, so its first call starts the clock
-    (after model load, rendering and the reference precompute)."""
-
-    def __init__(self) -> None:
-        self.t: float | None = None
-        self.step_s: list[float] = []
-        self.losses: list[float] = []
-        self.last: dict = {}
-
-    def on_message(self, message: str, level: str = "info") -> None:
-        pass
-
-    def should_stop(self) -> bool:
-        if self.t is None:
-            self.t = time.perf_counter()
-        return False
-
-    def on_step(self, m) -> None:
-        now = time.perf_counter()
-        self.step_s.append(now - self.t)
-        self.t = now
-        self.losses.append(float(m["train_loss"]))
-        self.last = dict(m)
-
-    def on_checkpoint(self, weights_dir, **kw) -> None:
-        self.t = time.perf_counter()
-
-
 def run_trl(args, mode: str, data) -> dict:
     from datasets import Dataset
-    from transformers import AutoModelForImageTextToText, AutoProcessor, TrainerCallback
+    from transformers import AutoModelForImageTextToText, AutoProcessor
     from trl import DPOConfig, DPOTrainer
 
     processor = AutoProcessor.from_pretrained(args.model_dir)
@@ -206,19 +154,6 @@ def run_trl(args, mode: str, data) -> dict:
         for name, p in model.named_parameters():
             p.requires_grad_(not ("visual.blocks" in name or "visual.patch_embed" in name))
 
-    class Timer(TrainerCallback):
-        def __init__(self) -> None:
-            self.t: float | None = None
-            self.step_s: list[float] = []
-
-        def on_train_begin(self, *a, **k):
-            self.t = time.perf_counter()
-
-        def on_step_end(self, *a, **k):
-            now = time.perf_counter()
-            self.step_s.append(now - self.t)
-            self.t = now
-
     class LossTrainer(DPOTrainer):
         losses: list[float] = []
 
@@ -228,7 +163,7 @@ def run_trl(args, mode: str, data) -> dict:
             return loss
 
     steps = math.ceil(len(data) / args.batch_size) * args.epochs
-    timer = Timer()
+    timer = trl_step_timer()
     with tempfile.TemporaryDirectory() as out:
         cfg = DPOConfig(
             output_dir=out,

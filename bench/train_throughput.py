@@ -30,14 +30,13 @@ import io
 import json
 import os
 import random
-import resource
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from harness import REPO, TimingReporter, import_both_stacks, measure, trl_step_timer
 
 COLOURS = {
     "red": (220, 30, 30),
@@ -174,38 +173,16 @@ def build_qwen2_vl_2b(tiny: Path, out: Path) -> Path:
 # --- children --------------------------------------------------------------------------------
 
 
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 def child(args: argparse.Namespace) -> dict:
     impl, mode = args.child.split(":")
-    # Import both stacks in both children, so the RSS baseline is the same for either.
-    import datasets  # noqa: F401
+    import_both_stacks("sft")
     import torch
-    import transformers  # noqa: F401
-    import trl  # noqa: F401
-
-    sys.path.insert(0, str(REPO / "src"))
-    import openft.training.recipes.sft  # noqa: F401
 
     torch.manual_seed(args.seed)
     data = make_data(args.examples, args.image_size, args.seed)
-    cuda = args.device.startswith("cuda")
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    base_rss = rss_bytes()
-    t0 = time.perf_counter()
-    res = (run_openft if impl == "openft" else run_trl)(args, mode, data)
-    res["wall_s"] = time.perf_counter() - t0
+    run = run_openft if impl == "openft" else run_trl
+    res = measure(lambda: run(args, mode, data), cuda=args.device.startswith("cuda"))
     res["variant"] = f"{impl} {mode}"
-    if cuda:
-        res["peak_mem_bytes"] = torch.cuda.max_memory_allocated()
-        res["mem_kind"] = "cuda max allocated"
-    else:
-        res["peak_mem_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base_rss
-        res["mem_kind"] = "peak RSS - RSS after imports"
     return res
 
 
@@ -269,36 +246,12 @@ def run_openft(args, mode: str, data) -> dict:
     }
 
 
-class _TimingReporter:
-    """Times the gap between consecutive optimizer steps; checkpoint saving is not counted.
-
-    Only the ``Reporter`` protocol is relied on: ``should_stop`` is polled at the start of every
-    step, so its first call starts the clock (after model load and rendering)."""
+class _TimingReporter(TimingReporter):
+    """Also counts the (trainable) parameters of the model the recipe builds."""
 
     def __init__(self) -> None:
-        self.last: float | None = None
-        self.step_s: list[float] = []
-        self.cum_tokens: list[int] = []
-        self.losses: list[float] = []
+        super().__init__()
         self.params = self.trainable = None
-
-    def on_message(self, message: str, level: str = "info") -> None:
-        pass
-
-    def should_stop(self) -> bool:
-        if self.last is None:
-            self.last = time.perf_counter()
-        return False
-
-    def on_step(self, m) -> None:
-        now = time.perf_counter()
-        self.step_s.append(now - self.last)
-        self.last = now
-        self.cum_tokens.append(int(m["trained_tokens"]))
-        self.losses.append(float(m["train_loss"]))
-
-    def on_checkpoint(self, weights_dir, **kw) -> None:
-        self.last = time.perf_counter()
 
     def watch_model(self, sft_module) -> None:
         """Count (trainable) parameters of the model the recipe builds, whatever its helper's arguments."""
@@ -318,7 +271,7 @@ class _TimingReporter:
 def run_trl(args, mode: str, data) -> dict:
     from datasets import Dataset
     from PIL import Image
-    from transformers import AutoModelForImageTextToText, AutoProcessor, TrainerCallback
+    from transformers import AutoModelForImageTextToText, AutoProcessor
     from trl import SFTConfig, SFTTrainer
 
     processor = AutoProcessor.from_pretrained(args.model_dir)
@@ -352,19 +305,6 @@ def run_trl(args, mode: str, data) -> dict:
             frozen = not args.train_vision_tower and ("visual.blocks" in name or "visual.patch_embed" in name)
             p.requires_grad_(not frozen)
 
-    class Timer(TrainerCallback):
-        def __init__(self) -> None:
-            self.last: float | None = None
-            self.step_s: list[float] = []
-
-        def on_train_begin(self, *a, **k):
-            self.last = time.perf_counter()
-
-        def on_step_end(self, *a, **k):
-            now = time.perf_counter()
-            self.step_s.append(now - self.last)
-            self.last = now
-
     class CountingTrainer(SFTTrainer):
         step_tokens: list[int] = []
         losses: list[float] = []
@@ -375,7 +315,7 @@ def run_trl(args, mode: str, data) -> dict:
             self.losses.append(float(loss))
             return loss
 
-    timer = Timer()
+    timer = trl_step_timer()
     with tempfile.TemporaryDirectory() as out:
         cfg = SFTConfig(
             output_dir=out,
@@ -439,8 +379,9 @@ def summarise(res: dict, args: argparse.Namespace) -> dict:
         "tokens_per_s": sum(toks) / total,
         "step_ms": 1000 * total / len(secs),
         "wall_s": res["wall_s"],
-        "peak_mem_mib": res["peak_mem_bytes"] / 2**20,
-        "mem_kind": res["mem_kind"],
+        # On CUDA the device's peak allocation, on CPU the process's peak RSS growth.
+        "peak_mem_mib": res.get("cuda_peak_bytes", res["peak_rss_bytes"]) / 2**20,
+        "mem_kind": "cuda max allocated" if "cuda_peak_bytes" in res else "peak RSS - RSS after imports",
         "trainable_m": (res["trainable"] or 0) / 1e6,
         "loss": f"{res['first_loss']:.2f}->{res['last_loss']:.2f}",
     }
