@@ -428,6 +428,11 @@ def main() -> None:
         "--peak-tflops", type=float, default=None, help="device peak for MFU; guessed on known GPUs"
     )
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--dpo",
+        action="store_true",
+        help="then the DPO case in the same run: openft vs TRL DPOTrainer (bench/dpo_vs_trl.py)",
+    )
     ap.add_argument("--model-dir", help=argparse.SUPPRESS)
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--json-out", help=argparse.SUPPRESS)
@@ -522,6 +527,10 @@ def main() -> None:
                 f"MFU = 6 x all params x tokens/s / {args.peak_tflops} TFLOP/s "
                 "(for LoRA the true cost is ~4 x params: no weight gradients for the frozen base)"
             )
+    if args.dpo:
+        print(flush=True)
+        cmd = [sys.executable, str(REPO / "bench" / "dpo_vs_trl.py"), "--device", args.device]
+        subprocess.run(cmd + (["--bf16"] if args.bf16 else []), check=False)
 
 
 def _passthrough(args: argparse.Namespace) -> list[str]:
