@@ -37,7 +37,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from harness import REPO, TimingReporter, import_both_stacks, measure, trl_step_timer
+from harness import REPO, TimingReporter, run_child, trl_step_timer
 
 KEYS = {"red": "cat", "green": "dog", "blue": "bird", "yellow": "fish", "black": "tree", "white": "flower"}
 FILLER = "the a of to and in is it you that he was for on are with as his they be at one have this".split()
@@ -60,19 +60,6 @@ def make_pairs(n: int, seed: int) -> list[tuple[str, str, str]]:
 
 
 # --- child: one variant ----------------------------------------------------------------------
-
-
-def child(args: argparse.Namespace) -> dict:
-    impl, mode = args.child.split(":")
-    import_both_stacks("dpo")
-    import torch
-
-    torch.manual_seed(args.seed)
-    data = make_pairs(args.pairs, args.seed)
-    run = run_openft if impl == "openft" else run_trl
-    res = measure(lambda: run(args, mode, data), cuda=args.device.startswith("cuda"))
-    res["variant"] = f"{impl} {mode}"
-    return res
 
 
 def run_openft(args, mode: str, data) -> dict:
@@ -256,7 +243,8 @@ def main() -> None:
     args = ap.parse_args()
 
     if args.child:
-        Path(args.json_out).write_text(json.dumps(child(args)))
+        data = make_pairs(args.pairs, args.seed)
+        Path(args.json_out).write_text(json.dumps(run_child(args, "dpo", data, run_openft, run_trl)))
         return
 
     sys.path.insert(0, str(REPO / "src"))

@@ -47,6 +47,21 @@ def measure(run: Callable[[], dict[str, Any]], *, cuda: bool) -> dict[str, Any]:
     return res
 
 
+def run_child(
+    args: Any, recipe: str, data: Any, run_openft: Callable[..., dict], run_trl: Callable[..., dict]
+) -> dict[str, Any]:
+    """One variant (``args.child`` is ``impl:mode``) on ``data``, measured by :func:`measure`."""
+    impl, mode = args.child.split(":")
+    import_both_stacks(recipe)
+    import torch
+
+    torch.manual_seed(args.seed)
+    run = run_openft if impl == "openft" else run_trl
+    res = measure(lambda: run(args, mode, data), cuda=args.device.startswith("cuda"))
+    res["variant"] = f"{impl} {mode}"
+    return res
+
+
 class StepClock:
     """Seconds between consecutive optimizer-step ends; ``restart`` leaves a pause (a checkpoint
     save) out of the next step's time."""

@@ -36,7 +36,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from harness import REPO, TimingReporter, import_both_stacks, measure, trl_step_timer
+from harness import REPO, TimingReporter, run_child, trl_step_timer
 
 COLOURS = {
     "red": (220, 30, 30),
@@ -171,19 +171,6 @@ def build_qwen2_vl_2b(tiny: Path, out: Path) -> Path:
 
 
 # --- children --------------------------------------------------------------------------------
-
-
-def child(args: argparse.Namespace) -> dict:
-    impl, mode = args.child.split(":")
-    import_both_stacks("sft")
-    import torch
-
-    torch.manual_seed(args.seed)
-    data = make_data(args.examples, args.image_size, args.seed)
-    run = run_openft if impl == "openft" else run_trl
-    res = measure(lambda: run(args, mode, data), cuda=args.device.startswith("cuda"))
-    res["variant"] = f"{impl} {mode}"
-    return res
 
 
 def run_openft(args, mode: str, data) -> dict:
@@ -443,7 +430,8 @@ def main() -> None:
     args.modes = args.modes or (["full", "lora"] if big else ["full"])
 
     if args.child:
-        Path(args.json_out).write_text(json.dumps(child(args)))
+        data = make_data(args.examples, args.image_size, args.seed)
+        Path(args.json_out).write_text(json.dumps(run_child(args, "sft", data, run_openft, run_trl)))
         return
 
     if args.peak_tflops is None:

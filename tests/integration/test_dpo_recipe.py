@@ -16,9 +16,10 @@ from openft.datasets.formats import ChatExample, ImagePart, Message, PreferenceE
 from openft.errors import JobCancelled
 from openft.models.loader import load_model, read_marker, resolve_base
 from openft.models.render import render_chat
-from openft.training.config import LoraConfig, TrainConfig
+from openft.training.config import LoraConfig
 from openft.training.recipes import dpo, sft
 from openft.training.reporter import ListReporter
+from tests.integration.test_sft_recipe import _cfg
 
 # The task: name the animal fixed for the one colour word hidden among filler words. Two styles
 # answer it: lowercase ("cat") and UPPERCASE ("CAT"). SFT sees both styles equally often, so it
@@ -77,22 +78,6 @@ def base() -> str:
     return resolve_base("openft-tiny-vlm", model_cache())
 
 
-def _cfg(base: str, out: Path, **kw) -> TrainConfig:
-    return TrainConfig(
-        **{
-            "base_model": base,
-            "output_dir": out,
-            "n_epochs": 1,
-            "batch_size": 4,
-            "learning_rate": 1e-3,
-            "seed": 0,
-            "device": "cpu",
-            **kw,
-        }
-    )
-
-
-@pytest.mark.slow
 def test_sft_then_dpo_makes_the_preferred_style_win(base: str, tmp_path: Path) -> None:
     rng = random.Random(0)
     sft_data = []

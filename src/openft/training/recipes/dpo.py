@@ -39,7 +39,6 @@ correctly, and the precomputed reference is exactly the SFT model.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import math
 import os
@@ -54,7 +53,7 @@ from safetensors.torch import save_file
 
 from openft.datasets.formats import PreferenceExample
 from openft.errors import InvalidRequest
-from openft.models.loader import resolve_device, weights_kind
+from openft.models.loader import weights_kind
 from openft.models.render import IGNORE_INDEX, Rendered, render_chat
 from openft.training.collate import collate_preference, epoch_batches, micro_batches
 from openft.training.config import TrainConfig
@@ -62,15 +61,12 @@ from openft.training.loss import dpo_loss, dpo_metrics, sequence_logprobs
 from openft.training.recipes.progress import Progress, TrainResult, optimizer_and_schedule, resumable_state
 from openft.training.recipes.sft import (
     MAX_GRAD_NORM,
-    _build_model,
     _fingerprint,
     _fixed_sample,
-    _precision,
     _to_device,
-    seed_everything,
+    setup,
 )
 from openft.training.reporter import Reporter
-from openft.training.trainable import describe_trainable
 
 Pair = tuple[Rendered, Rendered]
 """(prompt + preferred, prompt + non-preferred), rendered."""
@@ -110,14 +106,7 @@ def run(
         raise InvalidRequest("the training file has no examples", param="training_file")
     if not beta > 0:
         raise InvalidRequest(f"beta must be > 0, got {beta}", param="hyperparameters.beta")
-    seed_everything(cfg.seed)
-    device = torch.device(resolve_device(cfg.device))
-    bf16, checkpointing = _precision(cfg, device)
-    model, processor = _build_model(cfg, bf16=bf16, gradient_checkpointing=checkpointing)
-    reporter.on_message(describe_trainable(model, lora=cfg.lora is not None))
-    tokenizer = getattr(processor, "tokenizer", processor)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    autocast = functools.partial(torch.autocast, device_type=device.type, dtype=torch.bfloat16, enabled=bf16)
+    model, processor, device, pad_id, bf16, checkpointing, autocast = setup(cfg, reporter)
     scorer = Scorer(model=model, pad_id=pad_id, device=device, beta=beta, autocast=autocast)
 
     # Render once: tokenization and image decoding are the slow part on CPU, and they never change.

@@ -25,7 +25,7 @@ import json
 import math
 import random
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import torch
 
@@ -59,13 +59,7 @@ def run(
 ) -> TrainResult:
     if not examples:
         raise InvalidRequest("the training file has no examples", param="training_file")
-    seed_everything(cfg.seed)
-    device = torch.device(resolve_device(cfg.device))
-    bf16, checkpointing = _precision(cfg, device)
-    model, processor = _build_model(cfg, bf16=bf16, gradient_checkpointing=checkpointing)
-    reporter.on_message(describe_trainable(model, lora=cfg.lora is not None))
-    tokenizer = getattr(processor, "tokenizer", processor)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    model, processor, device, pad_id, bf16, checkpointing, autocast = setup(cfg, reporter)
 
     # Render once: tokenization and image decoding are the slow part on CPU, and they never change.
     rendered = [_render(processor, ex, cfg.max_length) for ex in examples]
@@ -88,7 +82,6 @@ def run(
         1, min(steps_per_epoch, math.ceil(total_steps / VALID_EVALS_PER_RUN))
     )
     params, optimizer, scheduler = optimizer_and_schedule(model, cfg, total_steps)
-    autocast = functools.partial(torch.autocast, device_type=device.type, dtype=torch.bfloat16, enabled=bf16)
     eval_batch = cfg.micro_batch_size or cfg.batch_size
     reporter.on_message(
         f"training on {len(rendered)} examples ({sum(lengths):,} tokens) for {cfg.n_epochs} epochs, "
@@ -150,6 +143,30 @@ def run(
                 progress.save_if_due(epoch, b + 1)
         progress.end_epoch(epoch, processor)
     return progress.finish()
+
+
+class Setup(NamedTuple):
+    model: Any
+    processor: Any
+    device: torch.device
+    pad_id: int
+    bf16: bool
+    checkpointing: bool
+    autocast: Callable[[], Any]
+    """bf16 autocast on devices that have it, else a no-op."""
+
+
+def setup(cfg: TrainConfig, reporter: Reporter) -> Setup:
+    """Seeded, on its device, with what trains decided and announced: where every recipe starts."""
+    seed_everything(cfg.seed)
+    device = torch.device(resolve_device(cfg.device))
+    bf16, checkpointing = _precision(cfg, device)
+    model, processor = _build_model(cfg, bf16=bf16, gradient_checkpointing=checkpointing)
+    reporter.on_message(describe_trainable(model, lora=cfg.lora is not None))
+    tokenizer = getattr(processor, "tokenizer", processor)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    autocast = functools.partial(torch.autocast, device_type=device.type, dtype=torch.bfloat16, enabled=bf16)
+    return Setup(model, processor, device, pad_id, bf16, checkpointing, autocast)
 
 
 def seed_everything(seed: int) -> None:
