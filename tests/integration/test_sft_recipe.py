@@ -393,9 +393,9 @@ def test_a_crash_as_an_epoch_ends_keeps_the_epoch_and_its_checkpoint(base: str, 
     assert [s["step"] for s in again.steps] == [3, 4]
 
 
-@pytest.mark.slow
-def test_full_fine_tuning_freezes_the_vision_tower_unless_asked(base: str, tmp_path: Path) -> None:
-    train = [
+def _two_colour_pictures() -> list[ChatExample]:
+    """Four tiny examples: a red or a blue picture, answered with its colour."""
+    return [
         ChatExample(
             line=i + 1,
             messages=(
@@ -405,6 +405,11 @@ def test_full_fine_tuning_freezes_the_vision_tower_unless_asked(base: str, tmp_p
         )
         for i, (name, c) in enumerate([("red", (220, 20, 20)), ("blue", (20, 20, 220))] * 2)
     ]
+
+
+@pytest.mark.slow
+def test_full_fine_tuning_freezes_the_vision_tower_unless_asked(base: str, tmp_path: Path) -> None:
+    train = _two_colour_pictures()
     before = _weights(Path(base))
     frozen_rep = ListReporter()
     frozen = _weights(sft.run(_cfg(base, tmp_path / "a", batch_size=2), train, frozen_rep).weights_dir)
@@ -432,16 +437,7 @@ def test_full_fine_tuning_freezes_the_vision_tower_unless_asked(base: str, tmp_p
 def test_gradient_checkpointing_gives_the_same_losses(base: str, tmp_path: Path) -> None:
     from openft.training.config import LoraConfig
 
-    train = [
-        ChatExample(
-            line=i + 1,
-            messages=(
-                Message("user", (ImagePart(url="data:", data=_png(c, (56, 56))), TextPart("colour?"))),
-                Message("assistant", (TextPart(name),)),
-            ),
-        )
-        for i, (name, c) in enumerate([("red", (220, 20, 20)), ("blue", (20, 20, 220))] * 2)
-    ]
+    train = _two_colour_pictures()
     # LoRA on language model and vision tower, projector in full: every trainable kind at once.
     cfg = {
         "batch_size": 2,
