@@ -22,6 +22,24 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(
         default=512 * 1024 * 1024, description="Files API upload limit (413 above)."
     )
+    max_request_bytes: int = Field(
+        default=160 * 1024 * 1024,
+        description="Body limit of JSON requests (chat, jobs), 413 above; the default fits a chat with "
+        "10 data-URL images of 10 MB each.",
+    )
+    max_line_bytes: int = Field(
+        default=160 * 1024 * 1024,
+        description="Longest JSONL line (one example) a fine-tune upload may have; the default fits "
+        "an example with 10 data-URL images of 10 MB each.",
+    )
+    api_threads: int = Field(
+        default=40,
+        description="Threads serving blocking request work in the API; the database pool is sized to match.",
+    )
+    max_inflight_requests: int = Field(
+        default=1024,
+        description="Requests the API admits at once (queued included); above it, 503 with Retry-After.",
+    )
     base_models: list[str] = Field(
         default_factory=list,
         description="Extra servable/trainable base models: Hugging Face ids or local folders.",

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import functools
 import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
+import anyio.to_thread
 from fastapi import FastAPI
 
 from openft import __version__
 from openft.api import errors
 from openft.api.deps import AppState
+from openft.api.limits import MULTIPART_SLACK, Admission, BodyLimit
 from openft.api.routes import chat, files, fine_tuning, models
 from openft.settings import Settings
 from openft.storage.blobs import LocalBlobStore
@@ -22,7 +27,9 @@ log = logging.getLogger("openft.api")
 def open_state(settings: Settings) -> AppState:
     """Create the home folder, bring the schema up to date and open the blob store."""
     settings.resolved_home.mkdir(parents=True, exist_ok=True)
-    db = Database(settings.resolved_database_url)
+    # One connection per request thread (plus a few for the event loop's own work), so a
+    # request never waits on the pool: the pool is never the bottleneck, threads are.
+    db = Database(settings.resolved_database_url, pool_size=settings.api_threads + 4)
     applied = migrate(db.engine)
     if applied:
         log.info("applied migrations: %s", ", ".join(applied))
@@ -31,9 +38,19 @@ def open_state(settings: Settings) -> AppState:
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
-    app = FastAPI(title="openft", version=__version__, docs_url="/docs", redoc_url=None)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        # Blocking request work (sync routes, uploads, sessions) runs on these threads; the
+        # database pool above has one connection per thread.
+        anyio.to_thread.current_default_thread_limiter().total_tokens = settings.api_threads
+        yield
+
+    app = FastAPI(title="openft", version=__version__, docs_url="/docs", redoc_url=None, lifespan=lifespan)
     app.state.openft = open_state(settings)
     errors.install(app)
+    app.add_middleware(BodyLimit, limit_for=functools.partial(_body_limit, settings))
+    app.add_middleware(Admission, max_inflight=settings.max_inflight_requests)
     for module in (files, fine_tuning, models, chat):
         app.include_router(module.router)
 
@@ -43,3 +60,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app.include_router(web_router)
     return app
+
+
+def _body_limit(settings: Settings, path: str) -> tuple[int, str, str | None]:
+    if path.rstrip("/") == "/v1/files":
+        return settings.max_upload_bytes + MULTIPART_SLACK, "OPENFT_MAX_UPLOAD_BYTES", "file"
+    return settings.max_request_bytes, "OPENFT_MAX_REQUEST_BYTES", None

@@ -46,12 +46,21 @@ def get_state(request: Request) -> AppState:
     return request.app.state.openft
 
 
-def get_session(state: Annotated[AppState, Depends(get_state)]) -> Iterator[Session]:
-    with state.db.session() as s:
+def get_session(request: Request, state: Annotated[AppState, Depends(get_state)]) -> Iterator[Session]:
+    """One transaction per request, committed when the route function returns and *before*
+    the response is sent (``scope="function"`` below), so a client that has its 200 can read
+    its write back at once, and a failed commit is an error response, not a lost row.
+    GET requests read without taking SQLite's write lock."""
+    with state.db.session(readonly=request.method in ("GET", "HEAD")) as s:
         yield s
 
 
-def get_project(request: Request, s: Annotated[Session, Depends(get_session)]) -> Project:
+DB = Annotated[Session, Depends(get_session, scope="function")]
+
+
+def get_project(request: Request, state: Annotated[AppState, Depends(get_state)]) -> Project:
+    """The caller's project, looked up in a short session of its own: routes that hold no
+    session of their own (chat, while it generates) then hold no database connection."""
     header = request.headers.get("authorization", "")
     scheme, _, key = header.partition(" ")
     if scheme.lower() != "bearer" or not key.strip():
@@ -60,12 +69,12 @@ def get_project(request: Request, s: Annotated[Session, Depends(get_session)]) -
             "'openft keys create --project NAME'.",
             code="missing_api_key",
         )
-    project = repo.project_for_key(s, key=key.strip())
+    with state.db.session(readonly=True) as s:
+        project = repo.project_for_key(s, key=key.strip())
     if project is None:
         raise Unauthorized(f"Incorrect API key provided: {key[:10]}****.", code="invalid_api_key")
     return project
 
 
 State = Annotated[AppState, Depends(get_state)]
-DB = Annotated[Session, Depends(get_session)]
 CurrentProject = Annotated[Project, Depends(get_project)]

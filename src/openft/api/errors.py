@@ -12,6 +12,8 @@ import re
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import TimeoutError as SQLAlchemyTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from openft.errors import OpenFTError
@@ -25,10 +27,16 @@ _TAGS = {"int", "float", "str", "bool", "function-after", "function-before", "fu
 
 
 def error_response(
-    status: int, message: str, *, type: str, param: str | None = None, code: str | None = None
+    status: int,
+    message: str,
+    *,
+    type: str,
+    param: str | None = None,
+    code: str | None = None,
+    headers: dict[str, str] | None = None,
 ) -> JSONResponse:
     body = ErrorResponse(error=ErrorBody(message=message, type=type, param=param, code=code))
-    headers = {}
+    headers = dict(headers or {})
     if status < 500 and status not in (408, 409, 429):
         # Deterministic refusal: the same request will fail the same way, so the SDK must not retry.
         headers["x-should-retry"] = "false"
@@ -47,6 +55,11 @@ def loc_to_param(loc: tuple[object, ...]) -> str | None:
         else:
             break
     return "".join(parts) or None
+
+
+def _is_lock_timeout(exc: OperationalError) -> bool:
+    text = str(exc.orig).lower()
+    return "database is locked" in text or "lock timeout" in text
 
 
 def install(app: FastAPI) -> None:
@@ -68,7 +81,27 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return error_response(exc.status_code, str(exc.detail), type="invalid_request_error")
+        code = "request_too_large" if exc.status_code == 413 else None
+        param = getattr(exc, "param", None)  # set by api.limits.BodyTooLarge
+        return error_response(
+            exc.status_code, str(exc.detail), type="invalid_request_error", param=param, code=code
+        )
+
+    @app.exception_handler(SQLAlchemyTimeoutError)
+    @app.exception_handler(OperationalError)
+    async def _busy(request: Request, exc: Exception) -> JSONResponse:
+        # Pool exhausted or SQLite's lock wait ran out: the server is busy, not broken. The
+        # SDK retries a 503 after Retry-After. Anything else from the database is a bug (500).
+        if isinstance(exc, OperationalError) and not _is_lock_timeout(exc):
+            return await _bug(request, exc)
+        log.warning("database busy on %s %s: %s", request.method, request.url.path, exc)
+        return error_response(
+            503,
+            "The server is busy; retry shortly.",
+            type="server_error",
+            code="overloaded",
+            headers={"retry-after": "1"},
+        )
 
     @app.exception_handler(Exception)
     async def _bug(request: Request, exc: Exception) -> JSONResponse:

@@ -24,6 +24,7 @@ CHUNK = 1024 * 1024
 
 
 class BlobStore(Protocol):
+    def writer(self, *, max_bytes: int | None = None) -> BlobWriter: ...
     def put_stream(self, src: BinaryIO, *, max_bytes: int | None = None) -> tuple[str, int]: ...
     def put_bytes(self, data: bytes) -> str: ...
     def exists(self, key: str) -> bool: ...
@@ -49,29 +50,16 @@ class LocalBlobStore:
             raise ValueError(f"not a blob key: {key!r}")
         return self.root / key[:2] / key[2:4] / key
 
+    def writer(self, *, max_bytes: int | None = None) -> BlobWriter:
+        """A blob written piece by piece (e.g. as an upload arrives); see :class:`BlobWriter`."""
+        return BlobWriter(self, max_bytes=max_bytes)
+
     def put_stream(self, src: BinaryIO, *, max_bytes: int | None = None) -> tuple[str, int]:
         """Copy ``src`` in chunks while hashing; refuses (413) past ``max_bytes`` without keeping anything."""
-        digest = hashlib.sha256()
-        size = 0
-        fd, tmp_name = tempfile.mkstemp(dir=self.root / "tmp")
-        try:
-            with os.fdopen(fd, "wb") as out:
-                while chunk := src.read(CHUNK):
-                    size += len(chunk)
-                    if max_bytes is not None and size > max_bytes:
-                        raise PayloadTooLarge(
-                            f"File is larger than the {max_bytes}-byte upload limit; split it or raise "
-                            "OPENFT_MAX_UPLOAD_BYTES.",
-                            param="file",
-                        )
-                    digest.update(chunk)
-                    out.write(chunk)
-            key = digest.hexdigest()
-            self._commit(Path(tmp_name), key)
-            return key, size
-        finally:
-            if os.path.exists(tmp_name):
-                os.unlink(tmp_name)
+        with self.writer(max_bytes=max_bytes) as w:
+            while chunk := src.read(CHUNK):
+                w.write(chunk)
+            return w.commit()
 
     def put_bytes(self, data: bytes) -> str:
         key = hashlib.sha256(data).hexdigest()
@@ -121,13 +109,17 @@ class LocalBlobStore:
         shutil.rmtree(self.dir_cache / key, ignore_errors=True)
 
     def materialize_dir(self, key: str) -> Path:
-        """Recreate a stored directory under the cache (hard links where possible); idempotent."""
+        """Recreate a stored directory under the cache (hard links where possible); idempotent.
+
+        Built in a temp folder beside ``dest`` (same filesystem, so the final rename is atomic
+        whatever ``TMPDIR`` is) and renamed into place; of racing processes, the first wins.
+        """
         dest = self.dir_cache / key
         if (dest / ".complete").exists():
             return dest
         manifest = json.loads(self.read_bytes(key))["files"]
-        tmp = Path(tempfile.mkdtemp(dir=dest.parent if dest.parent.exists() else None, prefix=".mat-"))
         dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=".mat-"))
         for rel, blob in manifest.items():
             target = tmp / rel
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -138,6 +130,47 @@ class LocalBlobStore:
         (tmp / ".complete").touch()
         try:
             os.replace(tmp, dest)
-        except OSError:  # another process materialized it first
+        except OSError:
             shutil.rmtree(tmp, ignore_errors=True)
+            if not (dest / ".complete").exists():  # not "another process got there first"
+                raise
         return dest
+
+
+class BlobWriter:
+    """Bytes written in pieces to a temp file while hashing; ``commit()`` files them under their
+    sha256. Past ``max_bytes`` a write raises 413 and nothing is kept; leaving the ``with``
+    block without ``commit()`` (an error, a client gone) removes the temp file."""
+
+    def __init__(self, store: LocalBlobStore, *, max_bytes: int | None) -> None:
+        self._store, self.max_bytes = store, max_bytes
+        self._digest = hashlib.sha256()
+        self.size = 0
+        fd, name = tempfile.mkstemp(dir=store.root / "tmp")
+        self._tmp = Path(name)
+        self._out = os.fdopen(fd, "wb")
+
+    def __enter__(self) -> BlobWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._out.close()
+        self._tmp.unlink(missing_ok=True)
+
+    def write(self, data: bytes) -> None:
+        self.size += len(data)
+        if self.max_bytes is not None and self.size > self.max_bytes:
+            raise PayloadTooLarge(
+                f"File is larger than the {self.max_bytes}-byte upload limit; split it or raise "
+                "OPENFT_MAX_UPLOAD_BYTES.",
+                param="file",
+            )
+        self._digest.update(data)
+        self._out.write(data)
+
+    def commit(self) -> tuple[str, int]:
+        """Store the bytes written so far; returns (sha256 key, size)."""
+        self._out.close()
+        key = self._digest.hexdigest()
+        self._store._commit(self._tmp, key)
+        return key, self.size

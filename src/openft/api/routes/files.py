@@ -5,20 +5,17 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Annotated, Literal
 
+import anyio.to_thread
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import StreamingResponse
-from starlette.datastructures import UploadFile
 
 from openft.api.deps import DB, CurrentProject, State
-from openft.datasets.lines import scan_jsonl
-from openft.errors import InvalidRequest, PayloadTooLarge
+from openft.api.upload import receive_upload
+from openft.errors import InvalidRequest
 from openft.protocol.files import UPLOAD_PURPOSES, FileDeleted, FileList, FileObject
 from openft.storage import repo
 
 router = APIRouter(prefix="/v1/files", tags=["files"])
-
-# Multipart framing around the file part: a request may exceed the file limit by this much.
-_ENVELOPE_SLACK = 64 * 1024
 
 
 def _expires_at(form_anchor: str | None, form_seconds: str | None, created: int) -> int | None:
@@ -41,56 +38,57 @@ def _expires_at(form_anchor: str | None, form_seconds: str | None, created: int)
 
 
 @router.post("", response_model=FileObject)
-async def create_file(request: Request, state: State, project: CurrentProject, s: DB) -> FileObject:
-    limit = state.settings.max_upload_bytes
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit + _ENVELOPE_SLACK:
-        raise PayloadTooLarge(
-            f"Request of {declared} bytes exceeds the {limit}-byte upload limit.", param="file"
+async def create_file(request: Request, state: State, project: CurrentProject) -> FileObject:
+    """Stream the file into the blob store (limit enforced on the bytes received, JSONL lines
+    checked as they arrive), then record it in a short transaction committed before we answer."""
+    settings = state.settings
+    upload = await receive_upload(
+        request.stream(),
+        request.headers.get("content-type", ""),
+        blobs=state.blobs,
+        max_bytes=settings.max_upload_bytes,
+        max_line_bytes=settings.max_line_bytes,
+    )
+    purpose = upload.fields.get("purpose")
+    if purpose not in UPLOAD_PURPOSES:
+        raise InvalidRequest(
+            f"Invalid purpose {purpose!r}; expected one of: {', '.join(UPLOAD_PURPOSES)}.",
+            param="purpose",
         )
-    # Starlette spools the file part to disk past 1 MB, so a large upload never sits in memory.
-    form = await request.form(max_files=1, max_fields=16)
-    try:
-        upload = form.get("file")
-        purpose = form.get("purpose")
-        if not isinstance(upload, UploadFile):
-            raise InvalidRequest("Missing the 'file' part of the multipart upload.", param="file")
-        if not isinstance(purpose, str) or purpose not in UPLOAD_PURPOSES:
+    filename = upload.filename or "upload"
+    if purpose == "fine-tune":
+        if upload.scan is None:
             raise InvalidRequest(
-                f"Invalid purpose {purpose!r}; expected one of: {', '.join(UPLOAD_PURPOSES)}.",
-                param="purpose",
+                f"Invalid file format for Fine-Tuning API. Must be .jsonl (got {filename!r}).",
+                param="file",
             )
-        filename = upload.filename or "upload"
-        if purpose == "fine-tune":
-            if not filename.lower().endswith(".jsonl"):
-                raise InvalidRequest(
-                    f"Invalid file format for Fine-Tuning API. Must be .jsonl (got {filename!r}).",
-                    param="file",
-                )
-            scan = scan_jsonl(upload.file)
-            if scan.first_error is not None:
-                line, what = scan.first_error
-                raise InvalidRequest(
-                    f"Invalid file format for Fine-Tuning API: line {line}: {what}",
-                    param="file",
-                    code="invalid_file_format",
-                )
-            upload.file.seek(0)
-        key, size = state.blobs.put_stream(upload.file, max_bytes=limit)
-        created = repo.now()
-        expires = _expires_at(form.get("expires_after[anchor]"), form.get("expires_after[seconds]"), created)  # type: ignore[arg-type]
-        row = repo.create_file(
-            s,
-            project_id=project.id,
-            filename=filename,
-            purpose=purpose,
-            size=size,
-            sha256=key,
-            expires_at=expires,
-        )
-        return repo.file_to_protocol(row)
-    finally:
-        await form.close()
+        if upload.scan.first_error is not None:
+            line, what = upload.scan.first_error
+            raise InvalidRequest(
+                f"Invalid file format for Fine-Tuning API: line {line}: {what}",
+                param="file",
+                code="invalid_file_format",
+            )
+    created = repo.now()
+    expires = _expires_at(
+        upload.fields.get("expires_after[anchor]"), upload.fields.get("expires_after[seconds]"), created
+    )
+
+    def record() -> FileObject:
+        assert upload.key is not None
+        with state.db.session() as s:
+            row = repo.create_file(
+                s,
+                project_id=project.id,
+                filename=filename,
+                purpose=purpose,
+                size=upload.size,
+                sha256=upload.key,
+                expires_at=expires,
+            )
+            return repo.file_to_protocol(row)
+
+    return await anyio.to_thread.run_sync(record)
 
 
 @router.get("", response_model=FileList)
