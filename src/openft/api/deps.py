@@ -1,14 +1,18 @@
-"""Typed dependencies: the app's state, a DB session, the caller's project."""
+"""Typed dependencies: the app's state and the caller's project.
+
+There is deliberately no per-request session dependency: a route opens its own short
+transaction (``with state.db.session() as s``) inside the function, so the transaction commits
+before the response is built, and a connection is held only while one thread uses it (a
+``yield`` dependency's exit would wait for a free thread while holding its connection, and
+under load those waits exhaust the pool)."""
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Annotated
 
 from fastapi import Depends, Request
-from sqlalchemy.orm import Session
 
 from openft.errors import Unauthorized
 from openft.settings import Settings
@@ -44,18 +48,6 @@ class AppState:
 
 def get_state(request: Request) -> AppState:
     return request.app.state.openft
-
-
-def get_session(request: Request, state: Annotated[AppState, Depends(get_state)]) -> Iterator[Session]:
-    """One transaction per request, committed when the route function returns and *before*
-    the response is sent (``scope="function"`` below), so a client that has its 200 can read
-    its write back at once, and a failed commit is an error response, not a lost row.
-    GET requests read without taking SQLite's write lock."""
-    with state.db.session(readonly=request.method in ("GET", "HEAD")) as s:
-        yield s
-
-
-DB = Annotated[Session, Depends(get_session, scope="function")]
 
 
 def get_project(request: Request, state: Annotated[AppState, Depends(get_state)]) -> Project:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import io
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from sqlalchemy import text
@@ -215,3 +217,36 @@ def test_pruned_weights_leave_storage_but_shared_blobs_stay(db, tmp_path):
     assert not store.exists(dirs[0]) and not any(store.exists(k) for k in set(old_files) - shared)
     assert not (store.dir_cache / dirs[0]).exists()
     assert (store.materialize_dir(dirs[1]) / "weights.bin").read_bytes() == b"weights 2"
+
+
+def test_materialize_dir_works_when_the_temp_dir_is_on_another_filesystem(tmp_path, monkeypatch):
+    """TMPDIR on another filesystem (e.g. /dev/shm) must not break the first materialize."""
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or shm.stat().st_dev == tmp_path.stat().st_dev:
+        pytest.skip("needs /dev/shm on a filesystem other than the test's temp dir")
+    other = Path(tempfile.mkdtemp(dir=shm))
+    monkeypatch.setattr(tempfile, "tempdir", str(other))
+    src = tmp_path / "adapter"
+    (src / "sub").mkdir(parents=True)
+    (src / "a.bin").write_bytes(b"weights")
+    (src / "sub" / "b.json").write_text("{}")
+    store = LocalBlobStore(tmp_path / "blobs")
+    key = store.put_dir(src)
+    out = store.materialize_dir(key)
+    assert (out / "a.bin").read_bytes() == b"weights" and (out / "sub" / "b.json").read_text() == "{}"
+    assert store.materialize_dir(key) == out
+    assert list(other.iterdir()) == []  # nothing built (or left) in TMPDIR
+
+
+def test_blob_writer_keeps_nothing_unless_committed(tmp_path):
+    store = LocalBlobStore(tmp_path / "blobs")
+    with store.writer(max_bytes=10) as w:
+        w.write(b"12345")
+    with pytest.raises(PayloadTooLarge), store.writer(max_bytes=10) as w:
+        w.write(b"123456")
+        w.write(b"789012")
+    assert [p for p in (tmp_path / "blobs").rglob("*") if p.is_file()] == []
+    with store.writer() as w:
+        w.write(b"abc")
+        key, size = w.commit()
+    assert store.read_bytes(key) == b"abc" and size == 3

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 from fastapi import APIRouter
 from fastapi.responses import StreamingResponse
 
-from openft.api.deps import DB, CurrentProject, State
+from openft.api.deps import CurrentProject, State
 from openft.datasets.images import load_image_url
 from openft.errors import NotFound
 from openft.protocol.chat import ChatCompletionRequest, ChatCompletionResponse
@@ -20,14 +20,15 @@ if TYPE_CHECKING:
 router = APIRouter(prefix="/v1/chat", tags=["chat"])
 
 
-def _model_ref(model: str, *, project_id: str, s: DB, state: State) -> ModelRef:
+def _model_ref(model: str, *, project_id: str, state: State) -> ModelRef:
     from openft.inference.registry import ModelRef
     from openft.models.loader import resolve_base
 
     cache = state.settings.resolved_model_cache
     if model in state.settings.base_model_ids:
         return ModelRef(id=model, base=resolve_base(model, cache), weights_dir=None)
-    row = repo.get_model(s, project_id=project_id, model_id=model)
+    with state.db.session(readonly=True) as s:  # short: no connection held while generating
+        row = repo.get_model(s, project_id=project_id, model_id=model)
     if row is None:
         raise NotFound(
             f"The model '{model}' does not exist or you do not have access to it.",
@@ -40,12 +41,12 @@ def _model_ref(model: str, *, project_id: str, s: DB, state: State) -> ModelRef:
 
 @router.post("/completions", response_model=None)
 def create_chat_completion(
-    body: ChatCompletionRequest, project: CurrentProject, s: DB, state: State
+    body: ChatCompletionRequest, project: CurrentProject, state: State
 ) -> ChatCompletionResponse | StreamingResponse:
     from openft.inference.chat import create_completion, stream_completion
     from openft.inference.stream import sse_lines
 
-    ref = _model_ref(body.model, project_id=project.id, s=s, state=state)
+    ref = _model_ref(body.model, project_id=project.id, state=state)
     loaded = state.registry.get(ref)
     image_loader = functools.partial(
         load_image_url, allow_private_networks=state.settings.allow_private_networks

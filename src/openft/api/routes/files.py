@@ -9,7 +9,7 @@ import anyio.to_thread
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import StreamingResponse
 
-from openft.api.deps import DB, CurrentProject, State
+from openft.api.deps import CurrentProject, State
 from openft.api.upload import receive_upload
 from openft.errors import InvalidRequest
 from openft.protocol.files import UPLOAD_PURPOSES, FileDeleted, FileList, FileObject
@@ -94,26 +94,29 @@ async def create_file(request: Request, state: State, project: CurrentProject) -
 @router.get("", response_model=FileList)
 def list_files(
     project: CurrentProject,
-    s: DB,
+    state: State,
     purpose: str | None = None,
     limit: Annotated[int, Query(ge=1, le=10000)] = 10000,
     after: str | None = None,
     order: Literal["asc", "desc"] = "desc",
 ) -> FileList:
-    rows, has_more = repo.list_files(
-        s, project_id=project.id, purpose=purpose, limit=limit, after=after, order=order
-    )
-    return FileList(data=[repo.file_to_protocol(r) for r in rows], has_more=has_more)
+    with state.db.session(readonly=True) as s:
+        rows, has_more = repo.list_files(
+            s, project_id=project.id, purpose=purpose, limit=limit, after=after, order=order
+        )
+        return FileList(data=[repo.file_to_protocol(r) for r in rows], has_more=has_more)
 
 
 @router.get("/{file_id}", response_model=FileObject)
-def retrieve_file(file_id: str, project: CurrentProject, s: DB) -> FileObject:
-    return repo.file_to_protocol(repo.get_file(s, project_id=project.id, file_id=file_id))
+def retrieve_file(file_id: str, project: CurrentProject, state: State) -> FileObject:
+    with state.db.session(readonly=True) as s:
+        return repo.file_to_protocol(repo.get_file(s, project_id=project.id, file_id=file_id))
 
 
 @router.get("/{file_id}/content")
-def file_content(file_id: str, project: CurrentProject, s: DB, state: State) -> StreamingResponse:
-    row = repo.get_file(s, project_id=project.id, file_id=file_id)
+def file_content(file_id: str, project: CurrentProject, state: State) -> StreamingResponse:
+    with state.db.session(readonly=True) as s:
+        row = repo.get_file(s, project_id=project.id, file_id=file_id)
 
     def chunks() -> Iterator[bytes]:
         with state.blobs.open(row.sha256) as f:
@@ -125,6 +128,7 @@ def file_content(file_id: str, project: CurrentProject, s: DB, state: State) -> 
 
 
 @router.delete("/{file_id}", response_model=FileDeleted)
-def delete_file(file_id: str, project: CurrentProject, s: DB) -> FileDeleted:
-    repo.delete_file(s, project_id=project.id, file_id=file_id)
+def delete_file(file_id: str, project: CurrentProject, state: State) -> FileDeleted:
+    with state.db.session() as s:
+        repo.delete_file(s, project_id=project.id, file_id=file_id)
     return FileDeleted(id=file_id)
