@@ -119,6 +119,15 @@ def postgres_url() -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
+def s3_env() -> Iterator[dict[str, str]]:
+    """AWS_* variables pointing at a throwaway S3-compatible server (moto); one per test session."""
+    from tests.s3 import s3_server
+
+    with s3_server(free_port()) as env:
+        yield env
+
+
+@pytest.fixture(scope="session")
 def api_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """API only (no worker): jobs stay where the API put them."""
     server = start_server(

@@ -44,6 +44,11 @@ class Settings(BaseSettings):
         default_factory=list,
         description="Extra servable/trainable base models: Hugging Face ids or local folders.",
     )
+    blob_url: str | None = Field(
+        default=None,
+        description="s3://bucket/prefix keeps blobs in an S3-compatible store shared by several "
+        "machines (endpoint and credentials from the standard AWS_* variables); default: $OPENFT_HOME/blobs.",
+    )
     device: str = Field(default="auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'.")
     model_cache: Path | None = Field(
         default=None, description="Where generated/downloaded base models live; default $OPENFT_HOME/models."

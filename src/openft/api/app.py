@@ -16,7 +16,7 @@ from openft.api.deps import AppState
 from openft.api.limits import MULTIPART_SLACK, Admission, BodyLimit
 from openft.api.routes import chat, files, fine_tuning, models
 from openft.settings import Settings
-from openft.storage.blobs import LocalBlobStore
+from openft.storage.blobs import open_blob_store
 from openft.storage.db import Database
 from openft.storage.migrations import migrate
 from openft.web.router import router as web_router
@@ -33,7 +33,7 @@ def open_state(settings: Settings) -> AppState:
     applied = migrate(db.engine)
     if applied:
         log.info("applied migrations: %s", ", ".join(applied))
-    return AppState(settings=settings, db=db, blobs=LocalBlobStore(settings.blob_dir))
+    return AppState(settings=settings, db=db, blobs=open_blob_store(settings))
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

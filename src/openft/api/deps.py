@@ -17,7 +17,7 @@ from fastapi import Depends, Request
 from openft.errors import Unauthorized
 from openft.settings import Settings
 from openft.storage import repo
-from openft.storage.blobs import LocalBlobStore
+from openft.storage.blobs import BlobStore
 from openft.storage.db import Database
 from openft.storage.tables import Project
 
@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 class AppState:
     settings: Settings
     db: Database
-    blobs: LocalBlobStore
+    blobs: BlobStore
     _registry: Registry | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
 

@@ -19,7 +19,7 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 
 from openft.datasets.lines import JsonlScan, JsonlScanner
 from openft.errors import InvalidRequest
-from openft.storage.blobs import BlobWriter, LocalBlobStore
+from openft.storage.blobs import BlobStore, BlobWriter
 
 _MAX_FIELDS = 16
 _MAX_FIELD_BYTES = 64 * 1024
@@ -55,7 +55,7 @@ async def receive_upload(
     stream: AsyncIterator[bytes],
     content_type: str,
     *,
-    blobs: LocalBlobStore,
+    blobs: BlobStore,
     max_bytes: int,
     max_line_bytes: int,
 ) -> Upload:

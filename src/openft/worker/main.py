@@ -9,7 +9,7 @@ import socket
 import threading
 
 from openft.settings import Settings
-from openft.storage.blobs import LocalBlobStore
+from openft.storage.blobs import open_blob_store
 from openft.storage.db import Database
 from openft.storage.migrations import migrate
 from openft.worker.queue import claim
@@ -24,7 +24,7 @@ def make_context(settings: Settings) -> WorkerContext:
     migrate(db.engine)
     worker_id = f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident()}"
     return WorkerContext(
-        settings=settings, db=db, blobs=LocalBlobStore(settings.blob_dir), worker_id=worker_id
+        settings=settings, db=db, blobs=open_blob_store(settings), worker_id=worker_id
     )
 
 

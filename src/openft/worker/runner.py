@@ -21,7 +21,7 @@ from openft.errors import InvalidRequest, JobCancelled, JobFailed
 from openft.protocol.fine_tuning import TERMINAL_STATUSES
 from openft.settings import TINY_MODEL, Settings
 from openft.storage import repo
-from openft.storage.blobs import LocalBlobStore
+from openft.storage.blobs import BlobStore
 from openft.storage.db import Database
 from openft.storage.tables import File, Job
 from openft.training.config import LoraConfig, TrainConfig, default_training_type
@@ -40,7 +40,7 @@ MAX_ISSUE_EVENTS = 50
 class WorkerContext:
     settings: Settings
     db: Database
-    blobs: LocalBlobStore
+    blobs: BlobStore
     worker_id: str
 
 
