@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import typer
 
+from openft.cli.compare import compare as compare_jobs
 from openft.cli.remote import (
     DEFAULT_BASE_URL,
     ApiKeyOption,
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
     from openai.types.fine_tuning import FineTuningJob, FineTuningJobEvent
 
 app = typer.Typer(help="Create, watch and control fine-tuning jobs.", no_args_is_help=True)
+app.command("compare")(compare_jobs)
 
 JobId = Annotated[str, typer.Argument(help="Job id (ftjob-...).", show_default=False)]
 FINISHED = ("succeeded", "failed", "cancelled")

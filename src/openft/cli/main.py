@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from openft.cli import chat, export, files, jobs, keys, serve, validate
+from openft.cli import chat, export, files, jobs, keys, migrate, serve, validate
 
 app = typer.Typer(
     help="openft: self-hosted fine-tuning with OpenAI's API.",
@@ -19,6 +19,7 @@ app.command("export")(export.export)
 app.add_typer(files.app, name="files")
 app.add_typer(jobs.app, name="jobs")
 app.command("chat")(chat.chat)
+app.command("migrate")(migrate.migrate)
 
 if __name__ == "__main__":
     app()

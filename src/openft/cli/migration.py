@@ -1,0 +1,558 @@
+"""Move fine-tuning files and jobs from one OpenAI-wire server to another, through the openai SDK only.
+
+``plan()`` reads both sides and decides, per source file and job, what a run would do;
+``execute()`` does it. Both take SDK clients, so the same code runs against OpenAI itself,
+another openft, or recorded responses in tests.
+
+How a re-run recognises what an earlier (possibly interrupted) run already did:
+
+* Jobs carry ``metadata[openft_migrated_from] = <source job id>`` on the destination. A job is
+  created in one request, so it either exists with that key or not at all.
+* Files have no metadata in OpenAI's API, so a copy is recognised by its content: same
+  filename, same size and the same sha256. The content *is* the record, so there is no window
+  between "uploaded" and "recorded" (a ledger written after the upload would have one, and a
+  local ledger is lost when the migration is re-run from another machine or the destination
+  is wiped). Hashing costs a download, so it is done only for destination files whose name and
+  size already match, and skipped for files a migrated job already links (the source job's
+  training file *is* the destination job's training file; we verified it when we made it).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import csv
+import hashlib
+import io
+import json
+import random
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
+
+if TYPE_CHECKING:
+    from openai import OpenAI
+
+MIGRATED_FROM = "openft_migrated_from"
+"""Destination job metadata: the source job it re-creates."""
+SOURCE_RESULTS = "openft_source_results"
+"""Destination job metadata: the destination file id of the source job's results CSV."""
+SOURCE_METRICS = "openft_source_metrics"
+"""Destination job metadata: the source job's final metrics, compact JSON."""
+OUR_KEYS = (MIGRATED_FROM, SOURCE_RESULTS, SOURCE_METRICS)
+# OpenAI's metadata limits (openft enforces the same ones): 16 keys, values up to 512 characters.
+MAX_METADATA_KEYS = 16
+MAX_METADATA_VALUE = 512
+RESULTS_PURPOSE = "user_data"  # "fine-tune-results" is server-made; clients cannot upload it
+METHODS = ("supervised", "dpo")
+HYPERPARAMETERS = {
+    "supervised": ("n_epochs", "batch_size", "learning_rate_multiplier"),
+    "dpo": ("n_epochs", "batch_size", "learning_rate_multiplier", "beta"),
+}
+CHUNK = 1024 * 1024
+
+T = TypeVar("T")
+
+
+# ---------------------------------------------------------------- retries and pagination
+
+
+def with_retries(
+    call: Callable[[], T], *, attempts: int = 5, sleep: Callable[[float], None] = time.sleep
+) -> T:
+    """``call()``, retried with exponential back-off and jitter on 429, 5xx and dropped connections.
+
+    The SDK already retries each request ``max_retries`` times; this outer loop keeps a long
+    listing alive through a rate-limit window longer than the SDK's own back-off.
+    """
+    import openai
+
+    for attempt in range(attempts):
+        try:
+            return call()
+        except (openai.RateLimitError, openai.InternalServerError, openai.APIConnectionError):
+            if attempt == attempts - 1:
+                raise
+            sleep(min(30.0, 0.5 * 2**attempt) * (0.5 + random.random()))
+    raise AssertionError("unreachable")
+
+
+def paginate(first: Callable[[], Any], *, sleep: Callable[[float], None] = time.sleep) -> Iterator[dict]:
+    """Every item of a cursor-paginated SDK list, page by page, as plain dicts."""
+    page = with_retries(first, sleep=sleep)
+    while True:
+        for item in page.data:
+            yield item.to_dict(mode="json")
+        if not page.has_next_page():
+            return
+        page = with_retries(page.get_next_page, sleep=sleep)
+
+
+# ---------------------------------------------------------------- the plan
+
+
+@dataclass
+class FileStep:
+    source: dict[str, Any]
+    action: Literal["copy", "present"]
+    dest_id: str | None = None
+    how: str = ""
+    """Why a file counts as present: ``linked`` (by a migrated job) or ``sha256``."""
+
+    def to_json(self) -> dict[str, Any]:
+        s = self.source
+        return {
+            "source_id": s["id"],
+            "filename": s["filename"],
+            "bytes": s["bytes"],
+            "action": self.action,
+            "dest_id": self.dest_id,
+            **({"matched_by": self.how} if self.how else {}),
+        }
+
+
+@dataclass
+class JobStep:
+    source: dict[str, Any]
+    action: Literal["create", "present", "skip"]
+    method: str
+    model: str | None = None
+    """Destination base model (mapped)."""
+    hyperparameters: dict[str, Any] = field(default_factory=dict)
+    reason: str = ""
+    dest_id: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def source_id(self) -> str:
+        return str(self.source["id"])
+
+    def to_json(self) -> dict[str, Any]:
+        s = self.source
+        return {
+            "source_id": s["id"],
+            "status": s.get("status"),
+            "action": self.action,
+            "method": self.method,
+            "source_model": s.get("model"),
+            "model": self.model,
+            "hyperparameters": self.hyperparameters,
+            "suffix": s.get("user_provided_suffix"),
+            "seed": s.get("seed"),
+            "metadata": s.get("metadata"),
+            "training_file": s.get("training_file"),
+            "validation_file": s.get("validation_file"),
+            "reason": self.reason or None,
+            "dest_id": self.dest_id,
+            "notes": self.notes,
+        }
+
+
+@dataclass
+class Plan:
+    files: list[FileStep]
+    jobs: list[JobStep]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"files": [f.to_json() for f in self.files], "jobs": [j.to_json() for j in self.jobs]}
+
+
+class SourceAccessError(Exception):
+    """The source refused the key (401/403): nothing can be read."""
+
+
+def method_of(job: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The job's method type and its hyperparameters as the source reports them.
+
+    Jobs made before OpenAI added ``method`` carry only the top-level ``hyperparameters``:
+    they are supervised.
+    """
+    method = job.get("method") or {}
+    kind = str(method.get("type") or "supervised")
+    hp = ((method.get(kind) or {}).get("hyperparameters")) or job.get("hyperparameters") or {}
+    return kind, {k: v for k, v in hp.items() if v is not None}
+
+
+def parse_model_map(pairs: Iterable[str]) -> dict[str, str]:
+    """``SRC=DST`` pairs as a dict; raises ``ValueError`` naming the bad pair."""
+    mapping: dict[str, str] = {}
+    for pair in pairs:
+        src, sep, dst = pair.partition("=")
+        if not sep or not src.strip() or not dst.strip():
+            raise ValueError(f"--model-map {pair!r}: expected SOURCE_MODEL=DESTINATION_MODEL")
+        mapping[src.strip()] = dst.strip()
+    return mapping
+
+
+def plan(
+    src: OpenAI,
+    dst: OpenAI,
+    *,
+    model_map: dict[str, str],
+    statuses: set[str] | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+) -> Plan:
+    """Read both sides and decide what to copy; changes nothing (except hashing reads)."""
+    import openai
+
+    try:
+        src_files = [
+            f
+            for f in paginate(lambda: src.files.list(purpose="fine-tune", limit=100), sleep=sleep)
+            if f.get("purpose") == "fine-tune"
+        ]
+        src_jobs = list(paginate(lambda: src.fine_tuning.jobs.list(limit=100), sleep=sleep))
+    except (openai.AuthenticationError, openai.PermissionDeniedError) as e:
+        raise SourceAccessError(
+            f"the source refused the key ({e.status_code}): {_message(e)}. "
+            "Check --from-api-key: it needs read access to Files and Fine-tuning "
+            "(a restricted OpenAI key must allow both)."
+        ) from e
+    if statuses:
+        src_jobs = [j for j in src_jobs if j.get("status") in statuses]
+    # Oldest first, as they were made (the API lists newest first; the sort is stable within a second).
+    src_jobs = sorted(reversed(src_jobs), key=lambda j: j.get("created_at") or 0)
+
+    dst_files = list(paginate(lambda: dst.files.list(limit=100), sleep=sleep))
+    dst_jobs = list(paginate(lambda: dst.fine_tuning.jobs.list(limit=100), sleep=sleep))
+    dst_models = {m["id"] for m in paginate(dst.models.list, sleep=sleep)}
+    migrated = {(j.get("metadata") or {}).get(MIGRATED_FROM): j for j in dst_jobs}
+    migrated.pop(None, None)
+
+    files = _plan_files(src, dst, src_files, src_jobs, dst_files, migrated)
+    known_files = {f["id"] for f in src_files}
+    jobs = [_plan_job(job, migrated, model_map, dst_models, known_files) for job in src_jobs]
+    return Plan(files=files, jobs=jobs)
+
+
+def _plan_files(
+    src: OpenAI,
+    dst: OpenAI,
+    src_files: list[dict[str, Any]],
+    src_jobs: list[dict[str, Any]],
+    dst_files: list[dict[str, Any]],
+    migrated: dict[str, dict[str, Any]],
+) -> list[FileStep]:
+    dst_by_id = {f["id"]: f for f in dst_files}
+    # A migrated job links its source's files to the copies made for it.
+    linked: dict[str, str] = {}
+    for job in src_jobs:
+        copy = migrated.get(job["id"])
+        for key in ("training_file", "validation_file"):
+            if copy and job.get(key) and copy.get(key) in dst_by_id:
+                linked[job[key]] = copy[key]
+    candidates: dict[tuple[str, int], list[str]] = {}
+    for f in dst_files:
+        if f.get("purpose") == "fine-tune":
+            candidates.setdefault((f["filename"], f["bytes"]), []).append(f["id"])
+    dst_hash: dict[str, str] = {}
+    steps = []
+    for f in src_files:
+        if f["id"] in linked:
+            steps.append(FileStep(f, "present", linked[f["id"]], "linked"))
+            continue
+        twins = candidates.get((f["filename"], f["bytes"]), [])
+        match = None
+        if twins:
+            digest = _hash_remote(src, f["id"])
+            for twin in twins:
+                if twin not in dst_hash:
+                    dst_hash[twin] = _hash_remote(dst, twin)
+                if dst_hash[twin] == digest:
+                    match = twin
+                    break
+        steps.append(FileStep(f, "present", match, "sha256") if match else FileStep(f, "copy"))
+    return steps
+
+
+def _plan_job(
+    job: dict[str, Any],
+    migrated: dict[str, dict[str, Any]],
+    model_map: dict[str, str],
+    dst_models: set[str],
+    known_files: set[str],
+) -> JobStep:
+    kind, hp = method_of(job)
+    step = JobStep(job, "create", kind, hyperparameters=hp)
+    if job.get("integrations"):
+        step.notes.append("integrations are not copied")
+    if job["id"] in migrated:
+        step.action, step.dest_id = "present", migrated[job["id"]]["id"]
+        step.model = migrated[job["id"]].get("model")
+        return step
+    if kind not in METHODS:
+        return _skip(step, f"{kind} fine-tuning is not supported yet (supervised and dpo are)")
+    source_model = str(job.get("model"))
+    target = model_map.get(source_model) or (source_model if source_model in dst_models else None)
+    if target is None:
+        return _skip(
+            step,
+            f"no mapping for model {source_model!r}: pass --model-map {source_model}=<destination model>",
+        )
+    if target not in dst_models:
+        return _skip(step, f"--model-map maps {source_model!r} to {target!r}, which the destination lacks")
+    step.model = target
+    for key in ("training_file", "validation_file"):
+        if job.get(key) and job[key] not in known_files:
+            return _skip(step, f"its {key} {job[key]} is no longer on the source")
+    metadata = job.get("metadata") or {}
+    clash = [k for k in OUR_KEYS if k in metadata]
+    if clash:
+        return _skip(step, f"its metadata already uses {clash[0]!r}, which openft migrate writes")
+    if len(metadata) >= MAX_METADATA_KEYS:
+        return _skip(step, f"its metadata has {len(metadata)} keys: no room for {MIGRATED_FROM!r}")
+    return step
+
+
+def _skip(step: JobStep, reason: str) -> JobStep:
+    step.action, step.reason = "skip", reason
+    return step
+
+
+# ---------------------------------------------------------------- doing it
+
+
+@dataclass
+class Result:
+    files_copied: int = 0
+    jobs_created: int = 0
+    failures: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "files_copied": self.files_copied,
+            "jobs_created": self.jobs_created,
+            "failures": self.failures,
+        }
+
+
+class Progress:
+    """What ``execute`` reports while it copies; the CLI draws a bar from it."""
+
+    def start_file(self, name: str, total: int) -> None: ...
+
+    def advance(self, n: int) -> None: ...
+
+    def done_file(self) -> None: ...
+
+
+def execute(src: OpenAI, dst: OpenAI, the_plan: Plan, progress: Progress | None = None) -> Result:
+    """Copy the files marked ``copy``, then create the jobs marked ``create``; fills in ``dest_id``.
+
+    A failure on one job (or file) is recorded and the rest go on; the run can simply be repeated.
+    """
+    import openai
+
+    progress = progress or Progress()
+    result = Result()
+    file_map: dict[str, str] = {}
+    for step in the_plan.files:
+        if step.action == "copy":
+            try:
+                step.dest_id = copy_file(src, dst, step.source, purpose="fine-tune", progress=progress)
+            except (openai.APIError, _Refused) as e:
+                result.failures.append(f"file {step.source['id']}: {_message(e)}")
+                continue
+            result.files_copied += 1
+        if step.dest_id:
+            file_map[step.source["id"]] = step.dest_id
+    for job_step in the_plan.jobs:
+        if job_step.action != "create":
+            continue
+        try:
+            missing = [
+                job_step.source[k]
+                for k in ("training_file", "validation_file")
+                if job_step.source.get(k) and job_step.source[k] not in file_map
+            ]
+            if missing:
+                raise _Refused(f"its file {missing[0]} was not copied")
+            job_step.dest_id = _create_job(src, dst, job_step, file_map, progress)
+        except (openai.APIError, _Refused) as e:
+            job_step.reason = _message(e)
+            result.failures.append(f"job {job_step.source_id}: {job_step.reason}")
+            continue
+        result.jobs_created += 1
+    return result
+
+
+class _Refused(Exception):
+    pass
+
+
+def copy_file(
+    src: OpenAI,
+    dst: OpenAI,
+    source: dict[str, Any],
+    *,
+    purpose: str,
+    progress: Progress,
+    filename: str | None = None,
+) -> str:
+    """Stream one source file to a temporary file, then upload it from there; returns the new id.
+
+    Neither side's content is ever held in memory whole. The bytes are checked against the
+    size the source announced and the size the destination reports.
+    """
+    name = filename or source["filename"]
+    progress.start_file(name, 2 * int(source["bytes"]))  # download, then upload
+    with tempfile.TemporaryDirectory(prefix="openft-migrate-") as tmp:
+        path = Path(tmp) / "content"
+        size, _ = _download(src, source["id"], path, progress.advance)
+        if size != source["bytes"]:
+            raise _Refused(f"downloaded {size} bytes, the source announced {source['bytes']}")
+        with _ReportingFile(path, progress.advance) as fh:
+            uploaded = dst.files.create(file=(name, fh), purpose=purpose)  # type: ignore[arg-type]
+    progress.done_file()
+    if uploaded.bytes != size:
+        raise _Refused(f"the destination stored {uploaded.bytes} bytes of {size}")
+    return uploaded.id
+
+
+class _ReportingFile(io.FileIO):
+    """A file whose reads advance the progress bar (httpx streams multipart uploads by reading)."""
+
+    def __init__(self, path: Path, on_read: Callable[[int], None]) -> None:
+        super().__init__(path, "rb")
+        self._on_read = on_read
+
+    def read(self, size: int = -1) -> bytes:
+        chunk = super().read(size)
+        self._on_read(len(chunk or b""))
+        return chunk or b""
+
+
+def _download(
+    client: OpenAI, file_id: str, path: Path | None, on_chunk: Callable[[int], None] | None = None
+) -> tuple[int, str]:
+    """Stream a file's content (to ``path`` if given); returns its size and sha256."""
+    digest, size = hashlib.sha256(), 0
+    with client.with_streaming_response.files.content(file_id) as response:
+        out = path.open("wb") if path else None
+        try:
+            for chunk in response.iter_bytes(CHUNK):
+                digest.update(chunk)
+                size += len(chunk)
+                if out:
+                    out.write(chunk)
+                if on_chunk:
+                    on_chunk(len(chunk))
+        finally:
+            if out:
+                out.close()
+    return size, digest.hexdigest()
+
+
+def _hash_remote(client: OpenAI, file_id: str) -> str:
+    return with_retries(lambda: _download(client, file_id, None))[1]
+
+
+def _create_job(src: OpenAI, dst: OpenAI, step: JobStep, file_map: dict[str, str], progress: Progress) -> str:
+    job = step.source
+    metadata = {**(job.get("metadata") or {}), MIGRATED_FROM: step.source_id}
+    metadata.update(_carry_results(src, dst, job, room=MAX_METADATA_KEYS - len(metadata), progress=progress))
+    optional: dict[str, Any] = {}
+    if job.get("validation_file"):
+        optional["validation_file"] = file_map[job["validation_file"]]
+    if job.get("user_provided_suffix"):
+        optional["suffix"] = job["user_provided_suffix"]
+    if job.get("seed") is not None:
+        optional["seed"] = job["seed"]
+    # Hyperparameters go only under ``method`` (the top-level field is deprecated, and a
+    # destination may refuse both at once).
+    created = dst.fine_tuning.jobs.create(
+        model=str(step.model),
+        training_file=file_map[job["training_file"]],
+        method={"type": step.method, step.method: {"hyperparameters": step.hyperparameters}},  # type: ignore[misc]
+        metadata=metadata,
+        **optional,
+    )
+    return created.id
+
+
+def _carry_results(
+    src: OpenAI, dst: OpenAI, job: dict[str, Any], *, room: int, progress: Progress
+) -> dict[str, str]:
+    """Copy the source job's results CSV to the destination; metadata keys pointing at it.
+
+    The copy is a ``user_data`` file named ``<source job>_results.csv``. Like training files it
+    is recognised by name, size and sha256, so an interrupted run does not upload it twice.
+    """
+    results = list(job.get("result_files") or [])
+    if not results or room <= 0:
+        return {}
+    source = with_retries(lambda: src.files.retrieve(results[0])).to_dict(mode="json")
+    name = f"{job['id']}_results.csv"
+    with tempfile.TemporaryDirectory(prefix="openft-migrate-") as tmp:
+        path = Path(tmp) / "results.csv"
+        size, digest = _download(src, source["id"], path)
+        dest_id = None
+        for f in paginate(lambda: dst.files.list(purpose=RESULTS_PURPOSE, limit=100)):
+            if f["filename"] == name and f["bytes"] == size and _hash_remote(dst, f["id"]) == digest:
+                dest_id = f["id"]
+                break
+        if dest_id is None:
+            progress.start_file(name, size)
+            with _ReportingFile(path, progress.advance) as fh:
+                dest_id = dst.files.create(file=(name, fh), purpose=RESULTS_PURPOSE).id  # type: ignore[arg-type]
+            progress.done_file()
+        keys = {SOURCE_RESULTS: dest_id}
+        metrics = final_metrics(read_results_csv(path.read_bytes()), job)
+        if metrics and room >= 2:
+            keys[SOURCE_METRICS] = metrics
+    return keys
+
+
+# ---------------------------------------------------------------- results CSVs
+
+
+def read_results_csv(data: bytes) -> list[dict[str, float]]:
+    """The rows of a results CSV as numbers (blank cells left out).
+
+    OpenAI serves result files base64-encoded; openft serves the CSV itself. Both are read.
+    """
+    text = data.decode("utf-8", errors="replace").strip()
+    if text and not text.startswith("step"):
+        try:
+            decoded = base64.b64decode(text, validate=False).decode("utf-8").strip()
+        except (binascii.Error, UnicodeDecodeError):
+            decoded = ""
+        if decoded.startswith("step"):
+            text = decoded
+    rows = []
+    for row in csv.DictReader(io.StringIO(text)):
+        parsed = {}
+        for key, value in row.items():
+            try:
+                parsed[str(key)] = float(value)
+            except (TypeError, ValueError):
+                continue
+        if "step" in parsed:
+            rows.append(parsed)
+    return rows
+
+
+def final_metrics(rows: list[dict[str, float]], job: dict[str, Any]) -> str:
+    """The last value of each column (validation is not logged every step), as JSON within 512 chars."""
+    last: dict[str, float | int] = {}
+    for row in rows:
+        last.update(row)
+    if "step" in last:
+        last["step"] = int(last["step"])
+    if job.get("trained_tokens"):
+        last["trained_tokens"] = int(job["trained_tokens"])
+    compact = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in last.items()}
+    text = json.dumps(compact, separators=(",", ":"))
+    while len(text) > MAX_METADATA_VALUE and len(compact) > 1:
+        compact.popitem()
+        text = json.dumps(compact, separators=(",", ":"))
+    return text if compact else ""
+
+
+def _message(exc: Exception) -> str:
+    from openft.cli.remote import describe_api_error
+
+    return describe_api_error(exc)
