@@ -12,11 +12,13 @@ from openft.cli.remote import (
     DEFAULT_BASE_URL,
     BaseUrlOption,
     JsonOption,
+    api_key_option,
     connect,
     console,
     fail,
     print_table,
 )
+from openft.protocol.fine_tuning import JobStatus
 
 if TYPE_CHECKING:
     from openft.cli.migration import FileStep, JobStep, Plan, Result
@@ -24,17 +26,8 @@ if TYPE_CHECKING:
 _SOURCE = "Source"
 # Unlike the other remote commands, the destination key does not fall back to OPENAI_API_KEY:
 # here that variable usually holds the *source* (OpenAI) key.
-DestApiKeyOption = Annotated[
-    str | None,
-    typer.Option(
-        "--api-key",
-        envvar="OPENFT_API_KEY",
-        help="Destination (openft) API key.",
-        rich_help_panel="Connection",
-        show_default=False,
-    ),
-]
-STATUSES = ("validating_files", "queued", "running", "paused", "succeeded", "failed", "cancelled")
+DestApiKeyOption = api_key_option(["OPENFT_API_KEY"], "Destination (openft) API key.")
+STATUSES: tuple[str, ...] = JobStatus.__args__  # type: ignore[attr-defined]
 
 
 def migrate(

@@ -32,16 +32,19 @@ BaseUrlOption = Annotated[
         rich_help_panel=_PANEL,
     ),
 ]
-ApiKeyOption = Annotated[
-    str | None,
-    typer.Option(
-        "--api-key",
-        envvar=["OPENFT_API_KEY", "OPENAI_API_KEY"],
-        help="API key (make one with 'openft keys create --project NAME').",
-        rich_help_panel=_PANEL,
-        show_default=False,
-    ),
-]
+
+
+def api_key_option(envvar: list[str], help: str) -> Any:  # noqa: A002
+    """The ``--api-key`` option, read from the first of ``envvar`` that is set."""
+    return Annotated[
+        str | None,
+        typer.Option("--api-key", envvar=envvar, help=help, rich_help_panel=_PANEL, show_default=False),
+    ]
+
+
+ApiKeyOption = api_key_option(
+    ["OPENFT_API_KEY", "OPENAI_API_KEY"], "API key (make one with 'openft keys create --project NAME')."
+)
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")]
 LimitOption = Annotated[int, typer.Option("--limit", min=1, help="Show at most this many.")]
 IntervalOption = Annotated[

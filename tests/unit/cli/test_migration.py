@@ -426,3 +426,24 @@ def test_results_csv_is_read_plain_or_base64():
     assert rows == migration.read_results_csv(RESULTS_B64)
     assert rows[0] == {"step": 1.0, "train_loss": 1.5, "train_accuracy": 0.4}
     assert len(json.loads(migration.final_metrics(rows * 200, {}))) == 5
+
+
+def test_command_line_refusals_name_the_option():
+    from typer.testing import CliRunner
+
+    from openft.cli.main import app
+
+    env = {"OPENFT_API_KEY": None, "OPENFT_FROM_API_KEY": None, "OPENFT_BASE_URL": None}
+
+    def run(*args: str, **extra_env: str):
+        return CliRunner().invoke(app, ["migrate", *args], env={**env, **extra_env})
+
+    # the destination key never falls back to OPENAI_API_KEY (that is the source's key here)
+    result = run("--from-api-key", "sk-src", OPENAI_API_KEY="sk-openai")
+    assert result.exit_code == 2 and "no API key" in result.stderr
+    result = run("--api-key", "k", OPENAI_API_KEY="")
+    assert result.exit_code == 2 and "--from-api-key" in result.stderr
+    result = run("--from-api-key", "s", "--api-key", "k", "--model-map", "gpt-4o-mini")
+    assert result.exit_code == 2 and "SOURCE_MODEL=DESTINATION_MODEL" in result.output
+    result = run("--from-api-key", "s", "--api-key", "k", "--status", "done")
+    assert result.exit_code == 2 and "'done' is not one of" in result.output
