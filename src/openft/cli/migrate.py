@@ -139,6 +139,9 @@ def _report(the_plan: Plan, result: Result | None, *, json_out: bool, dry_run: b
     skipped = [j for j in the_plan.jobs if j.action == "skip"]
     for j in skipped:
         typer.echo(f"skipped {j.source_id}: {j.reason}", err=True)
+    for j in the_plan.jobs:
+        for note in j.notes:
+            typer.echo(f"note {j.source_id}: {note}", err=True)
     if result is not None:
         typer.echo(
             f"\ncopied {result.files_copied} file(s), created {result.jobs_created} job(s), "

@@ -228,6 +228,28 @@ def plan(
     return Plan(files=files, jobs=jobs)
 
 
+class _DestFiles:
+    """Destination files by (filename, size); each one hashed at most once, and only when asked."""
+
+    def __init__(self, dst: OpenAI, files: Iterable[dict[str, Any]]) -> None:
+        self._dst = dst
+        self._by_key: dict[tuple[str, int], list[str]] = {}
+        self._sha: dict[str, str] = {}
+        for f in files:
+            self._by_key.setdefault((f["filename"], int(f["bytes"])), []).append(f["id"])
+
+    def has(self, filename: str, size: int) -> bool:
+        return (filename, size) in self._by_key
+
+    def find(self, filename: str, size: int, digest: str) -> str | None:
+        for file_id in self._by_key.get((filename, size), []):
+            if file_id not in self._sha:
+                self._sha[file_id] = _hash_remote(self._dst, file_id)
+            if self._sha[file_id] == digest:
+                return file_id
+        return None
+
+
 def _plan_files(
     src: OpenAI,
     dst: OpenAI,
@@ -236,34 +258,23 @@ def _plan_files(
     dst_files: list[dict[str, Any]],
     migrated: dict[str, dict[str, Any]],
 ) -> list[FileStep]:
-    dst_by_id = {f["id"]: f for f in dst_files}
+    dst_ids = {f["id"] for f in dst_files}
     # A migrated job links its source's files to the copies made for it.
     linked: dict[str, str] = {}
     for job in src_jobs:
         copy = migrated.get(job["id"])
         for key in ("training_file", "validation_file"):
-            if copy and job.get(key) and copy.get(key) in dst_by_id:
+            if copy and job.get(key) and copy.get(key) in dst_ids:
                 linked[job[key]] = copy[key]
-    candidates: dict[tuple[str, int], list[str]] = {}
-    for f in dst_files:
-        if f.get("purpose") == "fine-tune":
-            candidates.setdefault((f["filename"], f["bytes"]), []).append(f["id"])
-    dst_hash: dict[str, str] = {}
+    twins = _DestFiles(dst, (f for f in dst_files if f.get("purpose") == "fine-tune"))
     steps = []
     for f in src_files:
         if f["id"] in linked:
             steps.append(FileStep(f, "present", linked[f["id"]], "linked"))
             continue
-        twins = candidates.get((f["filename"], f["bytes"]), [])
         match = None
-        if twins:
-            digest = _hash_remote(src, f["id"])
-            for twin in twins:
-                if twin not in dst_hash:
-                    dst_hash[twin] = _hash_remote(dst, twin)
-                if dst_hash[twin] == digest:
-                    match = twin
-                    break
+        if twins.has(f["filename"], f["bytes"]):
+            match = twins.find(f["filename"], f["bytes"], _hash_remote(src, f["id"]))
         steps.append(FileStep(f, "present", match, "sha256") if match else FileStep(f, "copy"))
     return steps
 
@@ -349,6 +360,7 @@ def execute(src: OpenAI, dst: OpenAI, the_plan: Plan, progress: Progress | None 
     progress = progress or Progress()
     result = Result()
     file_map: dict[str, str] = {}
+    results_copies: list[_DestFiles] = []  # made on first use: most sources have few results
     for step in the_plan.files:
         if step.action == "copy":
             try:
@@ -370,7 +382,10 @@ def execute(src: OpenAI, dst: OpenAI, the_plan: Plan, progress: Progress | None 
             ]
             if missing:
                 raise _Refused(f"its file {missing[0]} was not copied")
-            job_step.dest_id = _create_job(src, dst, job_step, file_map, progress)
+            if not results_copies:
+                listed = paginate(lambda: dst.files.list(purpose=RESULTS_PURPOSE, limit=100))
+                results_copies.append(_DestFiles(dst, listed))
+            job_step.dest_id = _create_job(src, dst, job_step, file_map, results_copies[0], progress)
         except (openai.APIError, _Refused) as e:
             job_step.reason = _message(e)
             result.failures.append(f"job {job_step.source_id}: {job_step.reason}")
@@ -390,18 +405,21 @@ def copy_file(
     *,
     purpose: str,
     progress: Progress,
-    filename: str | None = None,
 ) -> str:
     """Stream one source file to a temporary file, then upload it from there; returns the new id.
 
     Neither side's content is ever held in memory whole. The bytes are checked against the
     size the source announced and the size the destination reports.
     """
-    name = filename or source["filename"]
-    progress.start_file(name, 2 * int(source["bytes"]))  # download, then upload
+    name = source["filename"]
+
+    def fetch(path: Path) -> int:
+        progress.start_file(name, 2 * int(source["bytes"]))  # download, then upload
+        return _download(src, source["id"], path, progress.advance)[0]
+
     with tempfile.TemporaryDirectory(prefix="openft-migrate-") as tmp:
         path = Path(tmp) / "content"
-        size, _ = _download(src, source["id"], path, progress.advance)
+        size = with_retries(lambda: fetch(path))  # a download cut off half-way starts over
         if size != source["bytes"]:
             raise _Refused(f"downloaded {size} bytes, the source announced {source['bytes']}")
         with _ReportingFile(path, progress.advance) as fh:
@@ -429,6 +447,8 @@ def _download(
     client: OpenAI, file_id: str, path: Path | None, on_chunk: Callable[[int], None] | None = None
 ) -> tuple[int, str]:
     """Stream a file's content (to ``path`` if given); returns its size and sha256."""
+    import openai
+
     digest, size = hashlib.sha256(), 0
     with client.with_streaming_response.files.content(file_id) as response:
         out = path.open("wb") if path else None
@@ -440,6 +460,14 @@ def _download(
                     out.write(chunk)
                 if on_chunk:
                     on_chunk(len(chunk))
+        except Exception as e:
+            # The SDK wraps errors of the request, not of reading its body: a connection that
+            # drops mid-stream surfaces as the HTTP library's own error. Make it retryable.
+            if not type(e).__module__.startswith(("httpx", "httpcore")):
+                raise
+            raise openai.APIConnectionError(
+                message=f"reading {file_id} broke off after {size} bytes: {e}", request=response.http_request
+            ) from e
         finally:
             if out:
                 out.close()
@@ -450,10 +478,26 @@ def _hash_remote(client: OpenAI, file_id: str) -> str:
     return with_retries(lambda: _download(client, file_id, None))[1]
 
 
-def _create_job(src: OpenAI, dst: OpenAI, step: JobStep, file_map: dict[str, str], progress: Progress) -> str:
+def _create_job(
+    src: OpenAI,
+    dst: OpenAI,
+    step: JobStep,
+    file_map: dict[str, str],
+    results_copies: _DestFiles,
+    progress: Progress,
+) -> str:
+    import openai
+
     job = step.source
     metadata = {**(job.get("metadata") or {}), MIGRATED_FROM: step.source_id}
-    metadata.update(_carry_results(src, dst, job, room=MAX_METADATA_KEYS - len(metadata), progress=progress))
+    room = MAX_METADATA_KEYS - len(metadata)
+    if job.get("result_files") and room < 1:
+        step.notes.append("results CSV not copied: the metadata has no room to point at it")
+    elif job.get("result_files"):
+        try:
+            metadata.update(_carry_results(src, dst, job, results_copies, room=room, progress=progress))
+        except openai.APIError as e:  # the job itself still moves; its old curve is a bonus
+            step.notes.append(f"results CSV not copied: {_message(e)}")
     optional: dict[str, Any] = {}
     if job.get("validation_file"):
         optional["validation_file"] = file_map[job["validation_file"]]
@@ -474,32 +518,31 @@ def _create_job(src: OpenAI, dst: OpenAI, step: JobStep, file_map: dict[str, str
 
 
 def _carry_results(
-    src: OpenAI, dst: OpenAI, job: dict[str, Any], *, room: int, progress: Progress
+    src: OpenAI,
+    dst: OpenAI,
+    job: dict[str, Any],
+    copies: _DestFiles,
+    *,
+    room: int,
+    progress: Progress,
 ) -> dict[str, str]:
     """Copy the source job's results CSV to the destination; metadata keys pointing at it.
 
     The copy is a ``user_data`` file named ``<source job>_results.csv``. Like training files it
     is recognised by name, size and sha256, so an interrupted run does not upload it twice.
     """
-    results = list(job.get("result_files") or [])
-    if not results or room <= 0:
-        return {}
-    source = with_retries(lambda: src.files.retrieve(results[0])).to_dict(mode="json")
     name = f"{job['id']}_results.csv"
     with tempfile.TemporaryDirectory(prefix="openft-migrate-") as tmp:
         path = Path(tmp) / "results.csv"
-        size, digest = _download(src, source["id"], path)
-        dest_id = None
-        for f in paginate(lambda: dst.files.list(purpose=RESULTS_PURPOSE, limit=100)):
-            if f["filename"] == name and f["bytes"] == size and _hash_remote(dst, f["id"]) == digest:
-                dest_id = f["id"]
-                break
+        size, digest = _download(src, job["result_files"][0], path)
+        dest_id = copies.find(name, size, digest)
         if dest_id is None:
             progress.start_file(name, size)
             with _ReportingFile(path, progress.advance) as fh:
                 dest_id = dst.files.create(file=(name, fh), purpose=RESULTS_PURPOSE).id  # type: ignore[arg-type]
             progress.done_file()
         keys = {SOURCE_RESULTS: dest_id}
+        # results CSVs are small (a row per step): read whole to find the last values
         metrics = final_metrics(read_results_csv(path.read_bytes()), job)
         if metrics and room >= 2:
             keys[SOURCE_METRICS] = metrics

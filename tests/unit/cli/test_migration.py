@@ -173,7 +173,9 @@ JOBS_PAGE_2 = {"object": "list", "data": [JOB_SUCCEEDED, JOB_LEGACY], "has_more"
 MODEL_MAP = {"davinci-002": "openft-tiny-vlm", "gpt-4o-mini": "openft-tiny-vlm", "o4-mini": "openft-tiny-vlm"}
 
 
-def openai_source(*, fail_once: set[str] | None = None, unauthorized: bool = False):
+def openai_source(
+    *, fail_once: set[str] | None = None, unauthorized: bool = False, jobs: list[dict] | None = None
+):
     """A transport answering like api.openai.com; records the paths it was asked for."""
     calls: list[str] = []
     fail_once = set(fail_once or ())
@@ -207,6 +209,8 @@ def openai_source(*, fail_once: set[str] | None = None, unauthorized: bool = Fal
             "/v1/fine_tuning/jobs": JOBS_PAGE_1,
             "/v1/fine_tuning/jobs?after=ftjob-abc": JOBS_PAGE_2,
         }
+        if jobs is not None:
+            routes["/v1/fine_tuning/jobs"] = {"object": "list", "data": jobs, "has_more": False}
         contents = {"file-abc456": TRAIN, "file-abc789": PREFS, "file-res1": RESULTS_B64}
         if key in routes:
             return sdk_http.Response(200, json=routes[key])
@@ -447,3 +451,38 @@ def test_command_line_refusals_name_the_option():
     assert result.exit_code == 2 and "SOURCE_MODEL=DESTINATION_MODEL" in result.output
     result = run("--from-api-key", "s", "--api-key", "k", "--status", "done")
     assert result.exit_code == 2 and "'done' is not one of" in result.output
+
+
+def test_a_lost_results_file_does_not_stop_its_job():
+    lost = {**JOB_SUCCEEDED, "result_files": ["file-gone"]}
+    handler, _ = openai_source(jobs=[lost])
+    src, dest = client(handler, "https://api.openai.com/v1"), Destination()
+    dst = client(dest, "http://127.0.0.1:9/v1")
+    plan = migration.plan(src, dst, model_map=MODEL_MAP, sleep=no_sleep)
+    result = migration.execute(src, dst, plan)
+    assert result.jobs_created == 1 and result.failures == []
+    assert dest.job_requests[0]["metadata"] == {"key": "value", migration.MIGRATED_FROM: "ftjob-abc123"}
+    assert plan.jobs[0].notes == ["results CSV not copied: no /v1/files/file-gone/content"]
+
+
+def test_a_download_cut_off_half_way_starts_over():
+    handler, _ = openai_source()
+    broken = {"left": 1}
+
+    class Breaks(sdk_http.SyncByteStream):
+        def __iter__(self):
+            yield TRAIN[:10]
+            raise sdk_http.ReadError("connection reset")
+
+    def flaky(request: Any):
+        if request.url.path.endswith("file-abc456/content") and broken["left"]:
+            broken["left"] -= 1
+            return sdk_http.Response(200, stream=Breaks())
+        return handler(request)
+
+    src, dest = client(flaky, "https://api.openai.com/v1"), Destination()
+    dst = client(dest, "http://127.0.0.1:9/v1")
+    copied = migration.copy_file(
+        src, dst, FILES_PAGE_1["data"][1], purpose="fine-tune", progress=migration.Progress()
+    )
+    assert dest.content[copied] == TRAIN and broken["left"] == 0
