@@ -486,3 +486,48 @@ def test_a_download_cut_off_half_way_starts_over():
         src, dst, FILES_PAGE_1["data"][1], purpose="fine-tune", progress=migration.Progress()
     )
     assert dest.content[copied] == TRAIN and broken["left"] == 0
+
+
+def test_a_large_file_is_copied_without_holding_it_in_memory():
+    """64 MB through download, temp file and multipart upload with a small, bounded peak."""
+    import hashlib
+    import tracemalloc
+
+    size, block = 64 * 1024 * 1024, bytes(range(256)) * 4096  # 1 MiB
+    source_file = {**FILES_PAGE_2["data"][0], "id": "file-big", "bytes": size, "filename": "big.jsonl"}
+
+    class Blocks(sdk_http.SyncByteStream):
+        def __iter__(self):
+            for _ in range(size // len(block)):
+                yield block
+
+    class Sink(sdk_http.BaseTransport):
+        """Reads the upload as it streams in (MockTransport would buffer the whole request)."""
+
+        sha = hashlib.sha256()
+        received = 0
+
+        def handle_request(self, request: Any) -> Any:
+            for chunk in request.stream:
+                Sink.sha.update(chunk)
+                Sink.received += len(chunk)
+            uploaded = {**source_file, "id": "file-dst-big", "purpose": "fine-tune", "status": "processed"}
+            return sdk_http.Response(200, json=uploaded)
+
+    src = client(lambda request: sdk_http.Response(200, stream=Blocks()), "https://api.openai.com/v1")
+    dst = openai.OpenAI(
+        base_url="http://127.0.0.1:9/v1",
+        api_key="k",
+        max_retries=0,
+        http_client=openai.DefaultHttpxClient(transport=Sink()),
+    )
+    tracemalloc.start()
+    try:
+        copied = migration.copy_file(
+            src, dst, source_file, purpose="fine-tune", progress=migration.Progress()
+        )
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert copied == "file-dst-big" and size < Sink.received < size + 4096  # the file plus multipart framing
+    assert peak < 16 * 1024 * 1024, f"peak {peak / 2**20:.1f} MiB for a 64 MiB file"
