@@ -224,7 +224,15 @@ def plan(
 
     files = _plan_files(src, dst, src_files, src_jobs, dst_files, migrated)
     known_files = {f["id"] for f in src_files}
-    jobs = [_plan_job(job, migrated, model_map, dst_models, known_files) for job in src_jobs]
+    # A job that continues a fine-tuned model continues its copy here, once that copy has trained.
+    parents = {j["fine_tuned_model"]: j["id"] for j in src_jobs if j.get("fine_tuned_model")}
+    continued = {
+        model: migrated[parent]["fine_tuned_model"]
+        for model, parent in parents.items()
+        if parent in migrated and migrated[parent].get("fine_tuned_model")
+    }
+    model_map = {**continued, **model_map}
+    jobs = [_plan_job(job, migrated, model_map, dst_models, known_files, parents) for job in src_jobs]
     return Plan(files=files, jobs=jobs)
 
 
@@ -285,6 +293,7 @@ def _plan_job(
     model_map: dict[str, str],
     dst_models: set[str],
     known_files: set[str],
+    parents: dict[str, str],
 ) -> JobStep:
     kind, hp = method_of(job)
     step = JobStep(job, "create", kind, hyperparameters=hp)
@@ -298,6 +307,12 @@ def _plan_job(
         return _skip(step, f"{kind} fine-tuning is not supported yet (supervised and dpo are)")
     source_model = str(job.get("model"))
     target = model_map.get(source_model) or (source_model if source_model in dst_models else None)
+    if target is None and source_model in parents:
+        return _skip(
+            step,
+            f"it continues {source_model!r}, made by source job {parents[source_model]}: run again once "
+            "that job's copy has trained here, or pass --model-map",
+        )
     if target is None:
         return _skip(
             step,

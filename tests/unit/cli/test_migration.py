@@ -236,15 +236,9 @@ class Destination:
     def __call__(self, request: Any):
         path, method = request.url.path, request.method
         if path == "/v1/models":
-            return sdk_http.Response(
-                200,
-                json={
-                    "object": "list",
-                    "data": [
-                        {"id": "openft-tiny-vlm", "object": "model", "created": 0, "owned_by": "openft"}
-                    ],
-                },
-            )
+            names = ["openft-tiny-vlm", *(j["fine_tuned_model"] for j in self.jobs if j["fine_tuned_model"])]
+            models = [{"id": n, "object": "model", "created": 0, "owned_by": "openft"} for n in names]
+            return sdk_http.Response(200, json={"object": "list", "data": models})
         if path == "/v1/files" and method == "POST":
             form = self._form(request)
             file_id = f"file-dst{len(self.files)}"
@@ -531,3 +525,30 @@ def test_a_large_file_is_copied_without_holding_it_in_memory():
         tracemalloc.stop()
     assert copied == "file-dst-big" and size < Sink.received < size + 4096  # the file plus multipart framing
     assert peak < 16 * 1024 * 1024, f"peak {peak / 2**20:.1f} MiB for a 64 MiB file"
+
+
+def test_a_job_continuing_a_fine_tuned_model_follows_its_parents_copy():
+    child = {
+        **JOB_LEGACY,
+        "id": "ftjob-child",
+        "created_at": 1692662000,
+        "model": JOB_SUCCEEDED["fine_tuned_model"],
+        "status": "queued",
+    }
+    handler, _ = openai_source(jobs=[child, JOB_SUCCEEDED])
+    src, dest = client(handler, "https://api.openai.com/v1"), Destination()
+    dst = client(dest, "http://127.0.0.1:9/v1")
+    first = migration.plan(src, dst, model_map=MODEL_MAP, sleep=no_sleep)
+    skipped = first.jobs[1]
+    assert (
+        skipped.action == "skip" and "run again once" in skipped.reason and "ftjob-abc123" in skipped.reason
+    )
+    migration.execute(src, dst, first)
+    dest.jobs[0]["fine_tuned_model"] = "ft:openft-tiny-vlm:team:custom_suffix:dst0"  # the copy trained
+    second = migration.plan(src, dst, model_map=MODEL_MAP, sleep=no_sleep)
+    assert [(j.source_id, j.action) for j in second.jobs] == [
+        ("ftjob-abc123", "present"),
+        ("ftjob-child", "create"),
+    ]
+    migration.execute(src, dst, second)
+    assert dest.job_requests[-1]["model"] == "ft:openft-tiny-vlm:team:custom_suffix:dst0"
