@@ -83,6 +83,8 @@ def migrate(
         raise typer.BadParameter(f"{bad[0]!r} is not one of {', '.join(STATUSES)}", param_hint="--status")
     if not from_api_key:
         fail("no source key: pass --from-api-key or set OPENFT_FROM_API_KEY", code=2)
+    if from_base_url.rstrip("/") == base_url.rstrip("/") and from_api_key == api_key:
+        fail("the source and the destination are the same project: check --base-url and --api-key", code=2)
     # The SDK retries each request on 429/5xx with back-off; listing adds its own outer retries.
     source = openai.OpenAI(base_url=from_base_url, api_key=from_api_key, max_retries=5)
     with source, connect(base_url, api_key) as dest:

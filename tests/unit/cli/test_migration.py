@@ -443,6 +443,17 @@ def test_command_line_refusals_name_the_option():
     assert result.exit_code == 2 and "--from-api-key" in result.stderr
     result = run("--from-api-key", "s", "--api-key", "k", "--model-map", "gpt-4o-mini")
     assert result.exit_code == 2 and "SOURCE_MODEL=DESTINATION_MODEL" in result.output
+    result = run(
+        "--from-api-key",
+        "k",
+        "--api-key",
+        "k",
+        "--from-base-url",
+        "http://h/v1",
+        "--base-url",
+        "http://h/v1/",
+    )
+    assert result.exit_code == 2 and "same project" in result.stderr
     result = run("--from-api-key", "s", "--api-key", "k", "--status", "done")
     assert result.exit_code == 2 and "'done' is not one of" in result.output
 
