@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from openft.cli.migration import MIGRATED_FROM, SOURCE_METRICS, SOURCE_RESULTS, read_results_csv
+from openft.cli.migration import MIGRATED_FROM, SOURCE_METRICS, SOURCE_RESULTS
 from openft.cli.remote import (
     DEFAULT_BASE_URL,
     ApiKeyOption,
@@ -23,6 +23,7 @@ from openft.cli.remote import (
     fail,
     print_table,
 )
+from openft.cli.results_csv import read_results_csv
 
 if TYPE_CHECKING:
     from openai import OpenAI

@@ -18,6 +18,7 @@ from openft.cli.remote import (
     fail,
     print_table,
 )
+from openft.cli.transfer import Progress
 from openft.protocol.fine_tuning import JobStatus
 
 if TYPE_CHECKING:
@@ -171,7 +172,7 @@ def _job_action(step: JobStep, dry_run: bool) -> str:
     return step.action
 
 
-class _Bar(migration.Progress):
+class _Bar(Progress):
     """A rich progress bar over bytes moved (each file is downloaded, then uploaded)."""
 
     def __init__(self, *, enabled: bool) -> None:

@@ -19,19 +19,24 @@ How a re-run recognises what an earlier (possibly interrupted) run already did:
 
 from __future__ import annotations
 
-import base64
-import binascii
-import csv
-import hashlib
-import io
-import json
-import random
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal
+
+from openft.cli.results_csv import final_metrics, read_results_csv
+from openft.cli.transfer import (
+    Progress,
+    TransferError,
+    copy_file,
+    download,
+    hash_remote,
+    paginate,
+    upload,
+    with_retries,
+)
 
 if TYPE_CHECKING:
     from openai import OpenAI
@@ -43,52 +48,10 @@ SOURCE_RESULTS = "openft_source_results"
 SOURCE_METRICS = "openft_source_metrics"
 """Destination job metadata: the source job's final metrics, compact JSON."""
 OUR_KEYS = (MIGRATED_FROM, SOURCE_RESULTS, SOURCE_METRICS)
-# OpenAI's metadata limits (openft enforces the same ones): 16 keys, values up to 512 characters.
 MAX_METADATA_KEYS = 16
-MAX_METADATA_VALUE = 512
+"""OpenAI's (and openft's) limit on metadata keys per job."""
 RESULTS_PURPOSE = "user_data"  # "fine-tune-results" is server-made; clients cannot upload it
 METHODS = ("supervised", "dpo")
-HYPERPARAMETERS = {
-    "supervised": ("n_epochs", "batch_size", "learning_rate_multiplier"),
-    "dpo": ("n_epochs", "batch_size", "learning_rate_multiplier", "beta"),
-}
-CHUNK = 1024 * 1024
-
-T = TypeVar("T")
-
-
-# ---------------------------------------------------------------- retries and pagination
-
-
-def with_retries(
-    call: Callable[[], T], *, attempts: int = 5, sleep: Callable[[float], None] = time.sleep
-) -> T:
-    """``call()``, retried with exponential back-off and jitter on 429, 5xx and dropped connections.
-
-    The SDK already retries each request ``max_retries`` times; this outer loop keeps a long
-    listing alive through a rate-limit window longer than the SDK's own back-off.
-    """
-    import openai
-
-    for attempt in range(attempts):
-        try:
-            return call()
-        except (openai.RateLimitError, openai.InternalServerError, openai.APIConnectionError):
-            if attempt == attempts - 1:
-                raise
-            sleep(min(30.0, 0.5 * 2**attempt) * (0.5 + random.random()))
-    raise AssertionError("unreachable")
-
-
-def paginate(first: Callable[[], Any], *, sleep: Callable[[float], None] = time.sleep) -> Iterator[dict]:
-    """Every item of a cursor-paginated SDK list, page by page, as plain dicts."""
-    page = with_retries(first, sleep=sleep)
-    while True:
-        for item in page.data:
-            yield item.to_dict(mode="json")
-        if not page.has_next_page():
-            return
-        page = with_retries(page.get_next_page, sleep=sleep)
 
 
 # ---------------------------------------------------------------- the plan
@@ -252,7 +215,7 @@ class _DestFiles:
     def find(self, filename: str, size: int, digest: str) -> str | None:
         for file_id in self._by_key.get((filename, size), []):
             if file_id not in self._sha:
-                self._sha[file_id] = _hash_remote(self._dst, file_id)
+                self._sha[file_id] = hash_remote(self._dst, file_id)
             if self._sha[file_id] == digest:
                 return file_id
         return None
@@ -282,7 +245,7 @@ def _plan_files(
             continue
         match = None
         if twins.has(f["filename"], f["bytes"]):
-            match = twins.find(f["filename"], f["bytes"], _hash_remote(src, f["id"]))
+            match = twins.find(f["filename"], f["bytes"], hash_remote(src, f["id"]))
         steps.append(FileStep(f, "present", match, "sha256") if match else FileStep(f, "copy"))
     return steps
 
@@ -355,16 +318,6 @@ class Result:
         }
 
 
-class Progress:
-    """What ``execute`` reports while it copies; the CLI draws a bar from it."""
-
-    def start_file(self, name: str, total: int) -> None: ...
-
-    def advance(self, n: int) -> None: ...
-
-    def done_file(self) -> None: ...
-
-
 def execute(src: OpenAI, dst: OpenAI, the_plan: Plan, progress: Progress | None = None) -> Result:
     """Copy the files marked ``copy``, then create the jobs marked ``create``; fills in ``dest_id``.
 
@@ -380,7 +333,7 @@ def execute(src: OpenAI, dst: OpenAI, the_plan: Plan, progress: Progress | None 
         if step.action == "copy":
             try:
                 step.dest_id = copy_file(src, dst, step.source, purpose="fine-tune", progress=progress)
-            except (openai.APIError, _Refused) as e:
+            except (openai.APIError, TransferError) as e:
                 result.failures.append(f"file {step.source['id']}: {_message(e)}")
                 continue
             result.files_copied += 1
@@ -396,101 +349,17 @@ def execute(src: OpenAI, dst: OpenAI, the_plan: Plan, progress: Progress | None 
                 if job_step.source.get(k) and job_step.source[k] not in file_map
             ]
             if missing:
-                raise _Refused(f"its file {missing[0]} was not copied")
+                raise TransferError(f"its file {missing[0]} was not copied")
             if not results_copies:
                 listed = paginate(lambda: dst.files.list(purpose=RESULTS_PURPOSE, limit=100))
                 results_copies.append(_DestFiles(dst, listed))
             job_step.dest_id = _create_job(src, dst, job_step, file_map, results_copies[0], progress)
-        except (openai.APIError, _Refused) as e:
+        except (openai.APIError, TransferError) as e:
             job_step.reason = _message(e)
             result.failures.append(f"job {job_step.source_id}: {job_step.reason}")
             continue
         result.jobs_created += 1
     return result
-
-
-class _Refused(Exception):
-    pass
-
-
-def copy_file(
-    src: OpenAI,
-    dst: OpenAI,
-    source: dict[str, Any],
-    *,
-    purpose: str,
-    progress: Progress,
-) -> str:
-    """Stream one source file to a temporary file, then upload it from there; returns the new id.
-
-    Neither side's content is ever held in memory whole. The bytes are checked against the
-    size the source announced and the size the destination reports.
-    """
-    name = source["filename"]
-
-    def fetch(path: Path) -> int:
-        progress.start_file(name, 2 * int(source["bytes"]))  # download, then upload
-        return _download(src, source["id"], path, progress.advance)[0]
-
-    with tempfile.TemporaryDirectory(prefix="openft-migrate-") as tmp:
-        path = Path(tmp) / "content"
-        size = with_retries(lambda: fetch(path))  # a download cut off half-way starts over
-        if size != source["bytes"]:
-            raise _Refused(f"downloaded {size} bytes, the source announced {source['bytes']}")
-        with _ReportingFile(path, progress.advance) as fh:
-            uploaded = dst.files.create(file=(name, fh), purpose=purpose)  # type: ignore[arg-type]
-    progress.done_file()
-    if uploaded.bytes != size:
-        raise _Refused(f"the destination stored {uploaded.bytes} bytes of {size}")
-    return uploaded.id
-
-
-class _ReportingFile(io.FileIO):
-    """A file whose reads advance the progress bar (httpx streams multipart uploads by reading)."""
-
-    def __init__(self, path: Path, on_read: Callable[[int], None]) -> None:
-        super().__init__(path, "rb")
-        self._on_read = on_read
-
-    def read(self, size: int = -1) -> bytes:
-        chunk = super().read(size)
-        self._on_read(len(chunk or b""))
-        return chunk or b""
-
-
-def _download(
-    client: OpenAI, file_id: str, path: Path | None, on_chunk: Callable[[int], None] | None = None
-) -> tuple[int, str]:
-    """Stream a file's content (to ``path`` if given); returns its size and sha256."""
-    import openai
-
-    digest, size = hashlib.sha256(), 0
-    with client.with_streaming_response.files.content(file_id) as response:
-        out = path.open("wb") if path else None
-        try:
-            for chunk in response.iter_bytes(CHUNK):
-                digest.update(chunk)
-                size += len(chunk)
-                if out:
-                    out.write(chunk)
-                if on_chunk:
-                    on_chunk(len(chunk))
-        except Exception as e:
-            # The SDK wraps errors of the request, not of reading its body: a connection that
-            # drops mid-stream surfaces as the HTTP library's own error. Make it retryable.
-            if not type(e).__module__.startswith(("httpx", "httpcore")):
-                raise
-            raise openai.APIConnectionError(
-                message=f"reading {file_id} broke off after {size} bytes: {e}", request=response.http_request
-            ) from e
-        finally:
-            if out:
-                out.close()
-    return size, digest.hexdigest()
-
-
-def _hash_remote(client: OpenAI, file_id: str) -> str:
-    return with_retries(lambda: _download(client, file_id, None))[1]
 
 
 def _create_job(
@@ -549,65 +418,14 @@ def _carry_results(
     name = f"{job['id']}_results.csv"
     with tempfile.TemporaryDirectory(prefix="openft-migrate-") as tmp:
         path = Path(tmp) / "results.csv"
-        size, digest = _download(src, job["result_files"][0], path)
-        dest_id = copies.find(name, size, digest)
-        if dest_id is None:
-            progress.start_file(name, size)
-            with _ReportingFile(path, progress.advance) as fh:
-                dest_id = dst.files.create(file=(name, fh), purpose=RESULTS_PURPOSE).id  # type: ignore[arg-type]
-            progress.done_file()
+        size, digest = with_retries(lambda: download(src, job["result_files"][0], path))
+        dest_id = copies.find(name, size, digest) or upload(dst, path, name, RESULTS_PURPOSE, progress)
         keys = {SOURCE_RESULTS: dest_id}
         # results CSVs are small (a row per step): read whole to find the last values
         metrics = final_metrics(read_results_csv(path.read_bytes()), job)
         if metrics and room >= 2:
             keys[SOURCE_METRICS] = metrics
     return keys
-
-
-# ---------------------------------------------------------------- results CSVs
-
-
-def read_results_csv(data: bytes) -> list[dict[str, float]]:
-    """The rows of a results CSV as numbers (blank cells left out).
-
-    OpenAI serves result files base64-encoded; openft serves the CSV itself. Both are read.
-    """
-    text = data.decode("utf-8", errors="replace").strip()
-    if text and not text.startswith("step"):
-        try:
-            decoded = base64.b64decode(text, validate=False).decode("utf-8").strip()
-        except (binascii.Error, UnicodeDecodeError):
-            decoded = ""
-        if decoded.startswith("step"):
-            text = decoded
-    rows = []
-    for row in csv.DictReader(io.StringIO(text)):
-        parsed = {}
-        for key, value in row.items():
-            try:
-                parsed[str(key)] = float(value)
-            except (TypeError, ValueError):
-                continue
-        if "step" in parsed:
-            rows.append(parsed)
-    return rows
-
-
-def final_metrics(rows: list[dict[str, float]], job: dict[str, Any]) -> str:
-    """The last value of each column (validation is not logged every step), as JSON within 512 chars."""
-    last: dict[str, float | int] = {}
-    for row in rows:
-        last.update(row)
-    if "step" in last:
-        last["step"] = int(last["step"])
-    if job.get("trained_tokens"):
-        last["trained_tokens"] = int(job["trained_tokens"])
-    compact = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in last.items()}
-    text = json.dumps(compact, separators=(",", ":"))
-    while len(text) > MAX_METADATA_VALUE and len(compact) > 1:
-        compact.popitem()
-        text = json.dumps(compact, separators=(",", ":"))
-    return text if compact else ""
 
 
 def _message(exc: Exception) -> str:

@@ -19,7 +19,7 @@ from typing import Any
 import openai
 import pytest
 
-from openft.cli import migration
+from openft.cli import migration, results_csv, transfer
 
 try:  # the SDK's own HTTP library (openai 3.x ships httpx2; earlier versions use httpx)
     import httpx2 as sdk_http
@@ -414,16 +414,16 @@ def test_listing_backs_off_then_gives_up_on_a_server_that_stays_down():
     src = client(down, "https://api.openai.com/v1")
     slept: list[float] = []
     with pytest.raises(openai.InternalServerError):
-        list(migration.paginate(lambda: src.files.list(), sleep=slept.append))
+        list(transfer.paginate(lambda: src.files.list(), sleep=slept.append))
     assert len(calls) == 5 and len(slept) == 4
     assert slept[3] > slept[0]  # exponential: 0.5 s, then 4 s, each with jitter of +-50 %
 
 
 def test_results_csv_is_read_plain_or_base64():
-    rows = migration.read_results_csv(RESULTS_CSV)
-    assert rows == migration.read_results_csv(RESULTS_B64)
+    rows = results_csv.read_results_csv(RESULTS_CSV)
+    assert rows == results_csv.read_results_csv(RESULTS_B64)
     assert rows[0] == {"step": 1.0, "train_loss": 1.5, "train_accuracy": 0.4}
-    assert len(json.loads(migration.final_metrics(rows * 200, {}))) == 5
+    assert len(json.loads(results_csv.final_metrics(rows * 200, {}))) == 5
 
 
 def test_command_line_refusals_name_the_option():
@@ -487,8 +487,8 @@ def test_a_download_cut_off_half_way_starts_over():
 
     src, dest = client(flaky, "https://api.openai.com/v1"), Destination()
     dst = client(dest, "http://127.0.0.1:9/v1")
-    copied = migration.copy_file(
-        src, dst, FILES_PAGE_1["data"][1], purpose="fine-tune", progress=migration.Progress()
+    copied = transfer.copy_file(
+        src, dst, FILES_PAGE_1["data"][1], purpose="fine-tune", progress=transfer.Progress()
     )
     assert dest.content[copied] == TRAIN and broken["left"] == 0
 
@@ -528,9 +528,7 @@ def test_a_large_file_is_copied_without_holding_it_in_memory():
     )
     tracemalloc.start()
     try:
-        copied = migration.copy_file(
-            src, dst, source_file, purpose="fine-tune", progress=migration.Progress()
-        )
+        copied = transfer.copy_file(src, dst, source_file, purpose="fine-tune", progress=transfer.Progress())
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
