@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from openft.cli.remote import describe_api_error
 from openft.cli.results_csv import final_metrics, read_results_csv
 from openft.cli.transfer import (
     Progress,
@@ -167,17 +168,17 @@ def plan(
             for f in paginate(lambda: src.files.list(purpose="fine-tune", limit=100), sleep=sleep)
             if f.get("purpose") == "fine-tune"
         ]
-        src_jobs = list(paginate(lambda: src.fine_tuning.jobs.list(limit=100), sleep=sleep))
+        all_jobs = list(paginate(lambda: src.fine_tuning.jobs.list(limit=100), sleep=sleep))
     except (openai.AuthenticationError, openai.PermissionDeniedError) as e:
         raise SourceAccessError(
-            f"the source refused the key ({e.status_code}): {_message(e)}. "
+            f"the source refused the key ({e.status_code}): {describe_api_error(e)}. "
             "Check --from-api-key: it needs read access to Files and Fine-tuning "
             "(a restricted OpenAI key must allow both)."
         ) from e
-    if statuses:
-        src_jobs = [j for j in src_jobs if j.get("status") in statuses]
     # Oldest first, as they were made (the API lists newest first; the sort is stable within a second).
-    src_jobs = sorted(reversed(src_jobs), key=lambda j: j.get("created_at") or 0)
+    all_jobs.sort(key=lambda j: j.get("created_at") or 0, reverse=True)
+    all_jobs.reverse()
+    src_jobs = [j for j in all_jobs if not statuses or j.get("status") in statuses]
 
     dst_files = list(paginate(lambda: dst.files.list(limit=100), sleep=sleep))
     dst_jobs = list(paginate(lambda: dst.fine_tuning.jobs.list(limit=100), sleep=sleep))
@@ -185,10 +186,10 @@ def plan(
     migrated = {(j.get("metadata") or {}).get(MIGRATED_FROM): j for j in dst_jobs}
     migrated.pop(None, None)
 
-    files = _plan_files(src, dst, src_files, src_jobs, dst_files, migrated)
+    files = _plan_files(src, dst, src_files, all_jobs, dst_files, migrated)
     known_files = {f["id"] for f in src_files}
     # A job that continues a fine-tuned model continues its copy here, once that copy has trained.
-    parents = {j["fine_tuned_model"]: j["id"] for j in src_jobs if j.get("fine_tuned_model")}
+    parents = {j["fine_tuned_model"]: j["id"] for j in all_jobs if j.get("fine_tuned_model")}
     continued = {
         model: migrated[parent]["fine_tuned_model"]
         for model, parent in parents.items()
@@ -334,7 +335,7 @@ def execute(src: OpenAI, dst: OpenAI, the_plan: Plan, progress: Progress | None 
             try:
                 step.dest_id = copy_file(src, dst, step.source, purpose="fine-tune", progress=progress)
             except (openai.APIError, TransferError) as e:
-                result.failures.append(f"file {step.source['id']}: {_message(e)}")
+                result.failures.append(f"file {step.source['id']}: {describe_api_error(e)}")
                 continue
             result.files_copied += 1
         if step.dest_id:
@@ -355,7 +356,7 @@ def execute(src: OpenAI, dst: OpenAI, the_plan: Plan, progress: Progress | None 
                 results_copies.append(_DestFiles(dst, listed))
             job_step.dest_id = _create_job(src, dst, job_step, file_map, results_copies[0], progress)
         except (openai.APIError, TransferError) as e:
-            job_step.reason = _message(e)
+            job_step.reason = describe_api_error(e)
             result.failures.append(f"job {job_step.source_id}: {job_step.reason}")
             continue
         result.jobs_created += 1
@@ -380,8 +381,8 @@ def _create_job(
     elif job.get("result_files"):
         try:
             metadata.update(_carry_results(src, dst, job, results_copies, room=room, progress=progress))
-        except openai.APIError as e:  # the job itself still moves; its old curve is a bonus
-            step.notes.append(f"results CSV not copied: {_message(e)}")
+        except (openai.APIError, TransferError) as e:  # the job still moves; its old curve is a bonus
+            step.notes.append(f"results CSV not copied: {describe_api_error(e)}")
     optional: dict[str, Any] = {}
     if job.get("validation_file"):
         optional["validation_file"] = file_map[job["validation_file"]]
@@ -426,9 +427,3 @@ def _carry_results(
         if metrics and room >= 2:
             keys[SOURCE_METRICS] = metrics
     return keys
-
-
-def _message(exc: Exception) -> str:
-    from openft.cli.remote import describe_api_error
-
-    return describe_api_error(exc)
