@@ -87,7 +87,7 @@ def migrate(
     if from_base_url.rstrip("/") == base_url.rstrip("/") and from_api_key == api_key:
         fail("the source and the destination are the same project: check --base-url and --api-key", code=2)
     # The SDK retries each request on 429/5xx with back-off; listing adds its own outer retries.
-    source = openai.OpenAI(base_url=from_base_url, api_key=from_api_key, max_retries=5)
+    source = openai.OpenAI(base_url=from_base_url, api_key=from_api_key, max_retries=3)
     with source, connect(base_url, api_key) as dest:
         try:
             the_plan = migration.plan(source, dest, model_map=mapping, statuses=set(status or []) or None)

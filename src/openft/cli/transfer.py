@@ -25,17 +25,19 @@ T = TypeVar("T")
 def with_retries(
     call: Callable[[], T], *, attempts: int = 5, sleep: Callable[[float], None] = time.sleep
 ) -> T:
-    """``call()``, retried with exponential back-off and jitter on 429, 5xx and dropped connections.
+    """``call()``, retried with exponential back-off and jitter on 429, 5xx and broken downloads.
 
-    The SDK already retries each request ``max_retries`` times; this outer loop keeps a long
-    listing alive through a rate-limit window longer than the SDK's own back-off.
+    The SDK already retries each request ``max_retries`` times (connection errors included, so
+    those are not retried again here: an unreachable server fails in seconds, not minutes);
+    this outer loop keeps a long listing alive through a rate-limit window longer than the
+    SDK's own back-off, and restarts a download whose body broke off (which the SDK cannot see).
     """
     import openai
 
     for attempt in range(attempts):
         try:
             return call()
-        except (openai.RateLimitError, openai.InternalServerError, openai.APIConnectionError):
+        except (openai.RateLimitError, openai.InternalServerError, BrokenStream):
             if attempt == attempts - 1:
                 raise
             sleep(min(30.0, 0.5 * 2**attempt) * (0.5 + random.random()))
@@ -64,7 +66,11 @@ class Progress:
 
 
 class TransferError(Exception):
-    """A copy came out wrong (sizes disagree) or could not start."""
+    """A copy came out wrong (sizes disagree) or could not be made."""
+
+
+class BrokenStream(TransferError):
+    """A download's body broke off half-way."""
 
 
 def copy_file(
@@ -126,8 +132,6 @@ def download(
     client: OpenAI, file_id: str, path: Path | None, on_chunk: Callable[[int], None] | None = None
 ) -> tuple[int, str]:
     """Stream a file's content (to ``path`` if given); returns its size and sha256."""
-    import openai
-
     digest, size = hashlib.sha256(), 0
     with client.with_streaming_response.files.content(file_id) as response:
         out = path.open("wb") if path else None
@@ -144,9 +148,7 @@ def download(
             # drops mid-stream surfaces as the HTTP library's own error. Make it retryable.
             if not type(e).__module__.startswith(("httpx", "httpcore")):
                 raise
-            raise openai.APIConnectionError(
-                message=f"reading {file_id} broke off after {size} bytes: {e}", request=response.http_request
-            ) from e
+            raise BrokenStream(f"reading {file_id} broke off after {size} bytes: {e}") from e
         finally:
             if out:
                 out.close()
