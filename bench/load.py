@@ -141,13 +141,8 @@ def lat_summary(xs: list[float]) -> str:
 
 def tree_rss(pid: int) -> int:
     """RSS of a process and all its descendants (API + worker children), bytes; 0 if gone."""
-    try:
-        root = psutil.Process(pid)
-        procs = [root, *root.children(recursive=True)]
-    except psutil.Error:
-        return 0
     total = 0
-    for p in procs:
+    for p in server_tree(pid):
         try:
             total += p.memory_info().rss
         except psutil.Error:
@@ -155,17 +150,44 @@ def tree_rss(pid: int) -> int:
     return total
 
 
-def disk_usage(*roots: Path) -> int:
-    """Bytes allocated on disk under the roots (st_blocks, so sparse or unlinked-later files count right)."""
-    total = 0
+def disk_usage(roots: tuple[Path, ...], pid: int | None) -> int:
+    """Bytes allocated under the roots, plus files there that the server holds open after deleting
+    them (Starlette spools multipart parts to anonymous temp files, which no directory walk sees)."""
+    seen: dict[tuple[int, int], int] = {}
     for root in roots:
         for dirpath, _dirs, files in os.walk(root):
             for name in files:
                 try:
-                    total += os.lstat(os.path.join(dirpath, name)).st_blocks * 512
+                    st = os.lstat(os.path.join(dirpath, name))
                 except OSError:  # a temp file removed while we walk
-                    pass
-    return total
+                    continue
+                seen[(st.st_dev, st.st_ino)] = st.st_blocks * 512
+    prefixes = tuple(str(r) for r in roots)
+    for proc in server_tree(pid):
+        fd_dir = f"/proc/{proc.pid}/fd"
+        try:
+            fds = os.listdir(fd_dir)
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                if not os.readlink(f"{fd_dir}/{fd}").startswith(prefixes):
+                    continue
+                st = os.stat(f"{fd_dir}/{fd}")
+            except OSError:
+                continue
+            seen[(st.st_dev, st.st_ino)] = st.st_blocks * 512
+    return sum(seen.values())
+
+
+def server_tree(pid: int | None) -> list[psutil.Process]:
+    if pid is None:
+        return []
+    try:
+        root = psutil.Process(pid)
+        return [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return []
 
 
 class Sampler:
@@ -297,7 +319,7 @@ class Bench:
         return tree_rss(self.server.proc.pid) if self.server else 0
 
     def disk(self) -> int:
-        return disk_usage(self.home, self.tmp)
+        return disk_usage((self.home, self.tmp), self.server.proc.pid if self.server else None)
 
     # -- requests --------------------------------------------------------------------
 
@@ -409,15 +431,22 @@ def s_uploads(b: Bench, n: int, kib: int) -> None:
     with b.scenario(f"2. {n} concurrent {len(data) / MiB:.1f} MiB uploads") as row:
         stop = threading.Event()
         probes: list[Outcome] = []
+        probe_timeout = min(10.0, b.args.timeout)
 
-        def probe() -> None:
-            while not stop.is_set():
-                t = time.perf_counter()
-                probes.append(b.request("GET", "/healthz"))
-                stop.wait(max(0.0, 0.1 - (time.perf_counter() - t)))
+        def probe(scheduled: float) -> None:
+            o = b.request("GET", "/healthz", timeout=probe_timeout)
+            o.seconds = time.perf_counter() - scheduled  # a probe queued behind others counts its wait
+            probes.append(o)
 
-        prober = threading.Thread(target=probe, daemon=True)
-        prober.start()
+        def prober() -> None:
+            # One probe every 100 ms whether or not the earlier ones have answered: a frozen API
+            # shows as many slow probes, not as one probe that blocks the rest.
+            with ThreadPoolExecutor(max_workers=128) as pool:
+                while not stop.wait(0.1):
+                    pool.submit(probe, time.perf_counter())
+
+        probing = threading.Thread(target=prober, daemon=True)
+        probing.start()
         outs = concurrently(
             n,
             lambda i: b.request(
@@ -428,18 +457,24 @@ def s_uploads(b: Bench, n: int, kib: int) -> None:
             ),
         )
         stop.set()
-        prober.join(timeout=b.args.timeout + 5)
+        probing.join(timeout=probe_timeout + 5)
         row.add(outs)
         first_errors(row, outs)
-        bad = sum(not p.ok for p in probes)
+        bad = Counter(p.code for p in probes if not p.ok)
         row.notes.append(
-            f"/healthz probe every 100 ms during the uploads: {lat_summary([p.seconds for p in probes])}"
-            + (f", {bad} failed ({dict(Counter(p.code for p in probes if not p.ok))})" if bad else "")
+            f"/healthz probe every 100 ms during the uploads (bound {probe_timeout:.0f}s): "
+            f"{lat_summary([p.seconds for p in probes])}" + (f", failed: {dict(bad)}" if bad else "")
         )
+        listed = b.request("GET", "/v1/files?purpose=fine-tune&limit=100", timeout=probe_timeout)
+        if listed.ok:
+            stored = len(json.loads(listed.body)["data"])
+            row.notes.append(f"files listed afterwards: {stored} (uploads answered 200: {row.ok})")
+        else:
+            row.notes.append(f"files list afterwards: {listed.code}")
 
 
 def s_chats(b: Bench, specs: list[tuple[int, int]]) -> None:
-    warm = b.chat({"messages": PROMPT, "max_tokens": 1})
+    warm = b.chat({"messages": PROMPT, "max_tokens": 1}, timeout=b.args.load_timeout)
     print(f"    warm-up chat (loads the model): {warm.code} in {warm.seconds:.1f}s", flush=True)
     for n, max_tokens in specs:
         with b.scenario(f"3. {n} concurrent chats, max_tokens {max_tokens}") as row:
@@ -462,7 +497,10 @@ def s_abandon(b: Bench) -> None:
     for streamed in (False, True):
         kind = "streamed" if streamed else "non-streamed"
         with b.scenario(f"4. {kind} n=16 chat dropped after 1 s, then a 1-token chat") as row:
-            base = [b.chat({"messages": PROMPT, "max_tokens": 1}) for _ in range(2)]
+            # The first may load the model (after a restart): it gets the model-load bound.
+            base = [
+                b.chat({"messages": PROMPT, "max_tokens": 1}, timeout=t) for t in (b.args.load_timeout, None)
+            ]
             row.notes.append("1-token chat before: " + ", ".join(f"{o.code} {o.seconds:.2f}s" for o in base))
             t = time.perf_counter()
             if streamed:
@@ -771,6 +809,10 @@ def parse_chats(spec: str) -> list[tuple[int, int]]:
     return out
 
 
+def _interrupt(_sig: int, _frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--lists", type=int, default=200, help="concurrent job lists (0 skips)")
@@ -788,6 +830,9 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--nesting", type=int, default=600, help="JSON nesting depth (0 skips)")
     ap.add_argument("--timeout", type=float, default=60.0, help="bound on each request and each wait, s")
+    ap.add_argument(
+        "--load-timeout", type=float, default=120.0, help="bound on a chat that loads the model (cold), s"
+    )
     ap.add_argument("--train-timeout", type=float, default=180.0, help="bound on each wait for training, s")
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument(
@@ -804,6 +849,7 @@ def main() -> None:
         args.chat_body_mb, args.chunked_mb, args.no_newline_mb = 1, 8, 4
         args.train_examples, args.epochs, args.nesting = 48, 1, 100
 
+    signal.signal(signal.SIGTERM, _interrupt)  # `kill` of the bench still stops the server
     load0 = os.getloadavg()
     t_all = time.perf_counter()
     print(
