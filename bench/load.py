@@ -548,6 +548,7 @@ def s_nesting(b: Bench, depth: int) -> None:
             "/v1/chat/completions",
             content=body.encode(),
             headers={"Content-Type": "application/json"},
+            timeout=b.args.load_timeout,  # it loads the model when scenarios 3 and 4 were skipped
         )
         row.add([out])
         row.notes.append(f"answer: {out.code} {error_message(out)}")
@@ -873,24 +874,27 @@ def main() -> None:
                 s_nesting(b, args.nesting)
             if args.chat_body_mb:
                 s_chat_body(b, args.chat_body_mb)
-            if args.chunked_mb:
-                s_chunked(
-                    b,
-                    f"5b. chunked upload, {args.chunked_mb} MiB, no Content-Length",
-                    purpose="user_data",
-                    filename="big.bin",
-                    line=b"0123456789abcdef" * 64,
-                    mib=args.chunked_mb,
-                )
-            if args.no_newline_mb:
-                s_chunked(
-                    b,
-                    f"5c. fine-tune upload, {args.no_newline_mb} MiB, no newline",
-                    purpose="fine-tune",
-                    filename="one-line.jsonl",
-                    line=b"x" * 1024,
-                    mib=args.no_newline_mb,
-                )
+            uploads = (  # (MiB, row name, purpose, filename, the block repeated to make the body)
+                (
+                    args.chunked_mb,
+                    "5b. chunked upload, {} MiB, no Content-Length",
+                    "user_data",
+                    "big.bin",
+                    b"0123456789abcdef",
+                ),
+                (
+                    args.no_newline_mb,
+                    "5c. fine-tune upload, {} MiB, no newline",
+                    "fine-tune",
+                    "one-line.jsonl",
+                    b"x",
+                ),
+            )
+            for mib, name, purpose, filename, unit in uploads:
+                if mib:
+                    s_chunked(
+                        b, name.format(mib), purpose=purpose, filename=filename, line=unit * 1024, mib=mib
+                    )
             if args.kill:
                 s_kill(b, args.train_examples, args.epochs, args.train_timeout)
         except KeyboardInterrupt:
