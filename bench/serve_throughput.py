@@ -45,7 +45,7 @@ sys.path.insert(0, str(REPO))
 from tests.conftest import Server, start_server  # noqa: E402  (a real `openft serve` on a free port)
 from tests.tasks import colour_examples, to_jsonl  # noqa: E402
 
-BASE = "openft-tiny-vlm"
+TINY = "openft-tiny-vlm"
 ADAPTER_EXAMPLES, ADAPTER_BATCH = 16, 8  # one epoch: 2 optimizer steps per adapter
 KEYS = 8  # request i uses prompt/adapter/image i % KEYS, so every level repeats the baseline's requests
 PROMPTS = [
@@ -227,8 +227,8 @@ def png_data_url(width: int, height: int, seed: int) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def train_adapters(server: Server, n: int, timeout: float) -> tuple[list[str], str]:
-    """``n`` LoRA fine-tunes of the tiny base through the API; returns their ids (empty if any failed)."""
+def train_adapters(server: Server, base: str, n: int, timeout: float) -> tuple[list[str], str]:
+    """``n`` LoRA fine-tunes of ``base`` through the API; returns their ids (empty if any failed)."""
     client = server.client("bench")
     f = client.files.create(
         file=("train.jsonl", io.BytesIO(to_jsonl(colour_examples(ADAPTER_EXAMPLES, seed=7)))),
@@ -238,7 +238,7 @@ def train_adapters(server: Server, n: int, timeout: float) -> tuple[list[str], s
     jobs = [
         client.fine_tuning.jobs.create(
             training_file=f.id,
-            model=BASE,
+            model=base,
             suffix=f"adapter{i}",
             seed=i,
             method={
@@ -367,6 +367,12 @@ def main() -> None:
     ap.add_argument(
         "--levels", type=int, nargs="+", default=[1, 8, 32, 64], help="concurrent clients (1 = baseline)"
     )
+    ap.add_argument(
+        "--model",
+        default=TINY,
+        help=f"base model served: {TINY}, qwen2-vl-2b (a random-weight Qwen2-VL-2B-sized model built "
+        "here, for a GPU) or a local model folder",
+    )
     ap.add_argument("--reps", type=int, default=3, help="interleaved repetitions of every case and level")
     ap.add_argument(
         "--cases", nargs="+", default=["model", "adapters", "vision"], choices=["model", "adapters", "vision"]
@@ -389,21 +395,24 @@ def main() -> None:
     # A SIGTERM to the bench unwinds through `finally`, so the server group is always stopped.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     with tempfile.TemporaryDirectory(prefix="openft-servebench-") as tmp:
+        env = {"OPENFT_ADAPTER_CACHE_SIZE": str(max(4, args.adapters + 1))}
+        if args.model == "qwen2-vl-2b":
+            from train_throughput import prepare_model  # bench/ is on sys.path when run as a script
+
+            args.model = str(prepare_model("qwen2-vl-2b", Path(tmp)))
+        if args.model != TINY:
+            if not Path(args.model).is_dir():
+                ap.error(f"--model {args.model!r} is neither {TINY}, qwen2-vl-2b nor a model folder")
+            env["OPENFT_BASE_MODELS"] = json.dumps([args.model])
         load_start = os.getloadavg()
         t = time.perf_counter()
-        server = start_server(
-            Path(tmp) / "home",
-            "--workers",
-            "1",
-            env={"OPENFT_ADAPTER_CACHE_SIZE": str(max(4, args.adapters + 1))},
-            new_session=True,
-        )
+        server = start_server(Path(tmp) / "home", "--workers", "1", env=env, new_session=True)
         startup = time.perf_counter() - t
         try:
             runs, notes, skipped = measure(server, args)
         finally:
             stop_group(server)
-    print(f"\nopenft serve throughput, {BASE}, max_tokens={args.max_tokens}, temperature=0, streamed")
+    print(f"\nopenft serve throughput, {args.model}, max_tokens={args.max_tokens}, temperature=0, streamed")
     print(
         f"machine: {os.cpu_count()} cores; load average (1/5/15 min) at start "
         f"{'/'.join(f'{x:.1f}' for x in load_start)}, at end {'/'.join(f'{x:.1f}' for x in os.getloadavg())}"
@@ -428,11 +437,11 @@ def measure(server: Server, args: argparse.Namespace) -> tuple[list[Run], list[s
         if name not in args.cases:
             continue
         if name == "model":
-            cases.append(Case("model", [BASE]))
+            cases.append(Case("model", [args.model]))
         elif name == "vision":
-            cases.append(Case("vision", [BASE], with_images=True))
+            cases.append(Case("vision", [args.model], with_images=True))
         else:
-            ids, note = train_adapters(server, args.adapters, args.train_timeout)
+            ids, note = train_adapters(server, args.model, args.adapters, args.train_timeout)
             notes.append(note)
             if ids:
                 cases.append(Case("adapters", ids))
