@@ -60,6 +60,7 @@ PROMPTS = [
 ]
 IMAGE_SIZES = [(64, 64), (112, 112), (224, 160), (448, 448), (96, 200), (160, 224), (56, 56), (320, 240)]
 PROBE_EVERY = 0.25
+MAX_DIFFS_SHOWN = 6
 
 
 # --------------------------------------------------------------------------- requests
@@ -292,6 +293,12 @@ def stop_group(server: Server) -> None:
         pass
 
 
+def first_traceback(log: Path, lines: int = 40) -> str:
+    text = log.read_text(errors="replace").splitlines()
+    start = next((i for i, line in enumerate(text) if line.startswith("Traceback")), None)
+    return "\n".join(text[start : start + lines] if start is not None else text[-lines:])
+
+
 # --------------------------------------------------------------------------- report
 
 
@@ -332,6 +339,7 @@ def report(runs: list[Run], cases: list[str], levels: list[int], expected_reps: 
     )
     print(head)
     print("-" * len(head))
+    shown_diffs: list[tuple[Run, Result, str]] = []
     for name in cases:
         base_rps = {r.rep: r.rps for r in runs if r.case == name and r.level == 1}
         for level in levels:
@@ -345,9 +353,14 @@ def report(runs: list[Run], cases: list[str], levels: list[int], expected_reps: 
             )
             probe = max((max(r.probes) for r in rs if r.probes), default=math.nan) * 1000
             errors = Counter(x.outcome for r in rs for x in r.results if x.outcome != "200")
-            differ = sum(
-                1 for r in rs for x in r.ok if (name, x.key) in seq_text and x.text != seq_text[(name, x.key)]
-            )
+            diffs = [
+                (r, x)
+                for r in rs
+                for x in r.ok
+                if (name, x.key) in seq_text and x.text != seq_text[(name, x.key)]
+            ]
+            differ = len(diffs)
+            shown_diffs.extend((r, x, seq_text[(name, x.key)]) for r, x in diffs)
             checked = sum(1 for r in rs for x in r.ok if (name, x.key) in seq_text)
             loads = " ".join(f"{r.load_before:.1f}->{r.load_after:.1f}" for r in rs)
             err = ",".join(f"{k}:{v}" for k, v in sorted(errors.items())) or "0"
@@ -357,6 +370,15 @@ def report(runs: list[Run], cases: list[str], levels: list[int], expected_reps: 
                 f"{mmm(ratios, '.2f'):<16}{ttft50:>9.0f}{ttft99:>7.0f}{lat50:>8.0f}{lat99:>7.0f}"
                 f"{probe:>11.0f}  {differ:>2}/{checked:<3}  {err:<14}{loads}"
             )
+    for r, x, want in shown_diffs[:MAX_DIFFS_SHOWN]:
+        at = next(
+            (i for i, (a, b) in enumerate(zip(want, x.text, strict=False)) if a != b),
+            min(len(want), len(x.text)),
+        )
+        print(
+            f"!=seq: {r.case} conc {r.level} rep {r.rep} request key {x.key}: differs from char {at}: "
+            f"seq {want[at : at + 24]!r} vs {x.text[at : at + 24]!r}"
+        )
 
 
 # --------------------------------------------------------------------------- main
@@ -412,9 +434,13 @@ def main() -> None:
             runs, notes, skipped = measure(server, args)
         finally:
             stop_group(server)
+        if any(x.outcome[0] == "5" or x.outcome == "stream-error" for r in runs for x in r.results):
+            notes.append(
+                "server errors; the first traceback in the server log:\n" + first_traceback(server.log)
+            )
     print(f"\nopenft serve throughput, {args.model}, max_tokens={args.max_tokens}, temperature=0, streamed")
     print(
-        f"machine: {os.cpu_count()} cores; load average (1/5/15 min) at start "
+        f"machine: {os.cpu_count()} cores, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}; load average (1/5/15 min) at start "
         f"{'/'.join(f'{x:.1f}' for x in load_start)}, at end {'/'.join(f'{x:.1f}' for x in os.getloadavg())}"
     )
     print(f"server start (to /healthz 200): {startup:.1f} s")
