@@ -41,7 +41,9 @@ class AppState:
                 from openft.inference.registry import Registry
 
                 self._registry = Registry(
-                    device=self.settings.device, max_loaded=self.settings.adapter_cache_size
+                    device=self.settings.device,
+                    max_loaded=self.settings.adapter_cache_size,
+                    threads=self.settings.torch_threads,
                 )
             return self._registry
 

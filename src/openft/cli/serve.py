@@ -1,16 +1,37 @@
-"""``openft serve`` (API + embedded workers) and ``openft worker`` (a standalone worker)."""
+"""``openft serve`` (API + embedded workers) and ``openft worker`` (a standalone worker).
+
+Stopping: the first Ctrl-C (or SIGTERM) says at once what happens next (workers save the state
+of the jobs they run at the next step boundary, chats in flight get a few seconds) and stops
+gracefully; a second one says what is lost and stops at once.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import signal
+import socket
 import subprocess
 import sys
-from typing import Annotated
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from openft.cli.common import HomeOption, settings_for, setup_logging
+
+if TYPE_CHECKING:
+    from openft.settings import Settings
+
+API_GRACE_SECONDS = 5
+"""Requests in flight get this long after a stop signal; then chats are cancelled (their
+generation stops at the next token) so the server ends within seconds even with ``n=128``."""
+WORKER_STOP_SECONDS = 60
+"""How long a worker may take to finish its step and save the job's state before it is killed."""
 
 
 def serve(
@@ -26,32 +47,153 @@ def serve(
     import uvicorn
 
     from openft.api.app import create_app
+    from openft.threads import available_cores, threads_per_process
 
     setup_logging()
     settings = settings_for(home, host=host, port=port)
+    n_workers = 0 if no_worker else workers
+    cores = available_cores()
+    threads = settings.torch_threads or threads_per_process(cores, n_workers + 1)
+    settings = settings.model_copy(update={"torch_threads": threads})
     app = create_app(settings)  # migrates the database before any worker starts
     children: list[subprocess.Popen[bytes]] = []
-    if not no_worker:
-        env = dict(os.environ, OPENFT_HOME=str(settings.resolved_home))
-        for _ in range(workers):
-            children.append(
-                subprocess.Popen(
-                    [sys.executable, "-m", "openft.cli.main", "worker"], env=env, preexec_fn=_die_with_parent
-                )
+    env = dict(os.environ, OPENFT_HOME=str(settings.resolved_home), OPENFT_TORCH_THREADS=str(threads))
+    for _ in range(n_workers):
+        children.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "openft.cli.main", "worker"], env=env, preexec_fn=_die_with_parent
             )
+        )
     typer.echo(
-        f"openft API on http://{settings.host}:{settings.port}/v1  (home {settings.resolved_home})", err=True
+        f"openft API on http://{settings.host}:{settings.port}/v1  (home {settings.resolved_home}; "
+        f"{n_workers} worker(s), {threads} torch thread(s) per process on {cores} core(s))",
+        err=True,
     )
+    stopper = _Stopper(settings, children)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level="info",
+        timeout_graceful_shutdown=API_GRACE_SECONDS,
+    )
+    stopper.server = server = _server(config, stopper)
     try:
-        uvicorn.run(app, host=settings.host, port=settings.port, log_level="info")
+        server.run()
     finally:
-        for child in children:
-            child.send_signal(signal.SIGTERM)
-        for child in children:
+        stopper.stop_workers()
+
+
+def _server(config: Any, on_signal: Any) -> Any:
+    """uvicorn's server with our signal handler. uvicorn's own would stay silent, then re-raise the
+    signal after its shutdown and so kill this process before its workers were waited for."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
             try:
-                child.wait(timeout=10)
-            except subprocess.TimeoutExpired:
+                yield
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+
+    return Server(config)
+
+
+class _Stopper:
+    """Signal handler: the first signal stops gracefully, the second at once; both say so."""
+
+    def __init__(self, settings: Settings, children: list[subprocess.Popen[bytes]]) -> None:
+        self.settings, self.children = settings, children
+        self.server: Any = None  # the uvicorn server, set once made
+        self.signals = 0
+        self.jobs: list[str] = []
+
+    def __call__(self, sig: int, _frame: Any) -> None:
+        self.signals += 1
+        name = signal.Signals(sig).name
+        if self.signals == 1:
+            self.jobs = self._running_jobs()
+            for child in self.children:  # Ctrl-C reached them already; SIGTERM from elsewhere did not
+                if child.poll() is None:
+                    child.send_signal(signal.SIGTERM)
+            self.server.should_exit = True
+            if self.jobs:
+                what = (
+                    f"saving the state of job {', '.join(self.jobs)} at its next step boundary; "
+                    f"this may take up to {WORKER_STOP_SECONDS} s"
+                )
+            else:
+                what = "no job is training"
+            _say(
+                f"openft: {name}: stopping: {what}; requests in flight get {API_GRACE_SECONDS} s. "
+                "Press Ctrl-C again to stop at once."
+            )
+            return
+        lost = "; ".join(self._loss(job) for job in self.jobs) or "no training is lost"
+        _say(f"openft: {name} again: stopping at once: {lost}.")
+        for child in self.children:
+            if child.poll() is None:
                 child.kill()
+        self.server.force_exit = True
+        self.server.should_exit = True
+
+    def stop_workers(self) -> None:
+        """Ask every worker to stop (if no signal did), then wait for them to save state."""
+        for child in self.children:
+            if child.poll() is None and self.signals == 0:
+                child.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + WORKER_STOP_SECONDS
+        for child in self.children:
+            try:
+                child.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                _say(f"openft: worker {child.pid} did not stop within {WORKER_STOP_SECONDS} s; killing it")
+                child.kill()
+                child.wait()
+        if self.jobs and self.signals == 1:
+            _say(
+                f"openft: stopped; job {', '.join(self.jobs)} continues from its saved state on the next start."
+            )
+
+    def _running_jobs(self) -> list[str]:
+        from openft.storage import repo
+        from openft.storage.db import Database
+
+        prefixes = [f"{socket.gethostname()}:{c.pid}:" for c in self.children if c.poll() is None]
+        if not prefixes:
+            return []
+        db = Database(self.settings.resolved_database_url)
+        try:
+            with db.session() as s:
+                return repo.jobs_held_by(s, worker_prefixes=prefixes)
+        except Exception:  # the message is a courtesy: never let it block stopping
+            return []
+        finally:
+            db.dispose()
+
+    def _loss(self, job_id: str) -> str:
+        step = _saved_step(self.settings.work_dir / job_id)
+        since = f"since its last saved state at step {step}" if step is not None else "since it started"
+        return f"job {job_id} loses its training {since} and redoes it on the next start"
+
+
+def _saved_step(job_dir: Path) -> int | None:
+    """Step of the newest training state the worker saved for a job (``state*/state.json``)."""
+    steps = []
+    for meta in job_dir.glob("state*/state.json"):
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            steps.append(int(json.loads(meta.read_text())["step"]))
+    return max(steps, default=None)
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
 
 
 def _die_with_parent() -> None:
@@ -66,7 +208,11 @@ def _die_with_parent() -> None:
 
 def worker(home: HomeOption = None) -> None:
     """Run one worker process that trains queued jobs from the same home or database."""
+    from openft.models.loader import set_torch_threads
+    from openft.threads import available_cores, threads_per_process
     from openft.worker.main import run_forever
 
     setup_logging()
-    run_forever(settings_for(home))
+    settings = settings_for(home)
+    set_torch_threads(settings.torch_threads or threads_per_process(available_cores(), 1), purpose="training")
+    run_forever(settings)

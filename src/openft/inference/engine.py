@@ -299,15 +299,38 @@ class _Failed:
     error: BaseException
 
 
-def generate(loaded: LoadedModel, prompt: Prompt, params: SamplingParams, *, n: int = 1) -> Iterator[Event]:
+class GenerationCancelled(Exception):
+    """The caller's ``cancel`` flag stopped generation before every choice was finished."""
+
+    def __init__(self, tokens: int, budget: int) -> None:
+        super().__init__(f"generation cancelled after {tokens} of at most {budget} tokens")
+        self.tokens = tokens
+        self.budget = budget
+
+
+def generate(
+    loaded: LoadedModel,
+    prompt: Prompt,
+    params: SamplingParams,
+    *,
+    n: int = 1,
+    cancel: threading.Event | None = None,
+) -> Iterator[Event]:
     """Yield ``TextDelta``/``ChoiceFinished`` events for ``n`` choices, one choice after the other.
 
-    Each choice ends with exactly one ``ChoiceFinished``. Closing the iterator early cancels the
-    generation (the worker stops at its next token and releases the model).
+    Each choice ends with exactly one ``ChoiceFinished``. Closing the iterator early, or setting
+    ``cancel`` from any thread (the API does when the client disconnects), stops the worker at its
+    next token and releases the model; with ``cancel`` set before every choice finished, the
+    iterator raises :class:`GenerationCancelled`. A request still waiting for the model's lock
+    when ``cancel`` is set never starts.
     """
     events: queue.Queue[Any] = queue.Queue()
-    cancel = threading.Event()
+    cancel = cancel or threading.Event()
     seed = params.seed if params.seed is not None else secrets.randbits(63)
+    produced = [0]  # tokens generated over all choices (read after the worker ends)
+
+    def count(k: int) -> None:
+        produced[0] += k
 
     def work() -> None:
         try:
@@ -317,7 +340,7 @@ def generate(loaded: LoadedModel, prompt: Prompt, params: SamplingParams, *, n: 
                 for index in range(n):
                     if cancel.is_set():
                         break
-                    _generate_choice(loaded, prompt, params, index, generator, events.put, cancel)
+                    _generate_choice(loaded, prompt, params, index, generator, events.put, cancel, count)
         except BaseException as exc:  # handed to the caller's thread and raised there
             events.put(_Failed(exc))
         finally:
@@ -325,6 +348,7 @@ def generate(loaded: LoadedModel, prompt: Prompt, params: SamplingParams, *, n: 
 
     worker = threading.Thread(target=work, name=f"openft-generate-{loaded.ref.id}", daemon=True)
     worker.start()
+    finished = 0
     try:
         while True:
             item = events.get()
@@ -332,7 +356,17 @@ def generate(loaded: LoadedModel, prompt: Prompt, params: SamplingParams, *, n: 
                 break
             if isinstance(item, _Failed):
                 raise item.error
+            finished += isinstance(item, ChoiceFinished)
             yield item
+        if finished < n:  # the worker only ends early when `cancel` was set
+            budget = n * params.max_new_tokens
+            log.info(
+                "generation for %s cancelled after %d of at most %d tokens",
+                loaded.ref.id,
+                produced[0],
+                budget,
+            )
+            raise GenerationCancelled(produced[0], budget)
     finally:
         cancel.set()
 
@@ -345,6 +379,7 @@ def _generate_choice(
     generator: torch.Generator,
     emit: Callable[[Event], None],
     cancel: threading.Event,
+    count: Callable[[int], None],
 ) -> None:
     tokenizer = loaded.tokenizer
     assembler = TextAssembler(
@@ -357,6 +392,7 @@ def _generate_choice(
 
     def on_token(token: int, info: TokenLogprob | None) -> bool:
         state["count"] += 1
+        count(1)
         if token in eos:
             state["reason"] = "stop"
             return True

@@ -6,6 +6,7 @@ import logging
 from collections.abc import Iterable, Iterator
 
 from openft.errors import OpenFTError
+from openft.inference.engine import GenerationCancelled
 from openft.protocol.chat import ChatCompletionChunk
 from openft.protocol.errors import ErrorBody, ErrorResponse
 
@@ -30,6 +31,8 @@ def sse_lines(chunks: Iterable[ChatCompletionChunk]) -> Iterator[bytes]:
     try:
         for chunk in iterator:
             yield sse_event(chunk)
+    except GenerationCancelled:  # the client went away: nobody is left to tell
+        return
     except OpenFTError as exc:
         yield _error_event(exc.message, exc.error_type, exc.param, exc.code)
         return

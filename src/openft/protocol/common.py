@@ -5,11 +5,52 @@ from __future__ import annotations
 import logging
 from typing import Any, ClassVar, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, SerializerFunctionWrapHandler, model_serializer, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    SerializerFunctionWrapHandler,
+    model_serializer,
+    model_validator,
+)
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+MAX_JSON_DEPTH = 64
+"""Deepest nesting of objects/arrays accepted in any request field. Tool schemas and tool-call
+arguments need a handful of levels; hundreds overflow Python's recursion in the chat template
+and JSON encoders, so such a request is refused up front with a 400."""
+
+
+def nested_too_deep(value: Any, limit: int = MAX_JSON_DEPTH) -> str | None:
+    """Path (``.a[0].b``...) to the first point of ``value`` nested deeper than ``limit``
+    objects/arrays, or None. Iterative, so it cannot itself overflow the stack."""
+    stack: list[tuple[Any, int, str]] = [(value, 0, "")]
+    while stack:
+        item, depth, path = stack.pop()
+        if isinstance(item, dict):
+            children = ((v, f"{path}.{k}") for k, v in item.items())
+        elif isinstance(item, list | tuple):
+            children = ((v, f"{path}[{i}]") for i, v in enumerate(item))
+        else:
+            continue
+        if depth == limit:
+            return path
+        stack.extend((v, depth + 1, p) for v, p in children if isinstance(v, dict | list | tuple))
+    return None
+
+
+def check_depth(value: Any) -> Any:
+    """A ``mode="before"`` field validator: refuse a value nested deeper than ``MAX_JSON_DEPTH``."""
+    path = nested_too_deep(value)
+    if path is not None:
+        shown = path if len(path) <= 120 else path[:60] + "..." + path[-40:]
+        raise ValueError(
+            f"nested more than {MAX_JSON_DEPTH} levels deep (at {shown!r}); flatten the structure "
+            f"to at most {MAX_JSON_DEPTH} levels of objects and arrays"
+        )
+    return value
 
 
 class Request(BaseModel):
