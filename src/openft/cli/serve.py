@@ -16,7 +16,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -28,8 +28,9 @@ if TYPE_CHECKING:
     from openft.settings import Settings
 
 API_GRACE_SECONDS = 5
-"""Requests in flight get this long after a stop signal; then chats are cancelled (their
-generation stops at the next token) so the server ends within seconds even with ``n=128``."""
+"""Requests in flight get this long after a stop signal; then chats still generating are
+cancelled (503 / an error event; generation stops at the next token), so the server ends within
+seconds even with an ``n=128`` request running."""
 WORKER_STOP_SECONDS = 60
 """How long a worker may take to finish its step and save the job's state before it is killed."""
 
@@ -69,13 +70,14 @@ def serve(
         f"{n_workers} worker(s), {threads} torch thread(s) per process on {cores} core(s))",
         err=True,
     )
-    stopper = _Stopper(settings, children)
+    stopper = _Stopper(settings, children, on_stop=app.state.openft.stop_generations)
     config = uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
         log_level="info",
-        timeout_graceful_shutdown=API_GRACE_SECONDS,
+        # A backstop only: chats are cancelled after API_GRACE_SECONDS and end by themselves.
+        timeout_graceful_shutdown=API_GRACE_SECONDS + 10,
     )
     stopper.server = server = _server(config, stopper)
     try:
@@ -108,8 +110,10 @@ def _server(config: Any, on_signal: Any) -> Any:
 class _Stopper:
     """Signal handler: the first signal stops gracefully, the second at once; both say so."""
 
-    def __init__(self, settings: Settings, children: list[subprocess.Popen[bytes]]) -> None:
-        self.settings, self.children = settings, children
+    def __init__(
+        self, settings: Settings, children: list[subprocess.Popen[bytes]], *, on_stop: Callable[[], None]
+    ) -> None:
+        self.settings, self.children, self.on_stop = settings, children, on_stop
         self.server: Any = None  # the uvicorn server, set once made
         self.signals = 0
         self.jobs: list[str] = []
@@ -123,6 +127,9 @@ class _Stopper:
                 if child.poll() is None:
                     child.send_signal(signal.SIGTERM)
             self.server.should_exit = True
+            timer = threading.Timer(API_GRACE_SECONDS, self.on_stop)
+            timer.daemon = True
+            timer.start()
             if self.jobs:
                 what = (
                     f"saving the state of job {', '.join(self.jobs)} at its next step boundary; "
@@ -140,6 +147,7 @@ class _Stopper:
         for child in self.children:
             if child.poll() is None:
                 child.kill()
+        self.on_stop()
         self.server.force_exit = True
         self.server.should_exit = True
 

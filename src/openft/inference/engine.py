@@ -333,6 +333,7 @@ def generate(
         produced[0] += k
 
     def work() -> None:
+        finished = 0
         try:
             with loaded.lock, torch.inference_mode():
                 # One generator for all choices: choices differ, and the whole answer replays from `seed`.
@@ -340,7 +341,16 @@ def generate(
                 for index in range(n):
                     if cancel.is_set():
                         break
-                    _generate_choice(loaded, prompt, params, index, generator, events.put, cancel, count)
+                    finished += _generate_choice(
+                        loaded, prompt, params, index, generator, events.put, cancel, count
+                    )
+            if finished < n:
+                log.info(
+                    "generation for %s cancelled after %d of at most %d tokens; the model is free",
+                    loaded.ref.id,
+                    produced[0],
+                    n * params.max_new_tokens,
+                )
         except BaseException as exc:  # handed to the caller's thread and raised there
             events.put(_Failed(exc))
         finally:
@@ -359,14 +369,7 @@ def generate(
             finished += isinstance(item, ChoiceFinished)
             yield item
         if finished < n:  # the worker only ends early when `cancel` was set
-            budget = n * params.max_new_tokens
-            log.info(
-                "generation for %s cancelled after %d of at most %d tokens",
-                loaded.ref.id,
-                produced[0],
-                budget,
-            )
-            raise GenerationCancelled(produced[0], budget)
+            raise GenerationCancelled(produced[0], n * params.max_new_tokens)
     finally:
         cancel.set()
 
@@ -380,7 +383,8 @@ def _generate_choice(
     emit: Callable[[Event], None],
     cancel: threading.Event,
     count: Callable[[int], None],
-) -> None:
+) -> bool:
+    """Generate choice ``index``; False when ``cancel`` stopped it first."""
     tokenizer = loaded.tokenizer
     assembler = TextAssembler(
         lambda ids: tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False),
@@ -439,7 +443,7 @@ def _generate_choice(
         stopping_criteria=StoppingCriteriaList([_StopWhen(lambda: chooser.done or cancel.is_set())]),
     )
     if cancel.is_set() and state["reason"] is None:
-        return
+        return False
     if state["reason"] is None:  # ran into max_new_tokens (or the context window)
         state["reason"] = "length"
         text = assembler.finish()
@@ -447,6 +451,7 @@ def _generate_choice(
             emit(TextDelta(index, text, tuple(pending)))
             pending.clear()
     emit(ChoiceFinished(index, state["reason"], state["count"], tuple(pending)))
+    return True
 
 
 def _model_vision_inputs(prompt: Prompt, loaded: LoadedModel) -> dict[str, torch.Tensor]:

@@ -24,7 +24,7 @@ from fastapi.responses import Response, StreamingResponse
 
 from openft.api.deps import AppState, CurrentProject, State
 from openft.datasets.images import load_image_url
-from openft.errors import NotFound
+from openft.errors import NotFound, Unavailable
 from openft.protocol.chat import ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse
 from openft.storage import repo
 
@@ -92,6 +92,7 @@ async def create_chat_completion(
         )
         return loaded
 
+    state.track_generation(cancel)
     watcher = asyncio.ensure_future(_watch_disconnect(request, cancel))
     streaming = False
     try:
@@ -107,33 +108,43 @@ async def create_chat_completion(
         )
         first = await _in_thread(lambda: next(chunks, None), cancel)
         streaming = True
-        return StreamingResponse(_sse(first, chunks, cancel, watcher), media_type="text/event-stream")
+        return StreamingResponse(_sse(state, first, chunks, cancel, watcher), media_type="text/event-stream")
     except GenerationCancelled:
-        log.info("chat client went away; its generation stopped and the model is free")
+        if state.stopping.is_set():
+            raise Unavailable("The server is shutting down; retry in a moment.") from None
         return Response(status_code=499)  # nobody reads it: the connection is gone
     finally:
         if not streaming:  # the stream's own `finally` does this once it ends
-            watcher.cancel()
-            cancel.set()
+            _finish(state, cancel, watcher)
+
+
+def _finish(state: AppState, cancel: threading.Event, watcher: asyncio.Future[None]) -> None:
+    watcher.cancel()
+    cancel.set()  # generation, if still running, stops at its next token
+    state.untrack_generation(cancel)
 
 
 async def _sse(
+    state: AppState,
     first: ChatCompletionChunk | None,
     chunks: Iterator[ChatCompletionChunk],
     cancel: threading.Event,
     watcher: asyncio.Future[None],
 ) -> AsyncIterator[bytes]:
     """Encode the chunks as SSE, reading each on a thread. Ends, and stops generation, when the
-    chunks run out, the client disconnects or the server closes the stream."""
-    from openft.inference.stream import sse_lines
+    chunks run out, the client disconnects or the server shuts down (then an error event says so)."""
+    from openft.inference.stream import DONE, error_event, sse_lines
 
     lines = sse_lines(_prepend(first, chunks))
+    last = b""
     try:
         while (line := await _in_thread(lambda: next(lines, None), cancel)) is not None:
             yield line
+            last = line
+        if state.stopping.is_set() and last != DONE:
+            yield error_event("The server is shutting down; retry in a moment.", "server_error", None, None)
     finally:
-        watcher.cancel()
-        cancel.set()  # the engine stops at its next token
+        _finish(state, cancel, watcher)
         # No thread is inside `lines` now (`_in_thread` waits for its thread even when cancelled);
         # closing it runs the generators' cleanup. Cheap: generation is already stopped.
         with contextlib.suppress(ValueError):  # unless a second cancel left the thread running
