@@ -43,7 +43,9 @@ def log_since(server: Server, offset: int) -> str:
     return server.log.read_bytes()[offset:].decode("utf-8", "replace")
 
 
-def wait_for_log(server: Server, offset: int, pattern: re.Pattern[str], timeout: float = 300) -> re.Match[str]:
+def wait_for_log(
+    server: Server, offset: int, pattern: re.Pattern[str], timeout: float = 300
+) -> re.Match[str]:
     deadline = time.monotonic() + timeout  # a guard against hanging, not a speed assertion
     while (m := pattern.search(log_since(server, offset))) is None:
         assert time.monotonic() < deadline, f"{pattern.pattern!r} never logged"
@@ -106,7 +108,9 @@ def test_prompt_too_long_is_refused_before_tokenizing(server: Server, client: op
             model=MODEL, messages=[{"role": "user", "content": "word " * 1_000_000}], max_tokens=1
         )
     assert err.value.param == "messages"
-    assert "5,000,000 characters" in err.value.message and "context window of 4096 tokens" in err.value.message
+    assert (
+        "5,000,000 characters" in err.value.message and "context window of 4096 tokens" in err.value.message
+    )
     assert "Traceback" not in log_since(server, offset)
 
 
@@ -119,11 +123,15 @@ def nested(depth: int) -> str:
 def test_deep_nesting_is_a_400(server: Server, client: openai.OpenAI, depth: int, where: str) -> None:
     # Built as text: Python's own JSON encoder (and so the SDK) cannot even write 900 levels.
     if where == "tools":
-        extra = f'"tools": [{{"type": "function", "function": {{"name": "f", "parameters": {nested(depth)}}}}}]'
+        extra = (
+            f'"tools": [{{"type": "function", "function": {{"name": "f", "parameters": {nested(depth)}}}}}]'
+        )
         messages = '[{"role": "user", "content": "hi"}]'
     else:
         extra = '"max_tokens": 1'
-        call = f'{{"id": "c1", "type": "function", "function": {{"name": "f", "arguments": {nested(depth)}}}}}'
+        call = (
+            f'{{"id": "c1", "type": "function", "function": {{"name": "f", "arguments": {nested(depth)}}}}}'
+        )
         messages = (
             f'[{{"role": "user", "content": "hi"}}, {{"role": "assistant", "tool_calls": [{call}]}}, '
             '{"role": "tool", "tool_call_id": "c1", "content": "ok"}]'
@@ -158,7 +166,10 @@ def test_moderate_nesting_still_works(client: openai.OpenAI) -> None:
         for _ in range(100):
             deep = {"a": deep}
         client.chat.completions.create(
-            model=MODEL, messages=HI, max_tokens=1, tools=[{"type": "function", "function": {"name": "f", "parameters": deep}}]
+            model=MODEL,
+            messages=HI,
+            max_tokens=1,
+            tools=[{"type": "function", "function": {"name": "f", "parameters": deep}}],
         )
     assert err.value.param == "tools" and "64 levels" in err.value.message
 
@@ -173,7 +184,14 @@ def test_sigterm_ends_the_server_during_an_n128_request(tmp_path: Path) -> None:
         with busy.stream(
             "POST",
             "/chat/completions",
-            json={"model": MODEL, "messages": HI, "n": 128, "max_tokens": 256, "logit_bias": NO_EOS, "stream": True},
+            json={
+                "model": MODEL,
+                "messages": HI,
+                "n": 128,
+                "max_tokens": 256,
+                "logit_bias": NO_EOS,
+                "stream": True,
+            },
             timeout=600,
         ) as r:
             assert r.status_code == 200

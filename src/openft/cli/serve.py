@@ -116,13 +116,15 @@ class _Stopper:
         self.settings, self.children, self.on_stop = settings, children, on_stop
         self.server: Any = None  # the uvicorn server, set once made
         self.signals = 0
-        self.jobs: list[str] = []
+        self.jobs: dict[int, list[str]] = {}
+        """Worker pid -> the jobs it was running when the first signal came."""
 
     def __call__(self, sig: int, _frame: Any) -> None:
         self.signals += 1
         name = signal.Signals(sig).name
         if self.signals == 1:
             self.jobs = self._running_jobs()
+            held = [job for jobs in self.jobs.values() for job in jobs]
             for child in self.children:  # Ctrl-C reached them already; SIGTERM from elsewhere did not
                 if child.poll() is None:
                     child.send_signal(signal.SIGTERM)
@@ -130,9 +132,9 @@ class _Stopper:
             timer = threading.Timer(API_GRACE_SECONDS, self.on_stop)
             timer.daemon = True
             timer.start()
-            if self.jobs:
+            if held:
                 what = (
-                    f"saving the state of job {', '.join(self.jobs)} at its next step boundary; "
+                    f"saving the state of job {', '.join(held)} at its next step boundary; "
                     f"this may take up to {WORKER_STOP_SECONDS} s"
                 )
             else:
@@ -142,7 +144,11 @@ class _Stopper:
                 "Press Ctrl-C again to stop at once."
             )
             return
-        lost = "; ".join(self._loss(job) for job in self.jobs) or "no training is lost"
+        # Only workers still saving lose anything; one that finished has its state on disk.
+        busy = [job for c in self.children if c.poll() is None for job in self.jobs.get(c.pid, [])]
+        lost = (
+            "; ".join(self._loss(job) for job in busy) or "every worker has saved its state, nothing is lost"
+        )
         _say(f"openft: {name} again: stopping at once: {lost}.")
         for child in self.children:
             if child.poll() is None:
@@ -164,24 +170,24 @@ class _Stopper:
                 _say(f"openft: worker {child.pid} did not stop within {WORKER_STOP_SECONDS} s; killing it")
                 child.kill()
                 child.wait()
-        if self.jobs and self.signals == 1:
-            _say(
-                f"openft: stopped; job {', '.join(self.jobs)} continues from its saved state on the next start."
-            )
+        held = [job for jobs in self.jobs.values() for job in jobs]
+        if held and self.signals == 1:
+            _say(f"openft: stopped; job {', '.join(held)} continues from its saved state on the next start.")
 
-    def _running_jobs(self) -> list[str]:
+    def _running_jobs(self) -> dict[int, list[str]]:
         from openft.storage import repo
         from openft.storage.db import Database
 
-        prefixes = [f"{socket.gethostname()}:{c.pid}:" for c in self.children if c.poll() is None]
-        if not prefixes:
-            return []
+        alive = [c.pid for c in self.children if c.poll() is None]
+        if not alive:
+            return {}
         db = Database(self.settings.resolved_database_url)
         try:
             with db.session() as s:
-                return repo.jobs_held_by(s, worker_prefixes=prefixes)
+                host = socket.gethostname()
+                return {pid: repo.jobs_held_by(s, worker_prefixes=[f"{host}:{pid}:"]) for pid in alive}
         except Exception:  # the message is a courtesy: never let it block stopping
-            return []
+            return {}
         finally:
             db.dispose()
 
