@@ -8,30 +8,19 @@ torch with its share of the cores.
 
 from __future__ import annotations
 
-import csv
 import io
 import os
 import re
 import signal
-import time
 
-import openai
 import pytest
 
 from openft.threads import available_cores, threads_per_process
 from tests.conftest import Server, start_server
-from tests.integration.test_service_e2e import wait_for
+from tests.integration.test_job_control import finish_after_restart, wait_until
 from tests.tasks import colour_examples, to_jsonl
 
 pytestmark = pytest.mark.slow
-
-
-def wait_until(predicate, timeout=300):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout  # a guard against hanging, not a speed assertion
-    while not (value := predicate()):
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.2)
-    return value
 
 
 def start_training(server: Server, project: str, seed: int):  # type: ignore[no-untyped-def]
@@ -60,19 +49,10 @@ def test_sigterm_saves_the_running_job_and_it_resumes_after_restart(tmp_path) ->
     threads = threads_per_process(available_cores(), 2)  # one worker + the API
     assert f"torch uses {threads} thread(s) for training" in log
 
-    restarted = start_server(home, "--workers", "1")
-    try:
-        c2 = openai.OpenAI(base_url=restarted.base_url, api_key=c.api_key, max_retries=0)
-        done = wait_for(c2, job.id)
-        assert done.status == "succeeded", done.error
-        messages = [e.message for e in c2.fine_tuning.jobs.list_events(job.id, limit=200)]
-        assert any("The worker stopped; the job is back in the queue" in m for m in messages)
-        resumed = [int(m.split()[3]) for m in messages if m.startswith("resumed at step")]
-        assert resumed and resumed[0] > 0  # continued from the saved step, not from the start
-        rows = csv.DictReader(io.StringIO(c2.files.content(done.result_files[0]).text))
-        assert [int(r["step"]) for r in rows] == list(range(1, 301))
-    finally:
-        restarted.stop()
+    _, _, messages = finish_after_restart(home, c.api_key, job.id)
+    assert any("The worker stopped; the job is back in the queue" in m for m in messages)
+    resumed = [int(m.split()[3]) for m in messages if m.startswith("resumed at step")]
+    assert resumed[0] > 0  # continued from the step it saved at, not from the start
 
 
 def worker_pids(server: Server) -> list[int]:
