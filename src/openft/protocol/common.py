@@ -18,37 +18,30 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 MAX_JSON_DEPTH = 64
-"""Deepest nesting of objects/arrays accepted in any request field. Tool schemas and tool-call
-arguments need a handful of levels; hundreds overflow Python's recursion in the chat template
-and JSON encoders, so such a request is refused up front with a 400."""
+"""Deepest nesting of objects/arrays accepted in a request field or a training record. Real
+messages and tool JSON schemas stay far below it; hundreds of levels overflow Python's recursion
+in chat templates and JSON encoders, so they are refused up front (400 / a rejected line)."""
 
 
-def nested_too_deep(value: Any, limit: int = MAX_JSON_DEPTH) -> str | None:
-    """Path (``.a[0].b``...) to the first point of ``value`` nested deeper than ``limit``
-    objects/arrays, or None. Iterative, so it cannot itself overflow the stack."""
-    stack: list[tuple[Any, int, str]] = [(value, 0, "")]
+def json_depth(value: object) -> int:
+    """Nesting depth of a parsed JSON value (a scalar is 0, ``[]`` and ``{}`` are 1), iteratively."""
+    depth, stack = 0, [(value, 1)]
     while stack:
-        item, depth, path = stack.pop()
-        if isinstance(item, dict):
-            children = ((v, f"{path}.{k}") for k, v in item.items())
-        elif isinstance(item, list | tuple):
-            children = ((v, f"{path}[{i}]") for i, v in enumerate(item))
-        else:
+        item, level = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        if children is None:
             continue
-        if depth == limit:
-            return path
-        stack.extend((v, depth + 1, p) for v, p in children if isinstance(v, dict | list | tuple))
-    return None
+        depth = max(depth, level)
+        stack.extend((child, level + 1) for child in children if isinstance(child, dict | list))
+    return depth
 
 
 def check_depth(value: Any) -> Any:
     """A ``mode="before"`` field validator: refuse a value nested deeper than ``MAX_JSON_DEPTH``."""
-    path = nested_too_deep(value)
-    if path is not None:
-        shown = path if len(path) <= 120 else path[:60] + "..." + path[-40:]
+    if (depth := json_depth(value)) > MAX_JSON_DEPTH:
         raise ValueError(
-            f"nested more than {MAX_JSON_DEPTH} levels deep (at {shown!r}); flatten the structure "
-            f"to at most {MAX_JSON_DEPTH} levels of objects and arrays"
+            f"nested {depth} levels deep, more than the limit of {MAX_JSON_DEPTH}; flatten it to at most "
+            f"{MAX_JSON_DEPTH} levels of objects and arrays"
         )
     return value
 
