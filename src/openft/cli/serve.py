@@ -79,30 +79,26 @@ def serve(
         # A backstop only: chats are cancelled after API_GRACE_SECONDS and end by themselves.
         timeout_graceful_shutdown=API_GRACE_SECONDS + 10,
     )
-    stopper.server = server = _server(config, stopper)
+    stopper.server = server = _server(config)
+    # Ours for the whole stop, workers' state saving included, so a second Ctrl-C is answered too.
+    previous = {sig: signal.signal(sig, stopper) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         server.run()
     finally:
         stopper.stop_workers()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
-def _server(config: Any, on_signal: Any) -> Any:
-    """uvicorn's server with our signal handler. uvicorn's own would stay silent, then re-raise the
-    signal after its shutdown and so kill this process before its workers were waited for."""
+def _server(config: Any) -> Any:
+    """uvicorn's server, leaving signals to ``serve``: uvicorn's own handling would stay silent,
+    then re-raise the signal after its shutdown and kill this process before its workers saved."""
     import uvicorn
 
     class Server(uvicorn.Server):
         @contextlib.contextmanager
         def capture_signals(self) -> Iterator[None]:
-            if threading.current_thread() is not threading.main_thread():
-                yield
-                return
-            previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-            try:
-                yield
-            finally:
-                for sig, handler in previous.items():
-                    signal.signal(sig, handler)
+            yield
 
     return Server(config)
 
