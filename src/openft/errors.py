@@ -49,6 +49,13 @@ class RateLimited(OpenFTError):
     error_type = "rate_limit_error"
 
 
+class Unavailable(OpenFTError):
+    """The server cannot serve this now (e.g. it is shutting down): 503, which the SDK retries."""
+
+    status_code = 503
+    error_type = "server_error"
+
+
 class JobFailed(OpenFTError):
     """Raised inside the worker; becomes the job's ``error{code, message, param}``."""
 

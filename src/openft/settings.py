@@ -71,6 +71,18 @@ class Settings(BaseSettings):
         description="Memory training may use; default: the device's free memory (GPU) or available RAM.",
     )
     adapter_cache_size: int = Field(default=4, description="Fine-tuned models kept loaded for chat (LRU).")
+    max_completion_tokens_per_request: int = Field(
+        default=32768,
+        ge=1,
+        description="Chat: cap on n x max_completion_tokens per request (400 above); the default lets "
+        "n=128 choices of the default 256 tokens through.",
+    )
+    torch_threads: int | None = Field(
+        default=None,
+        ge=1,
+        description="Torch threads per process (each worker, and the API for chat); default: the cores "
+        "this process may use, shared between the workers and the API (see openft.threads).",
+    )
     organization_prefix: str = Field(default="org-", description="Prefix of organization_id (project id).")
 
     @property

@@ -32,10 +32,28 @@ def csv_rows(c, job):
 
 
 def wait_until(predicate, timeout=300):
+    """Poll ``predicate`` until it returns something true, and return that."""
     deadline = time.monotonic() + timeout  # a guard against hanging, not a speed assertion
-    while not predicate():
+    while not (value := predicate()):
         assert time.monotonic() < deadline, "condition not reached"
         time.sleep(0.2)
+    return value
+
+
+def finish_after_restart(home, api_key, job_id, env=None):
+    """Start a new server on ``home``, wait for the job to succeed; return it and its event messages,
+    having checked that its results file has every step exactly once (1..300: 60 examples x 5 epochs)."""
+    restarted = start_server(home, "--workers", "1", env=env)
+    try:
+        c2 = openai.OpenAI(base_url=restarted.base_url, api_key=api_key, max_retries=0)
+        done = wait_for(c2, job_id)
+        assert done.status == "succeeded", done.error
+        messages = [e.message for e in c2.fine_tuning.jobs.list_events(job_id, limit=200)]
+        assert any(m.startswith("resumed at step") for m in messages)
+        assert [int(r["step"]) for r in csv_rows(c2, done)] == list(range(1, 301))
+        return c2, done, messages
+    finally:
+        restarted.stop()
 
 
 def test_defaults_resolve_and_are_recorded(full_server):
@@ -147,15 +165,6 @@ def test_sigkill_mid_job_then_restart_finishes_it(tmp_path):
     server.proc.wait()
     assert c.fine_tuning.jobs  # the key and everything recorded live on in the home folder
 
-    restarted = start_server(home, "--workers", "1", env=env)
-    try:
-        c2 = openai.OpenAI(base_url=restarted.base_url, api_key=c.api_key, max_retries=0)
-        done = wait_for(c2, job.id)
-        assert done.status == "succeeded", done.error
-        messages = [e.message for e in c2.fine_tuning.jobs.list_events(job.id, limit=200)]
-        assert any("continues it from its last saved state" in m for m in messages)
-        assert any(m.startswith("resumed at step") for m in messages)
-        assert [int(r["step"]) for r in csv_rows(c2, done)] == list(range(1, 301))
-        assert c2.files.content(f.id).read() == to_jsonl(colour_examples(60, seed=15))
-    finally:
-        restarted.stop()
+    c2, _, messages = finish_after_restart(home, c.api_key, job.id, env=env)
+    assert any("continues it from its last saved state" in m for m in messages)
+    assert c2.files.content(f.id).read() == to_jsonl(colour_examples(60, seed=15))

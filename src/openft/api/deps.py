@@ -32,6 +32,27 @@ class AppState:
     blobs: BlobStore
     _registry: Registry | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    stopping: threading.Event = field(default_factory=threading.Event)
+    """Set when the server shuts down: chats still generating are cancelled."""
+    _generations: set[threading.Event] = field(default_factory=set)
+
+    def track_generation(self, cancel: threading.Event) -> None:
+        """Register a running chat's cancel flag (``untrack_generation`` when it ends)."""
+        with self._lock:
+            self._generations.add(cancel)
+            if self.stopping.is_set():
+                cancel.set()
+
+    def untrack_generation(self, cancel: threading.Event) -> None:
+        with self._lock:
+            self._generations.discard(cancel)
+
+    def stop_generations(self) -> None:
+        """Shutting down: cancel every chat still generating (each stops at its next token)."""
+        with self._lock:
+            self.stopping.set()
+            for cancel in self._generations:
+                cancel.set()
 
     @property
     def registry(self) -> Registry:
@@ -41,7 +62,9 @@ class AppState:
                 from openft.inference.registry import Registry
 
                 self._registry = Registry(
-                    device=self.settings.device, max_loaded=self.settings.adapter_cache_size
+                    device=self.settings.device,
+                    max_loaded=self.settings.adapter_cache_size,
+                    threads=self.settings.torch_threads,
                 )
             return self._registry
 

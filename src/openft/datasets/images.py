@@ -13,6 +13,7 @@ import base64
 import binascii
 import hashlib
 import io
+import math
 from dataclasses import dataclass
 
 from PIL import Image
@@ -22,6 +23,10 @@ from openft.errors import InvalidRequest
 
 MAX_IMAGE_BYTES = 10 * 1024 * 1024
 MAX_IMAGE_PIXELS = 50_000_000  # ~7000 x 7000; far above any vision processor's input
+DECODE_MAX_PIXELS = 2048 * 2048
+"""Pixel budget of a decoded image kept in memory: larger ones shrink on load (JPEG decodes at
+1/2-1/8 scale with ``draft()``, reading all its data; PNG/WEBP decode once, then ``reduce()``).
+OpenAI itself fits high-detail images within 2048x2048 before its vision encoder."""
 ALLOWED_MODES = ("RGB", "RGBA")
 _MAGIC = (
     (b"\xff\xd8\xff", "JPEG"),
@@ -146,8 +151,45 @@ def _short(url: str, limit: int = 80) -> str:
     return url if len(url) <= limit else url[: limit - 3] + "..."
 
 
-def decode_image(data: bytes) -> tuple[ImageInfo, Image.Image]:
-    """Check ``data`` fully and return its info plus the decoded image. Raises ImageRejected."""
+def shrink_factor(width: int, height: int, max_pixels: int) -> int:
+    """Smallest integer factor that brings ``width`` x ``height`` within ``max_pixels``."""
+    factor = max(1, math.ceil(math.sqrt(width * height / max_pixels)))
+    while math.ceil(width / factor) * math.ceil(height / factor) > max_pixels:
+        factor += 1
+    return factor
+
+
+def load_within(image: Image.Image, max_pixels: int) -> Image.Image:
+    """Decode an opened image to at most ``max_pixels`` pixels, aspect kept.
+
+    JPEG: ``draft()`` makes libjpeg decode at 1/2, 1/4 or 1/8 scale, so the full-size pixels never
+    exist (all the data is still read, so truncation is still caught). Other formats decode at full
+    size once, then ``reduce()`` box-averages by an integer factor and the full image is dropped.
+    """
+    width, height = image.size
+    factor = shrink_factor(width, height, max_pixels)
+    if factor > 1 and image.format == "JPEG":
+        # libjpeg scales by 1/2, 1/4 or 1/8; Pillow takes the largest scale whose result is at
+        # least the requested size (by integer division), so ask for exactly 1/scale.
+        scale = max(s for s in (1, 2, 4, 8) if s <= factor)
+        image.draft(image.mode, (width // scale, height // scale))
+    image.load()
+    factor = shrink_factor(*image.size, max_pixels)
+    if factor > 1:
+        reduced = image.reduce(factor)
+        image.close()
+        image = reduced
+    return image
+
+
+def open_image(data: bytes, *, max_pixels: int = DECODE_MAX_PIXELS) -> Image.Image:
+    """Decode bytes that already passed :func:`decode_image`, within ``max_pixels``."""
+    return load_within(Image.open(io.BytesIO(data), formats=[sniff_format(data) or "PNG"]), max_pixels)
+
+
+def decode_image(data: bytes, *, max_pixels: int = DECODE_MAX_PIXELS) -> tuple[ImageInfo, Image.Image]:
+    """Check ``data`` fully and return its info (true size) plus the decoded image, shrunk on load
+    to at most ``max_pixels`` (see :func:`load_within`). Raises ImageRejected."""
     if len(data) > MAX_IMAGE_BYTES:
         raise ImageRejected(
             "image_too_large",
@@ -183,7 +225,8 @@ def decode_image(data: bytes) -> tuple[ImageInfo, Image.Image]:
             )
         image.verify()  # structure and checksums (PNG CRCs)
         image = Image.open(io.BytesIO(data), formats=[fmt])
-        image.load()  # a full decode: catches truncated JPEG/WEBP data that verify() misses
+        # A full decode (catches truncated JPEG/WEBP data that verify() misses), within the budget.
+        image = load_within(image, max_pixels)
     except ImageRejected:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
@@ -206,6 +249,10 @@ def decode_image(data: bytes) -> tuple[ImageInfo, Image.Image]:
 
 def inspect_image(data: bytes) -> ImageInfo:
     """Format, mode and size of ``data`` after a full decode. Raises ImageRejected."""
-    info, image = decode_image(data)
+    info, image = decode_image(data, max_pixels=_INSPECT_PIXELS)
     image.close()
     return info
+
+
+_INSPECT_PIXELS = 64 * 64
+"""Only the checks matter to ``inspect_image``: JPEGs decode at their smallest draft scale."""

@@ -15,14 +15,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
 
+from openft.protocol.common import MAX_JSON_DEPTH, json_depth
+
 _BOM = b"\xef\xbb\xbf"
 
 MAX_LINE_BYTES = 160 * 1024 * 1024
 """Default longest line: one example with 10 data-URL images of 10 MB each, plus its text."""
-
-MAX_JSON_DEPTH = 64
-"""Deepest nesting of objects/arrays accepted in a record. Real examples (messages, tool JSON
-schemas) stay far below it; hundreds of levels only come from broken or hostile files."""
 
 _READ = 1024 * 1024
 
@@ -41,19 +39,6 @@ class JsonlScan:
 
 def _reject_constant(name: str) -> float:
     raise ValueError(f"{name} is not valid JSON")
-
-
-def json_depth(value: object) -> int:
-    """Nesting depth of a parsed JSON value (a scalar is 0, ``[]`` and ``{}`` are 1), iteratively."""
-    depth, stack = 0, [(value, 1)]
-    while stack:
-        item, level = stack.pop()
-        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
-        if children is None:
-            continue
-        depth = max(depth, level)
-        stack.extend((child, level + 1) for child in children if isinstance(child, dict | list))
-    return depth
 
 
 def too_long_message(limit: int) -> str:

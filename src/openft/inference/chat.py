@@ -12,7 +12,9 @@ only); ``response_format`` is accepted but not enforced (no constrained decoding
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -49,20 +51,96 @@ DEFAULT_MAX_TOKENS = 256
 """Completion cap when the request sets neither ``max_completion_tokens`` nor ``max_tokens``
 (always also bounded by the room left in the model's context window)."""
 
+MAX_CHARS_PER_TOKEN = 32
+"""Cap on the characters one token may be assumed to cover when bounding a prompt before
+tokenizing it (the model's longest vocabulary entry, if shorter, is used instead). Real text
+averages 3-5 characters per token, so only prompts that cannot possibly fit are refused."""
+
 ImageLoader = Callable[[str], bytes]
 
 
+def check_request_size(
+    loaded: LoadedModel, request: ChatCompletionRequest, *, max_completion_tokens_per_request: int
+) -> None:
+    """Refuse what cannot be served before any image is decoded or any text tokenized.
+
+    - ``n`` x the per-choice cap (``max_completion_tokens``/``max_tokens``, else the server's
+      default) must stay within ``max_completion_tokens_per_request``.
+    - The prompt's text must be short enough that it could fit the context window: a model's
+      tokens cover at most ``chars_per_token(loaded)`` characters each, so more characters than
+      ``context_length`` times that can never fit, and tokenizing them (seconds of CPU, gigabytes
+      for a 20 MB body) is skipped.
+    """
+    n = request.n or 1
+    per_choice = request.max_new_tokens or DEFAULT_MAX_TOKENS
+    if n * per_choice > max_completion_tokens_per_request:
+        cap = "max_completion_tokens" if request.max_completion_tokens is not None else "max_tokens"
+        shown = (
+            f"{cap}={per_choice}"
+            if request.max_new_tokens is not None
+            else f"the default {per_choice} tokens"
+        )
+        raise InvalidRequest(
+            f"n={n} choices x {shown} = {n * per_choice} completion tokens is more than this server allows "
+            f"per request ({max_completion_tokens_per_request}, OPENFT_MAX_COMPLETION_TOKENS_PER_REQUEST); "
+            f"lower n or {cap}",
+            param="n" if n > 1 else cap,
+        )
+    if loaded.context_length is None:
+        return
+    limit = loaded.context_length * chars_per_token(loaded)
+    chars = prompt_chars(request)
+    if chars > limit:
+        raise InvalidRequest(
+            f"the prompt has {chars:,} characters of text; this model's context window of "
+            f"{loaded.context_length} tokens holds at most about {limit:,}, so it cannot fit; shorten the "
+            "conversation",
+            param="messages",
+        )
+
+
+def chars_per_token(loaded: LoadedModel) -> int:
+    """Most characters one token of this model is assumed to stand for (see MAX_CHARS_PER_TOKEN)."""
+    return max(1, min(loaded.longest_token_chars, MAX_CHARS_PER_TOKEN))
+
+
+def prompt_chars(request: ChatCompletionRequest) -> int:
+    """Characters of text the prompt will contain (content, names, tool calls, tool schemas)."""
+    total = len(json.dumps(request.tools)) if request.tools else 0
+    for m in request.messages:
+        if isinstance(m.content, str):
+            total += len(m.content)
+        elif m.content is not None:
+            for part in m.content:
+                if isinstance(part, RefusalContentPart):
+                    total += len(part.refusal)
+                elif not isinstance(part, ImageContentPart):
+                    total += len(part.text)
+        total += len(m.refusal or "") + len(m.name or "")
+        if m.tool_calls:
+            total += len(json.dumps(m.tool_calls))
+    return total
+
+
 def create_completion(
-    loaded: LoadedModel, request: ChatCompletionRequest, *, image_loader: ImageLoader
+    loaded: LoadedModel,
+    request: ChatCompletionRequest,
+    *,
+    image_loader: ImageLoader,
+    cancel: threading.Event | None = None,
 ) -> ChatCompletionResponse:
-    """Generate the whole answer (``n`` choices) and return it as one ``chat.completion``."""
+    """Generate the whole answer (``n`` choices) and return it as one ``chat.completion``.
+
+    ``cancel`` set from another thread (the client went away) stops generation at the next token
+    and raises ``engine.GenerationCancelled``.
+    """
     prompt, n_image_tokens = build_prompt(loaded, request, image_loader=image_loader)
     params = sampling_params(loaded, request, prompt_tokens=len(prompt.input_ids))
     n = request.n or 1
     texts = [""] * n
     logprobs: list[list[engine.TokenLogprob]] = [[] for _ in range(n)]
     finished: dict[int, ChoiceFinished] = {}
-    for event in engine.generate(loaded, prompt, params, n=n):
+    for event in engine.generate(loaded, prompt, params, n=n, cancel=cancel):
         if isinstance(event, TextDelta):
             texts[event.index] += event.text
         else:
@@ -87,18 +165,23 @@ def create_completion(
 
 
 def stream_completion(
-    loaded: LoadedModel, request: ChatCompletionRequest, *, image_loader: ImageLoader
+    loaded: LoadedModel,
+    request: ChatCompletionRequest,
+    *,
+    image_loader: ImageLoader,
+    cancel: threading.Event | None = None,
 ) -> Iterator[ChatCompletionChunk]:
     """The same answer as ``create_completion``, as chunks (choices one after the other).
 
     Per choice: a ``{"role": "assistant", "content": ""}`` chunk, content chunks as text is
     generated, then an empty delta with ``finish_reason``. With ``stream_options.include_usage``
     one last chunk has ``choices: []`` and the usage. Request errors (bad image, prompt too long)
-    raise before the first chunk is produced, so the API can still answer 400.
+    raise before the first chunk is produced, so the API can still answer 400. ``cancel`` as in
+    ``create_completion``.
     """
     prompt, n_image_tokens = build_prompt(loaded, request, image_loader=image_loader)
     params = sampling_params(loaded, request, prompt_tokens=len(prompt.input_ids))
-    return _stream(loaded, request, prompt, n_image_tokens, params)
+    return _stream(loaded, request, prompt, n_image_tokens, params, cancel)
 
 
 def _stream(
@@ -107,6 +190,7 @@ def _stream(
     prompt: Prompt,
     n_image_tokens: int,
     params: SamplingParams,
+    cancel: threading.Event | None,
 ) -> Iterator[ChatCompletionChunk]:
     completion_id, created = ids.chat_completion_id(), int(time.time())
 
@@ -120,7 +204,7 @@ def _stream(
 
     started: set[int] = set()
     finished: list[ChoiceFinished] = []
-    events = engine.generate(loaded, prompt, params, n=request.n or 1)
+    events = engine.generate(loaded, prompt, params, n=request.n or 1, cancel=cancel)
     try:
         for event in events:
             if event.index not in started:

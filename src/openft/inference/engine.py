@@ -299,17 +299,41 @@ class _Failed:
     error: BaseException
 
 
-def generate(loaded: LoadedModel, prompt: Prompt, params: SamplingParams, *, n: int = 1) -> Iterator[Event]:
+class GenerationCancelled(Exception):
+    """The caller's ``cancel`` flag stopped generation before every choice was finished."""
+
+    def __init__(self, tokens: int, budget: int) -> None:
+        super().__init__(f"generation cancelled after {tokens} of at most {budget} tokens")
+        self.tokens = tokens
+        self.budget = budget
+
+
+def generate(
+    loaded: LoadedModel,
+    prompt: Prompt,
+    params: SamplingParams,
+    *,
+    n: int = 1,
+    cancel: threading.Event | None = None,
+) -> Iterator[Event]:
     """Yield ``TextDelta``/``ChoiceFinished`` events for ``n`` choices, one choice after the other.
 
-    Each choice ends with exactly one ``ChoiceFinished``. Closing the iterator early cancels the
-    generation (the worker stops at its next token and releases the model).
+    Each choice ends with exactly one ``ChoiceFinished``. Closing the iterator early, or setting
+    ``cancel`` from any thread (the API does when the client disconnects), stops the worker at its
+    next token and releases the model; with ``cancel`` set before every choice finished, the
+    iterator raises :class:`GenerationCancelled`. A request still waiting for the model's lock
+    when ``cancel`` is set never starts.
     """
     events: queue.Queue[Any] = queue.Queue()
-    cancel = threading.Event()
+    cancel = cancel or threading.Event()
     seed = params.seed if params.seed is not None else secrets.randbits(63)
+    produced = [0]  # tokens generated over all choices (read after the worker ends)
+
+    def count(k: int) -> None:
+        produced[0] += k
 
     def work() -> None:
+        finished = 0
         try:
             with loaded.lock, torch.inference_mode():
                 # One generator for all choices: choices differ, and the whole answer replays from `seed`.
@@ -317,7 +341,16 @@ def generate(loaded: LoadedModel, prompt: Prompt, params: SamplingParams, *, n: 
                 for index in range(n):
                     if cancel.is_set():
                         break
-                    _generate_choice(loaded, prompt, params, index, generator, events.put, cancel)
+                    finished += _generate_choice(
+                        loaded, prompt, params, index, generator, events.put, cancel, count
+                    )
+            if finished < n:
+                log.info(
+                    "generation for %s cancelled after %d of at most %d tokens; the model is free",
+                    loaded.ref.id,
+                    produced[0],
+                    n * params.max_new_tokens,
+                )
         except BaseException as exc:  # handed to the caller's thread and raised there
             events.put(_Failed(exc))
         finally:
@@ -325,6 +358,7 @@ def generate(loaded: LoadedModel, prompt: Prompt, params: SamplingParams, *, n: 
 
     worker = threading.Thread(target=work, name=f"openft-generate-{loaded.ref.id}", daemon=True)
     worker.start()
+    finished = 0
     try:
         while True:
             item = events.get()
@@ -332,7 +366,10 @@ def generate(loaded: LoadedModel, prompt: Prompt, params: SamplingParams, *, n: 
                 break
             if isinstance(item, _Failed):
                 raise item.error
+            finished += isinstance(item, ChoiceFinished)
             yield item
+        if finished < n:  # the worker only ends early when `cancel` was set
+            raise GenerationCancelled(produced[0], n * params.max_new_tokens)
     finally:
         cancel.set()
 
@@ -345,7 +382,9 @@ def _generate_choice(
     generator: torch.Generator,
     emit: Callable[[Event], None],
     cancel: threading.Event,
-) -> None:
+    count: Callable[[int], None],
+) -> bool:
+    """Generate choice ``index``; False when ``cancel`` stopped it first."""
     tokenizer = loaded.tokenizer
     assembler = TextAssembler(
         lambda ids: tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False),
@@ -357,6 +396,7 @@ def _generate_choice(
 
     def on_token(token: int, info: TokenLogprob | None) -> bool:
         state["count"] += 1
+        count(1)
         if token in eos:
             state["reason"] = "stop"
             return True
@@ -403,7 +443,7 @@ def _generate_choice(
         stopping_criteria=StoppingCriteriaList([_StopWhen(lambda: chooser.done or cancel.is_set())]),
     )
     if cancel.is_set() and state["reason"] is None:
-        return
+        return False
     if state["reason"] is None:  # ran into max_new_tokens (or the context window)
         state["reason"] = "length"
         text = assembler.finish()
@@ -411,6 +451,7 @@ def _generate_choice(
             emit(TextDelta(index, text, tuple(pending)))
             pending.clear()
     emit(ChoiceFinished(index, state["reason"], state["count"], tuple(pending)))
+    return True
 
 
 def _model_vision_inputs(prompt: Prompt, loaded: LoadedModel) -> dict[str, torch.Tensor]:

@@ -8,6 +8,7 @@ generation on one loaded model is serialized by :attr:`LoadedModel.lock`.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from collections import OrderedDict
@@ -63,6 +64,13 @@ class LoadedModel:
     def tokenizer(self) -> Any:
         return getattr(self.processor, "tokenizer", self.processor)
 
+    @functools.cached_property
+    def longest_token_chars(self) -> int:
+        """Length of the longest vocabulary entry's spelling: no token covers more characters of
+        text than that (byte-level BPE spells one character per byte, SentencePiece one per
+        character), so it bounds a prompt's token count from below without tokenizing it."""
+        return max((len(t) for t in self.tokenizer.get_vocab()), default=1)
+
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
@@ -114,9 +122,20 @@ class Registry:
     ``loader(base, weights_dir, device=...)`` and returns ``(model, processor)``.
     """
 
-    def __init__(self, *, device: str = "auto", max_loaded: int = 4, loader: Loader | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        device: str = "auto",
+        max_loaded: int = 4,
+        loader: Loader | None = None,
+        threads: int | None = None,
+    ) -> None:
         if max_loaded < 1:
             raise ValueError("max_loaded must be at least 1")
+        if threads is not None:
+            from openft.models.loader import set_torch_threads
+
+            set_torch_threads(threads, purpose="chat")
         self.device = device
         self.max_loaded = max_loaded
         self._loader = loader or _default_loader

@@ -6,6 +6,7 @@ import logging
 from collections.abc import Iterable, Iterator
 
 from openft.errors import OpenFTError
+from openft.inference.engine import GenerationCancelled
 from openft.protocol.chat import ChatCompletionChunk
 from openft.protocol.errors import ErrorBody, ErrorResponse
 
@@ -30,12 +31,14 @@ def sse_lines(chunks: Iterable[ChatCompletionChunk]) -> Iterator[bytes]:
     try:
         for chunk in iterator:
             yield sse_event(chunk)
+    except GenerationCancelled:  # the client went away: nobody is left to tell
+        return
     except OpenFTError as exc:
-        yield _error_event(exc.message, exc.error_type, exc.param, exc.code)
+        yield error_event(exc.message, exc.error_type, exc.param, exc.code)
         return
     except Exception:
         log.exception("chat completion stream failed")
-        yield _error_event("the server failed while generating; please retry", "server_error", None, None)
+        yield error_event("the server failed while generating; please retry", "server_error", None, None)
         return
     finally:
         close = getattr(iterator, "close", None)
@@ -44,6 +47,6 @@ def sse_lines(chunks: Iterable[ChatCompletionChunk]) -> Iterator[bytes]:
     yield DONE
 
 
-def _error_event(message: str, error_type: str, param: str | None, code: str | None) -> bytes:
+def error_event(message: str, error_type: str, param: str | None, code: str | None) -> bytes:
     body = ErrorResponse(error=ErrorBody(message=message, type=error_type, param=param, code=code))
     return b"data: " + body.model_dump_json().encode("utf-8") + b"\n\n"

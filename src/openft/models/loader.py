@@ -9,6 +9,7 @@ how to load it.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any, Literal
 
@@ -114,3 +115,14 @@ def _auto_model(source: str, dtype: torch.dtype | None) -> Any:
         return AutoModelForImageTextToText.from_pretrained(source, **kwargs)
     except ValueError:  # a text-only base model: still trainable on text-only data
         return AutoModelForCausalLM.from_pretrained(source, **kwargs)
+
+
+def set_torch_threads(threads: int, *, purpose: str) -> None:
+    """Size this process's torch thread pools (its share of the cores, see ``openft.threads``).
+    Call it at process start: inter-op threads can only be set before torch first uses them."""
+    torch.set_num_threads(threads)
+    try:
+        torch.set_num_interop_threads(threads)
+    except RuntimeError:  # already started; the intra-op count, which matters most, is set
+        pass
+    logging.getLogger("openft").info("torch uses %d thread(s) for %s in this process", threads, purpose)

@@ -28,7 +28,6 @@ What differs between model families (placeholder, end-of-turn token, ``detail`` 
 
 from __future__ import annotations
 
-import io
 import json
 import re
 from collections.abc import Sequence
@@ -39,6 +38,7 @@ import torch
 from PIL import Image
 
 from openft.datasets.formats import ChatExample, ImagePart, Message, PreferenceExample, TextPart
+from openft.datasets.images import DECODE_MAX_PIXELS, open_image
 from openft.errors import InvalidRequest
 from openft.models.families import LOW_DETAIL_MAX_PIXELS, Family, find_family
 
@@ -198,18 +198,35 @@ def count_tokens(processor: Any, example: ChatExample | PreferenceExample) -> in
     )
 
 
-def load_image(part: ImagePart) -> Image.Image:
-    """Decode an image part's bytes to RGB, applying the ``detail="low"`` resize."""
+def load_image(part: ImagePart, *, max_pixels: int = DECODE_MAX_PIXELS) -> Image.Image:
+    """Decode an image part's bytes to RGB, applying the ``detail="low"`` resize.
+
+    The image shrinks on load to ``max_pixels`` (JPEG never decodes at full size), so a huge
+    image costs memory for its budget, not for its size; the processor then resizes as usual.
+    """
     if part.data is None:
         raise InvalidRequest("image has no decoded bytes; validate the file first", param="messages")
-    img = Image.open(io.BytesIO(part.data))
-    img = img.convert("RGB")
+    if part.detail == "low":
+        # At least the 512x512 box (aspect kept) survives the shrink for thumbnail() to work on.
+        max_pixels = min(max_pixels, 4 * LOW_DETAIL_MAX_SIDE * LOW_DETAIL_MAX_SIDE)
+    img = open_image(part.data, max_pixels=max_pixels)
+    if img.mode != "RGB":
+        rgb = img.convert("RGB")
+        img.close()
+        img = rgb
     if part.detail == "low":
         img.thumbnail((LOW_DETAIL_MAX_SIDE, LOW_DETAIL_MAX_SIDE))
     return img
 
 
 # --- helpers ---------------------------------------------------------------------------------
+
+
+def _pixel_budget(processor: Any) -> int:
+    """Pixels an image may keep on load: the decode budget, or the processor's own pixel cap
+    (Qwen2-VL's ``max_pixels``) when that is larger, so the processor still decides the size."""
+    cap = getattr(getattr(processor, "image_processor", None), "max_pixels", None)
+    return max(DECODE_MAX_PIXELS, cap) if isinstance(cap, int) else DECODE_MAX_PIXELS
 
 
 def _encode_text(tokenizer: Any, text: str, protected: dict[int, str] | None = None) -> list[int]:
@@ -278,7 +295,7 @@ def _encode_structure(
                 raise ValueError("the chat template emitted more image placeholders than there are images")
             enc = processor(
                 text=[image_token],
-                images=[load_image(part)],
+                images=[load_image(part, max_pixels=_pixel_budget(processor))],
                 add_special_tokens=False,
                 return_tensors="pt",
                 **(family.detail_kwargs(processor.image_processor, part.detail) if family else {}),

@@ -24,7 +24,7 @@ from pydantic import (
     model_validator,
 )
 
-from openft.protocol.common import Request
+from openft.protocol.common import Request, check_depth
 
 ChatRole = Literal["system", "developer", "user", "assistant", "tool"]
 ImageDetail = Literal["auto", "low", "high"]
@@ -149,6 +149,13 @@ class ChatCompletionRequest(Request):
     """Up to 16 key-value pairs; accepted and ignored (completions are not stored)."""
     store: bool | None = None
     """Accepted; completions are never stored."""
+
+    # Free-form JSON fields: bounded nesting, so the chat template and JSON encoders never recurse
+    # past Python's limit (hundreds of levels gave a 500).
+    @field_validator("messages", "tools", "tool_choice", "response_format", mode="before")
+    @classmethod
+    def _bounded_depth(cls, v: Any) -> Any:
+        return check_depth(v)
 
     @field_validator("top_logprobs")
     @classmethod

@@ -5,11 +5,45 @@ from __future__ import annotations
 import logging
 from typing import Any, ClassVar, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, SerializerFunctionWrapHandler, model_serializer, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    SerializerFunctionWrapHandler,
+    model_serializer,
+    model_validator,
+)
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+MAX_JSON_DEPTH = 64
+"""Deepest nesting of objects/arrays accepted in a request field or a training record. Real
+messages and tool JSON schemas stay far below it; hundreds of levels overflow Python's recursion
+in chat templates and JSON encoders, so they are refused up front (400 / a rejected line)."""
+
+
+def json_depth(value: object) -> int:
+    """Nesting depth of a parsed JSON value (a scalar is 0, ``[]`` and ``{}`` are 1), iteratively."""
+    depth, stack = 0, [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        if children is None:
+            continue
+        depth = max(depth, level)
+        stack.extend((child, level + 1) for child in children if isinstance(child, dict | list))
+    return depth
+
+
+def check_depth(value: Any) -> Any:
+    """A ``mode="before"`` field validator: refuse a value nested deeper than ``MAX_JSON_DEPTH``."""
+    if (depth := json_depth(value)) > MAX_JSON_DEPTH:
+        raise ValueError(
+            f"nested {depth} levels deep, more than the limit of {MAX_JSON_DEPTH}; flatten it to at most "
+            f"{MAX_JSON_DEPTH} levels of objects and arrays"
+        )
+    return value
 
 
 class Request(BaseModel):

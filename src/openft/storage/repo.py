@@ -275,6 +275,17 @@ def release_job(s: Session, *, job_id: str, worker_id: str) -> None:
     )
 
 
+def jobs_held_by(s: Session, *, worker_prefixes: Sequence[str]) -> list[str]:
+    """Ids of the active jobs whose worker id starts with one of ``worker_prefixes`` (``host:pid:``)."""
+    if not worker_prefixes:
+        return []
+    held = or_(*(Job.worker_id.startswith(p, autoescape=True) for p in worker_prefixes))
+    rows = s.scalars(
+        select(Job.id).where(Job.status.in_(("validating_files", "running")), held).order_by(Job.id)
+    )
+    return list(rows)
+
+
 def claim_next_job(s: Session, *, worker_id: str, lease_seconds: float) -> Job | None:
     """Atomically take the oldest unclaimed (or abandoned) job; two workers never get the same one.
 
