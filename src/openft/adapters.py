@@ -44,6 +44,22 @@ def load_adapter(base_model: Any, directory: Path, *, trainable: bool = False) -
     return PeftModel.from_pretrained(base_model, str(directory), is_trainable=trainable)
 
 
+def attach_adapter(model: Any, directory: Path, *, name: str) -> PeftModel:
+    """Add the adapter in ``directory`` to ``model`` under ``name`` (wrapping a plain model the
+    first time) for inference; rows pick adapters per forward with ``adapter_names``."""
+    if isinstance(model, PeftModel):
+        model.load_adapter(str(directory), adapter_name=name)
+    else:
+        model = PeftModel.from_pretrained(model, str(directory), adapter_name=name)
+    model.eval()
+    return model
+
+
+def detach_adapter(model: PeftModel, *, name: str) -> None:
+    """Free an attached adapter's weights (it must not be the only one, nor in use)."""
+    model.delete_adapter(name)
+
+
 def merge(model: Any) -> Any:
     """Fold LoRA weights into the base weights and return the plain transformers model."""
     if isinstance(model, PeftModel):

@@ -70,7 +70,16 @@ class Settings(BaseSettings):
         default=None,
         description="Memory training may use; default: the device's free memory (GPU) or available RAM.",
     )
-    adapter_cache_size: int = Field(default=4, description="Fine-tuned models kept loaded for chat (LRU).")
+    max_loaded_models: int = Field(
+        default=4,
+        description="Base and fully fine-tuned models kept loaded for chat (LRU); LoRA fine-tunes attach to their base.",
+    )
+    adapter_cache_bytes: int = Field(
+        default=1024**3, description="Bytes of LoRA adapters kept attached for chat (least recently used detached first)."
+    )
+    max_batch_rows: int = Field(
+        default=32, description="Sequences one model decodes together (continuous batching across requests)."
+    )
     max_completion_tokens_per_request: int = Field(
         default=32768,
         ge=1,

@@ -63,7 +63,9 @@ class AppState:
 
                 self._registry = Registry(
                     device=self.settings.device,
-                    max_loaded=self.settings.adapter_cache_size,
+                    max_loaded=self.settings.max_loaded_models,
+                    adapter_cache_bytes=self.settings.adapter_cache_bytes,
+                    max_batch_rows=self.settings.max_batch_rows,
                     threads=self.settings.torch_threads,
                 )
             return self._registry

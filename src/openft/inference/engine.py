@@ -1,32 +1,29 @@
-"""Token generation: one loop that both streaming and non-streaming answers go through.
+"""Token generation: one path that both streaming and non-streaming answers go through.
 
 Why it is built this way:
 
-- **HF ``generate`` does the model-specific work** (KV cache, M-RoPE position ids for Qwen2-VL,
-  dropping ``pixel_values`` after the prefill, peft wrappers), so any architecture that
-  ``load_model`` returns can be served without a hand-written decode loop per family.
-- **We choose every token ourselves.** ``generate`` runs in greedy mode with one logits
-  processor, :class:`_Chooser`, that sees the model's raw logits, applies ``logit_bias`` and the
-  penalties, samples with temperature / top-p from a *per-request* ``torch.Generator`` (so a
-  ``seed`` reproduces regardless of what other threads do with the global RNG), records log
-  probabilities, and returns a one-hot score row so that greedy ``argmax`` picks exactly that
-  token. Temperature 0 is plain argmax: deterministic.
+- **Requests share one decode loop per model** (:mod:`openft.inference.batcher`): each choice
+  is a row of a continuously batched forward pass, prefilled through the model's own forward
+  (so each family computes its vision features and positions itself), then decoded together
+  with every other active row.
+- **We choose every token ourselves.** :class:`_Chooser` sees the model's raw logits for its
+  row, applies ``logit_bias`` and the penalties, samples with temperature / top-p from a
+  *per-choice* ``torch.Generator`` (so a ``seed`` reproduces whatever else shares the batch),
+  and records log probabilities. Temperature 0 is plain argmax: deterministic.
 - **Text comes out of one assembler.** :class:`TextAssembler` turns token ids into text
   incrementally (holding back incomplete UTF-8) and cuts at stop strings, holding back any tail
   that could still become a stop string, so no text past a stop string is ever released. The
   non-streamed answer is the concatenation of exactly the deltas a stream would send, so the two
   are equal by construction.
-- **``generate`` blocks, so it runs on a worker thread** that pushes events into a queue; the
-  caller iterates them. The worker holds the model's lock for the whole request (Qwen2-VL keeps
-  ``rope_deltas`` on the module between steps, so two interleaved generations would corrupt each
-  other). If the caller stops iterating, a stopping criterion sees the cancel flag at the next
-  token and the worker releases the lock.
+- **The decode loop runs on its own thread**; a request's events reach the caller through a
+  queue. If the caller stops iterating (a client gone), the request's rows leave the batch at
+  the next step.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
-import math
 import queue
 import secrets
 import threading
@@ -36,13 +33,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
-from transformers import (
-    GenerationConfig,
-    LogitsProcessor,
-    LogitsProcessorList,
-    StoppingCriteria,
-    StoppingCriteriaList,
-)
+
+from openft.inference.batcher import Request, Row
 
 if TYPE_CHECKING:
     from openft.inference.registry import LoadedModel
@@ -199,30 +191,18 @@ class TextAssembler:
 # ------------------------------------------------------------------------------ token choice
 
 
-class _Chooser(LogitsProcessor):
-    """Picks the next token from the raw logits; returns a one-hot row so greedy takes it."""
+class _Chooser:
+    """Picks the next token of one choice from the model's raw logits."""
 
-    def __init__(
-        self,
-        params: SamplingParams,
-        generator: torch.Generator,
-        *,
-        vocab_limit: int | None,
-        on_token: Callable[[int, TokenLogprob | None], bool],
-        forced_token: int,
-    ) -> None:
+    def __init__(self, params: SamplingParams, generator: torch.Generator, *, vocab_limit: int | None) -> None:
         self.params = params
         self.generator = generator
         self.vocab_limit = vocab_limit
-        self.on_token = on_token  # returns True when the choice is complete
-        self.forced_token = forced_token
-        self.done = False
         self.counts: Counter[int] = Counter()
 
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        if self.done:  # generate() may ask once more before it checks the stopping criteria
-            return self._one_hot(scores, self.forced_token)
-        raw = scores[0].float()
+    def pick(self, raw: torch.Tensor) -> tuple[int, TokenLogprob | None]:
+        """The chosen token for logits ``raw`` ([vocab]) and, if asked for, its log probability."""
+        raw = raw.float()
         if self.vocab_limit is not None and self.vocab_limit < raw.shape[-1]:
             # Padded embedding rows beyond the tokenizer's vocabulary are never valid output;
             # slicing them off (a view) keeps token ids unchanged.
@@ -249,8 +229,7 @@ class _Chooser(LogitsProcessor):
                 values, indices = torch.topk(lp, k=min(p.top_logprobs, lp.shape[-1]))
                 top = tuple(zip(indices.tolist(), values.tolist(), strict=True))
             info = TokenLogprob(token_id=token, logprob=float(lp[token]), top=top)
-        self.done = self.on_token(token, info)
-        return self._one_hot(scores, token)
+        return token, info
 
     def _choose(self, logits: torch.Tensor) -> int:
         p = self.params
@@ -264,20 +243,6 @@ class _Chooser(LogitsProcessor):
             sorted_probs[drop] = 0.0
             probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
         return int(torch.multinomial(probs, num_samples=1, generator=self.generator))
-
-    @staticmethod
-    def _one_hot(scores: torch.FloatTensor, token: int) -> torch.FloatTensor:
-        out = torch.full_like(scores, -math.inf)
-        out[:, token] = 0.0
-        return out
-
-
-class _StopWhen(StoppingCriteria):
-    def __init__(self, predicate: Callable[[], bool]) -> None:
-        self.predicate = predicate
-
-    def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
-        return torch.full((input_ids.shape[0],), self.predicate(), dtype=torch.bool, device=input_ids.device)
 
 
 # ---------------------------------------------------------------------------------- generate
@@ -316,48 +281,53 @@ def generate(
     n: int = 1,
     cancel: threading.Event | None = None,
 ) -> Iterator[Event]:
-    """Yield ``TextDelta``/``ChoiceFinished`` events for ``n`` choices, one choice after the other.
+    """Yield ``TextDelta``/``ChoiceFinished`` events for ``n`` choices (interleaved by index).
 
-    Each choice ends with exactly one ``ChoiceFinished``. Closing the iterator early, or setting
-    ``cancel`` from any thread (the API does when the client disconnects), stops the worker at its
-    next token and releases the model; with ``cancel`` set before every choice finished, the
-    iterator raises :class:`GenerationCancelled`. A request still waiting for the model's lock
-    when ``cancel`` is set never starts.
+    The choices are rows of the model's shared decode loop (:mod:`openft.inference.batcher`),
+    batched with whatever else is being generated. Each choice ends with exactly one
+    ``ChoiceFinished``. Closing the iterator early, or setting ``cancel`` from any thread (the
+    API does when the client disconnects), takes the request's rows out of the batch at the next
+    step; with ``cancel`` set before every choice finished, the iterator raises
+    :class:`GenerationCancelled`. Rows still waiting for a place in the batch never start.
     """
     events: queue.Queue[Any] = queue.Queue()
     cancel = cancel or threading.Event()
     seed = params.seed if params.seed is not None else secrets.randbits(63)
-    produced = [0]  # tokens generated over all choices (read after the worker ends)
+    left = [n]
+    left_lock = threading.Lock()
 
-    def count(k: int) -> None:
-        produced[0] += k
+    def on_finish(choice: _Choice, reason: str | None, error: BaseException | None) -> None:
+        if error is not None:
+            events.put(_Failed(error))
+        elif reason is not None:
+            choice.finish(reason)  # type: ignore[arg-type]
+        with left_lock:
+            left[0] -= 1
+            if left[0] == 0:
+                events.put(_END)
 
-    def work() -> None:
-        finished = 0
-        try:
-            with loaded.lock, torch.inference_mode():
-                # One generator for all choices: choices differ, and the whole answer replays from `seed`.
-                generator = torch.Generator(device=loaded.device).manual_seed(seed)
-                for index in range(n):
-                    if cancel.is_set():
-                        break
-                    finished += _generate_choice(
-                        loaded, prompt, params, index, generator, events.put, cancel, count
-                    )
-            if finished < n:
-                log.info(
-                    "generation for %s cancelled after %d of at most %d tokens; the model is free",
-                    loaded.ref.id,
-                    produced[0],
-                    n * params.max_new_tokens,
-                )
-        except BaseException as exc:  # handed to the caller's thread and raised there
-            events.put(_Failed(exc))
-        finally:
-            events.put(_END)
-
-    worker = threading.Thread(target=work, name=f"openft-generate-{loaded.ref.id}", daemon=True)
-    worker.start()
+    key = object()
+    rows: list[Row] = []
+    choices: list[_Choice] = []
+    for index in range(n):
+        # Choice i samples from its own generator seeded from (seed, i): the whole answer
+        # replays from `seed`, whatever else shares the batch.
+        generator = torch.Generator(device=loaded.device).manual_seed(seed + index)
+        choice = _Choice(loaded, params, index, generator, events.put)
+        row = Row(
+            request=key,
+            pick=choice.pick,
+            finish=functools.partial(on_finish, choice),
+            max_new_tokens=params.max_new_tokens,
+            cancelled=cancel,
+            adapter=loaded.adapter,
+        )
+        choice.row = row
+        rows.append(row)
+        choices.append(choice)
+    loaded.batcher.submit(
+        Request(input_ids=list(prompt.input_ids), model_inputs=_model_vision_inputs(prompt, loaded), rows=rows)
+    )
     finished = 0
     try:
         while True:
@@ -368,90 +338,65 @@ def generate(
                 raise item.error
             finished += isinstance(item, ChoiceFinished)
             yield item
-        if finished < n:  # the worker only ends early when `cancel` was set
-            raise GenerationCancelled(produced[0], n * params.max_new_tokens)
+        if finished < n:  # rows only end without finishing when `cancel` was set
+            produced = sum(c.count for c in choices)
+            log.info(
+                "generation for %s cancelled after %d of at most %d tokens; its rows left the batch",
+                loaded.ref.id,
+                produced,
+                n * params.max_new_tokens,
+            )
+            raise GenerationCancelled(produced, n * params.max_new_tokens)
     finally:
         cancel.set()
 
 
-def _generate_choice(
-    loaded: LoadedModel,
-    prompt: Prompt,
-    params: SamplingParams,
-    index: int,
-    generator: torch.Generator,
-    emit: Callable[[Event], None],
-    cancel: threading.Event,
-    count: Callable[[int], None],
-) -> bool:
-    """Generate choice ``index``; False when ``cancel`` stopped it first."""
-    tokenizer = loaded.tokenizer
-    assembler = TextAssembler(
-        lambda ids: tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False),
-        params.stop,
-    )
-    pending: list[TokenLogprob] = []
-    state: dict[str, Any] = {"count": 0, "reason": None}
-    eos = loaded.eos_token_ids
+class _Choice:
+    """One choice's side of generation: picks its tokens and turns them into events."""
 
-    def on_token(token: int, info: TokenLogprob | None) -> bool:
-        state["count"] += 1
-        count(1)
-        if token in eos:
-            state["reason"] = "stop"
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        params: SamplingParams,
+        index: int,
+        generator: torch.Generator,
+        emit: Callable[[Event], None],
+    ) -> None:
+        tokenizer = loaded.tokenizer
+        self.index, self.emit = index, emit
+        self.eos = loaded.eos_token_ids
+        self.chooser = _Chooser(params, generator, vocab_limit=len(tokenizer))
+        self.assembler = TextAssembler(
+            lambda ids: tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False),
+            params.stop,
+        )
+        self.pending: list[TokenLogprob] = []
+        self.count = 0
+        self.row: Row | None = None
+
+    def pick(self, raw: torch.Tensor) -> bool:
+        """Choose the next token from ``raw`` logits; True when the choice is complete."""
+        token, info = self.chooser.pick(raw)
+        assert self.row is not None
+        self.row.next_token = token
+        self.count += 1
+        if token in self.eos:
             return True
         if info is not None:
-            pending.append(info)
-        text = assembler.add(token)
+            self.pending.append(info)
+        text = self.assembler.add(token)
         if text:
-            emit(TextDelta(index, text, tuple(pending)))
-            pending.clear()
-        if assembler.stopped:
-            state["reason"] = "stop"
-            return True
-        return False
+            self.emit(TextDelta(self.index, text, tuple(self.pending)))
+            self.pending.clear()
+        return self.assembler.stopped
 
-    chooser = _Chooser(
-        params,
-        generator,
-        vocab_limit=len(tokenizer),
-        on_token=on_token,
-        forced_token=min(eos),
-    )
-    model = loaded.model
-    input_ids = torch.tensor([prompt.input_ids], dtype=torch.long, device=loaded.device)
-    config = GenerationConfig(
-        max_new_tokens=params.max_new_tokens,
-        do_sample=False,  # _Chooser already picked; greedy just reads its one-hot row
-        num_beams=1,
-        num_return_sequences=1,
-        eos_token_id=sorted(eos),
-        pad_token_id=loaded.pad_token_id,
-        # Explicit neutral values so a model's own generation_config (e.g. Qwen's
-        # repetition_penalty) does not reshape the logits before _Chooser sees them. Sampling
-        # warpers (temperature, top_k, top_p) are never applied with do_sample=False.
-        repetition_penalty=1.0,
-        no_repeat_ngram_size=0,
-        min_new_tokens=0,
-    )
-    model.generate(
-        input_ids=input_ids,
-        attention_mask=torch.ones_like(input_ids),
-        **_model_vision_inputs(prompt, loaded),
-        generation_config=config,
-        logits_processor=LogitsProcessorList([chooser]),
-        stopping_criteria=StoppingCriteriaList([_StopWhen(lambda: chooser.done or cancel.is_set())]),
-    )
-    if cancel.is_set() and state["reason"] is None:
-        return False
-    if state["reason"] is None:  # ran into max_new_tokens (or the context window)
-        state["reason"] = "length"
-        text = assembler.finish()
-        if text:
-            emit(TextDelta(index, text, tuple(pending)))
-            pending.clear()
-    emit(ChoiceFinished(index, state["reason"], state["count"], tuple(pending)))
-    return True
+    def finish(self, reason: FinishReason) -> None:
+        if reason == "length":  # ran into max_new_tokens: release the text held back so far
+            text = self.assembler.finish()
+            if text:
+                self.emit(TextDelta(self.index, text, tuple(self.pending)))
+                self.pending.clear()
+        self.emit(ChoiceFinished(self.index, reason, self.count, tuple(self.pending)))
 
 
 def _model_vision_inputs(prompt: Prompt, loaded: LoadedModel) -> dict[str, torch.Tensor]:

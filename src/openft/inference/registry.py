@@ -3,7 +3,7 @@
 The caller (the API) resolves a model id to a :class:`ModelRef` (base path or HF id, plus the
 weights folder of a fine-tuned model or checkpoint); this module never looks anything up in
 storage. Loading happens once per key even under concurrent requests (a lock per key), and
-generation on one loaded model is serialized by :attr:`LoadedModel.lock`.
+all generation on one loaded model goes through its :attr:`LoadedModel.batcher`.
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from openft.inference.batcher import Batcher
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +45,11 @@ class LoadedModel:
     model: Any
     processor: Any
     """A multimodal processor (with ``.tokenizer``) or a bare tokenizer for text-only models."""
-    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-    """Held for the whole of one generation request: one request at a time per model."""
+    adapter: str | None = None
+    """The peft adapter this model is (rows of several adapters of one base share one forward);
+    None = the model itself, without adapters."""
+    shared_batcher: Batcher | None = field(default=None, repr=False)
+    """The decode loop of the base this adapter shares; None = the model's own."""
     eos_token_ids: frozenset[int] = frozenset()
     """Tokens that end the assistant's turn (finish_reason ``stop``)."""
     pad_token_id: int | None = None
@@ -59,6 +64,13 @@ class LoadedModel:
             self.pad_token_id = pad if pad is not None else min(self.eos_token_ids)
         if self.context_length is None:
             self.context_length = _context_length(self.model)
+
+    @property
+    def batcher(self) -> Batcher:
+        """The decode loop every request for this model (and its base's adapters) goes through."""
+        if self.shared_batcher is None:
+            self.shared_batcher = Batcher(self.model, device=self.device)
+        return self.shared_batcher
 
     @property
     def tokenizer(self) -> Any:
@@ -115,8 +127,26 @@ def _default_loader(base: str, weights_dir: Path | None, *, device: str) -> tupl
     return load_model(base, weights_dir, device=device)
 
 
+def _device_of(model: Any) -> torch.device:
+    params = getattr(model, "parameters", None)
+    first = next(params(), None) if params is not None else None
+    return first.device if first is not None else torch.device("cpu")
+
+
+def _adapter_bytes(weights_dir: Path) -> int:
+    return sum(p.stat().st_size for p in Path(weights_dir).glob("adapter_model*") if p.is_file())
+
+
 class Registry:
-    """LRU cache of loaded models keyed by ``(base, weights_dir)``; thread-safe.
+    """What is loaded for chat; thread-safe.
+
+    - Base models and fully fine-tuned models are separate weights: an LRU of at most
+      ``max_loaded`` of them, each with its own decode loop.
+    - A LoRA fine-tune does not get weights of its own: its adapter is attached to its base's
+      loaded model (peft, under a name) and its requests join the base's decode loop, so
+      requests for many fine-tunes of one base share one copy of the base and one batch.
+      Attached adapters are bounded by their size (``adapter_cache_bytes``): the least
+      recently used idle ones are detached first.
 
     ``loader`` (tests) replaces ``models.loader.load_model``; it is called as
     ``loader(base, weights_dir, device=...)`` and returns ``(model, processor)``.
@@ -127,6 +157,8 @@ class Registry:
         *,
         device: str = "auto",
         max_loaded: int = 4,
+        adapter_cache_bytes: int = 1024**3,
+        max_batch_rows: int = 32,
         loader: Loader | None = None,
         threads: int | None = None,
     ) -> None:
@@ -138,11 +170,16 @@ class Registry:
             set_torch_threads(threads, purpose="chat")
         self.device = device
         self.max_loaded = max_loaded
+        self.adapter_cache_bytes = adapter_cache_bytes
+        self.max_batch_rows = max_batch_rows
         self._loader = loader or _default_loader
-        self._lock = threading.Lock()  # guards the two dicts below, never held while loading
+        self._lock = threading.Lock()  # guards the dicts below, never held while loading
         self._loaded: OrderedDict[tuple[str, str | None], LoadedModel] = OrderedDict()
         self._ids: dict[tuple[str, str | None], set[str]] = {}
         self._key_locks: dict[tuple[str, str | None], threading.Lock] = {}
+        # Attached adapters: (base, adapter dir) -> its view on the base, and its size.
+        self._adapters: OrderedDict[tuple[str, str], LoadedModel] = OrderedDict()
+        self._adapter_size: dict[tuple[str, str], int] = {}
 
     @staticmethod
     def _key(ref: ModelRef) -> tuple[str, str | None]:
@@ -150,6 +187,11 @@ class Registry:
 
     def get(self, ref: ModelRef) -> LoadedModel:
         """The loaded model for ``ref``, loading it (once, even if many ask at the same time) if needed."""
+        if ref.weights_dir is not None and (Path(ref.weights_dir) / "adapter_config.json").exists():
+            return self._get_adapter(ref)
+        return self._get_weights(ref)
+
+    def _get_weights(self, ref: ModelRef) -> LoadedModel:
         key = self._key(ref)
         with self._lock:
             hit = self._hit(key, ref)
@@ -163,16 +205,89 @@ class Registry:
                     return hit
             log.info("loading model %s (base=%s, weights=%s)", ref.id, ref.base, ref.weights_dir)
             model, processor = self._loader(ref.base, ref.weights_dir, device=self.device)
-            loaded = LoadedModel(ref=ref, model=model, processor=processor)
+            loaded = LoadedModel(
+                ref=ref,
+                model=model,
+                processor=processor,
+                shared_batcher=Batcher(model, device=_device_of(model), max_rows=self.max_batch_rows),
+            )
             with self._lock:
                 self._loaded[key] = loaded
                 self._ids[key] = {ref.id}
                 while len(self._loaded) > self.max_loaded:
                     old_key, old = self._loaded.popitem(last=False)
-                    self._ids.pop(old_key, None)
-                    self._key_locks.pop(old_key, None)
+                    self._forget(old_key)
                     log.info("unloading model %s (least recently used)", old.ref.id)
             return loaded
+
+    def _get_adapter(self, ref: ModelRef) -> LoadedModel:
+        from openft import adapters
+        from openft.models.loader import load_processor
+
+        key = (ref.base, str(ref.weights_dir))
+        with self._lock:
+            view = self._adapters.get(key)
+            if view is not None:
+                self._adapters.move_to_end(key)
+                self._ids.setdefault(key, set()).add(ref.id)
+                return view
+        base = self._get_weights(ModelRef(id=ref.base, base=ref.base, weights_dir=None))
+        batcher = base.batcher
+        with batcher.lock:  # no forward runs while the model changes
+            with self._lock:
+                view = self._adapters.get(key)
+                if view is not None:
+                    return view
+            name = f"a{abs(hash(key)):x}"
+            model = adapters.attach_adapter(batcher.model, Path(str(ref.weights_dir)), name=name)
+            batcher.set_model(model)
+            base.model = model
+            weights = Path(str(ref.weights_dir))
+            has_own = any((weights / f).exists() for f in ("processor_config.json", "tokenizer_config.json"))
+            processor = load_processor(str(weights) if has_own else ref.base)
+            view = LoadedModel(ref=ref, model=model, processor=processor, adapter=name, shared_batcher=batcher)
+            size = _adapter_bytes(Path(str(ref.weights_dir)))
+            with self._lock:
+                self._adapters[key] = view
+                self._adapter_size[key] = size
+                self._ids[key] = {ref.id}
+            self._shrink_adapters(batcher)
+        log.info("attached adapter %s (%d bytes) to %s", ref.id, size, ref.base)
+        return view
+
+    def _shrink_adapters(self, batcher: Batcher) -> None:
+        """Detach least recently used idle adapters of this base until the cache fits (lock held)."""
+        from openft import adapters
+
+        with self._lock:
+            total = sum(self._adapter_size.values())
+            if total <= self.adapter_cache_bytes:
+                return
+            busy = batcher.adapters_in_use()
+            victims = []
+            for key, view in self._adapters.items():
+                if total <= self.adapter_cache_bytes or len(self._adapters) - len(victims) <= 1:
+                    break
+                if view.shared_batcher is batcher and view.adapter not in busy:
+                    victims.append(key)
+                    total -= self._adapter_size[key]
+            for key in victims:
+                view = self._adapters.pop(key)
+                self._adapter_size.pop(key, None)
+                self._ids.pop(key, None)
+        for key in victims:
+            adapters.detach_adapter(batcher.model, name=view.adapter)  # type: ignore[arg-type]
+            log.info("detached adapter %s (adapter cache over %d bytes)", key[1], self.adapter_cache_bytes)
+
+    def _forget(self, key: tuple[str, str | None]) -> None:
+        """Drop a loaded entry (lock held), with the adapters attached to it."""
+        self._ids.pop(key, None)
+        self._key_locks.pop(key, None)
+        if key[1] is None:
+            for akey in [k for k in self._adapters if k[0] == key[0]]:
+                self._adapters.pop(akey)
+                self._adapter_size.pop(akey, None)
+                self._ids.pop(akey, None)
 
     def _hit(self, key: tuple[str, str | None], ref: ModelRef) -> LoadedModel | None:
         loaded = self._loaded.get(key)
@@ -188,12 +303,21 @@ class Registry:
         """
         with self._lock:
             for key in [k for k, ids in self._ids.items() if model_id in ids]:
-                self._loaded.pop(key, None)
-                self._ids.pop(key, None)
-                self._key_locks.pop(key, None)
+                if key in self._adapters:
+                    self._adapters.pop(key)
+                    self._adapter_size.pop(key, None)
+                    self._ids.pop(key, None)
+                else:
+                    self._loaded.pop(key, None)  # type: ignore[arg-type]
+                    self._forget(key)  # type: ignore[arg-type]
                 log.info("evicted model %s", model_id)
 
     def loaded_ids(self) -> list[str]:
         """Ids of the loaded models, least recently used first (for logs and tests)."""
         with self._lock:
             return [loaded.ref.id for loaded in self._loaded.values()]
+
+    def adapter_ids(self) -> list[str]:
+        """Ids of the attached adapters, least recently used first."""
+        with self._lock:
+            return [view.ref.id for view in self._adapters.values()]
