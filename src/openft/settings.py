@@ -80,6 +80,9 @@ class Settings(BaseSettings):
     max_batch_rows: int = Field(
         default=32, description="Sequences one model decodes together (continuous batching across requests)."
     )
+    max_waiting_rows: int = Field(
+        default=512, description="Sequences that may wait for a model's batch; beyond it chat answers 429 + Retry-After."
+    )
     max_completion_tokens_per_request: int = Field(
         default=32768,
         ge=1,

@@ -66,6 +66,7 @@ class AppState:
                     max_loaded=self.settings.max_loaded_models,
                     adapter_cache_bytes=self.settings.adapter_cache_bytes,
                     max_batch_rows=self.settings.max_batch_rows,
+                    max_waiting_rows=self.settings.max_waiting_rows,
                     threads=self.settings.torch_threads,
                 )
             return self._registry

@@ -65,8 +65,10 @@ def _is_lock_timeout(exc: OperationalError) -> bool:
 def install(app: FastAPI) -> None:
     @app.exception_handler(OpenFTError)
     async def _domain(_: Request, exc: OpenFTError) -> JSONResponse:
+        # 429/503 are "busy, come back": the SDK retries them after Retry-After.
+        retry = {"retry-after": "1"} if exc.status_code in (429, 503) else None
         return error_response(
-            exc.status_code, exc.message, type=exc.error_type, param=exc.param, code=exc.code
+            exc.status_code, exc.message, type=exc.error_type, param=exc.param, code=exc.code, headers=retry
         )
 
     @app.exception_handler(RequestValidationError)

@@ -40,6 +40,8 @@ from typing import Any
 
 import torch
 
+from openft.errors import RateLimited
+
 log = logging.getLogger(__name__)
 
 
@@ -91,10 +93,11 @@ def _find_rope_holder(model: torch.nn.Module) -> torch.nn.Module | None:
 class Batcher:
     """The decode loop of one loaded model (a daemon thread, started on first use)."""
 
-    def __init__(self, model: Any, *, device: torch.device, max_rows: int = 32) -> None:
+    def __init__(self, model: Any, *, device: torch.device, max_rows: int = 32, max_waiting: int = 512) -> None:
         self.model = model
         self.device = device
         self.max_rows = max_rows
+        self.max_waiting = max_waiting
         self._rope: torch.nn.Module | None = None  # the module keeping Qwen2-VL's M-RoPE deltas
         # A peft model runs rows of different LoRA adapters in one forward (``adapter_names``).
         self._peft = hasattr(model, "peft_config")
@@ -127,13 +130,34 @@ class Batcher:
         return self._lock
 
     def submit(self, request: Request) -> None:
+        """Queue a request's rows; refuses (429, retryable) when the queue is full."""
         with self._cond:
+            self._purge_cancelled()
+            waiting = sum(len(q) for q in self._waiting.values())
+            if waiting and waiting + len(request.rows) > self.max_waiting:
+                raise RateLimited(
+                    f"The model is busy: {waiting} sequences are waiting to be generated; retry shortly.",
+                    code="model_busy",
+                )
             queue = self._waiting.setdefault(request.rows[0].request, deque())
             queue.extend((request, row) for row in request.rows)
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._run, name="openft-batcher", daemon=True)
                 self._thread.start()
             self._cond.notify()
+
+    def _purge_cancelled(self) -> None:
+        """Finish waiting rows whose client went away, so they hold no place in the queue."""
+        for key in list(self._waiting):
+            queue = self._waiting[key]
+            kept = deque(item for item in queue if not item[1].cancelled.is_set())
+            for _, row in queue:
+                if row.cancelled.is_set():
+                    row.finish(None, None)
+            if kept:
+                self._waiting[key] = kept
+            else:
+                del self._waiting[key]
 
     def active_rows(self) -> int:
         return len(self._rows)

@@ -159,6 +159,7 @@ class Registry:
         max_loaded: int = 4,
         adapter_cache_bytes: int = 1024**3,
         max_batch_rows: int = 32,
+        max_waiting_rows: int = 512,
         loader: Loader | None = None,
         threads: int | None = None,
     ) -> None:
@@ -172,6 +173,7 @@ class Registry:
         self.max_loaded = max_loaded
         self.adapter_cache_bytes = adapter_cache_bytes
         self.max_batch_rows = max_batch_rows
+        self.max_waiting_rows = max_waiting_rows
         self._loader = loader or _default_loader
         self._lock = threading.Lock()  # guards the dicts below, never held while loading
         self._loaded: OrderedDict[tuple[str, str | None], LoadedModel] = OrderedDict()
@@ -209,7 +211,12 @@ class Registry:
                 ref=ref,
                 model=model,
                 processor=processor,
-                shared_batcher=Batcher(model, device=_device_of(model), max_rows=self.max_batch_rows),
+                shared_batcher=Batcher(
+                    model,
+                    device=_device_of(model),
+                    max_rows=self.max_batch_rows,
+                    max_waiting=self.max_waiting_rows,
+                ),
             )
             with self._lock:
                 self._loaded[key] = loaded

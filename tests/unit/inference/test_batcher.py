@@ -316,3 +316,19 @@ def test_the_decode_loop_matches_transformers_generate(loaded, image_loader, png
     theirs = out[0, ids.shape[1] :].tolist()
     eos = loaded.eos_token_ids
     assert ours == [t for t in theirs if t not in eos][: len(ours)] and len(ours) >= 1
+
+
+def test_a_full_queue_refuses_with_a_retryable_error(tiny_dir):
+    from openft.errors import RateLimited
+
+    registry = Registry(device="cpu", max_batch_rows=1, max_waiting_rows=4)
+    loaded = registry.get(ModelRef(id="tiny", base=str(tiny_dir), weights_dir=None))
+    ids = loaded.tokenizer(LOOSE[0])["input_ids"]
+    first = generate(loaded, Prompt(input_ids=ids), SamplingParams(max_new_tokens=10_000, temperature=0), n=5)
+    next(first)  # one row decoding, four waiting: the queue is full
+    with pytest.raises(RateLimited) as e:
+        next(generate(loaded, Prompt(input_ids=ids), SamplingParams(max_new_tokens=2, temperature=0)))
+    assert e.value.status_code == 429 and "retry" in e.value.message
+    first.close()
+    answer = list(generate(loaded, Prompt(input_ids=ids), SamplingParams(max_new_tokens=2, temperature=0)))
+    assert answer[-1].finish_reason == "length"
