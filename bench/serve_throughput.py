@@ -417,7 +417,7 @@ def main() -> None:
     # A SIGTERM to the bench unwinds through `finally`, so the server group is always stopped.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     with tempfile.TemporaryDirectory(prefix="openft-servebench-") as tmp:
-        env = {"OPENFT_ADAPTER_CACHE_SIZE": str(max(4, args.adapters + 1))}
+        env = {"OPENFT_MAX_LOADED_MODELS": str(max(4, args.adapters + 1))}
         if args.model == "qwen2-vl-2b":
             from train_throughput import prepare_model  # bench/ is on sys.path when run as a script
 

@@ -93,7 +93,9 @@ def _find_rope_holder(model: torch.nn.Module) -> torch.nn.Module | None:
 class Batcher:
     """The decode loop of one loaded model (a daemon thread, started on first use)."""
 
-    def __init__(self, model: Any, *, device: torch.device, max_rows: int = 32, max_waiting: int = 512) -> None:
+    def __init__(
+        self, model: Any, *, device: torch.device, max_rows: int = 32, max_waiting: int = 512
+    ) -> None:
         self.model = model
         self.device = device
         self.max_rows = max_rows
@@ -214,6 +216,11 @@ class Batcher:
         return {"adapter_names": [r.adapter or "__base__" for r in rows]}
 
     def _prefill(self, request: Request, rows: list[Row]) -> None:
+        for row in [r for r in rows if r.cancelled.is_set()]:  # gone while waiting: never starts
+            row.finish(None, None)
+        rows = [r for r in rows if not r.cancelled.is_set()]
+        if not rows:
+            return
         ids = torch.tensor([request.input_ids], dtype=torch.long, device=self.device)
         extra = self._adapters(rows[:1])
         if self._rope is not None:
@@ -229,25 +236,25 @@ class Batcher:
             delta = int(self._rope.rope_deltas.reshape(-1)[0])
         for i, row in enumerate(rows):
             row.length, row.rope_delta = len(request.input_ids), delta
-            if self._choose(row, logits):
+            done = self._choose(row, logits)
+            if done is not None:
+                done()
                 continue
             row_cache = cache if i == len(rows) - 1 else _copy_cache(cache)
             self._join(row, row_cache)
 
-    def _choose(self, row: Row, logits: torch.Tensor) -> bool:
-        """Let ``row`` pick its next token; finishes it and returns True when it is done."""
+    def _choose(self, row: Row, logits: torch.Tensor) -> Callable[[], None] | None:
+        """Let ``row`` pick its next token. When the row is done, returns how to finish it, to be
+        called once it has left the batch (so a caller woken by it never sees it still there)."""
         if row.cancelled.is_set():
-            row.finish(None, None)
-            return True
+            return lambda: row.finish(None, None)
         done = row.pick(logits)
         row.generated += 1
         if done:
-            row.finish("stop", None)
-            return True
+            return lambda: row.finish("stop", None)
         if row.generated >= row.max_new_tokens:
-            row.finish("length", None)
-            return True
-        return False
+            return lambda: row.finish("length", None)
+        return None
 
     def _join(self, row: Row, cache: Any) -> None:
         """Add a prefilled row to the batch: pad its cache or the batch's to one length."""
@@ -268,7 +275,9 @@ class Batcher:
     def _step(self) -> None:
         rows = self._rows
         tokens = torch.tensor([[r.next_token] for r in rows], dtype=torch.long, device=self.device)
-        mask = torch.cat([self._mask, torch.ones((len(rows), 1), dtype=torch.long, device=self.device)], dim=1)
+        mask = torch.cat(
+            [self._mask, torch.ones((len(rows), 1), dtype=torch.long, device=self.device)], dim=1
+        )
         positions = torch.tensor([[r.length] for r in rows], dtype=torch.long, device=self.device)
         if self._rope is not None:  # M-RoPE: text tokens advance all three axes alike
             deltas = torch.tensor([[r.rope_delta] for r in rows], dtype=torch.long, device=self.device)
@@ -280,12 +289,18 @@ class Batcher:
         self._cache, self._mask = out.cache, mask
         logits = out.logits[:, -1]
         keep: list[int] = []
+        finishing: list[Callable[[], None]] = []
         for i, row in enumerate(rows):
             row.length += 1
-            if not self._choose(row, logits[i]):
+            done = self._choose(row, logits[i])
+            if done is None:
                 keep.append(i)
-        if len(keep) < len(rows):
+            else:
+                finishing.append(done)
+        if finishing:
             self._drop(keep)
+            for done in finishing:
+                done()
 
     def _drop(self, keep: list[int]) -> None:
         if not keep:

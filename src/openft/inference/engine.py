@@ -194,7 +194,9 @@ class TextAssembler:
 class _Chooser:
     """Picks the next token of one choice from the model's raw logits."""
 
-    def __init__(self, params: SamplingParams, generator: torch.Generator, *, vocab_limit: int | None) -> None:
+    def __init__(
+        self, params: SamplingParams, generator: torch.Generator, *, vocab_limit: int | None
+    ) -> None:
         self.params = params
         self.generator = generator
         self.vocab_limit = vocab_limit
@@ -326,7 +328,9 @@ def generate(
         rows.append(row)
         choices.append(choice)
     loaded.batcher.submit(
-        Request(input_ids=list(prompt.input_ids), model_inputs=_model_vision_inputs(prompt, loaded), rows=rows)
+        Request(
+            input_ids=list(prompt.input_ids), model_inputs=_model_vision_inputs(prompt, loaded), rows=rows
+        )
     )
     finished = 0
     try:

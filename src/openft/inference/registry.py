@@ -252,7 +252,9 @@ class Registry:
             weights = Path(str(ref.weights_dir))
             has_own = any((weights / f).exists() for f in ("processor_config.json", "tokenizer_config.json"))
             processor = load_processor(str(weights) if has_own else ref.base)
-            view = LoadedModel(ref=ref, model=model, processor=processor, adapter=name, shared_batcher=batcher)
+            view = LoadedModel(
+                ref=ref, model=model, processor=processor, adapter=name, shared_batcher=batcher
+            )
             size = _adapter_bytes(Path(str(ref.weights_dir)))
             with self._lock:
                 self._adapters[key] = view

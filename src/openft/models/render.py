@@ -28,11 +28,13 @@ What differs between model families (placeholder, end-of-turn token, ``detail`` 
 
 from __future__ import annotations
 
+import functools
 import json
 import re
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from PIL import Image
@@ -69,6 +71,25 @@ class Rendered:
         return sum(1 for t in self.labels if t != IGNORE_INDEX)
 
 
+F = TypeVar("F", bound=Callable[..., Any])
+
+_TOKENIZER_LOCK = threading.RLock()
+"""Fast tokenizers keep ``split_special_tokens`` as state on the shared Rust tokenizer, so a
+render encoding user text with it on flips it for another thread encoding template text, whose
+special tokens then come out split (a wrong prompt). Serving renders from many threads at once;
+each holds this lock for its few milliseconds."""
+
+
+def _one_at_a_time(fn: F) -> F:
+    @functools.wraps(fn)
+    def locked(*args: Any, **kwargs: Any) -> Any:
+        with _TOKENIZER_LOCK:
+            return fn(*args, **kwargs)
+
+    return locked  # type: ignore[return-value]
+
+
+@_one_at_a_time
 def render_chat(
     processor: Any,
     messages: Sequence[Message],
@@ -183,6 +204,7 @@ def render_chat(
     )
 
 
+@_one_at_a_time
 def count_tokens(processor: Any, example: ChatExample | PreferenceExample) -> int:
     """Total tokens (image tokens included) that training processes for ``example`` per epoch.
 

@@ -332,3 +332,24 @@ def test_a_full_queue_refuses_with_a_retryable_error(tiny_dir):
     first.close()
     answer = list(generate(loaded, Prompt(input_ids=ids), SamplingParams(max_new_tokens=2, temperature=0)))
     assert answer[-1].finish_reason == "length"
+
+
+def test_prompts_rendered_from_many_threads_are_the_prompts_rendered_alone(loaded, image_loader):
+    """The fast tokenizer's split-special-tokens switch is shared state: renders must not race."""
+    from openft.inference.chat import build_prompt
+
+    requests = [
+        ChatCompletionRequest.model_validate(
+            {
+                "model": "m",
+                "messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": t}],
+            }
+        )
+        for t in LOOSE
+    ]
+    alone = [build_prompt(loaded, r, image_loader=image_loader)[0].input_ids for r in requests]
+    calls = [
+        lambda r=r: {"ids": build_prompt(loaded, r, image_loader=image_loader)[0].input_ids}
+        for r in requests * 16
+    ]
+    assert [c["ids"] for c in concurrently(calls)] == alone * 16

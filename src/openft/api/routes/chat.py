@@ -35,20 +35,19 @@ log = logging.getLogger("openft.api")
 router = APIRouter(prefix="/v1/chat", tags=["chat"])
 T = TypeVar("T")
 
-CHAT_THREADS = 8
-"""Chat requests that may occupy a thread at once (preparing, waiting for the model, generating).
-Generation on one model is serial anyway; the cap keeps waiting chats from taking every thread
-of the shared pool that the synchronous routes (files, jobs, health) need."""
 _slots: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, anyio.CapacityLimiter] = (
     weakref.WeakKeyDictionary()
 )
 
 
-def _chat_slots() -> anyio.CapacityLimiter:
+def _chat_slots(size: int) -> anyio.CapacityLimiter:
+    """Threads chat requests may occupy at once (preparing, waiting for their batch's tokens).
+    Their own limiter, so waiting chats never take the threads of the shared pool that the
+    synchronous routes (files, jobs, models) need; sized to keep every batch slot fed twice over."""
     # One limiter per event loop (tests run several apps, each TestClient on its own loop).
     loop = asyncio.get_running_loop()
     if loop not in _slots:
-        _slots[loop] = anyio.CapacityLimiter(CHAT_THREADS)
+        _slots[loop] = anyio.CapacityLimiter(size)
     return _slots[loop]
 
 
@@ -81,6 +80,7 @@ async def create_chat_completion(
     from openft.inference.engine import GenerationCancelled
 
     settings = state.settings
+    slots = 2 * settings.max_batch_rows
     cancel = threading.Event()
     image_loader = functools.partial(load_image_url, allow_private_networks=settings.allow_private_networks)
 
@@ -96,19 +96,23 @@ async def create_chat_completion(
     watcher = asyncio.ensure_future(_watch_disconnect(request, cancel))
     streaming = False
     try:
-        loaded = await _in_thread(prepare, cancel)
+        loaded = await _in_thread(prepare, cancel, slots)
         if not body.stream:
             return await _in_thread(
-                lambda: create_completion(loaded, body, image_loader=image_loader, cancel=cancel), cancel
+                lambda: create_completion(loaded, body, image_loader=image_loader, cancel=cancel),
+                cancel,
+                slots,
             )
         # Build the first chunk before answering, so request errors (bad image, too long) are a
         # normal 400 rather than an error event inside a 200 stream.
         chunks = await _in_thread(
-            lambda: stream_completion(loaded, body, image_loader=image_loader, cancel=cancel), cancel
+            lambda: stream_completion(loaded, body, image_loader=image_loader, cancel=cancel), cancel, slots
         )
-        first = await _in_thread(lambda: next(chunks, None), cancel)
+        first = await _in_thread(lambda: next(chunks, None), cancel, slots)
         streaming = True
-        return StreamingResponse(_sse(state, first, chunks, cancel, watcher), media_type="text/event-stream")
+        return StreamingResponse(
+            _sse(state, first, chunks, cancel, watcher, slots), media_type="text/event-stream"
+        )
     except GenerationCancelled:
         if state.stopping.is_set():
             raise Unavailable("The server is shutting down; retry in a moment.") from None
@@ -130,6 +134,7 @@ async def _sse(
     chunks: Iterator[ChatCompletionChunk],
     cancel: threading.Event,
     watcher: asyncio.Future[None],
+    slots: int,
 ) -> AsyncIterator[bytes]:
     """Encode the chunks as SSE, reading each on a thread. Ends, and stops generation, when the
     chunks run out, the client disconnects or the server shuts down (then an error event says so)."""
@@ -138,7 +143,7 @@ async def _sse(
     lines = sse_lines(_prepend(first, chunks))
     last = b""
     try:
-        while (line := await _in_thread(lambda: next(lines, None), cancel)) is not None:
+        while (line := await _in_thread(lambda: next(lines, None), cancel, slots)) is not None:
             yield line
             last = line
         if state.stopping.is_set() and last != DONE:
@@ -151,11 +156,11 @@ async def _sse(
             lines.close()
 
 
-async def _in_thread(fn: Callable[[], T], cancel: threading.Event) -> T:
+async def _in_thread(fn: Callable[[], T], cancel: threading.Event, slots: int) -> T:
     """Run ``fn`` on a thread. If this task is cancelled meanwhile (the server is shutting down
     and its grace period ran out), set ``cancel`` at once so generation stops at its next token,
     wait for the thread to return, then let the cancellation through."""
-    call = asyncio.ensure_future(anyio.to_thread.run_sync(fn, limiter=_chat_slots()))
+    call = asyncio.ensure_future(anyio.to_thread.run_sync(fn, limiter=_chat_slots(slots)))
     try:
         return await asyncio.shield(call)
     except asyncio.CancelledError:
