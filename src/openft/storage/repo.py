@@ -394,8 +394,9 @@ def record_step(s: Session, *, job_id: str, step: int, data: dict[str, Any]) -> 
     s.merge(StepMetric(job_id=job_id, step=step, data=data))
 
 
-def step_metrics(s: Session, *, job_id: str) -> list[dict[str, Any]]:
-    rows = s.scalars(select(StepMetric).where(StepMetric.job_id == job_id).order_by(StepMetric.step))
+def step_metrics(s: Session, *, job_id: str, after_step: int = 0) -> list[dict[str, Any]]:
+    q = select(StepMetric).where(StepMetric.job_id == job_id, StepMetric.step > after_step)
+    rows = s.scalars(q.order_by(StepMetric.step))
     return [{"step": r.step, **r.data} for r in rows]
 
 
