@@ -447,7 +447,8 @@ async function ask(col, content, text) {
     const resp = await fetch("/v1/chat/completions", {
       method: "POST",
       headers: { Authorization: "Bearer " + key, "Content-Type": "application/json" },
-      body: JSON.stringify({ model, messages: history, stream: true, max_tokens: Number($("#pg-max-tokens").value) || 64 }),
+      body: JSON.stringify({ model, messages: history, stream: true,
+        temperature: Number($("#pg-temperature").value), max_tokens: Number($("#pg-max-tokens").value) || 64 }),
     });
     if (!resp.ok) {
       const data = await resp.json().catch(() => ({}));

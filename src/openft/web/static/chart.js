@@ -27,6 +27,13 @@ function niceTicks(lo, hi, count) {
   return ticks;
 }
 
+function logTicks(lo, hi) {
+  const ticks = [];
+  for (let e = Math.floor(Math.log10(lo)); e <= Math.ceil(Math.log10(hi)); e++)
+    for (const m of [1, 3]) { const t = +(m * 10 ** e).toPrecision(3); if (t >= lo && t <= hi) ticks.push(t); }
+  return ticks;
+}
+
 const fmt = (v) => (v == null ? "–" : Math.abs(v) >= 100 ? v.toFixed(0) : v.toPrecision(4));
 
 /** Draw `rows` (StepMetrics, oldest first) into `wrap`; returns the <svg>. */
@@ -35,20 +42,23 @@ export function drawChart(wrap, rows, totalSteps) {
   const maxStep = Math.max(totalSteps || 0, rows.length ? rows[rows.length - 1].step : 1, 1);
   const x = (step) => LEFT + ((step - 1) / Math.max(maxStep - 1, 1)) * (W - LEFT - RIGHT);
   const counts = {};
-  const scales = [];
   for (const panel of [0, 1]) {
     const top = TOP + panel * (PANEL + GAP);
     const values = [];
     for (const s of SERIES.filter((s) => s.panel === panel))
       for (const r of rows) if (r[s.key] != null) values.push(r[s.key]);
     let lo = values.length ? Math.min(...values) : 0, hi = values.length ? Math.max(...values) : 1;
-    lo = 0; // both panels start at zero: a falling loss reads as a fraction of where it began
+    // Loss falls over orders of magnitude: a log axis keeps its tail readable. Accuracy is linear.
+    const log = panel === 0 && lo > 0 && hi / lo > 30;
+    if (!log) lo = 0;
     if (panel === 1) hi = Math.min(1, Math.max(hi, 0.1));
-    if (hi - lo < 1e-9) { hi += 0.5; lo = Math.max(0, lo - 0.5); }
-    const y = (v) => top + PANEL - ((v - lo) / (hi - lo)) * PANEL;
-    scales.push(y);
-    svg.append(el("text", { x: LEFT, y: top - 1, class: "axis-title" }, panel ? "token accuracy" : "loss"));
-    for (const t of niceTicks(lo, hi, 4)) {
+    if (hi - lo < 1e-9) hi = lo + 1;
+    const f = log ? Math.log10 : (v) => v;
+    const [flo, fhi] = [f(lo), f(hi)];
+    const y = (v) => top + PANEL - ((f(v) - flo) / (fhi - flo)) * PANEL;
+    svg.append(el("text", { x: LEFT, y: top - 1, class: "axis-title" }, panel ? "token accuracy" : log ? "loss (log scale)" : "loss"));
+    const ticks = log ? logTicks(lo, hi) : niceTicks(lo, hi, 4);
+    for (const t of ticks) {
       svg.append(el("line", { x1: LEFT, x2: W - RIGHT, y1: y(t), y2: y(t), class: "grid" }));
       svg.append(el("text", { x: LEFT - 6, y: y(t) + 4, class: "tick", "text-anchor": "end" }, String(t)));
     }
@@ -64,7 +74,7 @@ export function drawChart(wrap, rows, totalSteps) {
   }
   for (const t of niceTicks(1, maxStep, 8).filter((t) => t >= 1 && Number.isInteger(t)))
     svg.append(el("text", { x: x(t), y: H - 8, class: "tick", "text-anchor": "middle" }, String(t)));
-  svg.append(el("text", { x: W - RIGHT, y: H - 8, class: "tick", "text-anchor": "end" }, "step"));
+  svg.append(el("text", { x: LEFT - 6, y: H - 8, class: "tick", "text-anchor": "end" }, "step"));
   svg.dataset.points = String(counts.train_loss || 0);
   svg.dataset.validPoints = String(counts.valid_loss || 0);
   svg.dataset.lastStep = String(rows.length ? rows[rows.length - 1].step : 0);
