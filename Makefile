@@ -23,7 +23,7 @@ run: $(STAMP)
 	$(BIN)/openft serve
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff check src tests bench examples
 	$(BIN)/lint-imports
 
 # The dashboard's browser tests drive Debian's headless Chromium through chromedriver.
