@@ -63,5 +63,6 @@ def test_colour_and_shape_are_learned_with_auto_hyperparameters(full_server):
     shape_right = sum(
         a.split()[-1:] == [want.split()[1]] for a, (_, want) in zip(answers, held_out, strict=True)
     )
+    print(f"held out: {right}/{len(held_out)} right, shape {shape_right}/{len(held_out)}")
     assert right / len(held_out) >= 0.8, list(zip(answers, [w for _, w in held_out], strict=True))
     assert shape_right / len(held_out) >= 0.8  # shape itself, well above chance (0.5)
