@@ -178,6 +178,25 @@ def test_playground_asks_the_fine_tuned_model_beside_the_base(browser, full_serv
     assert "error" not in answer.get_attribute("class")
     assert answer.text.strip() == expected and expected in COLOURS.values()
     assert "error" not in css(browser, "playground-answer-b").get_attribute("class")
+
+    # An image from disk goes along with the next question, to both models.
+    png = shots / "shape.png"
+    png.write_bytes(picture_examples(1, seed=4)[0][0])
+    browser.execute_script("document.getElementById('pg-image').hidden = false")
+    browser.find_element(By.ID, "pg-image").send_keys(str(png))
+    wait_until(
+        lambda: browser.find_element(By.ID, "pg-image-preview").is_displayed(), what="the image preview"
+    )
+    browser.execute_script("document.getElementById('pg-image').hidden = true")
+    css(browser, "playground-input").send_keys("What colour is the shape?")
+    css(browser, "playground-send").click()
+    for testid in ("playground-answer", "playground-answer-b"):
+        wait_until(
+            lambda t=testid: css(browser, t).get_attribute("data-done") == "true", what=f"{testid} to finish"
+        )
+        assert "error" not in css(browser, testid).get_attribute("class"), css(browser, testid).text
+    sent = browser.find_elements(By.CSS_SELECTOR, "#pg-chat-a .msg.user img.thumb")
+    assert len(sent) == 1 and sent[0].get_attribute("src").startswith("data:image/png;base64,")
     screenshot(browser, "playground", shots)
 
 
