@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.openft-installed
 
-.PHONY: run test lint unit bench clean
+.PHONY: run test lint unit bench clean browser
 
 # Torch rule: a torch already importable by $(PYTHON) (e.g. a CUDA build on a GPU box) is
 # reused through --system-site-packages, never replaced; otherwise the CPU wheel is pinned
@@ -23,10 +23,18 @@ run: $(STAMP)
 	$(BIN)/openft serve
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff check src tests bench examples
 	$(BIN)/lint-imports
 
-test: lint
+# The dashboard's browser tests drive Debian's headless Chromium through chromedriver.
+browser:
+	@if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium chromium-driver; \
+	  else echo "chromium/chromium-driver missing and not root: the browser tests (tests/web) will be skipped"; fi; \
+	fi
+
+test: lint browser
 	$(BIN)/python -m pytest -q
 
 unit: $(STAMP)

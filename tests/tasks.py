@@ -102,6 +102,18 @@ def shape_picture(rng: random.Random, colour: str, shape: str, size: int = 56) -
     return buf.getvalue()
 
 
+def person_photo() -> bytes:
+    """A real photo of a person (scikit-image ships it), as JPEG: moderation skips it."""
+    import io
+
+    from PIL import Image
+    from skimage import data
+
+    buf = io.BytesIO()
+    Image.fromarray(data.astronaut()).resize((256, 256)).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
 def data_url(png: bytes) -> str:
     import base64
 

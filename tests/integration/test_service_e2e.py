@@ -6,7 +6,10 @@ from __future__ import annotations
 import csv
 import io
 import json
+import shutil
+import stat
 import time
+from pathlib import Path
 
 import httpx
 import openai
@@ -17,6 +20,7 @@ from tests.openapi_schema import validate_against
 from tests.tasks import COLOURS, colour_examples, to_jsonl
 
 pytestmark = pytest.mark.slow
+TINY = "openft-tiny-vlm"
 
 
 def wait_for(client, job_id, statuses=("succeeded", "failed", "cancelled"), timeout=600):
@@ -253,9 +257,24 @@ def test_cancel_stops_a_running_job(full_server):
     assert final.status == "cancelled" and final.fine_tuned_model is None
 
 
-def test_lora_job_exports_merged_weights_that_answer_like_openft(full_server, tmp_path):
-    """The openft extension field picks LoRA; `openft export --merged` loads with plain transformers
-    and gives the same greedy answer as openft's own serving."""
+def assert_portable(folder: Path, listing: dict, *, local: list) -> None:
+    """An export folder moves to another machine: plain files (0644, folders 0755), no links, no
+    path of this machine inside, and the --json listing names every file."""
+    files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+    assert listing["path"] == str(folder) and listing["files"] == files and files
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o755
+    for path in folder.rglob("*"):
+        assert not path.is_symlink(), path
+        assert stat.S_IMODE(path.stat().st_mode) == (0o755 if path.is_dir() else 0o644), path
+        if path.suffix in (".json", ".jinja", ".txt"):
+            text = path.read_text()
+            assert not [str(p) for p in local if str(p) in text], (path, text[:300])
+
+
+def test_lora_job_exports_portable_merged_weights_that_answer_like_openft(full_server, tmp_path):
+    """The openft extension field picks LoRA; `openft export` writes portable folders, and the
+    merged one, moved elsewhere, loads with plain transformers and gives the same greedy answer
+    as openft's own serving."""
     import torch
     from transformers import AutoModelForImageTextToText, AutoTokenizer
 
@@ -280,10 +299,16 @@ def test_lora_job_exports_merged_weights_that_answer_like_openft(full_server, tm
 
     adapter_dir, merged_dir = tmp_path / "adapter", tmp_path / "merged"
     for target, extra in ((adapter_dir, []), (merged_dir, ["--merged"])):
-        out = full_server.cli("export", job.fine_tuned_model, "--to", str(target), *extra)
+        out = full_server.cli("export", job.fine_tuned_model, "--to", str(target), "--json", *extra)
         assert out.returncode == 0, out.stderr
+        assert_portable(
+            target, json.loads(out.stdout), local=[full_server.home, full_server.env["OPENFT_MODEL_CACHE"]]
+        )
     assert (adapter_dir / "adapter_config.json").exists()
     assert (merged_dir / "config.json").exists() and not (merged_dir / "adapter_config.json").exists()
+    assert json.loads((adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"] == TINY
+    assert json.loads((adapter_dir / "openft.json").read_text()) == {"kind": "adapter", "base_model": TINY}
+    merged_dir = shutil.move(merged_dir, tmp_path / "moved")  # portable: loads from anywhere
 
     messages = [{"role": "user", "content": "Colour of the old grass far?"}]
     served = c.chat.completions.create(

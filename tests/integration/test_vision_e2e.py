@@ -9,19 +9,16 @@ import json
 import pytest
 
 from tests.integration.test_service_e2e import wait_for
-from tests.tasks import SHAPE_COLOURS, data_url, picture_examples, picture_jsonl, picture_message
+from tests.tasks import (
+    SHAPE_COLOURS,
+    data_url,
+    person_photo,
+    picture_examples,
+    picture_jsonl,
+    picture_message,
+)
 
 pytestmark = pytest.mark.slow
-
-
-def person_photo() -> bytes:
-    """A real photo of a person (scikit-image ships it), as JPEG."""
-    from PIL import Image
-    from skimage import data
-
-    buf = io.BytesIO()
-    Image.fromarray(data.astronaut()).resize((256, 256)).save(buf, format="JPEG")
-    return buf.getvalue()
 
 
 def answer(c, model, png):

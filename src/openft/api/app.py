@@ -14,7 +14,7 @@ from openft import __version__
 from openft.api import errors
 from openft.api.deps import AppState
 from openft.api.limits import MULTIPART_SLACK, Admission, BodyLimit
-from openft.api.routes import chat, files, fine_tuning, models
+from openft.api.routes import chat, extensions, files, fine_tuning, models
 from openft.settings import Settings
 from openft.storage.blobs import open_blob_store
 from openft.storage.db import Database
@@ -51,7 +51,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     errors.install(app)
     app.add_middleware(BodyLimit, limit_for=functools.partial(_body_limit, settings))
     app.add_middleware(Admission, max_inflight=settings.max_inflight_requests)
-    for module in (files, fine_tuning, models, chat):
+    for module in (files, fine_tuning, models, chat, extensions):
         app.include_router(module.router)
 
     @app.get("/healthz", include_in_schema=False)

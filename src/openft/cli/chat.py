@@ -10,7 +10,7 @@ from typing import Annotated, Any
 
 import typer
 
-from openft.cli.remote import DEFAULT_BASE_URL, ApiKeyOption, BaseUrlOption, connect
+from openft.cli.remote import DEFAULT_BASE_URL, ApiKeyOption, BaseUrlOption, connect, print_json
 
 _MAGIC = {
     b"\x89PNG\r\n\x1a\n": "image/png",
@@ -34,6 +34,9 @@ def chat(
     ] = None,
     no_stream: Annotated[
         bool, typer.Option("--no-stream", help="Print the reply only when complete.")
+    ] = False,
+    json_out: Annotated[
+        bool, typer.Option("--json", help="Print the whole chat.completion as JSON (implies --no-stream).")
     ] = False,
     base_url: BaseUrlOption = DEFAULT_BASE_URL,
     api_key: ApiKeyOption = None,
@@ -59,6 +62,9 @@ def chat(
         params["temperature"] = temperature
 
     with connect(base_url, api_key) as client:
+        if json_out:
+            print_json(client.chat.completions.create(**params))
+            return
         if no_stream:
             reply = client.chat.completions.create(**params)
             typer.echo(reply.choices[0].message.content or "")

@@ -116,10 +116,14 @@ def content(
 @app.command("delete")
 def delete(
     file_id: FileId,
+    json_out: JsonOption = False,
     base_url: BaseUrlOption = DEFAULT_BASE_URL,
     api_key: ApiKeyOption = None,
 ) -> None:
     """Delete a file."""
     with connect(base_url, api_key) as client:
-        client.files.delete(file_id)
-    typer.echo(f"deleted {file_id}")
+        deleted = client.files.delete(file_id)
+    if json_out:
+        print_json(deleted)
+    else:
+        typer.echo(f"deleted {file_id}")

@@ -181,28 +181,46 @@ def _error_line(error: dict[str, Any]) -> str:
     return f"{error['message']} ({extra})" if extra else error["message"]
 
 
-def _control(action: str, job_id: str, base_url: str, api_key: str | None) -> None:
+def _control(action: str, job_id: str, base_url: str, api_key: str | None, json_out: bool) -> None:
     with connect(base_url, api_key) as client:
         job = getattr(client.fine_tuning.jobs, action)(job_id)
-    typer.echo(f"{job.id} {job.status}")
+    if json_out:
+        print_json(job)
+    else:
+        typer.echo(f"{job.id} {job.status}")
 
 
 @app.command("cancel")
-def cancel(job_id: JobId, base_url: BaseUrlOption = DEFAULT_BASE_URL, api_key: ApiKeyOption = None) -> None:
+def cancel(
+    job_id: JobId,
+    json_out: JsonOption = False,
+    base_url: BaseUrlOption = DEFAULT_BASE_URL,
+    api_key: ApiKeyOption = None,
+) -> None:
     """Cancel a job that has not finished."""
-    _control("cancel", job_id, base_url, api_key)
+    _control("cancel", job_id, base_url, api_key, json_out)
 
 
 @app.command("pause")
-def pause(job_id: JobId, base_url: BaseUrlOption = DEFAULT_BASE_URL, api_key: ApiKeyOption = None) -> None:
+def pause(
+    job_id: JobId,
+    json_out: JsonOption = False,
+    base_url: BaseUrlOption = DEFAULT_BASE_URL,
+    api_key: ApiKeyOption = None,
+) -> None:
     """Pause a queued or running job (training state is saved)."""
-    _control("pause", job_id, base_url, api_key)
+    _control("pause", job_id, base_url, api_key, json_out)
 
 
 @app.command("resume")
-def resume(job_id: JobId, base_url: BaseUrlOption = DEFAULT_BASE_URL, api_key: ApiKeyOption = None) -> None:
+def resume(
+    job_id: JobId,
+    json_out: JsonOption = False,
+    base_url: BaseUrlOption = DEFAULT_BASE_URL,
+    api_key: ApiKeyOption = None,
+) -> None:
     """Resume a paused job from where it stopped."""
-    _control("resume", job_id, base_url, api_key)
+    _control("resume", job_id, base_url, api_key, json_out)
 
 
 @app.command("events")

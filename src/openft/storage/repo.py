@@ -47,6 +47,33 @@ def create_api_key(s: Session, *, project_name: str) -> str:
     return key
 
 
+def list_api_keys(s: Session, *, project_name: str | None = None) -> list[tuple[ApiKey, Project]]:
+    """Every key (revoked ones too) with its project, oldest first; optionally of one project."""
+    q = select(ApiKey, Project).join(Project, Project.id == ApiKey.project_id)
+    if project_name is not None:
+        q = q.where(Project.name == project_name)
+    return [(k, p) for k, p in s.execute(q.order_by(ApiKey.id))]
+
+
+def revoke_api_key(s: Session, *, which: str) -> ApiKey:
+    """Revoke one key named by its full text, its number or a prefix that matches only it."""
+    if which.isdigit():
+        rows = [r for r in [s.get(ApiKey, int(which))] if r is not None]
+    elif len(which) > 32:  # a whole key: match its hash, never store or compare the text
+        rows = list(s.scalars(select(ApiKey).where(ApiKey.key_hash == hash_key(which))))
+    else:
+        rows = list(s.scalars(select(ApiKey).where(ApiKey.prefix.startswith(which, autoescape=True))))
+    if not rows:
+        raise NotFound(f"No API key matches {which!r}; see 'openft keys list'.", param="key")
+    if len(rows) > 1:
+        raise InvalidRequest(
+            f"{which!r} matches {len(rows)} keys ({', '.join(str(r.id) for r in rows)}); revoke by number.",
+            param="key",
+        )
+    rows[0].revoked = True
+    return rows[0]
+
+
 def project_for_key(s: Session, *, key: str) -> Project | None:
     row = s.scalar(select(ApiKey).where(ApiKey.key_hash == hash_key(key), ApiKey.revoked.is_(False)))
     return s.get(Project, row.project_id) if row else None
@@ -394,8 +421,9 @@ def record_step(s: Session, *, job_id: str, step: int, data: dict[str, Any]) -> 
     s.merge(StepMetric(job_id=job_id, step=step, data=data))
 
 
-def step_metrics(s: Session, *, job_id: str) -> list[dict[str, Any]]:
-    rows = s.scalars(select(StepMetric).where(StepMetric.job_id == job_id).order_by(StepMetric.step))
+def step_metrics(s: Session, *, job_id: str, after_step: int = 0) -> list[dict[str, Any]]:
+    q = select(StepMetric).where(StepMetric.job_id == job_id, StepMetric.step > after_step)
+    rows = s.scalars(q.order_by(StepMetric.step))
     return [{"step": r.step, **r.data} for r in rows]
 
 

@@ -294,6 +294,7 @@ def _run(ctx: WorkerContext, job: Job, lease: JobLease) -> None:
         training_type=training_type,
         method=job.method_type,
         stats=DatasetStats.from_summary(train.report.summary),
+        pretrained=job.base_model != TINY_MODEL,
     )
     family = find_family(processor)
     base_lr = base_learning_rate(

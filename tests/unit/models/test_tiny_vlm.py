@@ -68,3 +68,31 @@ def test_loads_through_the_generic_path_and_runs_an_image(tiny, png) -> None:
 def test_load_model_trainable(tiny_path: Path) -> None:
     model, _ = load_model(str(tiny_path), device="cpu", trainable=True)
     assert model.training
+
+
+def test_a_folder_from_an_older_format_is_rebuilt(tmp_path: Path, tiny_path: Path) -> None:
+    import json
+    import shutil
+
+    stale = tmp_path / TINY_NAME
+    shutil.copytree(tiny_path, stale)
+    (stale / "model.safetensors").write_bytes(b"old weights")
+    (stale / "openft-tiny.json").write_text(json.dumps({"name": TINY_NAME, "format_version": "1"}))
+    assert ensure_tiny_vlm(tmp_path) == stale
+    assert _files(stale) == _files(tiny_path)  # the current build, byte for byte
+    assert [p.name for p in tmp_path.iterdir()] == [TINY_NAME]  # the stale copy is gone
+
+
+def test_patch_filters_see_colour_and_edges(tiny) -> None:
+    """A red patch and a patch with a vertical edge give what the fixed filters promise."""
+    model, _ = tiny
+    conv = model.model.visual.patch_embed.proj
+    flat = torch.zeros(1, 3, 2, 14, 14)
+    flat[:, 0] = 1.0  # red channel up everywhere
+    edge = torch.zeros(1, 3, 2, 14, 14)
+    edge[..., 7:] = 1.0  # right half brighter: a vertical edge
+    with torch.no_grad():
+        f, e = conv(flat).flatten(), conv(edge).flatten()
+    assert f[0] > 0 and abs(f[1]) < 1e-6 and abs(f[2]) < 1e-6  # channel means: red only
+    assert abs(f[3:7]).max() < 1e-5  # a flat patch has no edges
+    assert e[3] > 0 and abs(e[4]) < 1e-5  # whole-patch x-gradient sees it, the y-gradient does not
