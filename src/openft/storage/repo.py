@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from sqlalchemy import and_, or_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from openft import ids
@@ -354,13 +355,31 @@ def append_event(
     level: str = "info",
     type: str = "message",
     data: dict[str, Any] | None = None,
-) -> Event:
-    row = Event(
-        id=ids.event_id(), job_id=job_id, created_at=now(), level=level, message=message, type=type, data=data
-    )
-    s.add(row)
-    s.flush()
-    return row
+    once: str | None = None,
+) -> bool:
+    """Record an event; ``once`` is a key (``"metrics:12"``, ``"started"``) that makes it appear once
+    per job: recording it again, as a resumed run does, changes nothing. Returns whether it was added.
+    """
+    values = {
+        "id": ids.event_id(),
+        "job_id": job_id,
+        "created_at": now(),
+        "level": level,
+        "message": message,
+        "type": type,
+        "data": data,
+        "dedup_key": once,
+    }
+    if once is None:
+        s.add(Event(**values))
+        s.flush()
+        return True
+    # Insert-if-absent on the unique (job_id, dedup_key) index: atomic on both databases, so two
+    # writers racing (a worker and its replacement) still leave one row.
+    dialect = {"sqlite": sqlite, "postgresql": postgresql}[s.get_bind().dialect.name]
+    stmt = dialect.insert(Event.__table__).values(**values)
+    stmt = stmt.on_conflict_do_nothing(index_elements=["job_id", "dedup_key"]).returning(Event.seq)
+    return s.execute(stmt).first() is not None  # rowcount is not reliable under RETURNING
 
 
 def _job_page(s: Session, table: Any, *, job_id: str, order: Any, limit: int, after: str | None, noun: str):  # type: ignore[no-untyped-def]

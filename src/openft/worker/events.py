@@ -52,9 +52,9 @@ class JobReporter:
 
     # -- Reporter protocol -------------------------------------------------------------
 
-    def on_message(self, message: str, level: str = "info") -> None:
+    def on_message(self, message: str, level: str = "info", *, once: str | None = None) -> None:
         with self._db.session() as s:
-            repo.append_event(s, job_id=self._job.id, message=message, level=level)
+            repo.append_event(s, job_id=self._job.id, message=message, level=level, once=once)
 
     def on_step(self, metrics: dict[str, float | int]) -> None:
         step, total = int(metrics["step"]), int(metrics["total_steps"])
@@ -76,6 +76,7 @@ class JobReporter:
                     type="metrics",
                     message=f"Step {step}/{total}: " + ", ".join(parts),
                     data=data,
+                    once=f"metrics:{step}",  # a step replayed after a crash is announced once
                 )
             if now - self._last_eta_write > 2.0:
                 # Keep estimated_finish current: linear extrapolation from the steps done so far.

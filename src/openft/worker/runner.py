@@ -16,6 +16,7 @@ from typing import Any
 
 from openft import ids
 from openft.datasets.moderation import load_moderator
+from openft.datasets.report import location
 from openft.datasets.validate import ValidationResult, validate_file
 from openft.errors import InvalidRequest, JobCancelled, JobFailed
 from openft.protocol.fine_tuning import TERMINAL_STATUSES
@@ -97,10 +98,17 @@ def _status(ctx: WorkerContext, job: Job) -> str:
 
 
 def _event(
-    ctx: WorkerContext, job: Job, message: str, *, level: str = "info", data: dict[str, Any] | None = None
+    ctx: WorkerContext,
+    job: Job,
+    message: str,
+    *,
+    level: str = "info",
+    data: dict[str, Any] | None = None,
+    once: str | None = None,
 ) -> None:
+    """``once``: the event belongs to the job, not to this run; a resumed run does not repeat it."""
     with ctx.db.session() as s:
-        repo.append_event(s, job_id=job.id, message=message, level=level, data=data)
+        repo.append_event(s, job_id=job.id, message=message, level=level, data=data, once=once)
 
 
 def _move(ctx: WorkerContext, job: Job, frm: tuple[str, ...], **values: Any) -> None:
@@ -149,15 +157,17 @@ def _validate(ctx: WorkerContext, job: Job, file_id: str, *, param: str, process
         f"Validated {param}: {summary['examples']} examples, {summary['usable_examples']} usable, "
         f"{summary['images']} images, {summary['skipped_examples']} skipped, {summary['errors']} errors.",
         data={"file": file_id, "summary": summary},
+        once=f"validated:{param}",
     )
     shown = [i for i in report.issues if i.severity in ("skip", "warning")][:MAX_ISSUE_EVENTS]
-    for issue in shown:
+    for n, issue in enumerate(shown):
         _event(
             ctx,
             job,
-            f"Line {issue.line} ({issue.field}): {issue.message}",
+            f"{location(issue)}: {issue.message}",
             level="warn",
             data={"line": issue.line, "field": issue.field, "code": issue.code, "severity": issue.severity},
+            once=f"issue:{param}:{n}",
         )
     if not report.ok:
         what = "training" if param == "training_file" else "validation"
@@ -226,6 +236,7 @@ def _plan_memory(
             "micro_batch_size": micro,
             "grad_accum_steps": accum,
         },
+        once="memory-estimate",
     )
     return micro if accum > 1 else None
 
@@ -274,6 +285,7 @@ def _run(ctx: WorkerContext, job: Job, lease: JobLease) -> None:
             f"Starting from fine-tuned model {job.init_model} (base model {job.base_model}); it is "
             "also the reference model for DPO.",
             data={"parent_model": job.init_model},
+            once="init-model",
         )
 
     training_type = job.options.get("training_type", "auto")
@@ -313,6 +325,7 @@ def _run(ctx: WorkerContext, job: Job, lease: JobLease) -> None:
         f"Fine-tuning job started ({training_type}): n_epochs={hp['n_epochs']}, batch_size={hp['batch_size']}, "
         f"learning_rate_multiplier={hp['learning_rate_multiplier']} (base learning rate {base_lr:g}). {advice(hp)}",
         data={"hyperparameters": hp, "training_type": training_type, "base_learning_rate": base_lr},
+        once="started",
     )
 
     lora = LoraConfig() if training_type == "lora" else None

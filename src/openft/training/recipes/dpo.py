@@ -133,7 +133,8 @@ def run(
         else:
             reporter.on_message(
                 f"scoring {len(pairs) + len(valid)} pairs with the starting model: the DPO reference, "
-                "computed once because the weights that define it are about to train"
+                "computed once because the weights that define it are about to train",
+                once="dpo-reference",
             )
             ref_table = reference_logps(scorer, pairs, chunk)
             valid_ref = reference_logps(scorer, valid, chunk)
@@ -151,7 +152,8 @@ def run(
         f"on {sum(p.numel() for p in params):,} parameters: {len(pairs)} pairs ({sum(tokens):,} tokens), "
         f"{cfg.n_epochs} epochs, {total_steps} steps on {device.type} ({'bf16' if bf16 else 'fp32'}"
         f"{', gradient checkpointing' if checkpointing else ''})"
-        + (f"; {len(valid)} validation pairs, evaluated every {valid_every} steps" if valid else "")
+        + (f"; {len(valid)} validation pairs, evaluated every {valid_every} steps" if valid else ""),
+        once="training-plan",
     )
 
     progress = Progress(cfg, reporter, model, optimizer, scheduler, device, fingerprint, total_steps)

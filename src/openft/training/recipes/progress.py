@@ -127,7 +127,7 @@ class Progress:
             self.step, self.start_epoch, self.start_batch = saved.step, saved.epoch, saved.batch_in_epoch
             self.trained_tokens, self.metrics = saved.extra["trained_tokens"], saved.extra["metrics"]
             self.reporter.on_message(
-                f"resumed at step {self.step} of {self.total_steps} "
+                f"Job resumed at step {self.step} of {self.total_steps} "
                 f"(epoch {self.start_epoch}, batch {self.start_batch + 1})"
             )
         self.checkpoints = _existing_checkpoints(self.output_dir, up_to=self.step)

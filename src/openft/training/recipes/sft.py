@@ -70,7 +70,8 @@ def run(
         )
     if empty:
         reporter.on_message(
-            f"{empty} examples have no trained tokens (weight 0 or truncated); they add context only"
+            f"{empty} examples have no trained tokens (weight 0 or truncated); they add context only",
+            once="untrained-examples",
         )
     valid = [_render(processor, ex, cfg.max_length, what="validation file ") for ex in valid_examples or ()]
     valid_sample = _fixed_sample(valid, VALID_SAMPLE_EXAMPLES, cfg.seed)
@@ -88,7 +89,8 @@ def run(
         f"{total_steps} steps on {device.type} ({'bf16' if bf16 else 'fp32'}"
         f"{', gradient checkpointing' if checkpointing else ''}"
         f"{f', micro-batches of {cfg.micro_batch_size}' if cfg.micro_batch_size else ''})"
-        + (f"; {len(valid)} validation examples, evaluated every {valid_every} steps" if valid else "")
+        + (f"; {len(valid)} validation examples, evaluated every {valid_every} steps" if valid else ""),
+        once="training-plan",
     )
 
     fingerprint = _fingerprint(cfg, lengths)
@@ -162,7 +164,7 @@ def setup(cfg: TrainConfig, reporter: Reporter) -> Setup:
     device = torch.device(resolve_device(cfg.device))
     bf16, checkpointing = _precision(cfg, device)
     model, processor = _build_model(cfg, bf16=bf16, gradient_checkpointing=checkpointing)
-    reporter.on_message(describe_trainable(model, lora=cfg.lora is not None))
+    reporter.on_message(describe_trainable(model, lora=cfg.lora is not None), once="trainable")
     tokenizer = getattr(processor, "tokenizer", processor)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     autocast = functools.partial(torch.autocast, device_type=device.type, dtype=torch.bfloat16, enabled=bf16)
