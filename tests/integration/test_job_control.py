@@ -142,16 +142,19 @@ def test_pause_holds_still_and_resume_matches_an_uninterrupted_run(full_server):
         )
     )
     held = last_step(c, job.id)
-    time.sleep(2)
-    assert last_step(c, job.id) == held and c.fine_tuning.jobs.retrieve(job.id).status == "paused"
+    assert c.fine_tuning.jobs.retrieve(job.id).status == "paused"
     with pytest.raises(openai.BadRequestError):  # only paused jobs resume; a paused job is not re-paused
         c.fine_tuning.jobs.pause(job.id)
 
     assert c.fine_tuning.jobs.resume(job.id).status == "queued"
     resumed = wait_for(c, job.id)
     assert resumed.status == "succeeded", resumed.error
-    messages = [e.message for e in c.fine_tuning.jobs.list_events(resumed.id, limit=100)]
-    assert any(m.startswith("Job resumed at step") for m in messages)
+    # In order: nothing trained while paused; the resumed run continued at the next step.
+    events = c.fine_tuning.jobs.list_events(resumed.id, limit=1000).data[::-1]
+    paused_at = next(i for i, e in enumerate(events) if "the job is paused" in e.message)
+    after = [e for e in events[paused_at:] if e.type == "metrics" or e.message.startswith("Job resumed")]
+    assert after[0].message.startswith(f"Job resumed at step {held} of 360")
+    assert after[1].data["step"] == held + 1
     a = [float(r["train_loss"]) for r in csv_rows(c, straight)]
     b = [float(r["train_loss"]) for r in csv_rows(c, resumed)]
     assert len(a) == len(b) == 360

@@ -17,10 +17,10 @@ def create(
     home: HomeOption = None,
 ) -> None:
     """Create an API key for PROJECT and print it (only the key, on stdout)."""
-    from openft.api.app import open_state
     from openft.storage import repo
+    from openft.storage.home import open_home
 
-    state = open_state(settings_for(home))
+    state = open_home(settings_for(home))
     with state.db.session() as s:
         key = repo.create_api_key(s, project_name=project)
     typer.echo(key)

@@ -42,9 +42,19 @@ def _fmt(x: Any) -> str:
 
 
 class JobReporter:
-    def __init__(self, db: Database, blobs: BlobStore, *, job: Job, model_name: str, lease: JobLease) -> None:
+    def __init__(
+        self,
+        db: Database,
+        blobs: BlobStore,
+        *,
+        job: Job,
+        model_name: str,
+        lease: JobLease,
+        keep_checkpoints: int,
+    ) -> None:
         self._db, self._blobs, self._job, self._lease = db, blobs, job, lease
         self.model_name = model_name
+        self._keep_checkpoints = keep_checkpoints
         self.last_checkpoint_key: str | None = None
         self.last_metrics: dict[str, Any] = {}
         self._started = time.time()
@@ -104,6 +114,7 @@ class JobReporter:
             weights_dir=weights_dir,
             step=step,
             metrics=keep,
+            keep=self._keep_checkpoints,
         )
 
     def should_stop(self) -> bool:

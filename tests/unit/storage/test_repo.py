@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import tempfile
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -130,13 +129,16 @@ def test_two_workers_never_claim_the_same_job(db):
 
 def test_expired_lease_is_reclaimed_and_the_old_owner_loses_it(db):
     job_id = _job(db)
+    now = [1_000.0]
+    clock = lambda: now[0]  # noqa: E731 - a settable clock: leases expire without sleeping
     with db.session() as s:
-        assert repo.claim_next_job(s, worker_id="dead", lease_seconds=0.05).id == job_id
+        assert repo.claim_next_job(s, worker_id="dead", lease_seconds=30, clock=clock).id == job_id
+    now[0] += 29
+    with db.session() as s:  # lease still live
+        assert repo.claim_next_job(s, worker_id="other", lease_seconds=60, clock=clock) is None
+    now[0] += 2
     with db.session() as s:
-        assert repo.claim_next_job(s, worker_id="other", lease_seconds=60) is None  # lease still live
-    time.sleep(0.1)
-    with db.session() as s:
-        assert repo.claim_next_job(s, worker_id="other", lease_seconds=60).id == job_id
+        assert repo.claim_next_job(s, worker_id="other", lease_seconds=60, clock=clock).id == job_id
     with db.session() as s:
         assert repo.heartbeat(s, job_id=job_id, worker_id="dead", lease_seconds=60) is None
         assert repo.heartbeat(s, job_id=job_id, worker_id="other", lease_seconds=60) == "validating_files"
