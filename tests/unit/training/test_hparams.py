@@ -296,6 +296,12 @@ def test_hparams_is_pure() -> None:
         for alias in (node.names if isinstance(node, ast.Import) else [ast.alias(node.module or "")])
     }
     assert imported <= {"__future__", "math", "dataclasses", "typing", "openft"}
+    ours = {
+        n.module
+        for n in ast.walk(tree)
+        if isinstance(n, ast.ImportFrom) and (n.module or "").startswith("openft")
+    }
+    assert ours == {"openft.datasets.report"}  # the typed validation summary: torch-free by contract
 
 
 def test_train_config_is_frozen(tmp_path) -> None:
