@@ -166,24 +166,27 @@ def test_sigkill_mid_job_then_restart_finishes_it(tmp_path):
     home = tmp_path / "home"
     server = start_server(home, "--workers", "1", env=env, new_session=True)
     c = server.client("crash")
-    f = c.files.create(
-        file=("t.jsonl", io.BytesIO(to_jsonl(colour_examples(60, seed=15)))), purpose="fine-tune"
-    )
+    pairs = colour_examples(60, seed=15)
+    body = to_jsonl([*pairs, pairs[0]])  # line 61 repeats line 1: a warning with no field
+    f = c.files.create(file=("t.jsonl", io.BytesIO(body)), purpose="fine-tune")
     job = c.fine_tuning.jobs.create(
         training_file=f.id, model="openft-tiny-vlm", hyperparameters={"n_epochs": 5, "batch_size": 1}
     )
-    # Past the first epoch's checkpoint (state saved at step 60) by a few steps, so the restart
+    # Past the first epoch's checkpoint (state saved at step 61) by a few steps, so the restart
     # re-runs steps whose metrics were already recorded.
-    wait_until(lambda: last_step(c, job.id) >= 63)
+    wait_until(lambda: last_step(c, job.id) >= 64)
     os.killpg(server.proc.pid, signal.SIGKILL)  # API and workers die together, as in a power loss
     server.proc.wait()
     assert c.fine_tuning.jobs  # the key and everything recorded live on in the home folder
 
     def check(c2, _job, messages):
-        assert c2.files.content(f.id).read() == to_jsonl(colour_examples(60, seed=15))
+        assert c2.files.content(f.id).read() == body
 
     # finish_after_restart: each step's metrics, the validation report and start-up events once
-    _, _, messages = finish_after_restart(home, c.api_key, job.id, env=env, check=check)
+    _, _, messages = finish_after_restart(home, c.api_key, job.id, env=env, steps=305, check=check)
     assert any("continues it from its last saved state" in m for m in messages)
+    assert sum(m.startswith("training on 61 examples") for m in messages) == 1
+    duplicate = "Line 61: this example is identical to line 1"  # not "Line 61 (): ..."
+    assert sum(m.startswith(duplicate) for m in messages) == 1
     resumed_at = next(int(m.split()[4]) for m in messages if m.startswith("Job resumed at step"))
-    assert resumed_at < 63  # steps already announced were re-run, and announced once
+    assert resumed_at < 64  # steps already announced were re-run, and announced once
