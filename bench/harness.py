@@ -94,7 +94,7 @@ class TimingReporter(StepClock):
         self.cum_tokens: list[int] = []
         self.last: dict[str, Any] = {}
 
-    def on_message(self, message: str, level: str = "info") -> None:
+    def on_message(self, message: str, level: str = "info", *, once: str | None = None) -> None:
         pass
 
     def should_stop(self) -> bool:

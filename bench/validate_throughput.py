@@ -72,8 +72,8 @@ def child(path: str, mode: str, moderator: str) -> None:
     print(
         json.dumps(
             {
-                "examples": s["examples"],
-                "images": s["images"],
+                "examples": s.examples,
+                "images": s.images,
                 "seconds": elapsed,
                 "peak_rss_mb": peak_mb,
                 "ok": report.ok,

@@ -146,6 +146,6 @@ def test_a_paused_dpo_job_resumes_from_its_saved_state(full_server):
     done = wait_for(c, job.id)
     assert done.status == "succeeded", done.error
     messages = [e.message for e in c.fine_tuning.jobs.list_events(job.id, limit=300)]
-    assert any(m.startswith("resumed at step") for m in messages)
+    assert any(m.startswith("Job resumed at step") for m in messages)
     rows = list(csv.DictReader(io.StringIO(c.files.content(done.result_files[0]).text)))
     assert [int(r["step"]) for r in rows] == list(range(1, 161))

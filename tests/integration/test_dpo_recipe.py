@@ -78,6 +78,7 @@ def base() -> str:
     return resolve_base("openft-tiny-vlm", model_cache())
 
 
+@pytest.mark.slow  # trains SFT then DPO to a measurable preference (minutes on 2 cores)
 def test_sft_then_dpo_makes_the_preferred_style_win(base: str, tmp_path: Path) -> None:
     rng = random.Random(0)
     sft_data = []

@@ -40,17 +40,31 @@ def wait_until(predicate, timeout=300):
     return value
 
 
-def finish_after_restart(home, api_key, job_id, env=None):
+def finish_after_restart(home, api_key, job_id, env=None, steps=300, check=None):
     """Start a new server on ``home``, wait for the job to succeed; return it and its event messages,
-    having checked that its results file has every step exactly once (1..300: 60 examples x 5 epochs)."""
+    having checked that its results file has every step exactly once (1..300: 60 examples x 5 epochs)
+    and that its events are the job's, not the run's: one metrics event per step, the start-up
+    events once, one "Job resumed" line. ``check(client, job, messages)`` runs while it is up."""
     restarted = start_server(home, "--workers", "1", env=env)
     try:
         c2 = openai.OpenAI(base_url=restarted.base_url, api_key=api_key, max_retries=0)
         done = wait_for(c2, job_id)
         assert done.status == "succeeded", done.error
-        messages = [e.message for e in c2.fine_tuning.jobs.list_events(job_id, limit=200)]
-        assert any(m.startswith("resumed at step") for m in messages)
-        assert [int(r["step"]) for r in csv_rows(c2, done)] == list(range(1, 301))
+        events = c2.fine_tuning.jobs.list_events(job_id, limit=1000).data
+        messages = [e.message for e in events]
+        assert sorted(e.data["step"] for e in events if e.type == "metrics") == list(range(1, steps + 1))
+        for start in (
+            "Validated training_file",
+            "Fine-tuning job started",
+            "Estimated peak training memory",
+            "trainable parameters",
+            "training on ",
+            "Job resumed at step",
+        ):
+            assert sum(m.startswith(start) for m in messages) == 1, (start, messages)
+        assert [int(r["step"]) for r in csv_rows(c2, done)] == list(range(1, steps + 1))
+        if check is not None:
+            check(c2, done, messages)
         return c2, done, messages
     finally:
         restarted.stop()
@@ -128,16 +142,19 @@ def test_pause_holds_still_and_resume_matches_an_uninterrupted_run(full_server):
         )
     )
     held = last_step(c, job.id)
-    time.sleep(2)
-    assert last_step(c, job.id) == held and c.fine_tuning.jobs.retrieve(job.id).status == "paused"
+    assert c.fine_tuning.jobs.retrieve(job.id).status == "paused"
     with pytest.raises(openai.BadRequestError):  # only paused jobs resume; a paused job is not re-paused
         c.fine_tuning.jobs.pause(job.id)
 
     assert c.fine_tuning.jobs.resume(job.id).status == "queued"
     resumed = wait_for(c, job.id)
     assert resumed.status == "succeeded", resumed.error
-    messages = [e.message for e in c.fine_tuning.jobs.list_events(resumed.id, limit=100)]
-    assert any(m.startswith("resumed at step") for m in messages)
+    # In order: nothing trained while paused; the resumed run continued at the next step.
+    events = c.fine_tuning.jobs.list_events(resumed.id, limit=1000).data[::-1]
+    paused_at = next(i for i, e in enumerate(events) if "the job is paused" in e.message)
+    after = [e for e in events[paused_at:] if e.type == "metrics" or e.message.startswith("Job resumed")]
+    assert after[0].message.startswith(f"Job resumed at step {held} of 360")
+    assert after[1].data["step"] == held + 1
     a = [float(r["train_loss"]) for r in csv_rows(c, straight)]
     b = [float(r["train_loss"]) for r in csv_rows(c, resumed)]
     assert len(a) == len(b) == 360
@@ -149,22 +166,27 @@ def test_sigkill_mid_job_then_restart_finishes_it(tmp_path):
     home = tmp_path / "home"
     server = start_server(home, "--workers", "1", env=env, new_session=True)
     c = server.client("crash")
-    f = c.files.create(
-        file=("t.jsonl", io.BytesIO(to_jsonl(colour_examples(60, seed=15)))), purpose="fine-tune"
-    )
+    pairs = colour_examples(60, seed=15)
+    body = to_jsonl([*pairs, pairs[0]])  # line 61 repeats line 1: a warning with no field
+    f = c.files.create(file=("t.jsonl", io.BytesIO(body)), purpose="fine-tune")
     job = c.fine_tuning.jobs.create(
         training_file=f.id, model="openft-tiny-vlm", hyperparameters={"n_epochs": 5, "batch_size": 1}
     )
-    wait_until(
-        lambda: any(
-            e.message.startswith("Checkpoint created")
-            for e in c.fine_tuning.jobs.list_events(job.id, limit=50)
-        )
-    )
+    # Past the first epoch's checkpoint (state saved at step 61) by a few steps, so the restart
+    # re-runs steps whose metrics were already recorded.
+    wait_until(lambda: last_step(c, job.id) >= 64)
     os.killpg(server.proc.pid, signal.SIGKILL)  # API and workers die together, as in a power loss
     server.proc.wait()
     assert c.fine_tuning.jobs  # the key and everything recorded live on in the home folder
 
-    c2, _, messages = finish_after_restart(home, c.api_key, job.id, env=env)
+    def check(c2, _job, messages):
+        assert c2.files.content(f.id).read() == body
+
+    # finish_after_restart: each step's metrics, the validation report and start-up events once
+    _, _, messages = finish_after_restart(home, c.api_key, job.id, env=env, steps=305, check=check)
     assert any("continues it from its last saved state" in m for m in messages)
-    assert c2.files.content(f.id).read() == to_jsonl(colour_examples(60, seed=15))
+    assert sum(m.startswith("training on 61 examples") for m in messages) == 1
+    duplicate = "Line 61: this example is identical to line 1"  # not "Line 61 (): ..."
+    assert sum(m.startswith(duplicate) for m in messages) == 1
+    resumed_at = next(int(m.split()[4]) for m in messages if m.startswith("Job resumed at step"))
+    assert resumed_at < 64  # steps already announced were re-run, and announced once

@@ -43,7 +43,10 @@ def test_a_job_trained_on_one_machine_is_served_by_another(postgres_url, s3_env,
             training_file=f.id,
             model="openft-tiny-vlm",
             seed=1,
-            method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 1, "batch_size": 8}}},
+            method={
+                "type": "supervised",
+                "supervised": {"hyperparameters": {"n_epochs": 1, "batch_size": 8}},
+            },
         )
         done = wait_for(c, job.id)
         assert done.status == "succeeded", (tmp_path / "worker.log").read_text()[-3000:]

@@ -51,7 +51,7 @@ def test_sigterm_saves_the_running_job_and_it_resumes_after_restart(tmp_path) ->
 
     _, _, messages = finish_after_restart(home, c.api_key, job.id)
     assert any("The worker stopped; the job is back in the queue" in m for m in messages)
-    resumed = [int(m.split()[3]) for m in messages if m.startswith("resumed at step")]
+    resumed = [int(m.split()[4]) for m in messages if m.startswith("Job resumed at step")]
     assert resumed[0] > 0  # continued from the step it saved at, not from the start
 
 

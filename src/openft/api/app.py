@@ -16,24 +16,18 @@ from openft.api.deps import AppState
 from openft.api.limits import MULTIPART_SLACK, Admission, BodyLimit
 from openft.api.routes import chat, extensions, files, fine_tuning, models
 from openft.settings import Settings
-from openft.storage.blobs import open_blob_store
-from openft.storage.db import Database
-from openft.storage.migrations import migrate
-from openft.web.router import router as web_router
+from openft.storage.home import open_home
+from openft.web.router import install as install_dashboard
 
 log = logging.getLogger("openft.api")
 
 
 def open_state(settings: Settings) -> AppState:
     """Create the home folder, bring the schema up to date and open the blob store."""
-    settings.resolved_home.mkdir(parents=True, exist_ok=True)
     # One connection per request thread (plus a few for the event loop's own work), so a
     # request never waits on the pool: the pool is never the bottleneck, threads are.
-    db = Database(settings.resolved_database_url, pool_size=settings.api_threads + 4)
-    applied = migrate(db.engine)
-    if applied:
-        log.info("applied migrations: %s", ", ".join(applied))
-    return AppState(settings=settings, db=db, blobs=open_blob_store(settings))
+    home = open_home(settings, pool_size=settings.api_threads + 4)
+    return AppState(settings=settings, db=home.db, blobs=home.blobs)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -58,7 +52,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def healthz() -> dict[str, str]:  # async: answers even when every request thread is busy
         return {"status": "ok", "version": __version__}
 
-    app.include_router(web_router)
+    install_dashboard(app)
     return app
 
 

@@ -37,13 +37,13 @@ def export(
     home: HomeOption = None,
 ) -> None:
     """Write MODEL's weights to DIR (adapter or full weights; --merged for a standalone model)."""
-    from openft.api.app import open_state
-    from openft.storage.tables import FineTunedModel
+    from openft.storage import repo
+    from openft.storage.home import open_home
 
-    state = open_state(settings_for(home))
+    state = open_home(settings_for(home))
     with state.db.session() as s:
-        row = s.get(FineTunedModel, model)
-        if row is None or row.deleted:
+        row = repo.find_model(s, model_id=model)
+        if row is None:
             typer.echo(f"error: no fine-tuned model named {model!r} (see GET /v1/models)", err=True)
             raise typer.Exit(2)
         weights_key, base_name = row.weights, row.base_model

@@ -24,6 +24,7 @@ from openft.cli.remote import (
     timestamp,
     to_dict,
 )
+from openft.protocol.fine_tuning import TERMINAL_STATUSES
 
 if TYPE_CHECKING:
     from openai import OpenAI
@@ -33,7 +34,6 @@ app = typer.Typer(help="Create, watch and control fine-tuning jobs.", no_args_is
 app.command("compare")(compare_jobs)
 
 JobId = Annotated[str, typer.Argument(help="Job id (ftjob-...).", show_default=False)]
-FINISHED = ("succeeded", "failed", "cancelled")
 _HP = "Hyperparameters (default: auto)"
 _EXT = "openft extensions"
 
@@ -240,7 +240,7 @@ def events(
             status = client.fine_tuning.jobs.retrieve(job_id).status if follow else None
             for event in _new_events(client, job_id, seen):
                 typer.echo(json.dumps(to_dict(event), ensure_ascii=False) if json_out else _event_line(event))
-            if not follow or status in FINISHED:
+            if not follow or status in TERMINAL_STATUSES:
                 return
             time.sleep(interval)
 
@@ -311,7 +311,7 @@ def wait(
             if job.status != last:
                 typer.echo(f"{job.id}: {job.status}", err=True)
                 last = job.status
-            if job.status in FINISHED:
+            if job.status in TERMINAL_STATUSES:
                 break
             time.sleep(interval)
     if json_out:

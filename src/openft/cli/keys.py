@@ -17,9 +17,9 @@ app = typer.Typer(help="API keys (one project per key).", no_args_is_help=True)
 
 
 def _state(home):  # type: ignore[no-untyped-def]
-    from openft.api.app import open_state
+    from openft.storage.home import open_home
 
-    return open_state(settings_for(home))
+    return open_home(settings_for(home))
 
 
 def _row(key, project) -> dict:  # type: ignore[no-untyped-def]

@@ -72,15 +72,15 @@ def validate(
         verdict = "[green]trainable[/green]" if report.ok else "[red]not trainable[/red]"
         out.print(f"{file.name} ({report.method}): {verdict}")
         out.print(
-            f"  examples {s['examples']}, usable {s['usable_examples']}, skipped {s['skipped_examples']}, "
-            f"with images {s['examples_with_images']} ({s['images']} images), errors {s['errors']}"
+            f"  examples {s.examples}, usable {s.usable_examples}, skipped {s.skipped_examples}, "
+            f"with images {s.examples_with_images} ({s.images} images), errors {s.errors}"
         )
-        t = s["tokens"]
-        if t["total"] is not None:
+        t = s.tokens
+        if t.total is not None:
             out.print(
-                f"  tokens ({t['source']}): total {t['total']:,}, min {t['min']}, mean {t['mean']}, "
-                f"p50 {t['p50']}, p95 {t['p95']}, max {t['max']}; "
-                f"trained per epoch {t['trained_tokens_per_epoch']:,}"
+                f"  tokens ({t.source}): total {t.total:,}, min {t.min}, mean {t.mean}, "
+                f"p50 {t.p50}, p95 {t.p95}, max {t.max}; "
+                f"trained per epoch {t.trained_tokens_per_epoch:,}"
             )
         if report.issues:
             counts = ", ".join(f"{code} {n}" for code, n in report.counts_by_code().items())

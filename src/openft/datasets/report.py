@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 Severity = Literal["error", "skip", "warning"]
 
@@ -59,20 +59,54 @@ class Issue:
     message: str
 
 
+@dataclass(frozen=True)
+class TokenSummary:
+    """Tokens per usable example (image tokens included); the numbers are None for an empty file."""
+
+    source: str
+    """``model`` (the model's processor counted) or ``estimate`` (no processor given)."""
+    total: int | None
+    min: int | None
+    mean: float | None
+    max: int | None
+    p50: int | None
+    p95: int | None
+    """Nearest-rank percentiles."""
+    trained_tokens_per_epoch: int
+    """What one epoch trains on: each example capped at the model's context."""
+
+
+@dataclass(frozen=True)
+class Summary:
+    """The counts of a validation report; travels typed to the worker and the training plan."""
+
+    examples: int
+    usable_examples: int
+    examples_with_images: int
+    images: int
+    skipped_examples: int
+    errors: int
+    tokens: TokenSummary
+
+    def to_dict(self) -> dict[str, Any]:
+        """For storage, events and ``openft validate --json`` (the stable report shape)."""
+        return asdict(self)
+
+
 @dataclass
 class Report:
     """What ``validate_file`` found. ``ok`` means trainable: no errors, enough usable examples."""
 
     ok: bool
     method: str
-    summary: dict
+    summary: Summary
     issues: list[Issue] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return {
             "ok": self.ok,
             "method": self.method,
-            "summary": self.summary,
+            "summary": self.summary.to_dict(),
             "issues": [asdict(i) for i in self.issues],
         }
 

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from PIL import Image
 
 from openft.datasets.formats import ChatExample, Example, ImagePart, Message
+from openft.datasets.report import TokenSummary
 
 TokenCounter = Callable[[Example], int]
 
@@ -68,23 +69,22 @@ class TokenStats:
     def add(self, n: int) -> None:
         self.counts.append(n)
 
-    def summary(self, max_tokens: int | None) -> dict:
+    def summary(self, max_tokens: int | None) -> TokenSummary:
         """Totals and distribution; ``trained_tokens_per_epoch`` caps each example at the context."""
         counts = sorted(self.counts)
         if not counts:
-            empty = dict.fromkeys(("total", "min", "mean", "max", "p50", "p95"))
-            return {"source": self.source, **empty, "trained_tokens_per_epoch": 0}
+            return TokenSummary(self.source, None, None, None, None, None, None, trained_tokens_per_epoch=0)
         capped = sum(min(c, max_tokens) for c in counts) if max_tokens else sum(counts)
-        return {
-            "source": self.source,
-            "total": sum(counts),
-            "min": counts[0],
-            "mean": round(sum(counts) / len(counts), 1),
-            "max": counts[-1],
-            "p50": _percentile(counts, 50),
-            "p95": _percentile(counts, 95),
-            "trained_tokens_per_epoch": capped,
-        }
+        return TokenSummary(
+            source=self.source,
+            total=sum(counts),
+            min=counts[0],
+            mean=round(sum(counts) / len(counts), 1),
+            max=counts[-1],
+            p50=_percentile(counts, 50),
+            p95=_percentile(counts, 95),
+            trained_tokens_per_epoch=capped,
+        )
 
 
 def _percentile(sorted_counts: list[int], p: float) -> int:

@@ -20,10 +20,12 @@ from typing import Any
 import torch
 
 from openft.inference.batcher import Batcher
+from openft.models.families import END_OF_TURN_TOKENS
 
 log = logging.getLogger(__name__)
 
-_END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|endoftext|>", "<|end|>")
+# Generation stops at any turn closer the tokenizer knows, and at the end-of-text markers.
+_STOP_TOKENS = (*END_OF_TURN_TOKENS, "<|endoftext|>", "<|end|>")
 
 
 @dataclass(frozen=True)
@@ -102,7 +104,7 @@ def _eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:
     elif configured:
         ids.update(int(i) for i in configured)
     vocab = tokenizer.get_vocab()
-    ids.update(vocab[tok] for tok in _END_OF_TURN_TOKENS if tok in vocab)
+    ids.update(vocab[tok] for tok in _STOP_TOKENS if tok in vocab)
     if not ids:
         raise ValueError("the model's tokenizer has no end-of-sequence token; cannot tell where a reply ends")
     return frozenset(ids)

@@ -27,6 +27,9 @@ from typing import Any, Literal
 from openft.errors import InvalidRequest
 
 Component = Literal["vision_tower", "projector", "language_model", "lm_head", "other"]
+END_OF_TURN_TOKENS: tuple[str, ...] = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>")
+"""Tokens that close a turn in the common open-model chat templates (ChatML, Llama 3, Gemma), in
+order of preference: what renders and stops a model of no listed family."""
 
 LOW_DETAIL_MAX_PIXELS = 448 * 448
 """``detail="low"`` on pixel-budget processors (Qwen2-VL): the budget becomes

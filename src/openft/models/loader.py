@@ -18,7 +18,8 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor
 
 from openft.errors import InvalidRequest
-from openft.models.tiny import TINY_NAME, ensure_tiny_vlm
+from openft.models.tiny import ensure_tiny_vlm
+from openft.settings import TINY_MODEL
 
 MARKER = "openft.json"
 
@@ -27,7 +28,7 @@ WeightsKind = Literal["adapter", "full"]
 
 def resolve_base(name: str, cache_dir: Path) -> str:
     """``openft-tiny-vlm`` -> its generated folder; a local folder -> its path; else an HF id as is."""
-    if name == TINY_NAME:
+    if name == TINY_MODEL:
         return str(ensure_tiny_vlm(Path(cache_dir)))
     if Path(name).expanduser().is_dir():
         return str(Path(name).expanduser())

@@ -42,7 +42,7 @@ from PIL import Image
 from openft.datasets.formats import ChatExample, ImagePart, Message, PreferenceExample, TextPart
 from openft.datasets.images import DECODE_MAX_PIXELS, open_image
 from openft.errors import InvalidRequest
-from openft.models.families import LOW_DETAIL_MAX_PIXELS, Family, find_family
+from openft.models.families import END_OF_TURN_TOKENS, LOW_DETAIL_MAX_PIXELS, Family, find_family
 
 IGNORE_INDEX = -100
 
@@ -53,7 +53,6 @@ LOW_DETAIL_MAX_SIDE = 512
 __all__ = ["IGNORE_INDEX", "LOW_DETAIL_MAX_PIXELS", "Rendered", "count_tokens", "load_image", "render_chat"]
 
 # For tokenizers of no known family (text-only bases).
-_END_OF_TURN_CANDIDATES = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>")
 
 
 @dataclass
@@ -339,7 +338,7 @@ def _encode_structure(
 
 def _end_of_turn(tokenizer: Any) -> str | None:
     vocab = tokenizer.get_vocab()
-    for tok in _END_OF_TURN_CANDIDATES:
+    for tok in END_OF_TURN_TOKENS:
         if tok in vocab:
             return tok
     return tokenizer.eos_token

@@ -35,7 +35,7 @@ from transformers import (
 )
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-TINY_NAME = "openft-tiny-vlm"
+from openft.settings import TINY_MODEL
 
 SPECIAL_TOKENS: tuple[str, ...] = (
     "<|endoftext|>",  # pad
@@ -128,18 +128,18 @@ def ensure_tiny_vlm(cache_dir: Path) -> Path:
     place atomically; a process that loses the race discards its copy and uses the winner's.
     """
     cache_dir = Path(cache_dir)
-    target = cache_dir / TINY_NAME
+    target = cache_dir / TINY_MODEL
     if _is_current(target):
         return target
     cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{TINY_NAME}-", dir=cache_dir))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{TINY_MODEL}-", dir=cache_dir))
     try:
         _build(tmp)
         if target.exists() and not _is_current(target):
             # Built by an older openft: move it aside (atomic), so the rename below can succeed.
-            stale = Path(tempfile.mkdtemp(prefix=f".{TINY_NAME}-stale-", dir=cache_dir))
+            stale = Path(tempfile.mkdtemp(prefix=f".{TINY_MODEL}-stale-", dir=cache_dir))
             try:
-                os.rename(target, stale / TINY_NAME)
+                os.rename(target, stale / TINY_MODEL)
             except OSError:
                 pass  # another process moved it first
             shutil.rmtree(stale, ignore_errors=True)
@@ -219,7 +219,7 @@ def _build(out: Path) -> None:
     model.generation_config.bos_token_id = ids["<|endoftext|>"]
     model.save_pretrained(out)
     processor.save_pretrained(out)
-    (out / "openft-tiny.json").write_text(json.dumps({"name": TINY_NAME, "format_version": _FORMAT_VERSION}))
+    (out / "openft-tiny.json").write_text(json.dumps({"name": TINY_MODEL, "format_version": _FORMAT_VERSION}))
 
 
 def _edge_filters(weight: torch.Tensor) -> None:

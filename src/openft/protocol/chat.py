@@ -11,20 +11,16 @@ left out rather than sent as ``null``.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
-    BaseModel,
     Field,
-    SerializationInfo,
-    SerializerFunctionWrapHandler,
     ValidationInfo,
     field_validator,
-    model_serializer,
     model_validator,
 )
 
-from openft.protocol.common import Request, check_depth
+from openft.protocol.common import OmitUnset, Request, check_depth
 
 ChatRole = Literal["system", "developer", "user", "assistant", "tool"]
 ImageDetail = Literal["auto", "low", "high"]
@@ -194,22 +190,12 @@ class ChatCompletionRequest(Request):
 # -------------------------------------------------------------------------- response
 
 
-class _Response(BaseModel):
-    """Base for response objects: the fields named in ``_omit_if_none`` are left out when None.
+class _Response(OmitUnset):
+    """Base for response objects: the fields named in ``omit_if_none`` are left out when None.
 
     The spec types those keys as objects or strings (not nullable), so ``null`` would be invalid,
     while other nullable keys (``refusal``, ``logprobs``, ``finish_reason``) must be sent as null.
     """
-
-    _omit_if_none: ClassVar[frozenset[str]] = frozenset()
-
-    @model_serializer(mode="wrap")
-    def _omit_nones(self, handler: SerializerFunctionWrapHandler, info: SerializationInfo) -> dict[str, Any]:
-        data = handler(self)
-        for key in self._omit_if_none:
-            if key in data and data[key] is None:
-                del data[key]
-        return data
 
 
 class TopLogprob(_Response):
@@ -257,7 +243,7 @@ class PromptTokensDetails(_Response):
     image_tokens: int | None = None
     """Prompt tokens that stand for images (extension present in the spec, not in every SDK)."""
 
-    _omit_if_none = frozenset({"image_tokens"})
+    omit_if_none = ("image_tokens",)
 
 
 class Usage(_Response):
@@ -270,7 +256,7 @@ class Usage(_Response):
     prompt_tokens_details: PromptTokensDetails | None = None
     """Breakdown of the prompt tokens."""
 
-    _omit_if_none = frozenset({"prompt_tokens_details"})
+    omit_if_none = ("prompt_tokens_details",)
 
 
 class ChatCompletionResponse(_Response):
@@ -287,7 +273,7 @@ class ChatCompletionResponse(_Response):
     system_fingerprint: str | None = None
     """Deprecated; left out unless set."""
 
-    _omit_if_none = frozenset({"usage", "system_fingerprint"})
+    omit_if_none = ("usage", "system_fingerprint")
 
 
 class ChunkDelta(_Response):
@@ -298,7 +284,7 @@ class ChunkDelta(_Response):
     refusal: str | None = None
     """Never sent."""
 
-    _omit_if_none = frozenset({"role", "content", "refusal"})
+    omit_if_none = ("role", "content", "refusal")
 
 
 class ChunkChoice(_Response):
@@ -325,4 +311,4 @@ class ChatCompletionChunk(_Response):
     system_fingerprint: str | None = None
     """Deprecated; left out unless set."""
 
-    _omit_if_none = frozenset({"system_fingerprint"})
+    omit_if_none = ("system_fingerprint",)

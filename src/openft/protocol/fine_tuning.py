@@ -17,6 +17,8 @@ Beta = Auto | Annotated[float, Field(gt=0, le=2)]
 # "paused" is not in the spec's enum, but the spec's own pause example returns it and the SDK accepts it.
 JobStatus = Literal["validating_files", "queued", "running", "paused", "succeeded", "failed", "cancelled"]
 TERMINAL_STATUSES: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
+ACTIVE_STATUSES: tuple[str, ...] = ("validating_files", "queued", "running")
+"""Statuses of a job a worker holds or may claim (paused jobs wait for a resume)."""
 
 
 class _Strict(BaseModel):

@@ -80,15 +80,8 @@ class Database:
         ``readonly`` sessions may still write on PostgreSQL, but on SQLite a write in one may
         fail with "database is locked" under contention: use them only for reads.
         """
-        s = (self._read_factory if readonly else self._factory)()
-        try:
+        with (self._read_factory if readonly else self._factory).begin() as s:
             yield s
-            s.commit()
-        except BaseException:
-            s.rollback()
-            raise
-        finally:
-            s.close()
 
     def dispose(self) -> None:
         self.engine.dispose()

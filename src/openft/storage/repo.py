@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from sqlalchemy import and_, or_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from openft import ids
@@ -19,7 +20,7 @@ from openft.errors import InvalidRequest, NotFound
 from openft.protocol.checkpoints import CheckpointMetrics, FineTuningJobCheckpoint
 from openft.protocol.events import FineTuningJobEvent
 from openft.protocol.files import FileObject
-from openft.protocol.fine_tuning import FineTuningJob, JobError
+from openft.protocol.fine_tuning import ACTIVE_STATUSES, TERMINAL_STATUSES, FineTuningJob, JobError
 from openft.storage.blobs import BlobStore
 from openft.storage.tables import ApiKey, Checkpoint, Event, File, FineTunedModel, Job, Project, StepMetric
 
@@ -131,6 +132,15 @@ def get_file(s: Session, *, project_id: str, file_id: str) -> File:
     if row is None or row.project_id != project_id or row.deleted:
         raise NotFound(f"No such File object: {file_id}", param="file_id")
     return row
+
+
+def file_blob(s: Session, *, file_id: str) -> str:
+    """The blob key of a file, deleted or not: a job keeps reading the files it was created with
+    (files are only soft-deleted). Raises ``NotFound`` for an id that never existed."""
+    sha = s.scalar(select(File.sha256).where(File.id == file_id))
+    if sha is None:
+        raise NotFound(f"No such File object: {file_id}", param="file_id")
+    return sha
 
 
 def list_files(
@@ -245,7 +255,7 @@ def job_to_protocol(row: Job, *, organization_id: str) -> FineTuningJob:
 def cancel_job(s: Session, *, project_id: str, job_id: str) -> Job:
     """Cancel a job that has not finished. A running worker notices within a step and stops."""
     row = get_job(s, project_id=project_id, job_id=job_id)
-    if row.status in ("succeeded", "failed", "cancelled"):
+    if row.status in TERMINAL_STATUSES:
         raise InvalidRequest(
             f"Job {job_id} has already {row.status if row.status != 'cancelled' else 'been cancelled'}; "
             "only validating_files, queued, running or paused jobs can be cancelled.",
@@ -313,17 +323,24 @@ def jobs_held_by(s: Session, *, worker_prefixes: Sequence[str]) -> list[str]:
     return list(rows)
 
 
-def claim_next_job(s: Session, *, worker_id: str, lease_seconds: float) -> Job | None:
+Clock = Callable[[], float]
+"""Seconds since the epoch (``time.time``); lease logic takes one so tests need not sleep."""
+
+
+def claim_next_job(
+    s: Session, *, worker_id: str, lease_seconds: float, clock: Clock = time.time
+) -> Job | None:
     """Atomically take the oldest unclaimed (or abandoned) job; two workers never get the same one.
 
     The claim is a conditional UPDATE keyed on the job's previous owner and lease, so of two
     racing workers exactly one sees ``rowcount == 1``; it works the same on SQLite and PostgreSQL.
+    It is made when the caller's session commits.
     """
-    t = time.time()
+    t = clock()
     candidates = s.scalars(
         select(Job)
         .where(
-            Job.status.in_(("validating_files", "queued", "running")),
+            Job.status.in_(ACTIVE_STATUSES),
             or_(Job.worker_id.is_(None), Job.lease_expires_at < t),
         )
         .order_by(Job.created_ns, Job.id)
@@ -333,24 +350,25 @@ def claim_next_job(s: Session, *, worker_id: str, lease_seconds: float) -> Job |
         owner_clause = Job.worker_id.is_(None) if job.worker_id is None else Job.worker_id == job.worker_id
         res = s.execute(
             update(Job)
-            .where(Job.id == job.id, owner_clause, Job.status.in_(("validating_files", "queued", "running")))
+            .where(Job.id == job.id, owner_clause, Job.status.in_(ACTIVE_STATUSES))
             .where(or_(Job.lease_expires_at.is_(None), Job.lease_expires_at < t))
             .values(worker_id=worker_id, lease_expires_at=t + lease_seconds)
             .execution_options(synchronize_session=False)
         )
         if res.rowcount == 1:
-            s.commit()
             s.refresh(job)
             return job
     return None
 
 
-def heartbeat(s: Session, *, job_id: str, worker_id: str, lease_seconds: float) -> str | None:
+def heartbeat(
+    s: Session, *, job_id: str, worker_id: str, lease_seconds: float, clock: Clock = time.time
+) -> str | None:
     """Extend the lease; returns the job's status (so the worker learns of a cancel), None if lost."""
     res = s.execute(
         update(Job)
         .where(Job.id == job_id, Job.worker_id == worker_id)
-        .values(lease_expires_at=time.time() + lease_seconds)
+        .values(lease_expires_at=clock() + lease_seconds)
         .execution_options(synchronize_session=False)
     )
     if res.rowcount != 1:
@@ -381,13 +399,31 @@ def append_event(
     level: str = "info",
     type: str = "message",
     data: dict[str, Any] | None = None,
-) -> Event:
-    row = Event(
-        id=ids.event_id(), job_id=job_id, created_at=now(), level=level, message=message, type=type, data=data
-    )
-    s.add(row)
-    s.flush()
-    return row
+    once: str | None = None,
+) -> bool:
+    """Record an event; ``once`` is a key (``"metrics:12"``, ``"started"``) that makes it appear once
+    per job: recording it again, as a resumed run does, changes nothing. Returns whether it was added.
+    """
+    values = {
+        "id": ids.event_id(),
+        "job_id": job_id,
+        "created_at": now(),
+        "level": level,
+        "message": message,
+        "type": type,
+        "data": data,
+        "dedup_key": once,
+    }
+    if once is None:
+        s.add(Event(**values))
+        s.flush()
+        return True
+    # Insert-if-absent on the unique (job_id, dedup_key) index: atomic on both databases, so two
+    # writers racing (a worker and its replacement) still leave one row.
+    dialect = {"sqlite": sqlite, "postgresql": postgresql}[s.get_bind().dialect.name]
+    stmt = dialect.insert(Event.__table__).values(**values)
+    stmt = stmt.on_conflict_do_nothing(index_elements=["job_id", "dedup_key"]).returning(Event.seq)
+    return s.execute(stmt).first() is not None  # rowcount is not reliable under RETURNING
 
 
 def _job_page(s: Session, table: Any, *, job_id: str, order: Any, limit: int, after: str | None, noun: str):  # type: ignore[no-untyped-def]
@@ -550,6 +586,12 @@ def get_model(s: Session, *, project_id: str, model_id: str) -> FineTunedModel |
     if row is None or row.project_id != project_id or row.deleted:
         return None
     return row
+
+
+def find_model(s: Session, *, model_id: str) -> FineTunedModel | None:
+    """A live model by id in any project: for the operator's CLI on the server's own home."""
+    row = s.get(FineTunedModel, model_id)
+    return None if row is None or row.deleted else row
 
 
 def list_models(s: Session, *, project_id: str) -> list[FineTunedModel]:

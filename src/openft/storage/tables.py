@@ -92,6 +92,9 @@ class Event(Base):
     message: Mapped[str] = mapped_column(Text)
     type: Mapped[str] = mapped_column(String(16))
     data: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    dedup_key: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    """Set on events that must appear once per job (``"metrics:12"``, ``"started"``): unique per job,
+    so a resumed run recording them again adds nothing. NULL for events that may repeat."""
 
 
 class StepMetric(Base):
@@ -131,3 +134,4 @@ class FineTunedModel(Base):
 
 Index("ix_jobs_claim", Job.status, Job.created_ns)
 Index("ix_events_job_seq", Event.job_id, Event.seq)
+Index("ux_events_job_dedup_key", Event.job_id, Event.dedup_key, unique=True)

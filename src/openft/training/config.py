@@ -4,9 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
-
-from openft.models.tiny import TINY_NAME
 
 
 @dataclass(frozen=True)
@@ -107,12 +104,3 @@ class TrainConfig:
             problems.append(f"state_every_steps must be >= 0 or None, got {self.state_every_steps}")
         if problems:
             raise ValueError("invalid TrainConfig: " + "; ".join(problems))
-
-
-def default_training_type(base_model: str) -> Literal["full", "lora"]:
-    """``"full"`` for the tiny random-init model (LoRA on frozen random weights barely learns),
-    ``"lora"`` for real pretrained bases."""
-    name = str(base_model).rstrip("/")
-    if name == TINY_NAME or Path(name).name == TINY_NAME:
-        return "full"
-    return "lora"

@@ -66,18 +66,19 @@ random init (``openft-tiny-vlm``)  2e-4    1e-3    learns in seconds from scratc
 Qwen2-VL / Qwen2.5-VL              2e-4    1e-5    Qwen2-VL full fine-tuning recipes
 LLaVA-1.5 style                    2e-4    2e-5    LLaVA-1.5 visual instruction tuning stage
 other pretrained                   2e-4    1e-5    the conservative full rate
-not said (``pretrained=None``)     2e-4    1e-3    the rates before this table (kept for old callers)
 =================================  ======  ======  ===================================================
 
-LoRA is 2e-4 throughout (LLaVA-1.5 LoRA, QLoRA). Callers should pass ``pretrained=False`` for
-``openft-tiny-vlm`` and ``pretrained=True`` with the family name for real bases.
+LoRA is 2e-4 throughout (LLaVA-1.5 LoRA, QLoRA).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
+
+from openft.datasets.report import Summary
 
 AUTO = "auto"
 DEFAULT_BETA = 0.1
@@ -103,10 +104,7 @@ RANDOM_INIT_IMAGE_PASSES = 4_800
 RANDOM_INIT_IMAGE_BATCH = 8
 """Auto batch for image-heavy data on a random-init base, from 16 examples per batch item."""
 
-BASE_LEARNING_RATES = {"full": 1e-3, "lora": 2e-4}
-"""Rates when the caller does not say whether the base is pretrained (``pretrained=None``): the
-values from before families existed, right for today's defaults (full only for the random-init
-tiny model, LoRA for pretrained bases)."""
+TRAINING_TYPES = ("full", "lora")
 RANDOM_INIT_LEARNING_RATES = {"full": 1e-3, "lora": 2e-4}
 """The random-init tiny model: 1e-3 makes it learn in seconds. LoRA on frozen random weights
 barely learns at any rate (which is why its default training type is full)."""
@@ -117,6 +115,21 @@ FAMILY_LEARNING_RATES = {
     "llava": {"full": 2e-5, "lora": 2e-4},
 }
 """Pretrained bases by family name (:mod:`openft.models.families`)."""
+
+
+@dataclass(frozen=True)
+class Hyperparameters:
+    """Resolved hyperparameters: what a job trains with, stored on it and shown to the user."""
+
+    n_epochs: int
+    batch_size: int
+    learning_rate_multiplier: float
+    beta: float | None = None
+    """DPO only."""
+
+    def to_dict(self) -> dict[str, int | float]:
+        """For storage and the wire: ``beta`` only for DPO."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
 
 
 @dataclass(frozen=True)
@@ -139,17 +152,16 @@ class DatasetStats:
     """Images in all."""
 
     @classmethod
-    def from_summary(cls, summary: dict[str, Any]) -> DatasetStats:
-        """From a validation report's ``summary`` (``usable_examples``, ``examples_with_images``,
-        ``images``, ``tokens{mean,p95,max}``; token numbers are None for an empty file)."""
-        tokens = summary["tokens"]
+    def from_summary(cls, summary: Summary) -> DatasetStats:
+        """From a validation report's summary (token numbers are None for an empty file)."""
+        tokens = summary.tokens
         return cls(
-            examples=int(summary["usable_examples"]),
-            tokens_mean=float(tokens["mean"] or 0),
-            tokens_p95=int(tokens["p95"] or 0),
-            tokens_max=int(tokens["max"] or 0),
-            examples_with_images=int(summary["examples_with_images"]),
-            images=int(summary["images"]),
+            examples=summary.usable_examples,
+            tokens_mean=float(tokens.mean or 0),
+            tokens_p95=tokens.p95 or 0,
+            tokens_max=tokens.max or 0,
+            examples_with_images=summary.examples_with_images,
+            images=summary.images,
         )
 
     @property
@@ -158,22 +170,15 @@ class DatasetStats:
         return self.examples > 0 and 2 * self.examples_with_images >= self.examples
 
 
-def base_learning_rate(
-    training_type: str, *, family: str | None = None, pretrained: bool | None = None
-) -> float:
+def base_learning_rate(training_type: str, *, family: str | None, pretrained: bool) -> float:
     """The learning rate a multiplier of 1.0 stands for (the table in the module docstring).
 
     ``pretrained``: False for a random-init base (``openft-tiny-vlm``), True for a real one, in
     which case ``family`` (``"qwen2_vl"``, ``"llava"``; None or unknown: generic) picks the row.
-    None keeps the rates from before this distinction (full 1e-3, LoRA 2e-4): right for the
-    tiny model, far too high for a full fine-tune of a pretrained model, so callers that know
-    should say.
     """
-    if training_type not in BASE_LEARNING_RATES:
+    if training_type not in TRAINING_TYPES:
         raise ValueError(f"unknown training type {training_type!r}; expected 'full' or 'lora'")
-    if pretrained is None:
-        table = BASE_LEARNING_RATES
-    elif not pretrained:
+    if not pretrained:
         table = RANDOM_INIT_LEARNING_RATES
     else:
         table = FAMILY_LEARNING_RATES.get(family or "", PRETRAINED_LEARNING_RATES)
@@ -218,9 +223,8 @@ def resolve_hparams(
     training_type: str,
     method: str = "supervised",
     stats: DatasetStats | None = None,
-    model_params: int | None = None,
     pretrained: bool = True,
-) -> dict[str, int | float]:
+) -> Hyperparameters:
     """Concrete ``n_epochs``, ``batch_size``, ``learning_rate_multiplier`` (+ ``beta`` for dpo).
 
     ``requested`` maps those names to numbers or ``"auto"``; missing or None names count as
@@ -229,13 +233,12 @@ def resolve_hparams(
     ``"supervised"`` or ``"dpo"``. ``stats`` (the training file's validation summary, see
     :meth:`DatasetStats.from_summary`) refines the rules for long and image-heavy examples;
     without it only ``n_examples`` counts. ``pretrained=False`` (a random-init base) asks more
-    training of image-heavy data (module docstring). ``model_params`` is accepted so callers can record it,
-    but no rule uses it: the base rate already depends on the family (:func:`base_learning_rate`),
-    and we know of no size adjustment worth its risk across the models we train.
+    training of image-heavy data (module docstring). No rule uses the model's size: the base rate
+    already depends on the family (:func:`base_learning_rate`), and we know of no size adjustment
+    worth its risk across the models we train.
     """
-    if training_type not in BASE_LEARNING_RATES:
+    if training_type not in TRAINING_TYPES:
         raise ValueError(f"unknown training type {training_type!r}; expected 'full' or 'lora'")
-    del model_params  # see the docstring
 
     def pick(name: str, auto: Any) -> Any:
         value = requested.get(name)
@@ -257,21 +260,19 @@ def resolve_hparams(
             b = max(b, min(RANDOM_INIT_IMAGE_BATCH, _pow2_floor(n_examples // 16)))
         return b
 
-    out: dict[str, int | float] = {
-        "n_epochs": int(pick("n_epochs", epochs)),
-        "batch_size": int(pick("batch_size", batch)),
-        "learning_rate_multiplier": float(pick("learning_rate_multiplier", lambda: 1.0)),
-    }
-    if method == "dpo":
-        out["beta"] = float(pick("beta", lambda: DEFAULT_BETA))
-    return out
+    return Hyperparameters(
+        n_epochs=int(pick("n_epochs", epochs)),
+        batch_size=int(pick("batch_size", batch)),
+        learning_rate_multiplier=float(pick("learning_rate_multiplier", lambda: 1.0)),
+        beta=float(pick("beta", lambda: DEFAULT_BETA)) if method == "dpo" else None,
+    )
 
 
-def advice(resolved: dict[str, int | float]) -> str:
+def advice(resolved: Hyperparameters) -> str:
     """How to adjust after a first run (OpenAI's "Iterating on hyperparameters"), with the
     numbers filled in from ``resolved``; the worker logs it when the job starts."""
-    epochs = int(resolved["n_epochs"])
-    multiplier = float(resolved["learning_rate_multiplier"])
+    epochs = resolved.n_epochs
+    multiplier = resolved.learning_rate_multiplier
     more = f"{epochs + 1}-{epochs + 2}"
     if epochs > 2:
         fewer = f"lower it by 1-2 (to {epochs - 2}-{epochs - 1})"
@@ -287,9 +288,9 @@ def advice(resolved: dict[str, int | float]) -> str:
         f"becomes less diverse than expected, {fewer}. If it does not appear to converge, raise "
         f"learning_rate_multiplier (e.g. to {multiplier * 2:g})."
     )
-    if "beta" in resolved:
+    if resolved.beta is not None:
         text += (
-            f" beta={float(resolved['beta']):g}: raise it to stay closer to the base model, lower it to "
+            f" beta={resolved.beta:g}: raise it to stay closer to the base model, lower it to "
             "follow the preferences more strongly."
         )
     return text

@@ -181,14 +181,16 @@ def available_bytes(device: str) -> int:
 
 
 def lora_trainable_params(model: Any, target_modules: Sequence[str]) -> int:
-    """Parameters LoRA of rank 1 adds on the language model's target linears (scale by ``r``)."""
+    """Parameters LoRA of rank 1 adds on the language model's target linears (scale by ``r``):
+    the layers ``trainable.lora_plan`` puts adapters on without ``train_vision_tower``."""
+    from openft.training.trainable import part_of  # the one answer to "which part is this layer"
+
     total = 0
     for name, module in model.named_modules():
         if (
             name.rsplit(".", 1)[-1] in target_modules
             and hasattr(module, "in_features")
-            and "visual" not in name
-            and "vision" not in name
+            and part_of(name) == "language_model"
         ):
             total += module.in_features + module.out_features
     return total

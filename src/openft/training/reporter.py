@@ -8,8 +8,9 @@ from typing import Any, Protocol
 
 
 class Reporter(Protocol):
-    def on_message(self, message: str, level: str = "info") -> None:
-        """A human-readable progress line (``level``: info | warn | error)."""
+    def on_message(self, message: str, level: str = "info", *, once: str | None = None) -> None:
+        """A human-readable progress line (``level``: info | warn | error). ``once``: a key for a line
+        that belongs to the job, not to this run (e.g. what trains), so a resumed run does not repeat it."""
 
     def on_step(self, metrics: dict[str, float | int]) -> None:
         """After every optimizer step. Keys: step, total_steps, epoch, train_loss,
@@ -30,11 +31,14 @@ class ListReporter:
 
     stop_after: int | None = None
     messages: list[tuple[str, str]] = field(default_factory=list)
+    once_keys: list[str] = field(default_factory=list)
     steps: list[dict[str, float | int]] = field(default_factory=list)
     checkpoints: list[dict[str, Any]] = field(default_factory=list)
 
-    def on_message(self, message: str, level: str = "info") -> None:
+    def on_message(self, message: str, level: str = "info", *, once: str | None = None) -> None:
         self.messages.append((level, message))
+        if once is not None:
+            self.once_keys.append(once)
 
     def on_step(self, metrics: dict[str, float | int]) -> None:
         self.steps.append(dict(metrics))

@@ -1,11 +1,12 @@
-"""Serves the dashboard page and its script."""
+"""Serves the dashboard page and its static assets."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from fastapi import APIRouter
+from fastapi import APIRouter, FastAPI
 from fastapi.responses import FileResponse
+from fastapi.staticfiles import StaticFiles
 
 HERE = Path(__file__).parent
 router = APIRouter(include_in_schema=False)
@@ -16,12 +17,7 @@ def index() -> FileResponse:
     return FileResponse(HERE / "templates" / "index.html", media_type="text/html")
 
 
-@router.get("/static/{name}")
-def static(name: str) -> FileResponse:
-    path = (HERE / "static" / name).resolve()
-    if path.parent != (HERE / "static").resolve() or not path.is_file():
-        from openft.errors import NotFound
-
-        raise NotFound(f"No such static file: {name}")
-    media = "text/javascript" if name.endswith(".js") else "text/css"
-    return FileResponse(path, media_type=media)
+def install(app: FastAPI) -> None:
+    """The page, and ``/static/*`` served by Starlette (path checks, media types, caching headers)."""
+    app.include_router(router)
+    app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")

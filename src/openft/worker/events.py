@@ -42,9 +42,19 @@ def _fmt(x: Any) -> str:
 
 
 class JobReporter:
-    def __init__(self, db: Database, blobs: BlobStore, *, job: Job, model_name: str, lease: JobLease) -> None:
+    def __init__(
+        self,
+        db: Database,
+        blobs: BlobStore,
+        *,
+        job: Job,
+        model_name: str,
+        lease: JobLease,
+        keep_checkpoints: int,
+    ) -> None:
         self._db, self._blobs, self._job, self._lease = db, blobs, job, lease
         self.model_name = model_name
+        self._keep_checkpoints = keep_checkpoints
         self.last_checkpoint_key: str | None = None
         self.last_metrics: dict[str, Any] = {}
         self._started = time.time()
@@ -52,9 +62,9 @@ class JobReporter:
 
     # -- Reporter protocol -------------------------------------------------------------
 
-    def on_message(self, message: str, level: str = "info") -> None:
+    def on_message(self, message: str, level: str = "info", *, once: str | None = None) -> None:
         with self._db.session() as s:
-            repo.append_event(s, job_id=self._job.id, message=message, level=level)
+            repo.append_event(s, job_id=self._job.id, message=message, level=level, once=once)
 
     def on_step(self, metrics: dict[str, float | int]) -> None:
         step, total = int(metrics["step"]), int(metrics["total_steps"])
@@ -76,6 +86,7 @@ class JobReporter:
                     type="metrics",
                     message=f"Step {step}/{total}: " + ", ".join(parts),
                     data=data,
+                    once=f"metrics:{step}",  # a step replayed after a crash is announced once
                 )
             if now - self._last_eta_write > 2.0:
                 # Keep estimated_finish current: linear extrapolation from the steps done so far.
@@ -103,6 +114,7 @@ class JobReporter:
             weights_dir=weights_dir,
             step=step,
             metrics=keep,
+            keep=self._keep_checkpoints,
         )
 
     def should_stop(self) -> bool:

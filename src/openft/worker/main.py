@@ -9,9 +9,7 @@ import socket
 import threading
 
 from openft.settings import Settings
-from openft.storage.blobs import open_blob_store
-from openft.storage.db import Database
-from openft.storage.migrations import migrate
+from openft.storage.home import open_home
 from openft.worker.queue import claim
 from openft.worker.runner import WorkerContext, run_job
 
@@ -19,13 +17,9 @@ log = logging.getLogger("openft.worker")
 
 
 def make_context(settings: Settings) -> WorkerContext:
-    settings.resolved_home.mkdir(parents=True, exist_ok=True)
-    db = Database(settings.resolved_database_url)
-    migrate(db.engine)
+    home = open_home(settings)
     worker_id = f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident()}"
-    return WorkerContext(
-        settings=settings, db=db, blobs=open_blob_store(settings), worker_id=worker_id
-    )
+    return WorkerContext(settings=settings, db=home.db, blobs=home.blobs, worker_id=worker_id)
 
 
 def run_forever(settings: Settings, *, stop: threading.Event | None = None, once: bool = False) -> None:

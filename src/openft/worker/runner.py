@@ -16,22 +16,22 @@ from typing import Any
 
 from openft import ids
 from openft.datasets.moderation import load_moderator
+from openft.datasets.report import location
 from openft.datasets.validate import ValidationResult, validate_file
-from openft.errors import InvalidRequest, JobCancelled, JobFailed
-from openft.protocol.fine_tuning import TERMINAL_STATUSES
-from openft.settings import TINY_MODEL, Settings
+from openft.errors import JobCancelled, JobFailed
+from openft.protocol.fine_tuning import ACTIVE_STATUSES as ACTIVE
+from openft.protocol.fine_tuning import TERMINAL_STATUSES, OpenFTOptions
+from openft.settings import Settings
 from openft.storage import repo
 from openft.storage.blobs import BlobStore
 from openft.storage.db import Database
-from openft.storage.tables import File, Job
-from openft.training.config import LoraConfig, TrainConfig, default_training_type
-from openft.training.hparams import DatasetStats, advice, base_learning_rate, resolve_hparams
+from openft.storage.tables import Job
+from openft.training.plan import DatasetStats, JobFacts, plan_memory, plan_training
 from openft.worker.events import JobReporter
 from openft.worker.queue import JobLease
 
 log = logging.getLogger("openft.worker")
 
-ACTIVE = ("validating_files", "queued", "running")
 # Skips are reported one event each, up to this many; the summary event counts them all.
 MAX_ISSUE_EVENTS = 50
 
@@ -97,10 +97,17 @@ def _status(ctx: WorkerContext, job: Job) -> str:
 
 
 def _event(
-    ctx: WorkerContext, job: Job, message: str, *, level: str = "info", data: dict[str, Any] | None = None
+    ctx: WorkerContext,
+    job: Job,
+    message: str,
+    *,
+    level: str = "info",
+    data: dict[str, Any] | None = None,
+    once: str | None = None,
 ) -> None:
+    """``once``: the event belongs to the job, not to this run; a resumed run does not repeat it."""
     with ctx.db.session() as s:
-        repo.append_event(s, job_id=job.id, message=message, level=level, data=data)
+        repo.append_event(s, job_id=job.id, message=message, level=level, data=data, once=once)
 
 
 def _move(ctx: WorkerContext, job: Job, frm: tuple[str, ...], **values: Any) -> None:
@@ -128,9 +135,7 @@ def _validate(ctx: WorkerContext, job: Job, file_id: str, *, param: str, process
     from openft.models.validation import model_validation_options
 
     with ctx.db.session() as s:
-        row = s.get(File, file_id)
-        assert row is not None  # checked at job creation; files are only soft-deleted
-        sha = row.sha256
+        sha = repo.file_blob(s, file_id=file_id)
     options = model_validation_options(
         processor,
         moderator=load_moderator(ctx.settings.moderator) if ctx.settings.moderator else None,
@@ -146,18 +151,20 @@ def _validate(ctx: WorkerContext, job: Job, file_id: str, *, param: str, process
     _event(
         ctx,
         job,
-        f"Validated {param}: {summary['examples']} examples, {summary['usable_examples']} usable, "
-        f"{summary['images']} images, {summary['skipped_examples']} skipped, {summary['errors']} errors.",
-        data={"file": file_id, "summary": summary},
+        f"Validated {param}: {summary.examples} examples, {summary.usable_examples} usable, "
+        f"{summary.images} images, {summary.skipped_examples} skipped, {summary.errors} errors.",
+        data={"file": file_id, "summary": summary.to_dict()},
+        once=f"validated:{param}",
     )
     shown = [i for i in report.issues if i.severity in ("skip", "warning")][:MAX_ISSUE_EVENTS]
-    for issue in shown:
+    for n, issue in enumerate(shown):
         _event(
             ctx,
             job,
-            f"Line {issue.line} ({issue.field}): {issue.message}",
+            f"{location(issue)}: {issue.message}",
             level="warn",
             data={"line": issue.line, "field": issue.field, "code": issue.code, "severity": issue.severity},
+            once=f"issue:{param}:{n}",
         )
     if not report.ok:
         what = "training" if param == "training_file" else "validation"
@@ -169,70 +176,15 @@ def _validate(ctx: WorkerContext, job: Job, file_id: str, *, param: str, process
     return result
 
 
-def _plan_memory(
-    ctx: WorkerContext,
-    job: Job,
-    base: str,
-    train: ValidationResult,
-    *,
-    batch_size: int,
-    lora: LoraConfig | None,
-) -> int | None:
-    """Predict peak memory from the validation statistics before spending any compute: split the
-    batch into micro-batches with gradient accumulation when it would not fit, or fail with advice.
-    Returns the micro-batch size (None: the whole batch fits)."""
-    from openft.models.loader import load_empty_model, resolve_device
-    from openft.training.memory import available_bytes, plan_for_model
-
-    device = resolve_device(ctx.settings.device)
-    available = ctx.settings.memory_limit_bytes or available_bytes(device)
-    tokens = train.report.summary["tokens"]
-    seq_len = int(tokens.get("max") or 0)
-    try:
-        micro, accum, estimate = plan_for_model(
-            load_empty_model(base),
-            batch_size=batch_size,
-            seq_len=seq_len,
-            image_tokens=seq_len if train.report.summary["images"] else 0,
-            lora_rank=lora.r if lora else None,
-            lora_targets=lora.target_modules if lora else (),
-            dpo=job.method_type == "dpo",
-            gradient_checkpointing=device.startswith("cuda"),
-            available=available,
-        )
-    except InvalidRequest as exc:
-        raise JobFailed(
-            f"The job would run out of memory on {device}: {exc.message}.",
-            code="insufficient_memory",
-            param="training_file",
-        ) from exc
-    gib = 1024**3
-    message = (
-        f"Estimated peak training memory {estimate.total / gib:.2f} GiB of {available / gib:.2f} GiB "
-        f"available on {device} (longest example {seq_len} tokens)."
-    )
-    if accum > 1:
-        message += (
-            f" Training in micro-batches of {micro} with {accum} gradient-accumulation steps, so the "
-            f"effective batch_size stays {batch_size}."
-        )
-    _event(
-        ctx,
-        job,
-        message,
-        data={
-            "estimate_bytes": estimate.total,
-            "available_bytes": available,
-            "micro_batch_size": micro,
-            "grad_accum_steps": accum,
-        },
-    )
-    return micro if accum > 1 else None
-
-
 def _run(ctx: WorkerContext, job: Job, lease: JobLease) -> None:
     from openft.models.families import find_family
-    from openft.models.loader import load_processor, resolve_base, weights_kind
+    from openft.models.loader import (
+        load_empty_model,
+        load_processor,
+        resolve_base,
+        resolve_device,
+        weights_kind,
+    )
     from openft.training.recipes import dpo, sft
 
     settings = ctx.settings
@@ -274,76 +226,65 @@ def _run(ctx: WorkerContext, job: Job, lease: JobLease) -> None:
             f"Starting from fine-tuned model {job.init_model} (base model {job.base_model}); it is "
             "also the reference model for DPO.",
             data={"parent_model": job.init_model},
+            once="init-model",
         )
 
-    training_type = job.options.get("training_type", "auto")
-    parent_kind = weights_kind(init_weights) if init_weights else None
-    if training_type == "auto":
-        # Continue the way the parent was trained: an adapter on its base, or all weights.
-        training_type = "full" if parent_kind == "full" else default_training_type(job.base_model)
-    elif training_type == "lora" and parent_kind == "full":
-        raise JobFailed(
-            f"Model {job.init_model} was fully fine-tuned, and LoRA on top of it is not supported yet; "
-            "continue it with training_type 'full' or 'auto'.",
-            code="invalid_training_type",
-            param="openft.training_type",
-        )
-    hp = resolve_hparams(
-        job.hyperparameters,
-        n_examples=len(train.examples),
-        training_type=training_type,
-        method=job.method_type,
-        stats=DatasetStats.from_summary(train.report.summary),
-        pretrained=job.base_model != TINY_MODEL,
+    options = OpenFTOptions.model_validate(job.options)  # stored from the request's own model
+    facts = JobFacts(
+        base_model=job.base_model,
+        method=job.method_type,  # type: ignore[arg-type]
+        requested=job.hyperparameters,
+        training_type=options.training_type,
+        train_vision_tower=options.train_vision_tower,
+        train_projector=options.train_projector,
+        init_model=job.init_model,
+        parent_kind=weights_kind(init_weights) if init_weights else None,  # type: ignore[arg-type]
     )
+    stats = DatasetStats.from_summary(train.report.summary)
     family = find_family(processor)
-    base_lr = base_learning_rate(
-        training_type, family=family.name if family else None, pretrained=job.base_model != TINY_MODEL
-    )
+    plan = plan_training(facts, stats, family=family.name if family else None)
     _move(
         ctx,
         job,
         ("queued", "running"),
         status="running",
         started_at=job.started_at or repo.now(),
-        hyperparameters=hp,
+        hyperparameters=plan.hyperparameters.to_dict(),
     )
-    _event(
-        ctx,
-        job,
-        f"Fine-tuning job started ({training_type}): n_epochs={hp['n_epochs']}, batch_size={hp['batch_size']}, "
-        f"learning_rate_multiplier={hp['learning_rate_multiplier']} (base learning rate {base_lr:g}). {advice(hp)}",
-        data={"hyperparameters": hp, "training_type": training_type, "base_learning_rate": base_lr},
-    )
+    _event(ctx, job, plan.announcement(), data=plan.to_dict(), once="started")
 
-    lora = LoraConfig() if training_type == "lora" else None
-    micro_batch = _plan_memory(ctx, job, base, train, batch_size=int(hp["batch_size"]), lora=lora)
+    # Predict peak memory from the validation statistics before spending any compute.
+    memory = plan_memory(
+        load_empty_model(base),
+        plan,
+        stats,
+        dpo=job.method_type == "dpo",
+        device=resolve_device(settings.device),
+        limit_bytes=settings.memory_limit_bytes,
+    )
+    _event(ctx, job, memory.announcement(), data=memory.to_dict(), once="memory-estimate")
 
     with ctx.db.session() as s:
         project = repo.get_project(s, project_id=job.project_id)
     model_name = ids.fine_tuned_model_name(
         base=job.base_model, project=project.name, suffix=job.suffix, job_id=job.id
     )
-    reporter = JobReporter(ctx.db, ctx.blobs, job=job, model_name=model_name, lease=lease)
-    cfg = TrainConfig(
+    cfg = plan.train_config(
         base_model=base,
         output_dir=settings.work_dir / job.id,
-        n_epochs=int(hp["n_epochs"]),
-        batch_size=int(hp["batch_size"]),
-        learning_rate=base_lr * float(hp["learning_rate_multiplier"]),
         seed=job.seed,
-        lora=lora,
-        micro_batch_size=micro_batch,
-        init_weights=Path(init_weights) if init_weights else None,
         device=settings.device,
-        train_vision_tower=bool(job.options.get("train_vision_tower")),
-        train_projector=bool(job.options.get("train_projector")),
+        init_weights=Path(init_weights) if init_weights else None,
+        micro_batch_size=memory.micro_batch_size,
+    )
+    reporter = JobReporter(
+        ctx.db, ctx.blobs, job=job, model_name=model_name, lease=lease, keep_checkpoints=cfg.keep_checkpoints
     )
     # resume=True: a paused or interrupted job continues from the state saved in its work dir
     # (a fresh job has none and starts at step 0).
     if job.method_type == "dpo":
         result = dpo.run(
-            cfg, train.examples, reporter, beta=float(hp["beta"]), valid_examples=valid, resume=True
+            cfg, train.examples, reporter, beta=plan.hyperparameters.beta, valid_examples=valid, resume=True
         )
     else:
         result = sft.run(cfg, train.examples, reporter, valid_examples=valid, resume=True)

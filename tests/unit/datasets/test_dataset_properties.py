@@ -65,7 +65,7 @@ def check(report: Report) -> None:
     assert isinstance(report, Report)
     json.dumps(report.to_dict())
     assert {i.code for i in report.issues} <= CODES
-    assert report.ok == (report.summary["errors"] == 0)
+    assert report.ok == (report.summary.errors == 0)
 
 
 @FAST
@@ -81,4 +81,4 @@ def test_random_json_never_crashes(lines: list, method: str) -> None:
     data = "\n".join(json.dumps(r) for r in lines).encode()
     result = validate_file(io.BytesIO(data), method=method, options=OPTIONS)
     check(result.report)
-    assert len(result.examples) == result.report.summary["usable_examples"]
+    assert len(result.examples) == result.report.summary.usable_examples

@@ -68,7 +68,7 @@ def test_skipped_examples_are_left_out_but_the_file_stays_trainable() -> None:
     records.append(chat("bad", "x", image("data:image/png;base64,AAAA")))
     result = run(records)
     assert result.report.ok and len(result.examples) == 10
-    assert result.report.summary["skipped_examples"] == 1
+    assert result.report.summary.skipped_examples == 1
     [issue] = result.report.issues
     assert (issue.line, issue.field, issue.code, issue.severity) == (
         11,
@@ -156,7 +156,7 @@ def test_http_images_in_a_file(image_server: str) -> None:
     ok = run(records, allow_private_networks=True).report
     assert ok.ok and [i.code for i in ok.issues] == ["inaccessible_url"]
     refused = run(records).report
-    assert not refused.ok and refused.summary["skipped_examples"] == 11
+    assert not refused.ok and refused.summary.skipped_examples == 11
     assert all("loopback" in i.message for i in refused.issues if i.code == "inaccessible_url")
 
 

@@ -8,7 +8,8 @@ import pytest
 from PIL import Image
 
 from openft.inference.registry import LoadedModel, ModelRef, Registry
-from openft.models.tiny import TINY_NAME, ensure_tiny_vlm
+from openft.models.tiny import ensure_tiny_vlm
+from openft.settings import TINY_MODEL
 
 
 @pytest.fixture(scope="session")
@@ -23,7 +24,7 @@ def registry() -> Registry:
 
 @pytest.fixture(scope="session")
 def loaded(registry: Registry, tiny_dir: Path) -> LoadedModel:
-    return registry.get(ModelRef(id=TINY_NAME, base=str(tiny_dir), weights_dir=None))
+    return registry.get(ModelRef(id=TINY_MODEL, base=str(tiny_dir), weights_dir=None))
 
 
 def _png_data_url(size: tuple[int, int] = (112, 112), colour: tuple[int, int, int] = (200, 10, 10)) -> str:

@@ -8,7 +8,8 @@ import torch
 from openft.datasets.formats import ImagePart, Message, TextPart
 from openft.models.loader import load_model, resolve_base
 from openft.models.render import render_chat
-from openft.models.tiny import TINY_NAME, TinyVLProcessor, ensure_tiny_vlm
+from openft.models.tiny import TinyVLProcessor, ensure_tiny_vlm
+from openft.settings import TINY_MODEL
 
 
 def _files(root: Path) -> dict[str, bytes]:
@@ -17,7 +18,7 @@ def _files(root: Path) -> dict[str, bytes]:
 
 def test_build_is_deterministic(tmp_path: Path, tiny_path: Path) -> None:
     again = ensure_tiny_vlm(tmp_path / "b")
-    assert again == tmp_path / "b" / TINY_NAME
+    assert again == tmp_path / "b" / TINY_MODEL
     a, b = _files(tiny_path), _files(again)
     assert sorted(a) == sorted(b)
     assert {"model.safetensors", "tokenizer.json", "config.json", "processor_config.json"} <= set(a)
@@ -32,9 +33,9 @@ def test_ensure_is_idempotent_and_safe_when_racing(tmp_path: Path) -> None:
         t.start()
     for t in threads:
         t.join()
-    assert results == [tmp_path / TINY_NAME] * 2
-    assert [p.name for p in tmp_path.iterdir()] == [TINY_NAME]  # no temp folders left behind
-    assert ensure_tiny_vlm(tmp_path) == tmp_path / TINY_NAME
+    assert results == [tmp_path / TINY_MODEL] * 2
+    assert [p.name for p in tmp_path.iterdir()] == [TINY_MODEL]  # no temp folders left behind
+    assert ensure_tiny_vlm(tmp_path) == tmp_path / TINY_MODEL
 
 
 def test_resolve_base(tmp_path: Path, tiny_path: Path) -> None:
@@ -74,13 +75,13 @@ def test_a_folder_from_an_older_format_is_rebuilt(tmp_path: Path, tiny_path: Pat
     import json
     import shutil
 
-    stale = tmp_path / TINY_NAME
+    stale = tmp_path / TINY_MODEL
     shutil.copytree(tiny_path, stale)
     (stale / "model.safetensors").write_bytes(b"old weights")
-    (stale / "openft-tiny.json").write_text(json.dumps({"name": TINY_NAME, "format_version": "1"}))
+    (stale / "openft-tiny.json").write_text(json.dumps({"name": TINY_MODEL, "format_version": "1"}))
     assert ensure_tiny_vlm(tmp_path) == stale
     assert _files(stale) == _files(tiny_path)  # the current build, byte for byte
-    assert [p.name for p in tmp_path.iterdir()] == [TINY_NAME]  # the stale copy is gone
+    assert [p.name for p in tmp_path.iterdir()] == [TINY_MODEL]  # the stale copy is gone
 
 
 def test_patch_filters_see_colour_and_edges(tiny) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import tempfile
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -68,6 +67,43 @@ def test_migrations_are_recorded_and_idempotent(tmp_path):
         assert conn.execute(text("PRAGMA journal_mode")).scalar() == "wal"
 
 
+def test_migrations_build_exactly_the_orm_schema(db):
+    """Schema drift: the database the migrations build (fresh) is the one ``tables.py`` describes,
+    on SQLite and PostgreSQL, so a model change without its migration fails here."""
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
+    from openft.storage.tables import Base
+
+    with db.engine.connect() as conn:
+        diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
+    assert [d for d in diff if not _is_bookkeeping(d)] == []
+
+
+def _is_bookkeeping(d: object) -> bool:
+    """The migrations' own record table is not an ORM model."""
+    return isinstance(d, tuple) and d[0] == "remove_table" and d[1].name == "_openft_migrations"
+
+
+def test_an_event_with_a_key_is_recorded_once_per_job(db):
+    """What a resumed run records again (a step's metrics, start-up lines) stays one event."""
+    job_id, other = _job(db), _job(db, "q")
+    added = []
+    for jid in (job_id, job_id, other):
+        with db.session() as s:
+            added.append(
+                repo.append_event(s, job_id=jid, message="Step 3/9", type="metrics", once="metrics:3")
+            )
+    with db.session() as s:
+        for _ in range(2):  # events without a key may repeat
+            repo.append_event(s, job_id=job_id, message="Job resumed at step 3 of 9")
+    assert added == [True, False, True]
+    with db.session() as s:
+        rows, _ = repo.list_events(s, job_id=job_id, limit=50, after=None)
+        messages = [r.message for r in rows]
+    assert messages.count("Step 3/9") == 1 and messages.count("Job resumed at step 3 of 9") == 2
+
+
 def test_two_workers_never_claim_the_same_job(db):
     job_ids = {_job(db, f"p{i}") for i in range(6)}
     claims: list[tuple[str, str]] = []
@@ -93,13 +129,16 @@ def test_two_workers_never_claim_the_same_job(db):
 
 def test_expired_lease_is_reclaimed_and_the_old_owner_loses_it(db):
     job_id = _job(db)
+    now = [1_000.0]
+    clock = lambda: now[0]  # noqa: E731 - a settable clock: leases expire without sleeping
     with db.session() as s:
-        assert repo.claim_next_job(s, worker_id="dead", lease_seconds=0.05).id == job_id
+        assert repo.claim_next_job(s, worker_id="dead", lease_seconds=30, clock=clock).id == job_id
+    now[0] += 29
+    with db.session() as s:  # lease still live
+        assert repo.claim_next_job(s, worker_id="other", lease_seconds=60, clock=clock) is None
+    now[0] += 2
     with db.session() as s:
-        assert repo.claim_next_job(s, worker_id="other", lease_seconds=60) is None  # lease still live
-    time.sleep(0.1)
-    with db.session() as s:
-        assert repo.claim_next_job(s, worker_id="other", lease_seconds=60).id == job_id
+        assert repo.claim_next_job(s, worker_id="other", lease_seconds=60, clock=clock).id == job_id
     with db.session() as s:
         assert repo.heartbeat(s, job_id=job_id, worker_id="dead", lease_seconds=60) is None
         assert repo.heartbeat(s, job_id=job_id, worker_id="other", lease_seconds=60) == "validating_files"
@@ -155,10 +194,13 @@ def test_an_existing_database_is_upgraded_in_order(tmp_path):
             text("CREATE TABLE _openft_migrations (name VARCHAR(128) PRIMARY KEY, applied_at BIGINT)")
         )
         conn.execute(text("INSERT INTO _openft_migrations VALUES ('m001_initial', 0)"))
+        conn.execute(text("INSERT INTO projects VALUES ('proj-old', 'old', 0)"))
     assert not inspect(database.engine).has_table("step_metrics")
-    job_id = _job(database)
-    assert migrate(database.engine) == ["m002_step_metrics"]
+    assert migrate(database.engine) == ["m002_step_metrics", "m003_event_dedup_key"]
     assert inspect(database.engine).has_table("step_metrics")
+    with database.session() as s:
+        assert repo.get_project(s, project_id="proj-old").name == "old"  # data kept
+    job_id = _job(database)
     with database.session() as s:
         repo.record_step(s, job_id=job_id, step=1, data={"train_loss": 2.0})
         repo.record_step(s, job_id=job_id, step=1, data={"train_loss": 1.5})  # a replayed step overwrites

@@ -5,9 +5,10 @@ import inspect
 
 import pytest
 
+from openft.datasets.report import Summary, TokenSummary
 from openft.training import hparams
-from openft.training.config import TrainConfig, default_training_type
-from openft.training.hparams import DatasetStats, advice, base_learning_rate, resolve_hparams
+from openft.training.config import TrainConfig
+from openft.training.hparams import DatasetStats, Hyperparameters, advice, base_learning_rate, resolve_hparams
 
 AUTO = {"n_epochs": "auto", "batch_size": "auto", "learning_rate_multiplier": "auto"}
 
@@ -56,7 +57,7 @@ SHORT_PAIRS = {"mean": 300, "p95": 500}
 def test_auto_table_without_stats(n_examples: int, epochs: int, batch: int) -> None:
     """Only the example count: the cookbook epochs, 0.2 % batches rounded down to a power of two."""
     got = resolve_hparams(AUTO, n_examples=n_examples, training_type="lora")
-    assert got == {"n_epochs": epochs, "batch_size": batch, "learning_rate_multiplier": 1.0}
+    assert got.to_dict() == {"n_epochs": epochs, "batch_size": batch, "learning_rate_multiplier": 1.0}
 
 
 @pytest.mark.parametrize(
@@ -127,14 +128,14 @@ def test_auto_table_with_stats(
     }
     if method == "dpo":
         expected["beta"] = 0.1
-    assert got == expected
-    assert type(got["n_epochs"]) is int and type(got["batch_size"]) is int
-    assert type(got["learning_rate_multiplier"]) is float
+    assert got.to_dict() == expected
+    assert type(got.n_epochs) is int and type(got.batch_size) is int
+    assert type(got.learning_rate_multiplier) is float
 
 
 def test_dpo_without_stats_counts_pairs_double() -> None:
     got = resolve_hparams(AUTO, n_examples=100000, training_type="lora", method="dpo")
-    assert got == {"n_epochs": 1, "batch_size": 16, "learning_rate_multiplier": 1.0, "beta": 0.1}
+    assert got.to_dict() == {"n_epochs": 1, "batch_size": 16, "learning_rate_multiplier": 1.0, "beta": 0.1}
 
 
 @pytest.mark.parametrize("n_examples", [1, 10, 20, 33, 1000, 100000])
@@ -150,22 +151,17 @@ def test_stats_never_raise_epochs_and_batches_are_powers_of_two(n_examples: int,
                 method=method,
                 stats=stats(n_examples, **shape),
             )
-            assert min(3, plain["n_epochs"]) <= got["n_epochs"] <= plain["n_epochs"]
-            b = int(got["batch_size"])
+            assert min(3, plain.n_epochs) <= got.n_epochs <= plain.n_epochs
+            b = int(got.batch_size)
             assert 1 <= b <= 64 and b & (b - 1) == 0
 
 
 def test_long_example_epoch_cap_is_gradual() -> None:
     # 10 text examples: 100 tokens each keep the boost; 2k tokens (20k in all) -> ceil(5.12) = 6.
+    assert resolve_hparams({}, n_examples=10, training_type="lora", stats=stats(10, 100, 150)).n_epochs == 10
+    assert resolve_hparams({}, n_examples=10, training_type="lora", stats=stats(10, 2000, 3000)).n_epochs == 6
     assert (
-        resolve_hparams({}, n_examples=10, training_type="lora", stats=stats(10, 100, 150))["n_epochs"] == 10
-    )
-    assert (
-        resolve_hparams({}, n_examples=10, training_type="lora", stats=stats(10, 2000, 3000))["n_epochs"] == 6
-    )
-    assert (
-        resolve_hparams({}, n_examples=10, training_type="lora", stats=stats(10, 20000, 30000))["n_epochs"]
-        == 3
+        resolve_hparams({}, n_examples=10, training_type="lora", stats=stats(10, 20000, 30000)).n_epochs == 3
     )
 
 
@@ -173,7 +169,7 @@ def test_explicit_values_win_and_missing_means_auto() -> None:
     got = resolve_hparams(
         {"n_epochs": 7, "learning_rate_multiplier": 0.5}, n_examples=50, training_type="full"
     )
-    assert got == {"n_epochs": 7, "batch_size": 1, "learning_rate_multiplier": 0.5}
+    assert got.to_dict() == {"n_epochs": 7, "batch_size": 1, "learning_rate_multiplier": 0.5}
 
 
 def test_user_values_pass_through_whatever_the_stats() -> None:
@@ -181,8 +177,8 @@ def test_user_values_pass_through_whatever_the_stats() -> None:
     got = resolve_hparams(
         given, n_examples=10, training_type="full", method="dpo", stats=stats(10, **LONG_TEXT)
     )
-    assert got == {"n_epochs": 40, "batch_size": 256, "learning_rate_multiplier": 3.0, "beta": 2.0}
-    assert type(got["learning_rate_multiplier"]) is float and type(got["beta"]) is float
+    assert got.to_dict() == {"n_epochs": 40, "batch_size": 256, "learning_rate_multiplier": 3.0, "beta": 2.0}
+    assert type(got.learning_rate_multiplier) is float and type(got.beta) is float
 
 
 def test_auto_fields_mixed_with_given_ones() -> None:
@@ -193,17 +189,17 @@ def test_auto_fields_mixed_with_given_ones() -> None:
         training_type="lora",
         stats=s,
     )
-    assert got == {"n_epochs": 2, "batch_size": 2, "learning_rate_multiplier": 1.0}
+    assert got.to_dict() == {"n_epochs": 2, "batch_size": 2, "learning_rate_multiplier": 1.0}
     got = resolve_hparams(
         {"batch_size": 12, "beta": "auto"}, n_examples=10, training_type="lora", method="dpo", stats=s
     )
-    assert got == {"n_epochs": 4, "batch_size": 12, "learning_rate_multiplier": 1.0, "beta": 0.1}
+    assert got.to_dict() == {"n_epochs": 4, "batch_size": 12, "learning_rate_multiplier": 1.0, "beta": 0.1}
 
 
 def test_dpo_adds_beta() -> None:
-    assert resolve_hparams(AUTO, n_examples=50, training_type="lora", method="dpo")["beta"] == 0.1
-    assert resolve_hparams({"beta": 0.3}, n_examples=50, training_type="lora", method="dpo")["beta"] == 0.3
-    assert "beta" not in resolve_hparams(AUTO, n_examples=50, training_type="lora")
+    assert resolve_hparams(AUTO, n_examples=50, training_type="lora", method="dpo").beta == 0.1
+    assert resolve_hparams({"beta": 0.3}, n_examples=50, training_type="lora", method="dpo").beta == 0.3
+    assert resolve_hparams(AUTO, n_examples=50, training_type="lora").beta is None
 
 
 def test_unknown_training_type() -> None:
@@ -211,33 +207,25 @@ def test_unknown_training_type() -> None:
         resolve_hparams(AUTO, n_examples=50, training_type="qlora")
 
 
-def test_model_params_is_accepted_and_changes_nothing() -> None:
-    a = resolve_hparams(AUTO, n_examples=5000, training_type="lora", stats=stats(5000, **IMAGES))
-    b = resolve_hparams(
-        AUTO, n_examples=5000, training_type="lora", stats=stats(5000, **IMAGES), model_params=7_000_000_000
-    )
-    assert a == b
-
-
 def test_stats_from_validation_summary() -> None:
-    summary = {
-        "examples": 12,
-        "usable_examples": 10,
-        "examples_with_images": 6,
-        "images": 9,
-        "skipped_examples": 2,
-        "errors": 0,
-        "tokens": {
-            "source": "model",
-            "total": 9000,
-            "min": 100,
-            "mean": 900.0,
-            "max": 3000,
-            "p50": 700,
-            "p95": 2500,
-            "trained_tokens_per_epoch": 9000,
-        },
-    }
+    summary = Summary(
+        examples=12,
+        usable_examples=10,
+        examples_with_images=6,
+        images=9,
+        skipped_examples=2,
+        errors=0,
+        tokens=TokenSummary(
+            source="model",
+            total=9000,
+            min=100,
+            mean=900.0,
+            max=3000,
+            p50=700,
+            p95=2500,
+            trained_tokens_per_epoch=9000,
+        ),
+    )
     s = DatasetStats.from_summary(summary)
     assert s == DatasetStats(
         examples=10, tokens_mean=900.0, tokens_p95=2500, tokens_max=3000, examples_with_images=6, images=9
@@ -248,23 +236,17 @@ def test_stats_from_validation_summary() -> None:
 
 
 def test_stats_from_empty_summary() -> None:
-    empty = dict.fromkeys(("total", "min", "mean", "max", "p50", "p95"))
-    summary = {
-        "usable_examples": 0,
-        "examples_with_images": 0,
-        "images": 0,
-        "tokens": {"source": "estimate", **empty, "trained_tokens_per_epoch": 0},
-    }
+    empty = TokenSummary("estimate", None, None, None, None, None, None, trained_tokens_per_epoch=0)
+    summary = Summary(0, 0, 0, 0, 0, 0, tokens=empty)
     s = DatasetStats.from_summary(summary)
     assert (s.tokens_mean, s.tokens_p95, s.tokens_max, s.image_heavy) == (0.0, 0, 0, False)
     # no token numbers: no token caps, only the example count
-    assert resolve_hparams(AUTO, n_examples=20000, training_type="lora", stats=s)["batch_size"] == 32
+    assert resolve_hparams(AUTO, n_examples=20000, training_type="lora", stats=s).batch_size == 32
 
 
-def test_base_learning_rates_old_call_keeps_old_values() -> None:
-    assert base_learning_rate("full") == 1e-3 and base_learning_rate("lora") == 2e-4
+def test_base_learning_rate_refuses_an_unknown_training_type() -> None:
     with pytest.raises(ValueError):
-        base_learning_rate("qlora")
+        base_learning_rate("qlora", family=None, pretrained=True)
 
 
 @pytest.mark.parametrize(
@@ -280,25 +262,28 @@ def test_base_learning_rates_old_call_keeps_old_values() -> None:
         ("full", None, True, 1e-5),
         ("full", "something_new", True, 1e-5),
         ("lora", None, True, 2e-4),
-        ("full", "llava", None, 1e-3),  # not said: the old table
     ],
 )
 def test_base_learning_rate_table(
-    training_type: str, family: str | None, pretrained: bool | None, rate: float
+    training_type: str, family: str | None, pretrained: bool, rate: float
 ) -> None:
     assert base_learning_rate(training_type, family=family, pretrained=pretrained) == rate
 
 
 def test_advice_names_the_adjustments() -> None:
-    text = advice({"n_epochs": 10, "batch_size": 1, "learning_rate_multiplier": 1.0})
+    text = advice(Hyperparameters(**{"n_epochs": 10, "batch_size": 1, "learning_rate_multiplier": 1.0}))
     assert "raise n_epochs by 1-2 (to 11-12)" in text
     assert "lower it by 1-2 (to 8-9)" in text
     assert "raise learning_rate_multiplier (e.g. to 2)" in text
     assert "beta" not in text
-    one = advice({"n_epochs": 1, "batch_size": 32, "learning_rate_multiplier": 1.0})
+    one = advice(Hyperparameters(**{"n_epochs": 1, "batch_size": 32, "learning_rate_multiplier": 1.0}))
     assert "to 2-3" in one and "lower learning_rate_multiplier instead (e.g. to 0.5)" in one
-    assert "lower it to 1" in advice({"n_epochs": 2, "batch_size": 1, "learning_rate_multiplier": 0.5})
-    dpo = advice({"n_epochs": 3, "batch_size": 1, "learning_rate_multiplier": 1.0, "beta": 0.1})
+    assert "lower it to 1" in advice(
+        Hyperparameters(**{"n_epochs": 2, "batch_size": 1, "learning_rate_multiplier": 0.5})
+    )
+    dpo = advice(
+        Hyperparameters(**{"n_epochs": 3, "batch_size": 1, "learning_rate_multiplier": 1.0, "beta": 0.1})
+    )
     assert "beta=0.1: raise it to stay closer to the base model" in dpo
 
 
@@ -310,13 +295,16 @@ def test_hparams_is_pure() -> None:
         if isinstance(node, ast.Import | ast.ImportFrom)
         for alias in (node.names if isinstance(node, ast.Import) else [ast.alias(node.module or "")])
     }
-    assert imported <= {"__future__", "math", "dataclasses", "typing"}
+    assert imported <= {"__future__", "math", "dataclasses", "typing", "openft"}
+    ours = {
+        n.module
+        for n in ast.walk(tree)
+        if isinstance(n, ast.ImportFrom) and (n.module or "").startswith("openft")
+    }
+    assert ours == {"openft.datasets.report"}  # the typed validation summary: torch-free by contract
 
 
-def test_default_training_type_and_frozen_config(tmp_path) -> None:
-    assert default_training_type("openft-tiny-vlm") == "full"
-    assert default_training_type(str(tmp_path / "cache" / "openft-tiny-vlm")) == "full"
-    assert default_training_type("Qwen/Qwen2-VL-2B-Instruct") == "lora"
+def test_train_config_is_frozen(tmp_path) -> None:
     cfg = TrainConfig(
         base_model="x", output_dir=tmp_path, n_epochs=1, batch_size=1, learning_rate=1e-3, seed=0
     )

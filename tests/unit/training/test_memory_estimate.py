@@ -144,6 +144,7 @@ def _estimate(case: tuple, m: dict) -> MemoryEstimate:
     )
 
 
+@pytest.mark.slow  # the fixture trains the tiny model at five sizes in a child process (~100 s)
 def test_estimate_is_within_a_factor_of_two_of_measured(measured) -> None:
     rows = []
     for case in CASES:
@@ -169,6 +170,7 @@ def test_estimate_is_within_a_factor_of_two_of_measured(measured) -> None:
         )
 
 
+@pytest.mark.slow  # shares the measuring fixture above
 def test_model_facts(measured) -> None:
     f = measured["small"]["facts"]
     assert f["hidden_size"] == 128 and f["n_layers"] == 2 and f["vocab_size"] == 2048

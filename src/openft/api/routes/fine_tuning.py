@@ -43,9 +43,7 @@ def _job(row, project: Project) -> FineTuningJob:  # type: ignore[no-untyped-def
 
 
 @router.post("", response_model=FineTuningJob)
-def create_job(
-    body: CreateFineTuningJobRequest, project: CurrentProject, state: State
-) -> FineTuningJob:
+def create_job(body: CreateFineTuningJobRequest, project: CurrentProject, state: State) -> FineTuningJob:
     with state.db.session() as s:
         method = body.resolved_method()
         init_model: str | None = None

@@ -58,23 +58,15 @@ from openft.models.render import IGNORE_INDEX, Rendered, render_chat
 from openft.training.collate import collate_preference, epoch_batches, micro_batches
 from openft.training.config import TrainConfig
 from openft.training.loss import dpo_loss, dpo_metrics, sequence_logprobs
-from openft.training.recipes.progress import Progress, TrainResult, optimizer_and_schedule, resumable_state
-from openft.training.recipes.sft import (
-    MAX_GRAD_NORM,
-    _fingerprint,
-    _fixed_sample,
-    _to_device,
-    setup,
-)
+from openft.training.progress import Progress, TrainResult, optimizer_and_schedule, resumable_state
 from openft.training.reporter import Reporter
+from openft.training.setup import MAX_GRAD_NORM, fixed_sample, run_fingerprint, setup, to_device, valid_every
 
 Pair = tuple[Rendered, Rendered]
 """(prompt + preferred, prompt + non-preferred), rendered."""
 
 VALID_SAMPLE_PAIRS = 16
 """Pairs in the fixed validation sample behind the periodic ``valid_*`` metrics."""
-VALID_EVALS_PER_RUN = 10
-"""With ``cfg.valid_every=None``: about this many periodic evaluations per run, at least one per epoch."""
 REFERENCE_FILE = "state-reference.safetensors"
 """Next to ``STATE_DIR`` in ``output_dir``: the precomputed reference log-probs of the *starting*
 model, written once before the first step so a resumed run never rescores with trained weights."""
@@ -133,7 +125,8 @@ def run(
         else:
             reporter.on_message(
                 f"scoring {len(pairs) + len(valid)} pairs with the starting model: the DPO reference, "
-                "computed once because the weights that define it are about to train"
+                "computed once because the weights that define it are about to train",
+                once="dpo-reference",
             )
             ref_table = reference_logps(scorer, pairs, chunk)
             valid_ref = reference_logps(scorer, valid, chunk)
@@ -141,17 +134,16 @@ def run(
 
     steps_per_epoch = math.ceil(len(pairs) / cfg.batch_size)
     total_steps = steps_per_epoch * cfg.n_epochs
-    valid_every = cfg.valid_every or max(
-        1, min(steps_per_epoch, math.ceil(total_steps / VALID_EVALS_PER_RUN))
-    )
-    valid_sample = _fixed_sample(list(range(len(valid))), max(VALID_SAMPLE_PAIRS, chunk), cfg.seed)
+    eval_every = valid_every(cfg, steps_per_epoch, total_steps)
+    valid_sample = fixed_sample(list(range(len(valid))), max(VALID_SAMPLE_PAIRS, chunk), cfg.seed)
     params, optimizer, scheduler = optimizer_and_schedule(model, cfg, total_steps)
     reporter.on_message(
         f"DPO with beta={beta} (reference: {'adapter disabled' if disabled_adapter else 'precomputed'}) "
         f"on {sum(p.numel() for p in params):,} parameters: {len(pairs)} pairs ({sum(tokens):,} tokens), "
         f"{cfg.n_epochs} epochs, {total_steps} steps on {device.type} ({'bf16' if bf16 else 'fp32'}"
         f"{', gradient checkpointing' if checkpointing else ''})"
-        + (f"; {len(valid)} validation pairs, evaluated every {valid_every} steps" if valid else "")
+        + (f"; {len(valid)} validation pairs, evaluated every {eval_every} steps" if valid else ""),
+        once="training-plan",
     )
 
     progress = Progress(cfg, reporter, model, optimizer, scheduler, device, fingerprint, total_steps)
@@ -177,27 +169,19 @@ def run(
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
 
-            progress.step += 1
-            progress.trained_tokens += sum(tokens[i] for i in batch_ids)  # both replies, every epoch
+            step = progress.take_step(sum(tokens[i] for i in batch_ids))  # both replies, every epoch
             metrics: dict[str, float | int] = {
-                "step": progress.step,
-                "total_steps": total_steps,
-                "epoch": epoch,
                 "train_loss": loss_sum / len(batch_ids),
                 "train_mean_token_accuracy": correct / max(1, labelled),  # chosen replies only
-                "trained_tokens": progress.trained_tokens,
                 **dpo_metrics(torch.cat(rewards_c), torch.cat(rewards_r)),
             }
             epoch_done = b == len(batches) - 1
-            if valid and (progress.step % valid_every == 0 or epoch_done):
+            if valid and (step % eval_every == 0 or epoch_done):
                 metrics |= _prefixed("valid_", evaluate(scorer, valid, valid_sample, valid_ref, chunk))
             if valid and epoch_done:
                 every = range(len(valid))
                 metrics |= _prefixed("full_valid_", evaluate(scorer, valid, every, valid_ref, chunk))
-            progress.metrics = metrics
-            reporter.on_step(metrics)
-            if not epoch_done:
-                progress.save_if_due(epoch, b + 1)
+            progress.record_step(metrics, epoch=epoch, next_batch=b + 1, epoch_done=epoch_done)
         progress.end_epoch(epoch, processor)
 
     (output_dir / REFERENCE_FILE).unlink(missing_ok=True)  # the reference is no longer needed either
@@ -207,7 +191,7 @@ def run(
 def _dpo_fingerprint(cfg: TrainConfig, pairs: Sequence[Pair], valid: Sequence[Pair], beta: float) -> str:
     """``sft``'s fingerprint over both sides' lengths, plus what only DPO depends on."""
     lengths = [n for c, r in pairs for n in (len(c.input_ids), len(r.input_ids))]
-    what = f"{_fingerprint(cfg, lengths)}:dpo:{beta!r}:{len(valid)}:{cfg.init_weights}"
+    what = f"{run_fingerprint(cfg, lengths)}:dpo:{beta!r}:{len(valid)}:{cfg.init_weights}"
     return hashlib.sha256(what.encode()).hexdigest()[:16]
 
 
@@ -324,7 +308,7 @@ def evaluate(
 
 def _forward(scorer: Scorer, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Any, Any]:
     """(summed reply log-probs per row, logits, labels) for a collated batch."""
-    batch = _to_device(batch, scorer.device)
+    batch = to_device(batch, scorer.device)
     labels = batch.pop("labels")
     with scorer.autocast():
         logits = scorer.model(**batch, use_cache=False).logits

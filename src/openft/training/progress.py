@@ -127,7 +127,7 @@ class Progress:
             self.step, self.start_epoch, self.start_batch = saved.step, saved.epoch, saved.batch_in_epoch
             self.trained_tokens, self.metrics = saved.extra["trained_tokens"], saved.extra["metrics"]
             self.reporter.on_message(
-                f"resumed at step {self.step} of {self.total_steps} "
+                f"Job resumed at step {self.step} of {self.total_steps} "
                 f"(epoch {self.start_epoch}, batch {self.start_batch + 1})"
             )
         self.checkpoints = _existing_checkpoints(self.output_dir, up_to=self.step)
@@ -135,6 +135,30 @@ class Progress:
             # Stopped right after an epoch end: record its checkpoint (again; recording is idempotent).
             self._announce_checkpoint(self.start_epoch - 1)
         self._saved_step, self._saved_at = self.step, time.monotonic()
+
+    def take_step(self, tokens: int) -> int:
+        """An optimizer step over ``tokens`` tokens (prompt, reply and image tokens: OpenAI bills
+        every epoch) was taken; returns its number, counting from 1."""
+        self.step += 1
+        self.trained_tokens += tokens
+        return self.step
+
+    def record_step(
+        self, metrics: dict[str, float | int], *, epoch: int, next_batch: int, epoch_done: bool
+    ) -> None:
+        """Report the step just taken: ``metrics`` plus ``step``, ``total_steps``, ``epoch`` and the
+        cumulative ``trained_tokens``, kept as the last metrics (an epoch end's become its
+        checkpoint's); then save state when due (an epoch end saves in :meth:`end_epoch`)."""
+        self.metrics = {
+            "step": self.step,
+            "total_steps": self.total_steps,
+            "epoch": epoch,
+            **metrics,
+            "trained_tokens": self.trained_tokens,
+        }
+        self.reporter.on_step(self.metrics)
+        if not epoch_done:
+            self.save_if_due(epoch, next_batch)
 
     def batches(self, epoch: int, n_batches: int) -> range:
         """Indices of the batches of ``epoch`` still to run."""

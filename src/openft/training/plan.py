@@ -1,0 +1,235 @@
+"""Training policy: what a job trains and how, decided from typed facts before anything loads.
+
+:func:`plan_training` is pure (no torch, no database): the job's facts, the training file's
+statistics and the base model's family in, a :class:`TrainingPlan` out. It decides
+
+- **LoRA or full**: the user's ``training_type``; ``auto`` continues the way an ``ft:`` parent was
+  trained (its adapter, or all its weights), else full for the random-init tiny model (LoRA on
+  frozen random weights barely learns) and LoRA for real pretrained bases;
+- **refusals**: LoRA on top of a fully fine-tuned parent is not supported;
+- **hyperparameters**: ``"auto"`` resolved from the dataset (``training.hparams``);
+- **base learning rate**: by training type, family, and whether the base is pretrained.
+
+:func:`plan_memory` then fits the batch into the device's memory (micro-batches with gradient
+accumulation, or a clear failure) from the base model's shapes. The worker only orchestrates:
+it gathers the facts, calls these two, announces the plan and runs the recipe with
+:meth:`TrainingPlan.train_config`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from openft.errors import InvalidRequest, JobFailed
+from openft.settings import TINY_MODEL
+from openft.training.config import LoraConfig, TrainConfig
+from openft.training.hparams import DatasetStats, Hyperparameters, advice, base_learning_rate, resolve_hparams
+
+TrainingType = Literal["lora", "full"]
+
+__all__ = ["DatasetStats", "JobFacts", "MemoryPlan", "TrainingPlan", "plan_memory", "plan_training"]
+
+
+@dataclass(frozen=True)
+class JobFacts:
+    """What the job asks for, as stored on it (and, for an ``ft:`` parent, how it was trained)."""
+
+    base_model: str
+    """The root base model's catalog name (``openft-tiny-vlm``, a Hugging Face id, a folder)."""
+    method: Literal["supervised", "dpo"]
+    requested: Mapping[str, Any] = field(default_factory=dict)
+    """The user's hyperparameters: numbers or ``"auto"`` (missing means ``"auto"``)."""
+    training_type: Literal["auto", "lora", "full"] = "auto"
+    train_vision_tower: bool = False
+    train_projector: bool = False
+    init_model: str | None = None
+    """The ``ft:`` model the job continues from, if any."""
+    parent_kind: Literal["adapter", "full"] | None = None
+    """How ``init_model`` was trained: its weights folder holds an adapter or full weights."""
+
+
+@dataclass(frozen=True)
+class TrainingPlan:
+    training_type: TrainingType
+    hyperparameters: Hyperparameters
+    base_learning_rate: float
+    """The rate a ``learning_rate_multiplier`` of 1 stands for."""
+    lora: LoraConfig | None
+    train_vision_tower: bool = False
+    train_projector: bool = False
+
+    @property
+    def learning_rate(self) -> float:
+        return self.base_learning_rate * self.hyperparameters.learning_rate_multiplier
+
+    def announcement(self) -> str:
+        """The "Fine-tuning job started" event: the resolved values and how to adjust them."""
+        hp = self.hyperparameters
+        return (
+            f"Fine-tuning job started ({self.training_type}): n_epochs={hp.n_epochs}, "
+            f"batch_size={hp.batch_size}, learning_rate_multiplier={hp.learning_rate_multiplier} "
+            f"(base learning rate {self.base_learning_rate:g}). {advice(hp)}"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The announcement's data, for storage."""
+        return {
+            "hyperparameters": self.hyperparameters.to_dict(),
+            "training_type": self.training_type,
+            "base_learning_rate": self.base_learning_rate,
+        }
+
+    def train_config(
+        self,
+        *,
+        base_model: str,
+        output_dir: Path,
+        seed: int,
+        device: str,
+        init_weights: Path | None,
+        micro_batch_size: int | None,
+    ) -> TrainConfig:
+        """The recipe's configuration: this plan on a resolved base folder, device and work dir."""
+        return TrainConfig(
+            base_model=base_model,
+            output_dir=output_dir,
+            n_epochs=self.hyperparameters.n_epochs,
+            batch_size=self.hyperparameters.batch_size,
+            learning_rate=self.learning_rate,
+            seed=seed,
+            lora=self.lora,
+            micro_batch_size=micro_batch_size,
+            init_weights=init_weights,
+            device=device,
+            train_vision_tower=self.train_vision_tower,
+            train_projector=self.train_projector,
+        )
+
+
+def default_training_type(base_model: str) -> TrainingType:
+    """``"full"`` for the tiny random-init model (LoRA on frozen random weights barely learns),
+    ``"lora"`` for real pretrained bases."""
+    return "full" if is_tiny(base_model) else "lora"
+
+
+def is_tiny(base_model: str) -> bool:
+    """The built-in random-init model, by catalog name or as a folder of that name."""
+    name = str(base_model).rstrip("/")
+    return name == TINY_MODEL or Path(name).name == TINY_MODEL
+
+
+def plan_training(job: JobFacts, stats: DatasetStats, *, family: str | None) -> TrainingPlan:
+    """Decide what trains and how (the module docstring); raises ``JobFailed`` for a refusal."""
+    training_type: TrainingType
+    if job.training_type == "auto":
+        # Continue the way the parent was trained: an adapter on its base, or all weights.
+        training_type = "full" if job.parent_kind == "full" else default_training_type(job.base_model)
+    elif job.training_type == "lora" and job.parent_kind == "full":
+        raise JobFailed(
+            f"Model {job.init_model} was fully fine-tuned, and LoRA on top of it is not supported yet; "
+            "continue it with training_type 'full' or 'auto'.",
+            code="invalid_training_type",
+            param="openft.training_type",
+        )
+    else:
+        training_type = job.training_type
+    hp = resolve_hparams(
+        dict(job.requested),
+        n_examples=stats.examples,
+        training_type=training_type,
+        method=job.method,
+        stats=stats,
+        pretrained=job.base_model != TINY_MODEL,  # a random-init base needs more passes over images
+    )
+    return TrainingPlan(
+        training_type=training_type,
+        hyperparameters=hp,
+        base_learning_rate=base_learning_rate(
+            training_type, family=family, pretrained=job.base_model != TINY_MODEL
+        ),
+        lora=LoraConfig() if training_type == "lora" else None,
+        train_vision_tower=job.train_vision_tower,
+        train_projector=job.train_projector,
+    )
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    micro_batch_size: int | None
+    """Examples per forward pass; None when the whole batch fits at once."""
+    grad_accum_steps: int
+    estimate_bytes: int
+    available_bytes: int
+    device: str
+    longest_example: int
+    batch_size: int
+
+    def announcement(self) -> str:
+        gib = 1024**3
+        message = (
+            f"Estimated peak training memory {self.estimate_bytes / gib:.2f} GiB of "
+            f"{self.available_bytes / gib:.2f} GiB available on {self.device} "
+            f"(longest example {self.longest_example} tokens)."
+        )
+        if self.grad_accum_steps > 1:
+            message += (
+                f" Training in micro-batches of {self.micro_batch_size} with {self.grad_accum_steps} "
+                f"gradient-accumulation steps, so the effective batch_size stays {self.batch_size}."
+            )
+        return message
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "estimate_bytes": self.estimate_bytes,
+            "available_bytes": self.available_bytes,
+            "micro_batch_size": self.micro_batch_size or self.batch_size,
+            "grad_accum_steps": self.grad_accum_steps,
+        }
+
+
+def plan_memory(
+    model: Any,
+    plan: TrainingPlan,
+    stats: DatasetStats,
+    *,
+    dpo: bool,
+    device: str,
+    limit_bytes: int | None,
+) -> MemoryPlan:
+    """Predict peak memory for ``model`` (shapes only: a meta-device model is enough) before
+    spending any compute: split the batch into micro-batches with gradient accumulation when it
+    would not fit in ``limit_bytes`` (default: what ``device`` has free), or fail with advice."""
+    from openft.training.memory import available_bytes, plan_for_model
+
+    available = limit_bytes or available_bytes(device)
+    batch_size = plan.hyperparameters.batch_size
+    try:
+        micro, accum, estimate = plan_for_model(
+            model,
+            batch_size=batch_size,
+            seq_len=stats.tokens_max,
+            image_tokens=stats.tokens_max if stats.images else 0,
+            lora_rank=plan.lora.r if plan.lora else None,
+            lora_targets=plan.lora.target_modules if plan.lora else (),
+            dpo=dpo,
+            gradient_checkpointing=device.startswith("cuda"),
+            available=available,
+        )
+    except InvalidRequest as exc:
+        raise JobFailed(
+            f"The job would run out of memory on {device}: {exc.message}.",
+            code="insufficient_memory",
+            param="training_file",
+        ) from exc
+    return MemoryPlan(
+        micro_batch_size=micro if accum > 1 else None,
+        grad_accum_steps=accum,
+        estimate_bytes=estimate.total,
+        available_bytes=available,
+        device=device,
+        longest_example=stats.tokens_max,
+        batch_size=batch_size,
+    )

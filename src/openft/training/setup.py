@@ -1,0 +1,136 @@
+"""What every recipe does before its loop, and the small helpers their loops share.
+
+``setup(cfg, reporter)`` seeds, picks the device and precision, loads the model made trainable
+(fresh LoRA, a continued adapter, or full weights) and announces what trains. The rest are pure
+helpers both recipes call: moving a batch to the device, the fixed validation sample, and the
+fingerprint of what must not change between a run and its resumption.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import math
+import random
+from collections.abc import Callable
+from typing import Any, NamedTuple, TypeVar
+
+import torch
+
+from openft.adapters import apply_lora, merge
+from openft.models.loader import load_model, resolve_device, weights_kind
+from openft.training.config import TrainConfig
+from openft.training.reporter import Reporter
+from openft.training.trainable import describe_trainable, lora_plan, set_full_trainable
+
+MAX_GRAD_NORM = 1.0
+"""Gradients are clipped to this global norm before every optimizer step."""
+VALID_EVALS_PER_RUN = 10
+"""With ``cfg.valid_every=None``: about this many periodic evaluations per run, at least one per epoch."""
+
+T = TypeVar("T")
+
+
+class Setup(NamedTuple):
+    model: Any
+    processor: Any
+    device: torch.device
+    pad_id: int
+    bf16: bool
+    checkpointing: bool
+    autocast: Callable[[], Any]
+    """bf16 autocast on devices that have it, else a no-op."""
+
+
+def setup(cfg: TrainConfig, reporter: Reporter) -> Setup:
+    """Seeded, on its device, with what trains decided and announced: where every recipe starts."""
+    seed_everything(cfg.seed)
+    device = torch.device(resolve_device(cfg.device))
+    bf16, checkpointing = _precision(cfg, device)
+    model, processor = _build_model(cfg, bf16=bf16, gradient_checkpointing=checkpointing)
+    reporter.on_message(describe_trainable(model, lora=cfg.lora is not None), once="trainable")
+    tokenizer = getattr(processor, "tokenizer", processor)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    autocast = functools.partial(torch.autocast, device_type=device.type, dtype=torch.bfloat16, enabled=bf16)
+    return Setup(model, processor, device, pad_id, bf16, checkpointing, autocast)
+
+
+def valid_every(cfg: TrainConfig, steps_per_epoch: int, total_steps: int) -> int:
+    """Steps between periodic validations: ``cfg.valid_every``, else about
+    :data:`VALID_EVALS_PER_RUN` per run and at least one per epoch."""
+    return cfg.valid_every or max(1, min(steps_per_epoch, math.ceil(total_steps / VALID_EVALS_PER_RUN)))
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed % 2**32)
+    except ImportError:  # numpy is optional for the loop itself
+        pass
+
+
+def _precision(cfg: TrainConfig, device: torch.device) -> tuple[bool, bool]:
+    """``(bf16, gradient_checkpointing)``: ``None`` means on for CUDA (bf16 only where the GPU
+    supports it). CPU always trains in fp32: its bf16 autocast is slow and only loses precision."""
+    cuda = device.type == "cuda"
+    bf16 = cuda and (cfg.bf16 if cfg.bf16 is not None else torch.cuda.is_bf16_supported())
+    checkpointing = cfg.gradient_checkpointing if cfg.gradient_checkpointing is not None else cuda
+    return bf16, checkpointing
+
+
+def _build_model(cfg: TrainConfig, *, bf16: bool, gradient_checkpointing: bool) -> tuple[Any, Any]:
+    """Base (or ``init_weights``) model made trainable: fresh LoRA, a continued adapter, or full weights.
+
+    LoRA under bf16 loads the frozen base in bf16 (half the memory) and keeps every trainable
+    weight in fp32; full fine-tuning keeps fp32 master weights and relies on autocast.
+    """
+    dtype = torch.bfloat16 if bf16 and cfg.lora is not None else None
+    model, processor = load_model(
+        cfg.base_model, cfg.init_weights, device=cfg.device, dtype=dtype, trainable=True
+    )
+    if gradient_checkpointing:
+        # Non-reentrant checkpointing needs no input grads, so it works with frozen embeddings.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    continuing_adapter = cfg.init_weights is not None and weights_kind(cfg.init_weights) == "adapter"
+    if cfg.lora is not None and not continuing_adapter:
+        plan = lora_plan(
+            model, cfg.lora, train_vision_tower=cfg.train_vision_tower, train_projector=cfg.train_projector
+        )
+        model = apply_lora(model, plan)
+    elif cfg.lora is None and continuing_adapter:
+        model = merge(model)  # full fine-tuning continues from base + adapter folded together
+    if cfg.lora is None:
+        set_full_trainable(model, train_vision_tower=cfg.train_vision_tower)
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()  # AdamW on bf16 weights loses small updates
+    model.train()
+    return model, processor
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def fixed_sample(items: list[T], n: int, seed: int) -> list[T]:
+    """The same ``n`` items every call (seeded), in their original order."""
+    if len(items) <= n:
+        return items
+    return [items[i] for i in sorted(random.Random(f"openft-valid:{seed}").sample(range(len(items)), n))]
+
+
+def run_fingerprint(cfg: TrainConfig, lengths: list[int]) -> str:
+    """What must not change between a run and its resumption: data, batch order and schedule."""
+    what = {
+        "lengths": lengths,
+        "batch_size": cfg.batch_size,
+        "n_epochs": cfg.n_epochs,
+        "seed": cfg.seed,
+        "learning_rate": cfg.learning_rate,
+        "lora": cfg.lora is not None,
+    }
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]

@@ -1,0 +1,78 @@
+"""Training policy as a pure function: job facts + dataset stats + family in, a plan out (no database)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from openft.errors import JobFailed
+from openft.training.config import LoraConfig
+from openft.training.plan import DatasetStats, JobFacts, default_training_type, plan_training
+
+STATS = DatasetStats(examples=20, tokens_mean=100.0, tokens_p95=150, tokens_max=200)
+
+
+def test_auto_is_full_for_the_tiny_model_and_lora_for_real_bases(tmp_path: Path) -> None:
+    tiny = plan_training(JobFacts("openft-tiny-vlm", "supervised"), STATS, family="qwen2_vl")
+    assert (tiny.training_type, tiny.lora, tiny.base_learning_rate) == ("full", None, 1e-3)
+    real = plan_training(JobFacts("Qwen/Qwen2-VL-2B-Instruct", "supervised"), STATS, family="qwen2_vl")
+    assert (real.training_type, real.lora, real.base_learning_rate) == ("lora", LoraConfig(), 2e-4)
+    full = plan_training(
+        JobFacts("Qwen/Qwen2-VL-2B-Instruct", "supervised", training_type="full"), STATS, family="qwen2_vl"
+    )
+    assert (full.training_type, full.base_learning_rate) == ("full", 1e-5)
+    assert default_training_type(str(tmp_path / "cache" / "openft-tiny-vlm")) == "full"
+
+
+def test_auto_continues_the_way_the_parent_was_trained() -> None:
+    base = "Qwen/Qwen2-VL-2B-Instruct"
+    on_full = JobFacts(base, "supervised", init_model="ft:a", parent_kind="full")
+    on_adapter = JobFacts(base, "supervised", init_model="ft:b", parent_kind="adapter")
+    assert plan_training(on_full, STATS, family=None).training_type == "full"
+    assert plan_training(on_adapter, STATS, family=None).training_type == "lora"
+
+
+def test_lora_on_a_fully_fine_tuned_parent_is_refused_with_what_to_do() -> None:
+    facts = JobFacts(
+        "openft-tiny-vlm", "supervised", training_type="lora", init_model="ft:x", parent_kind="full"
+    )
+    with pytest.raises(JobFailed) as err:
+        plan_training(facts, STATS, family=None)
+    assert err.value.code == "invalid_training_type" and err.value.param == "openft.training_type"
+    assert "ft:x" in err.value.message and "'full' or 'auto'" in err.value.message
+
+
+def test_hyperparameters_resolve_and_reach_the_recipe_config(tmp_path: Path) -> None:
+    facts = JobFacts(
+        "openft-tiny-vlm",
+        "dpo",
+        requested={"n_epochs": 2, "learning_rate_multiplier": 0.5, "batch_size": "auto"},
+        train_vision_tower=True,
+    )
+    plan = plan_training(facts, STATS, family="qwen2_vl")
+    assert plan.hyperparameters.to_dict() == {
+        "n_epochs": 2,
+        "batch_size": 1,
+        "learning_rate_multiplier": 0.5,
+        "beta": 0.1,
+    }
+    assert plan.to_dict() == {
+        "hyperparameters": plan.hyperparameters.to_dict(),
+        "training_type": "full",
+        "base_learning_rate": 1e-3,
+    }
+    assert plan.announcement().startswith(
+        "Fine-tuning job started (full): n_epochs=2, batch_size=1, learning_rate_multiplier=0.5 "
+        "(base learning rate 0.001)."
+    )
+    cfg = plan.train_config(
+        base_model="/models/tiny",
+        output_dir=tmp_path,
+        seed=7,
+        device="cpu",
+        init_weights=None,
+        micro_batch_size=None,
+    )
+    assert (cfg.n_epochs, cfg.batch_size, cfg.learning_rate, cfg.seed) == (2, 1, 5e-4, 7)
+    assert cfg.lora is None and cfg.train_vision_tower and not cfg.train_projector
