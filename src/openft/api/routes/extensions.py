@@ -96,4 +96,4 @@ def _validate(state: State, sha256: str, method: str) -> tuple[bool, dict, list[
         )
         for i in report.issues
     ]
-    return report.ok, report.summary, issues
+    return report.ok, report.summary.to_dict(), issues
