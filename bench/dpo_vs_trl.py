@@ -146,6 +146,22 @@ def run_trl(args, mode: str, data) -> dict:
 
     processor = AutoProcessor.from_pretrained(args.model_dir)
     model = AutoModelForImageTextToText.from_pretrained(args.model_dir)
+    # The model is made trainable before the clock starts, as openft's _build_model does.
+    if mode == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(
+            r=16,
+            lora_alpha=32,
+            lora_dropout=0.0,
+            task_type="CAUSAL_LM",
+            target_modules=r".*language_model.*\.(" + "|".join(LORA_TARGETS) + ")",
+        )
+        model = get_peft_model(model, lora)
+    else:  # openft's full fine-tuning default: everything but the vision encoder trains
+        for name, p in model.named_parameters():
+            p.requires_grad_(not ("visual.blocks" in name or "visual.patch_embed" in name))
+
     timer = trl_step_timer()
     timer.begin()  # tokenization and the reference precompute count, as openft's do
     processing = processor if args.trl_processing == "processor" else processor.tokenizer
@@ -159,20 +175,6 @@ def run_trl(args, mode: str, data) -> dict:
             for prompt, good, bad in data
         ]
     )
-    peft_config = None
-    if mode == "lora":
-        from peft import LoraConfig
-
-        peft_config = LoraConfig(
-            r=16,
-            lora_alpha=32,
-            lora_dropout=0.0,
-            task_type="CAUSAL_LM",
-            target_modules=r".*language_model.*\.(" + "|".join(LORA_TARGETS) + ")",
-        )
-    else:  # openft's full fine-tuning default: everything but the vision encoder trains
-        for name, p in model.named_parameters():
-            p.requires_grad_(not ("visual.blocks" in name or "visual.patch_embed" in name))
 
     class LossTrainer(openft_schedule_for(DPOTrainer)):
         losses: list[float] = []
@@ -224,7 +226,6 @@ def run_trl(args, mode: str, data) -> dict:
             train_dataset=ds,
             processing_class=processing,
             data_collator=collator if args.trl_processing == "tokenizer" else None,
-            peft_config=peft_config,
             callbacks=[timer],
         )
         trainer.train()

@@ -272,6 +272,26 @@ def run_trl(args, mode: str, data) -> dict:
 
     processor = AutoProcessor.from_pretrained(args.model_dir)
     model = AutoModelForImageTextToText.from_pretrained(args.model_dir)
+    # The model is made trainable before the clock starts, as openft's _build_model does.
+    if mode == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        # Same targets as openft's LoraConfig default, language model only (vision uses qkv/fc names).
+        lora = LoraConfig(
+            r=16,
+            lora_alpha=32,
+            lora_dropout=0.0,
+            task_type="CAUSAL_LM",
+            target_modules=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)",
+        )
+        model = get_peft_model(model, lora)
+    else:
+        # openft's full fine-tuning default: everything but the vision encoder (blocks + patch
+        # embedding) trains; the projector (merger) does. --train-vision-tower trains it all.
+        for name, p in model.named_parameters():
+            frozen = not args.train_vision_tower and ("visual.blocks" in name or "visual.patch_embed" in name)
+            p.requires_grad_(not frozen)
+
     timer = trl_step_timer()
     timer.begin()  # decoding the images and building the dataset count, as openft's render does
     rows = [
@@ -283,24 +303,6 @@ def run_trl(args, mode: str, data) -> dict:
         for png, prompt, answer in data
     ]
     ds = Dataset.from_list(rows)
-    peft_config = None
-    if mode == "lora":
-        from peft import LoraConfig
-
-        # Same targets as openft's LoraConfig default, language model only (vision uses qkv/fc names).
-        peft_config = LoraConfig(
-            r=16,
-            lora_alpha=32,
-            lora_dropout=0.0,
-            task_type="CAUSAL_LM",
-            target_modules=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)",
-        )
-    else:
-        # openft's full fine-tuning default: everything but the vision encoder (blocks + patch
-        # embedding) trains; the projector (merger) does. --train-vision-tower trains it all.
-        for name, p in model.named_parameters():
-            frozen = not args.train_vision_tower and ("visual.blocks" in name or "visual.patch_embed" in name)
-            p.requires_grad_(not frozen)
 
     class CountingTrainer(openft_schedule_for(SFTTrainer)):
         step_tokens: list[int] = []
@@ -340,7 +342,6 @@ def run_trl(args, mode: str, data) -> dict:
             args=cfg,
             train_dataset=ds,
             processing_class=processor,
-            peft_config=peft_config,
             callbacks=[timer],
         )
         end_id = processor.tokenizer.convert_tokens_to_ids(END_OF_TURN)
