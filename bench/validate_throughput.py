@@ -19,7 +19,6 @@ examples: flat peak memory across file sizes in the streaming mode shows validat
 from __future__ import annotations
 
 import argparse
-import base64
 import io
 import json
 import os
@@ -35,55 +34,38 @@ from pathlib import Path
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # tests.pictures: the same pictures the moderation tests use
 
 
 def write_image_file(path: str, kind: str, n: int, seed: int) -> None:
-    sys.path.insert(0, str(REPO))
-    from tests.pictures import encoded, people_free, photo_variants
+    from tests.pictures import chat_line, encoded, people_free, photo_variants
 
     pictures = people_free(n, seed=seed) if kind == "synthetic" else photo_variants(n, seed=seed)
-    fmt, mime = ("PNG", "png") if kind == "synthetic" else ("JPEG", "jpeg")
+    fmt = "PNG" if kind == "synthetic" else "JPEG"
     with open(path, "w") as f:
         for i, im in enumerate(pictures):
-            url = f"data:image/{mime};base64," + base64.b64encode(encoded(im, fmt)).decode()
-            user = [
-                {"type": "text", "text": f"What is in picture {i}?"},
-                {"type": "image_url", "image_url": {"url": url}},
-            ]
-            rec = {
-                "messages": [
-                    {"role": "user", "content": user},
-                    {"role": "assistant", "content": f"Picture {i}."},
-                ]
-            }
-            f.write(json.dumps(rec) + "\n")
+            f.write(
+                chat_line(f"What is in picture {i}?", f"Picture {i}.", encoded(im, fmt), fmt.lower()) + "\n"
+            )
 
 
 def write_text_file(path: str, n: int, image_share: float, seed: int = 0) -> None:
+    from tests.pictures import chat_line
+
     rng = random.Random(seed)
     with open(path, "w") as f:
         for i in range(n):
             question = f"Question {i}: " + " ".join(
                 rng.choice(["red", "green", "blue", "big", "small"]) for _ in range(20)
             )
-            content: object = question
+            png = None
             if rng.random() < image_share:
                 im = Image.new("RGB", (32, 32), (rng.randrange(256), rng.randrange(256), i % 256))
                 im.putpixel((i % 32, (i // 32) % 32), (i % 251, 0, 0))  # distinct bytes per image
                 buf = io.BytesIO()
                 im.save(buf, "PNG")
-                url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-                content = [
-                    {"type": "text", "text": question},
-                    {"type": "image_url", "image_url": {"url": url}},
-                ]
-            rec = {
-                "messages": [
-                    {"role": "user", "content": content},
-                    {"role": "assistant", "content": f"Answer {i}."},
-                ]
-            }
-            f.write(json.dumps(rec) + "\n")
+                png = buf.getvalue()
+            f.write(chat_line(question, f"Answer {i}.", png) + "\n")
 
 
 def child(path: str, mode: str, moderator: str) -> None:

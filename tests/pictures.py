@@ -108,3 +108,17 @@ def photo_variants(n: int, seed: int = 0, sizes: tuple[int, int] = (448, 1024)) 
             im.crop((x, y, x + cw, y + ch)).resize((round(cw * scale), round(ch * scale)), Image.BICUBIC)
         )
     return out
+
+
+def chat_line(question: str, answer: str, image: bytes | None = None, mime: str = "png") -> str:
+    """One supervised JSONL line: a user question (with ``image`` inline, if any) and the answer."""
+    import base64
+    import json
+
+    content: object = question
+    if image is not None:
+        url = f"data:image/{mime};base64," + base64.b64encode(image).decode()
+        content = [{"type": "text", "text": question}, {"type": "image_url", "image_url": {"url": url}}]
+    return json.dumps(
+        {"messages": [{"role": "user", "content": content}, {"role": "assistant", "content": answer}]}
+    )

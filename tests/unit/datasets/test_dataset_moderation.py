@@ -5,7 +5,6 @@ sizes real training images have (448-1,024 px), and the verdict cache by content
 """
 
 import io
-import json
 import random
 import string
 
@@ -22,7 +21,7 @@ from openft.datasets.moderation import (
     load_moderator,
 )
 from openft.datasets.validate import ValidationOptions, validate_file
-from tests.pictures import KINDS, NO_PEOPLE, PEOPLE, encoded, people_free, photo, photo_variants
+from tests.pictures import KINDS, NO_PEOPLE, PEOPLE, chat_line, encoded, people_free, photo, photo_variants
 
 skimage_data = pytest.importorskip("skimage.data")
 captcha_image = pytest.importorskip("captcha.image")
@@ -162,26 +161,9 @@ def test_colourful_picture_without_skin_skips_the_detectors() -> None:
 
 
 def _jsonl(pictures: list[bytes]) -> bytes:
-    import base64
-
-    lines = []
-    for i, data in enumerate(pictures):
-        url = "data:image/png;base64," + base64.b64encode(data).decode()
-        user = [
-            {"type": "text", "text": f"What is in picture {i}?"},
-            {"type": "image_url", "image_url": {"url": url}},
-        ]
-        lines.append(
-            json.dumps(
-                {
-                    "messages": [
-                        {"role": "user", "content": user},
-                        {"role": "assistant", "content": "A picture."},
-                    ]
-                }
-            )
-        )
-    return ("\n".join(lines) + "\n").encode()
+    return "".join(
+        chat_line(f"What is in picture {i}?", "A picture.", png) + "\n" for i, png in enumerate(pictures)
+    ).encode()
 
 
 def test_verdicts_are_cached_by_content_hash() -> None:
