@@ -83,7 +83,6 @@ def run_openft(args, mode: str, data) -> dict:
     import dataclasses
 
     import openft.training.recipes.dpo as dpo
-    import openft.training.recipes.sft as sft
     from openft.datasets.formats import Message, PreferenceExample, TextPart
     from openft.training.config import LoraConfig, TrainConfig
 
@@ -116,7 +115,7 @@ def run_openft(args, mode: str, data) -> dict:
             **{k: v for k, v in extra.items() if k in fields},
         )
         rep = TimingReporter()
-        rep.watch_model(sft)
+        rep.watch_model()
         render = dpo._render_pair
         labelled = []
 

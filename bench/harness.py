@@ -158,9 +158,11 @@ class TimingReporter(StepClock):
         self.params: int | None = None
         self.trainable: int | None = None
 
-    def watch_model(self, sft_module: Any) -> None:
-        """Wrap ``sft_module._build_model`` (which DPO's setup calls too)."""
-        build = sft_module._build_model
+    def watch_model(self) -> None:
+        """Wrap ``openft.training.setup._build_model`` (every recipe's ``setup`` calls it)."""
+        import openft.training.setup as setup_module
+
+        build = setup_module._build_model
 
         def wrapped(*a: Any, **k: Any) -> Any:
             model, processor = build(*a, **k)
@@ -169,7 +171,7 @@ class TimingReporter(StepClock):
             self.begin()
             return model, processor
 
-        sft_module._build_model = wrapped
+        setup_module._build_model = wrapped
 
     def on_message(self, message: str, level: str = "info", *, once: str | None = None) -> None:
         pass
@@ -212,7 +214,7 @@ def openft_schedule_for(trainer_cls: type) -> type:
     (which warms up from 0 and decays to 0)."""
     import torch
 
-    from openft.training.recipes.progress import warmup_then_linear
+    from openft.training.progress import warmup_then_linear
 
     class Aligned(trainer_cls):  # type: ignore[misc, valid-type]
         def create_scheduler(self, num_training_steps: int, optimizer: Any = None) -> Any:

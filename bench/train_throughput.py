@@ -239,7 +239,7 @@ def run_openft(args, mode: str, data) -> dict:
             **{k: v for k, v in extra.items() if k in fields},
         )
         rep = TimingReporter()
-        rep.watch_model(sft)
+        rep.watch_model()
         render = sft._render
         labelled = []
 

@@ -177,8 +177,8 @@ def test_verdicts_are_cached_by_content_hash() -> None:
         method="supervised",
         options=ValidationOptions(moderator=moderator),
     )
-    assert first.report.summary["images"] == 8
-    assert first.report.summary["skipped_examples"] == 2  # the astronaut, twice
+    assert first.report.summary.images == 8
+    assert first.report.summary.skipped_examples == 2  # the astronaut, twice
     assert moderator.calls["moderate"] == 4
     detector_calls = dict(moderator.calls)
 
@@ -187,7 +187,7 @@ def test_verdicts_are_cached_by_content_hash() -> None:
         method="supervised",
         options=ValidationOptions(moderator=moderator),
     )
-    assert again.report.summary["skipped_examples"] == 1
+    assert again.report.summary.skipped_examples == 1
     assert moderator.calls == detector_calls  # nothing recomputed
 
     noop = validate_file(
@@ -195,7 +195,7 @@ def test_verdicts_are_cached_by_content_hash() -> None:
         method="supervised",
         options=ValidationOptions(moderator=NoopModerator()),
     )
-    assert noop.report.summary["skipped_examples"] == 0  # not the OpenCV moderator's cached verdict
+    assert noop.report.summary.skipped_examples == 0  # not the OpenCV moderator's cached verdict
 
 
 def test_verdict_cache_is_bounded_least_recently_used_first() -> None:
