@@ -1,17 +1,29 @@
-"""What the side-by-side training benches share: measuring one variant in its own process, and
-timing optimizer steps the same way for openft (its ``Reporter``) and for TRL (a callback)."""
+"""What the side-by-side training benches share: each variant in its own process, run several
+times interleaved; the same clock for openft (its ``Reporter``) and TRL (a callback); the same
+trained tokens on both sides.
+
+What is timed, on both sides: everything after the model is loaded until the last optimizer step
+ends, except checkpoint saves. That is data preparation (openft's up-front render and, for DPO,
+its reference precompute; TRL's dataset building, tokenization and reference precompute), then
+every step (TRL's per-batch collation runs inside its steps). ``prep_s`` is the part before the
+first step, ``step_s`` the time between consecutive optimizer-step ends.
+"""
 
 from __future__ import annotations
 
+import json
 import os
 import resource
+import statistics
+import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
+END_OF_TURN = "<|im_end|>"
 
 
 def import_both_stacks(recipe: str) -> None:
@@ -50,11 +62,13 @@ def measure(run: Callable[[], dict[str, Any]], *, cuda: bool) -> dict[str, Any]:
 def run_child(
     args: Any, recipe: str, data: Any, run_openft: Callable[..., dict], run_trl: Callable[..., dict]
 ) -> dict[str, Any]:
-    """One variant (``args.child`` is ``impl:mode``) on ``data``, measured by :func:`measure`."""
+    """One variant (``args.child`` is ``impl:mode``) on ``data``, measured by :func:`measure`, with
+    ``args.threads`` torch threads."""
     impl, mode = args.child.split(":")
     import_both_stacks(recipe)
     import torch
 
+    torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     run = run_openft if impl == "openft" else run_trl
     res = measure(lambda: run(args, mode, data), cuda=args.device.startswith("cuda"))
@@ -62,17 +76,64 @@ def run_child(
     return res
 
 
+def run_interleaved(
+    variants: Sequence[str], command: Callable[[str, Path], list[str]], repeats: int, tmp: Path
+) -> tuple[dict[str, list[dict[str, Any]]], dict[str, str]]:
+    """Run every variant ``repeats`` times, round-robin (so a burst of load elsewhere on the
+    machine hits them all alike), each in a fresh process given by ``command(variant, json_out)``.
+    Each result gets ``load_before``/``load_after`` (1-minute load average). Returns the results
+    per variant and the last error line of the variants that failed."""
+    runs: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
+    errors: dict[str, str] = {}
+    for i in range(repeats):
+        for variant in variants:
+            if variant in errors:
+                continue
+            out = tmp / f"{variant.replace(':', '-')}-{i}.json"
+            print(f"run {i + 1}/{repeats}: {variant} ...", flush=True)
+            before = os.getloadavg()[0]
+            proc = subprocess.run(command(variant, out), capture_output=True, text=True, check=False)
+            after = os.getloadavg()[0]
+            if proc.returncode != 0:
+                lines = (proc.stdout + proc.stderr).strip().splitlines()
+                errors[variant] = lines[-1] if lines else "?"
+                print("\n".join(lines[-25:]), file=sys.stderr)
+                continue
+            res = json.loads(out.read_text())
+            res |= {"load_before": before, "load_after": after}
+            runs[variant].append(res)
+    return runs, errors
+
+
+def spread(values: Sequence[float], fmt: str = "{:.1f}") -> str:
+    """``min/median/max``."""
+    return "/".join(fmt.format(v) for v in (min(values), statistics.median(values), max(values)))
+
+
+def load_range(results: Sequence[dict[str, Any]]) -> str:
+    loads = [r[k] for r in results for k in ("load_before", "load_after")]
+    return f"{min(loads):.1f}-{max(loads):.1f}"
+
+
 class StepClock:
-    """Seconds between consecutive optimizer-step ends; ``restart`` leaves a pause (a checkpoint
-    save) out of the next step's time."""
+    """Seconds between consecutive optimizer-step ends (``step_s``) and, before the first step,
+    ``prep_s``: from :meth:`begin` (the model is loaded) to :meth:`start` (the first step begins).
+    ``restart`` leaves a pause (a checkpoint save) out of the next step's time."""
 
     def __init__(self) -> None:
         self._t: float | None = None
+        self._begun: float | None = None
+        self.prep_s = 0.0
         self.step_s: list[float] = []
+
+    def begin(self) -> None:
+        self._begun = time.perf_counter()
 
     def start(self) -> None:
         if self._t is None:
             self._t = time.perf_counter()
+            if self._begun is not None:
+                self.prep_s = self._t - self._begun
 
     def restart(self) -> None:
         self._t = time.perf_counter()
@@ -84,15 +145,33 @@ class StepClock:
 
 
 class TimingReporter(StepClock):
-    """openft's ``Reporter`` protocol, timing steps. ``should_stop`` is polled at the start of every
-    step, so its first call starts the clock (after model load, rendering and any precompute);
-    checkpoint saving is not counted."""
+    """openft's ``Reporter`` protocol, timing steps. ``watch_model`` makes the recipe's model
+    builder call :meth:`begin` (and count parameters); ``should_stop`` is polled at the start of
+    every step, so its first call ends ``prep_s`` (render, reference precompute); checkpoint
+    saving is not counted."""
 
     def __init__(self) -> None:
         super().__init__()
         self.losses: list[float] = []
         self.cum_tokens: list[int] = []
         self.last: dict[str, Any] = {}
+        self.params: int | None = None
+        self.trainable: int | None = None
+
+    def watch_model(self) -> None:
+        """Wrap ``openft.training.setup._build_model`` (every recipe's ``setup`` calls it)."""
+        import openft.training.setup as setup_module
+
+        build = setup_module._build_model
+
+        def wrapped(*a: Any, **k: Any) -> Any:
+            model, processor = build(*a, **k)
+            self.params = sum(p.numel() for p in model.parameters())
+            self.trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            self.begin()
+            return model, processor
+
+        setup_module._build_model = wrapped
 
     def on_message(self, message: str, level: str = "info", *, once: str | None = None) -> None:
         pass
@@ -112,7 +191,8 @@ class TimingReporter(StepClock):
 
 
 def trl_step_timer() -> Any:
-    """A ``TrainerCallback`` with a :class:`StepClock` started at ``on_train_begin``."""
+    """A ``TrainerCallback`` :class:`StepClock`: call ``begin()`` once TRL's model is loaded, before
+    its dataset is built; ``on_train_begin`` ends ``prep_s``."""
     from transformers import TrainerCallback
 
     class Timer(TrainerCallback, StepClock):
@@ -120,9 +200,51 @@ def trl_step_timer() -> Any:
             StepClock.__init__(self)
 
         def on_train_begin(self, *a: Any, **k: Any) -> None:
-            self.restart()
+            self.start()
 
         def on_step_end(self, *a: Any, **k: Any) -> None:
             self.tick()
 
     return Timer()
+
+
+def openft_schedule_for(trainer_cls: type) -> type:
+    """``trainer_cls`` with openft's learning-rate schedule (warm-up over 3% of the steps from
+    1/warm-up of the peak, then linear decay to 10% of it) instead of transformers' linear one
+    (which warms up from 0 and decays to 0)."""
+    import torch
+
+    from openft.training.progress import warmup_then_linear
+
+    class Aligned(trainer_cls):  # type: ignore[misc, valid-type]
+        def create_scheduler(self, num_training_steps: int, optimizer: Any = None) -> Any:
+            if self.lr_scheduler is None:
+                optimizer = optimizer if optimizer is not None else self.optimizer
+                self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
+                    optimizer, warmup_then_linear(num_training_steps)
+                )
+                self._created_lr_scheduler = True
+            return self.lr_scheduler
+
+    return Aligned
+
+
+def untrain_after_end_of_turn(
+    collator: Callable[[list], dict], end_id: int, key: str
+) -> Callable[[list], dict]:
+    """``collator`` whose batches no longer train the token right after an end-of-turn token.
+
+    openft trains an assistant reply up to and including ``<|im_end|>``; the template's ``\\n``
+    after it is context only. TRL trains the whole rendered completion, ``\\n`` included. With
+    this both train the same tokens. ``key`` is ``labels`` (set to -100) or ``completion_mask``
+    (set to 0); the token stays in the input either way, as in openft."""
+
+    def collate(examples: list) -> dict:
+        batch = collator(examples)
+        ids = batch["input_ids"]
+        after = ids.new_zeros(ids.shape, dtype=bool)
+        after[:, 1:] = ids[:, :-1] == end_id
+        batch[key] = batch[key].masked_fill(after, -100 if key == "labels" else 0)
+        return batch
+
+    return collate

@@ -29,7 +29,7 @@ from openft.datasets.formats import (
 )
 from openft.datasets.images import ImageInfo, ImageRejected, decode_image, fetch_image_bytes
 from openft.datasets.lines import read_jsonl
-from openft.datasets.moderation import SKIP_CODE, SKIP_PHRASE, Moderator, default_moderator
+from openft.datasets.moderation import SKIP_CODE, SKIP_PHRASE, Moderator, default_moderator, verdicts_for
 from openft.datasets.report import Issue, Report, Severity, Summary
 from openft.datasets.rules import DEFAULT_CONTROL_TOKENS, LineCheck, check_chat, check_preference
 from openft.datasets.tokens import TokenStats, estimate_tokens
@@ -128,7 +128,8 @@ class _Validator:
         self.with_images = 0
         self.images = 0
         self.seen: dict[bytes, int] = {}  # example digest -> first line (duplicates)
-        self.verdicts: dict[str, ImageInfo | ImageRejected] = {}  # sha256 -> decode+moderation
+        # sha256 -> decode + moderation verdict, shared by every validation with this moderator.
+        self.verdicts = verdicts_for(self.moderator)
         self.sunk: set[str] = set()
 
     # -- the loop
@@ -246,7 +247,7 @@ class _Validator:
             verdict = self.verdicts.get(digest)
             if verdict is None:
                 verdict = self._judge(data)
-                self.verdicts[digest] = verdict
+                self.verdicts.put(digest, verdict)
             if isinstance(verdict, ImageRejected):
                 return verdict
             return _Resolved(data, verdict)
