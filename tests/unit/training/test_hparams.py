@@ -324,18 +324,18 @@ def test_train_config_is_frozen(tmp_path) -> None:
 def test_random_init_base_gets_more_and_steadier_training_on_images(n_examples, epochs, batch):
     images = stats(n_examples, 40, 60, images_per_example=1)
     hp = resolve_hparams(AUTO, n_examples=n_examples, training_type="full", stats=images, pretrained=False)
-    assert (hp["n_epochs"], hp["batch_size"]) == (epochs, batch)
-    assert hp["learning_rate_multiplier"] == 1.0
+    assert (hp.n_epochs, hp.batch_size) == (epochs, batch)
+    assert hp.learning_rate_multiplier == 1.0
 
 
 def test_random_init_rule_leaves_text_pretrained_and_given_numbers_alone():
     text = stats(240, 40, 60)
     images = stats(240, 40, 60, images_per_example=1)
     cookbook = resolve_hparams(AUTO, n_examples=240, training_type="full", stats=images)
-    assert (cookbook["n_epochs"], cookbook["batch_size"]) == (3, 1)  # pretrained: the cookbook rule
+    assert (cookbook.n_epochs, cookbook.batch_size) == (3, 1)  # pretrained: the cookbook rule
     on_text = resolve_hparams(AUTO, n_examples=240, training_type="full", stats=text, pretrained=False)
-    assert (on_text["n_epochs"], on_text["batch_size"]) == (3, 1)
+    assert (on_text.n_epochs, on_text.batch_size) == (3, 1)
     given = resolve_hparams(
         {"n_epochs": 2, "batch_size": 1}, n_examples=240, training_type="full", stats=images, pretrained=False
     )
-    assert (given["n_epochs"], given["batch_size"]) == (2, 1)
+    assert (given.n_epochs, given.batch_size) == (2, 1)
