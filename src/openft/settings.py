@@ -53,6 +53,12 @@ class Settings(BaseSettings):
     model_cache: Path | None = Field(
         default=None, description="Where generated/downloaded base models live; default $OPENFT_HOME/models."
     )
+    nproc: int = Field(
+        default=1,
+        ge=1,
+        description="Processes per training job (torch.distributed; one per GPU, gloo on CPU): "
+        "DDP, each rank takes its share of every batch.",
+    )
     worker_poll_seconds: float = 0.5
     lease_seconds: float = Field(
         default=60.0, description="A running job whose worker is silent this long is reclaimed."

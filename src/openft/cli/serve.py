@@ -32,6 +32,15 @@ API_GRACE_SECONDS = 5
 """Requests in flight get this long after a stop signal; then chats still generating are
 cancelled (503 / an error event; generation stops at the next token), so the server ends within
 seconds even with an ``n=128`` request running."""
+NprocOption = Annotated[
+    int | None,
+    typer.Option(
+        "--nproc",
+        min=1,
+        help="Processes per training job (torch.distributed, data parallel): one per GPU, "
+        "gloo on CPU. Default $OPENFT_NPROC or 1.",
+    ),
+]
 WORKER_STOP_SECONDS = 60
 """How long a worker may take to finish its step and save the job's state before it is killed."""
 
@@ -44,6 +53,7 @@ def serve(
     no_worker: Annotated[
         bool, typer.Option("--no-worker", help="API only; run 'openft worker' elsewhere.")
     ] = False,
+    nproc: NprocOption = None,
 ) -> None:
     """Start the API (and dashboard) with N embedded workers on the same home."""
     import uvicorn
@@ -52,14 +62,19 @@ def serve(
     from openft.threads import available_cores, threads_per_process
 
     setup_logging()
-    settings = settings_for(home, host=host, port=port)
+    settings = settings_for(home, host=host, port=port, nproc=_check_nproc(nproc))
     n_workers = 0 if no_worker else workers
     cores = available_cores()
     threads = settings.torch_threads or threads_per_process(cores, n_workers + 1)
     settings = settings.model_copy(update={"torch_threads": threads})
     app = create_app(settings)  # migrates the database before any worker starts
     children: list[subprocess.Popen[bytes]] = []
-    env = dict(os.environ, OPENFT_HOME=str(settings.resolved_home), OPENFT_TORCH_THREADS=str(threads))
+    env = dict(
+        os.environ,
+        OPENFT_HOME=str(settings.resolved_home),
+        OPENFT_TORCH_THREADS=str(threads),
+        OPENFT_NPROC=str(settings.nproc),
+    )
     for _ in range(n_workers):
         children.append(
             subprocess.Popen(
@@ -227,13 +242,28 @@ def _die_with_parent() -> None:
         pass
 
 
-def worker(home: HomeOption = None) -> None:
+def worker(home: HomeOption = None, nproc: NprocOption = None) -> None:
     """Run one worker process that trains queued jobs from the same home or database."""
     from openft.models.loader import set_torch_threads
     from openft.threads import available_cores, threads_per_process
     from openft.worker.main import run_forever
 
     setup_logging()
-    settings = settings_for(home)
+    settings = settings_for(home, nproc=_check_nproc(nproc))
     set_torch_threads(settings.torch_threads or threads_per_process(available_cores(), 1), purpose="training")
     run_forever(settings)
+
+
+def _check_nproc(nproc: int | None) -> int | None:
+    """``--nproc`` must fit the machine: on a GPU box, one process per GPU."""
+    if nproc is None or nproc == 1:
+        return nproc
+    import torch
+
+    if torch.cuda.is_available() and nproc > torch.cuda.device_count():
+        raise typer.BadParameter(
+            f"{nproc} processes but {torch.cuda.device_count()} GPU(s): use --nproc {torch.cuda.device_count()} "
+            "or fewer (one process per GPU)",
+            param_hint="--nproc",
+        )
+    return nproc

@@ -26,6 +26,7 @@ import torch
 from openft.adapters import save_adapter
 from openft.errors import JobCancelled
 from openft.models.loader import write_marker
+from openft.training import distributed
 from openft.training.config import TrainConfig
 from openft.training.reporter import Reporter
 from openft.training.state import (
@@ -182,13 +183,17 @@ class Progress:
 
     def end_epoch(self, epoch: int, processor: Any) -> None:
         """Write the epoch's servable checkpoint, save the state after it, then announce it."""
-        self.checkpoints.append(_save_checkpoint(self.model, processor, self.cfg, self.step))
+        if distributed.is_main():
+            self.checkpoints.append(_save_checkpoint(self.model, processor, self.cfg, self.step))
+        else:  # other ranks only keep track of it (rank 0 writes every file)
+            self.checkpoints.append(_checkpoint_dir(self.cfg, self.step))
         self._save(epoch + 1, 0)
         self._announce_checkpoint(epoch)
 
     def finish(self) -> TrainResult:
         """Done: the last checkpoint is the result; the optimizer state is no longer needed."""
-        remove_state(self.output_dir / STATE_DIR)
+        if distributed.is_main():
+            remove_state(self.output_dir / STATE_DIR)
         return TrainResult(
             weights_dir=self.checkpoints[-1],
             steps=self.step,
@@ -197,6 +202,8 @@ class Progress:
         )
 
     def _save(self, epoch: int, batch_in_epoch: int) -> None:
+        if not distributed.is_main():  # rank 0 saves; every rank loads it on resume
+            return
         save_state(
             self.output_dir / STATE_DIR,
             model=self.model,
@@ -219,7 +226,8 @@ class Progress:
         self.reporter.on_checkpoint(self.checkpoints[-1], step=self.step, epoch=epoch, metrics=self.metrics)
         keep = max(1, self.cfg.keep_checkpoints)
         for old in self.checkpoints[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+            if distributed.is_main():
+                shutil.rmtree(old, ignore_errors=True)
         self.checkpoints = self.checkpoints[-keep:]
 
     def _newest_checkpoint_step(self) -> int | None:
@@ -236,9 +244,13 @@ def _existing_checkpoints(output_dir: Path, *, up_to: int) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def _checkpoint_dir(cfg: TrainConfig, step: int) -> Path:
+    return Path(cfg.output_dir) / f"step-{step}"
+
+
 def _save_checkpoint(model: Any, processor: Any, cfg: TrainConfig, step: int) -> Path:
     """Write a servable folder (weights + processor + openft.json) atomically as ``step-<N>``."""
-    target = Path(cfg.output_dir) / f"step-{step}"
+    target = _checkpoint_dir(cfg, step)
     tmp = Path(cfg.output_dir) / f".step-{step}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

@@ -6,6 +6,7 @@ through the API meanwhile is never overwritten, and every step leaves an event b
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import shutil
@@ -185,6 +186,7 @@ def _run(ctx: WorkerContext, job: Job, lease: JobLease) -> None:
         resolve_device,
         weights_kind,
     )
+    from openft.training import distributed
     from openft.training.recipes import dpo, sft
 
     settings = ctx.settings
@@ -283,11 +285,20 @@ def _run(ctx: WorkerContext, job: Job, lease: JobLease) -> None:
     # resume=True: a paused or interrupted job continues from the state saved in its work dir
     # (a fresh job has none and starts at step 0).
     if job.method_type == "dpo":
-        result = dpo.run(
-            cfg, train.examples, reporter, beta=plan.hyperparameters.beta, valid_examples=valid, resume=True
+        recipe = functools.partial(
+            dpo.run, cfg, train.examples, beta=plan.hyperparameters.beta, valid_examples=valid, resume=True
         )
     else:
-        result = sft.run(cfg, train.examples, reporter, valid_examples=valid, resume=True)
+        recipe = functools.partial(sft.run, cfg, train.examples, valid_examples=valid, resume=True)
+    if settings.nproc > 1:
+        result = distributed.launch(
+            recipe,
+            reporter,
+            nproc=settings.nproc,
+            cuda=resolve_device(settings.device).startswith("cuda"),
+        )
+    else:
+        result = recipe(reporter=reporter)
 
     weights_key = reporter.last_checkpoint_key or ctx.blobs.put_dir(result.weights_dir)
     csv_bytes = reporter.results_csv()

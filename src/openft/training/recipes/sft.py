@@ -28,6 +28,7 @@ import torch
 from openft.datasets.formats import ChatExample
 from openft.errors import InvalidRequest
 from openft.models.render import Rendered, render_chat
+from openft.training import distributed
 from openft.training.collate import collate_sft, epoch_batches, micro_batches, target_tokens
 from openft.training.config import TrainConfig
 from openft.training.loss import sft_loss
@@ -85,6 +86,7 @@ def run(
     progress = Progress(cfg, reporter, model, optimizer, scheduler, device, fingerprint, total_steps)
     progress.resume(resumable_state(cfg, reporter, fingerprint, resume=resume))
     model.train()
+    ddp = distributed.wrap(model, device)  # the model itself on one process
     for epoch in range(progress.start_epoch, cfg.n_epochs + 1):
         batches = epoch_batches(lengths, cfg.batch_size, seed=cfg.seed, epoch=epoch)
         for b in progress.batches(epoch, len(batches)):
@@ -92,19 +94,25 @@ def run(
             batch_ids = batches[b]
 
             # Gradient accumulation: each micro-batch's mean loss is weighted by its share of the
-            # batch's target tokens, so the summed gradient equals the full batch's.
+            # batch's target tokens, so the summed gradient equals the full batch's. On N processes
+            # each rank takes its part of the batch (an idle rank runs one example at weight 0 to
+            # join the all-reduce) and scales by N, since DDP averages what the shares already sum.
             n_targets = max(1, sum(target_tokens(rendered[i]) for i in batch_ids))
+            mine = distributed.share(batch_ids)
+            chunks = micro_batches(mine or batch_ids[:1], cfg.micro_batch_size)
             loss_sum = correct = 0.0
-            for chunk in micro_batches(batch_ids, cfg.micro_batch_size):
+            for k, chunk in enumerate(chunks):
                 batch = to_device(collate_sft([rendered[i] for i in chunk], pad_id), device)
                 labels = batch.pop("labels")
-                share = sum(target_tokens(rendered[i]) for i in chunk) / n_targets
-                with autocast():
-                    logits = model(**batch, use_cache=False).logits
-                loss, accuracy = sft_loss(logits, labels)
-                (loss * share).backward()
+                share = sum(target_tokens(rendered[i]) for i in chunk) / n_targets if mine else 0.0
+                with distributed.accumulating(ddp, last=k == len(chunks) - 1):
+                    with autocast():
+                        logits = ddp(**batch, use_cache=False).logits
+                    loss, accuracy = sft_loss(logits, labels)
+                    (loss * share * distributed.world_size()).backward()
                 loss_sum += loss.item() * share
                 correct += accuracy.item() * share
+            loss_sum, correct = distributed.all_sum(loss_sum, correct)
             torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
             optimizer.step()
             scheduler.step()
@@ -113,10 +121,11 @@ def run(
             step = progress.take_step(sum(lengths[i] for i in batch_ids))
             epoch_done = b == len(batches) - 1
             metrics: dict[str, float | int] = {"train_loss": loss_sum, "train_mean_token_accuracy": correct}
-            if valid and (step % eval_every == 0 or epoch_done):
+            evaluating = valid and distributed.is_main()  # only rank 0 reports
+            if evaluating and (step % eval_every == 0 or epoch_done):
                 v_loss, v_acc = _evaluate(model, valid_sample, pad_id, device, eval_batch, autocast)
                 metrics |= {"valid_loss": v_loss, "valid_mean_token_accuracy": v_acc}
-            if valid and epoch_done:
+            if evaluating and epoch_done:
                 v_loss, v_acc = _evaluate(model, valid, pad_id, device, eval_batch, autocast)
                 metrics |= {"full_valid_loss": v_loss, "full_valid_mean_token_accuracy": v_acc}
             progress.record_step(metrics, epoch=epoch, next_batch=b + 1, epoch_done=epoch_done)

@@ -1,0 +1,370 @@
+"""Multi-process jobs on torch.distributed: everything the recipes need to run on N ranks.
+
+A job on N processes (``openft worker --nproc N``) is launched by :func:`launch` the way torchrun
+launches a script: N fresh processes (``spawn``), each given the standard environment
+(``MASTER_ADDR``, ``MASTER_PORT``, ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``)
+and joining one process group through ``env://`` (NCCL, one GPU per rank; gloo on CPU). We spawn
+them ourselves rather than through elastic's agent because the worker that holds the job's lease
+must stay their parent: rank 0's :class:`~openft.training.reporter.Reporter` calls (events,
+metrics, checkpoints, "should I stop?") travel over a pipe to the worker's real reporter, and a
+lost rank is the job queue's business (restart from saved state), not a rendezvous'.
+
+Inside the ranks the recipes stay single-process code with a few calls into this module:
+
+- data parallel: :func:`wrap` puts the model in DDP; each rank takes :func:`share` of every global
+  batch (same batches, same order as one process), scales its loss by :func:`world_size` (DDP
+  averages gradients, the token-weighted shares already sum to one over all ranks), and reduces
+  only on the last micro-batch (:func:`accumulating`); :func:`all_sum` makes the reported loss the
+  global one;
+- rank 0 alone reports, evaluates and writes state and checkpoints (:func:`is_main`); every rank
+  loads the saved state on resume; a cancel or pause is rank 0's answer, broadcast so all ranks stop
+  at the same step boundary;
+- a rank that dies without a word (SIGKILL, segfault) takes the others down with it; the launcher
+  then restarts all N from the last saved state, up to :data:`MAX_RESTARTS` times (torchrun's
+  ``--max-restarts``). If the worker itself dies, the ranks notice their parent is gone and exit;
+  the lease expires and another worker resumes the job.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import multiprocessing as mp
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from multiprocessing.connection import Connection, wait
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+
+from openft.training.reporter import Reporter
+
+log = logging.getLogger("openft.training")
+
+MAX_RESTARTS = 3
+"""A job whose ranks die this many times in a row (without a word) fails."""
+SURVIVOR_GRACE_SECONDS = 5.0
+"""After one rank dies, the others get this long to notice (their collectives fail) before SIGKILL."""
+
+T = TypeVar("T")
+
+
+class RanksLost(RuntimeError):
+    """Ranks died :data:`MAX_RESTARTS` times without reporting an error."""
+
+
+# -- inside a rank ------------------------------------------------------------------------------
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def is_main() -> bool:
+    """Rank 0 (or a single process): the one that reports, evaluates and writes files."""
+    return rank() == 0
+
+
+def share(batch_ids: Sequence[int]) -> list[int]:
+    """This rank's part of a global batch (strided, so lengths stay balanced across ranks)."""
+    return list(batch_ids[rank() :: world_size()])
+
+
+def wrap(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """DDP over ``model`` when there are several ranks (else ``model`` itself). Call it for the
+    forward/backward only: saving and evaluating keep using the bare model (same names as one process).
+
+    ``find_unused_parameters``: a text-only batch leaves the vision tower without gradients, on some
+    ranks but not others. ``broadcast_buffers=False``: ranks run different numbers of micro-batches,
+    so no collective may hide in a forward.
+    """
+    if world_size() == 1:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(
+        model,
+        device_ids=[device.index if device.index is not None else torch.cuda.current_device()]
+        if device.type == "cuda"
+        else None,
+        find_unused_parameters=True,
+        broadcast_buffers=False,  # (deprecated name, but its replacement still syncs at init)
+    )
+
+
+@contextlib.contextmanager
+def accumulating(model: torch.nn.Module, *, last: bool) -> Iterator[None]:
+    """Backward without DDP's gradient all-reduce unless this is the rank's ``last`` micro-batch."""
+    no_sync = getattr(model, "no_sync", None)
+    with no_sync() if (no_sync is not None and not last) else contextlib.nullcontext():
+        yield
+
+
+def all_sum(*values: float) -> list[float]:
+    """Sum each value over all ranks (one collective): per-rank shares of a metric become the global one."""
+    if world_size() == 1:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=_collective_device())
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def _collective_device() -> torch.device:
+    return (
+        torch.device("cuda", torch.cuda.current_device())
+        if dist.get_backend() == "nccl"
+        else torch.device("cpu")
+    )
+
+
+class _RankReporter:
+    """Rank 0 reports through ``inner``; other ranks stay silent. ``should_stop`` is rank 0's
+    answer broadcast to all, so every rank stops (and rank 0 saves) at the same step boundary."""
+
+    def __init__(self, inner: Reporter | None) -> None:
+        self._inner = inner
+
+    def on_message(self, message: str, level: str = "info", *, once: str | None = None) -> None:
+        if self._inner is not None:
+            self._inner.on_message(message, level, once=once)
+
+    def on_step(self, metrics: dict[str, float | int]) -> None:
+        if self._inner is not None:
+            self._inner.on_step(metrics)
+
+    def on_checkpoint(
+        self, weights_dir: Any, *, step: int, epoch: int, metrics: dict[str, float | int]
+    ) -> None:
+        if self._inner is not None:
+            self._inner.on_checkpoint(weights_dir, step=step, epoch=epoch, metrics=metrics)
+
+    def should_stop(self) -> bool:
+        flag = torch.tensor(
+            [int(self._inner is not None and self._inner.should_stop())], device=_collective_device()
+        )
+        dist.broadcast(flag, src=0)
+        return bool(flag.item())
+
+
+class _PipeReporter:
+    """Rank 0's side of the worker's reporter: each call waits for the worker's answer (so a
+    checkpoint folder is stored before rank 0 may prune it), and the worker's exceptions come back."""
+
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
+
+    def _call(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        self._conn.send(("call", name, args, kwargs))
+        kind, value = self._conn.recv()
+        if kind == "raise":
+            raise value
+        return value
+
+    def on_message(self, message: str, level: str = "info", *, once: str | None = None) -> None:
+        self._call("on_message", message, level, once=once)
+
+    def on_step(self, metrics: dict[str, float | int]) -> None:
+        self._call("on_step", metrics)
+
+    def on_checkpoint(
+        self, weights_dir: Any, *, step: int, epoch: int, metrics: dict[str, float | int]
+    ) -> None:
+        self._call("on_checkpoint", weights_dir, step=step, epoch=epoch, metrics=metrics)
+
+    def should_stop(self) -> bool:
+        return bool(self._call("should_stop"))
+
+
+def _rank_main(env: dict[str, str], conn: Connection, train: Callable[..., Any], threads: int) -> None:
+    """A rank's whole life: join the group, train, send back the result (rank 0) or the error."""
+    os.environ.update(env)
+    # The worker coordinates stopping; a terminal's Ctrl-C must not break a rank mid-collective.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _exit_with_parent()
+    torch.set_num_threads(threads)
+    local_rank = int(env["LOCAL_RANK"])
+    cuda = torch.cuda.is_available() and env.get("OPENFT_DIST_BACKEND") == "nccl"
+    if cuda:
+        torch.cuda.set_device(local_rank)  # "cuda" now means this rank's GPU everywhere
+    dist.init_process_group(backend="nccl" if cuda else "gloo", init_method="env://")
+    try:
+        reporter = _RankReporter(_PipeReporter(conn) if dist.get_rank() == 0 else None)
+        result = train(reporter=reporter)
+        conn.send(("result", result if dist.get_rank() == 0 else None))
+    except BaseException as exc:  # noqa: BLE001 - every failure goes back to the worker
+        log.exception("rank %s failed", env["RANK"])
+        conn.send(("error", _picklable(exc)))
+        os._exit(1)
+    finally:
+        with contextlib.suppress(Exception):
+            dist.destroy_process_group()
+
+
+def _picklable(exc: BaseException) -> BaseException:
+    import pickle
+
+    try:
+        pickle.loads(pickle.dumps(exc))
+        return exc
+    except Exception:
+        return RuntimeError(f"{type(exc).__name__}: {exc}")
+
+
+def _exit_with_parent() -> None:
+    """A rank whose worker died (even by SIGKILL) exits too; the job's lease then expires."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(0.5)
+            if os.getppid() != parent:
+                os._exit(1)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+# -- in the worker --------------------------------------------------------------------------------
+
+
+def launch(
+    train: Callable[..., T], reporter: Reporter, *, nproc: int, threads: int | None = None, cuda: bool = False
+) -> T:
+    """Run ``train(reporter=...)`` on ``nproc`` ranks (one GPU each when ``cuda``, else gloo on
+    CPU with ``threads`` torch threads per rank, default this process's share) and return rank 0's result. Rank 0's reporter
+    calls are served here from ``reporter``. A rank's error is re-raised here; ranks that die
+    without one are all restarted (the recipe must resume from its saved state), up to
+    :data:`MAX_RESTARTS` times."""
+    threads = threads or max(1, torch.get_num_threads() // nproc)
+    for attempt in range(MAX_RESTARTS + 1):
+        lost = _run_once(train, reporter, nproc=nproc, threads=threads, cuda=cuda)
+        if isinstance(lost, _Finished):
+            return lost.result  # type: ignore[no-any-return]
+        if attempt < MAX_RESTARTS:
+            reporter.on_message(
+                f"{lost}; restarting all {nproc} processes from the last saved state "
+                f"(restart {attempt + 1} of {MAX_RESTARTS})",
+                level="warn",
+            )
+    raise RanksLost(f"{lost}; gave up after {MAX_RESTARTS} restarts")
+
+
+class _Outcome:
+    """What the ranks said: rank 0's result, each rank's error, and which ranks are done talking."""
+
+    def __init__(self) -> None:
+        self.result: Any = None
+        self.errors: dict[int, BaseException] = {}
+        self.finished: set[int] = set()
+
+    def take(self, r: int, conn: Connection, reporter: Reporter | None) -> None:
+        """Read one message from rank ``r``: serve a reporter call, or note its end."""
+        try:
+            msg = conn.recv()
+        except (EOFError, OSError):  # that rank is gone; its exit code says how
+            self.finished.add(r)
+            return
+        if msg[0] == "call":
+            _, name, args, kwargs = msg
+            if reporter is None:
+                return  # the job is being torn down; nobody waits for the answer
+            try:
+                conn.send(("ok", getattr(reporter, name)(*args, **kwargs)))
+            except Exception as exc:  # noqa: BLE001 - the rank re-raises it
+                conn.send(("raise", _picklable(exc)))
+        elif msg[0] == "result":
+            self.result = msg[1] if r == 0 else self.result
+            self.finished.add(r)
+        else:
+            self.errors[r] = msg[1]
+            self.finished.add(r)
+
+
+class _Finished:
+    def __init__(self, result: Any) -> None:
+        self.result = result
+
+
+def _run_once(
+    train: Callable[..., Any], reporter: Reporter, *, nproc: int, threads: int, cuda: bool
+) -> _Finished | str:
+    """One launch of all ranks: their result, or why they were lost (a string)."""
+    ctx = mp.get_context("spawn")
+    port = _free_port()
+    procs: list[Any] = []
+    conns: list[Connection] = []
+    for r in range(nproc):
+        mine, theirs = ctx.Pipe()
+        env = {
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "RANK": str(r),
+            "WORLD_SIZE": str(nproc),
+            "LOCAL_RANK": str(r),
+            "LOCAL_WORLD_SIZE": str(nproc),
+            "OPENFT_DIST_BACKEND": "nccl" if cuda else "gloo",
+        }
+        p = ctx.Process(
+            target=_rank_main, args=(env, theirs, train, threads), name=f"openft-rank{r}", daemon=False
+        )
+        p.start()
+        theirs.close()
+        procs.append(p)
+        conns.append(mine)
+    outcome = _Outcome()
+    try:
+        while True:
+            live = [c for r, c in enumerate(conns) if r not in outcome.finished]
+            for ready in wait([*live, *(p.sentinel for p in procs)], timeout=1.0):
+                if isinstance(ready, Connection):
+                    outcome.take(conns.index(ready), ready, reporter)
+            if all(p.exitcode is not None for p in procs):
+                break
+            if any(p.exitcode not in (None, 0) for p in procs):
+                break  # one rank failed: the others cannot go on without it
+    finally:
+        _reap(procs)
+        for r, c in enumerate(conns):
+            while r not in outcome.finished and c.poll():  # the survivors' last words
+                outcome.take(r, c, None)
+            c.close()
+    errors = outcome.errors
+    silent = [r for r, p in enumerate(procs) if p.exitcode != 0 and r not in errors]
+    if silent:
+        how = ", ".join(f"rank {r} {_exit_words(procs[r].exitcode)}" for r in silent)
+        return f"{how} without reporting an error"
+    if errors:
+        raise errors[min(errors)]  # rank 0's own error first: the others' are often its echo
+    return _Finished(outcome.result)
+
+
+def _reap(procs: list[Any]) -> None:
+    deadline = time.monotonic() + SURVIVOR_GRACE_SECONDS
+    for p in procs:
+        p.join(timeout=max(0.0, deadline - time.monotonic()))
+    for p in procs:
+        if p.exitcode is None:
+            p.kill()
+            p.join()
+
+
+def _exit_words(code: int | None) -> str:
+    if code is not None and code < 0:
+        with contextlib.suppress(ValueError):
+            return f"was killed by {signal.Signals(-code).name}"
+    return f"exited with code {code}"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
