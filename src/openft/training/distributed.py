@@ -118,6 +118,23 @@ def all_sum(*values: float) -> list[float]:
     return t.tolist()
 
 
+def gather(parts: list[torch.Tensor]) -> torch.Tensor:
+    """Every rank's ``parts``, concatenated (on the CPU): per-item values such as DPO rewards."""
+    mine = torch.cat(parts).detach().cpu() if parts else torch.zeros(0)
+    if world_size() == 1:
+        return mine
+    everyone: list[Any] = [None] * world_size()
+    dist.all_gather_object(everyone, mine)
+    return torch.cat(everyone)
+
+
+def unwrap(model: Any) -> Any:
+    """The model inside DDP (or ``model`` itself)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
 def _collective_device() -> torch.device:
     return (
         torch.device("cuda", torch.cuda.current_device())

@@ -55,6 +55,7 @@ from openft.datasets.formats import PreferenceExample
 from openft.errors import InvalidRequest
 from openft.models.loader import weights_kind
 from openft.models.render import IGNORE_INDEX, Rendered, render_chat
+from openft.training import distributed
 from openft.training.collate import collate_preference, epoch_batches, micro_batches
 from openft.training.config import TrainConfig
 from openft.training.loss import dpo_loss, dpo_metrics, sequence_logprobs
@@ -130,7 +131,8 @@ def run(
             )
             ref_table = reference_logps(scorer, pairs, chunk)
             valid_ref = reference_logps(scorer, valid, chunk)
-            _write_reference(output_dir / REFERENCE_FILE, ref_table, valid_ref, fingerprint)
+            if distributed.is_main():  # every rank scored the same pairs; rank 0 writes the file
+                _write_reference(output_dir / REFERENCE_FILE, ref_table, valid_ref, fingerprint)
 
     steps_per_epoch = math.ceil(len(pairs) / cfg.batch_size)
     total_steps = steps_per_epoch * cfg.n_epochs
@@ -149,21 +151,30 @@ def run(
     progress = Progress(cfg, reporter, model, optimizer, scheduler, device, fingerprint, total_steps)
     progress.resume(found)
     model.train()
+    ddp = distributed.wrap(model, device)  # the model itself on one process
+    train_scorer = replace(scorer, model=ddp)
     for epoch in range(progress.start_epoch, cfg.n_epochs + 1):
         batches = epoch_batches(widths, cfg.batch_size, seed=cfg.seed, epoch=epoch)
         for b in progress.batches(epoch, len(batches)):
             progress.stop_if_asked(epoch, b)
             batch_ids = batches[b]
             # Gradient accumulation: the loss is a mean over pairs, so each micro-batch's mean is
-            # weighted by its share of the batch's pairs and the summed gradient is the batch's.
+            # weighted by its share of the batch's pairs and the summed gradient is the batch's. On
+            # N processes each rank takes its part (as in ``sft``: an idle rank joins at weight 0).
+            mine = distributed.share(batch_ids)
+            chunks = micro_batches(mine or batch_ids[:1], cfg.micro_batch_size)
             loss_sum, correct, labelled, rewards_c, rewards_r = 0.0, 0, 0, [], []
-            for ids in micro_batches(batch_ids, cfg.micro_batch_size):
-                out = score(scorer, [pairs[i] for i in ids], ref_table, ids)
-                (out.loss * len(ids) / len(batch_ids)).backward()
-                loss_sum += out.loss.item() * len(ids)
-                correct, labelled = correct + out.correct, labelled + out.labelled
-                rewards_c.append(out.rewards_chosen)
-                rewards_r.append(out.rewards_rejected)
+            for k, ids in enumerate(chunks):
+                weight = len(ids) / len(batch_ids) if mine else 0.0
+                with distributed.accumulating(ddp, last=k == len(chunks) - 1):
+                    out = score(train_scorer, [pairs[i] for i in ids], ref_table, ids)
+                    (out.loss * weight * distributed.world_size()).backward()
+                if mine:
+                    loss_sum += out.loss.item() * len(ids)
+                    correct, labelled = correct + out.correct, labelled + out.labelled
+                    rewards_c.append(out.rewards_chosen)
+                    rewards_r.append(out.rewards_rejected)
+            loss_sum, correct, labelled = distributed.all_sum(loss_sum, correct, labelled)
             torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
             optimizer.step()
             scheduler.step()
@@ -173,18 +184,20 @@ def run(
             metrics: dict[str, float | int] = {
                 "train_loss": loss_sum / len(batch_ids),
                 "train_mean_token_accuracy": correct / max(1, labelled),  # chosen replies only
-                **dpo_metrics(torch.cat(rewards_c), torch.cat(rewards_r)),
+                **dpo_metrics(distributed.gather(rewards_c), distributed.gather(rewards_r)),
             }
             epoch_done = b == len(batches) - 1
-            if valid and (step % eval_every == 0 or epoch_done):
+            evaluating = valid and distributed.is_main()  # only rank 0 reports
+            if evaluating and (step % eval_every == 0 or epoch_done):
                 metrics |= _prefixed("valid_", evaluate(scorer, valid, valid_sample, valid_ref, chunk))
-            if valid and epoch_done:
+            if evaluating and epoch_done:
                 every = range(len(valid))
                 metrics |= _prefixed("full_valid_", evaluate(scorer, valid, every, valid_ref, chunk))
             progress.record_step(metrics, epoch=epoch, next_batch=b + 1, epoch_done=epoch_done)
         progress.end_epoch(epoch, processor)
 
-    (output_dir / REFERENCE_FILE).unlink(missing_ok=True)  # the reference is no longer needed either
+    if distributed.is_main():
+        (output_dir / REFERENCE_FILE).unlink(missing_ok=True)  # the reference is no longer needed either
     return progress.finish()
 
 
@@ -264,7 +277,7 @@ def score(
         ref = ref_table[list(ids)].to(scorer.device)
         ref_c, ref_r = ref[:, 0], ref[:, 1]
     else:
-        with torch.no_grad(), scorer.model.disable_adapter():
+        with torch.no_grad(), distributed.unwrap(scorer.model).disable_adapter():
             ref_logps = _forward(scorer, batch)[0]
         ref_c, ref_r = ref_logps[:n], ref_logps[n:]
     logps, logits, labels = _forward(scorer, batch)
