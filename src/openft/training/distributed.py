@@ -84,8 +84,8 @@ def wrap(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     forward/backward only: saving and evaluating keep using the bare model (same names as one process).
 
     ``find_unused_parameters``: a text-only batch leaves the vision tower without gradients, on some
-    ranks but not others. ``broadcast_buffers=False``: ranks run different numbers of micro-batches,
-    so no collective may hide in a forward.
+    ranks but not others. ``forward_sync_buffers=False`` (buffers are synced once, at wrapping):
+    ranks run different numbers of micro-batches, so no collective may hide in a forward.
     """
     if world_size() == 1:
         return model
@@ -97,7 +97,7 @@ def wrap(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
         if device.type == "cuda"
         else None,
         find_unused_parameters=True,
-        broadcast_buffers=False,  # (deprecated name, but its replacement still syncs at init)
+        forward_sync_buffers=False,
     )
 
 
