@@ -254,25 +254,31 @@ def _exit_with_parent() -> None:
 
 
 def launch(
-    train: Callable[..., T], reporter: Reporter, *, nproc: int, threads: int | None = None, cuda: bool = False
+    train: Callable[..., T],
+    reporter: Reporter,
+    *,
+    nproc: int,
+    threads: int | None = None,
+    cuda: bool = False,
+    max_restarts: int = MAX_RESTARTS,
 ) -> T:
     """Run ``train(reporter=...)`` on ``nproc`` ranks (one GPU each when ``cuda``, else gloo on
     CPU with ``threads`` torch threads per rank, default this process's share) and return rank 0's result. Rank 0's reporter
     calls are served here from ``reporter``. A rank's error is re-raised here; ranks that die
     without one are all restarted (the recipe must resume from its saved state), up to
-    :data:`MAX_RESTARTS` times."""
+    ``max_restarts`` times."""
     threads = threads or max(1, torch.get_num_threads() // nproc)
-    for attempt in range(MAX_RESTARTS + 1):
+    for attempt in range(max_restarts + 1):
         lost = _run_once(train, reporter, nproc=nproc, threads=threads, cuda=cuda)
         if isinstance(lost, _Finished):
             return lost.result  # type: ignore[no-any-return]
-        if attempt < MAX_RESTARTS:
+        if attempt < max_restarts:
             reporter.on_message(
                 f"{lost}; restarting all {nproc} processes from the last saved state "
-                f"(restart {attempt + 1} of {MAX_RESTARTS})",
+                f"(restart {attempt + 1} of {max_restarts})",
                 level="warn",
             )
-    raise RanksLost(f"{lost}; gave up after {MAX_RESTARTS} restarts")
+    raise RanksLost(f"{lost}; gave up after {max_restarts} restarts")
 
 
 class _Outcome:
@@ -360,7 +366,7 @@ def _run_once(
         how = ", ".join(f"rank {r} {_exit_words(procs[r].exitcode)}" for r in silent)
         return f"{how} without reporting an error"
     if errors:
-        raise errors[min(errors)]  # rank 0's own error first: the others' are often its echo
+        raise next(iter(errors.values()))  # the first to arrive: the others are often its echo
     return _Finished(outcome.result)
 
 
