@@ -42,6 +42,7 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
+from openft.errors import JobCancelled
 from openft.training.reporter import Reporter
 
 log = logging.getLogger("openft.training")
@@ -219,8 +220,12 @@ def _rank_main(env: dict[str, str], conn: Connection, train: Callable[..., Any],
         result = train(reporter=reporter)
         conn.send(("result", result if dist.get_rank() == 0 else None))
     except BaseException as exc:  # noqa: BLE001 - every failure goes back to the worker
-        log.exception("rank %s failed", env["RANK"])
-        conn.send(("error", _picklable(exc)))
+        if isinstance(exc, JobCancelled):  # a cancel, pause or shutdown: state is saved
+            log.info("rank %s stopped: %s", env["RANK"], exc)
+        else:
+            log.exception("rank %s failed", env["RANK"])
+        with contextlib.suppress(OSError):  # the worker may be gone too
+            conn.send(("error", _picklable(exc)))
         os._exit(1)
     finally:
         with contextlib.suppress(Exception):
