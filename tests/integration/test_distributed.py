@@ -160,3 +160,55 @@ def test_dpo_on_two_processes_matches_one(tmp_path: Path) -> None:
     assert max(abs(x - y) / abs(x) for x, y in zip(a, b, strict=True)) < RTOL, (a, b)
     assert [s["step"] for s in two.steps] == list(range(1, 9))
     assert two.checkpoints and two.checkpoints[-1]["weights_dir"].exists()
+
+
+def test_a_pause_stops_every_rank_and_they_resume_where_it_left(tmp_path: Path) -> None:
+    """A stop asked of rank 0 (pause, cancel, worker shutdown) stops both ranks at one step
+    boundary with the state saved; a second launch resumes there (every rank loads it) and ends
+    with the 1-process run's losses."""
+    import random
+
+    from openft.errors import JobCancelled
+    from openft.models.loader import resolve_base
+    from openft.training import distributed
+    from openft.training.config import TrainConfig
+    from openft.training.recipes import sft
+    from openft.training.reporter import ListReporter
+    from tests.integration.test_sft_recipe import _example, _prompt
+
+    rng = random.Random(1)
+    train = [_example(i + 1, *_prompt(rng)) for i in range(20)]
+    base = resolve_base("openft-tiny-vlm", model_cache())
+
+    def cfg(name: str) -> TrainConfig:
+        return TrainConfig(
+            base_model=base,
+            output_dir=tmp_path / name,
+            n_epochs=2,
+            batch_size=4,
+            learning_rate=1e-3,
+            seed=0,
+            device="cpu",
+            micro_batch_size=1,
+        )
+
+    one = ListReporter()
+    sft.run(cfg("one"), train, one)
+    paused = ListReporter(stop_after=3)
+    with pytest.raises(JobCancelled, match="stopped at step 3 of 10"):
+        distributed.launch(
+            functools.partial(sft.run, cfg("two"), train, resume=True), paused, nproc=2, threads=1
+        )
+    assert [s["step"] for s in paused.steps] == [1, 2, 3]
+    resumed = ListReporter()
+    distributed.launch(
+        functools.partial(sft.run, cfg("two"), train, resume=True), resumed, nproc=2, threads=1
+    )
+    assert [m for _, m in resumed.messages if m.startswith("Job resumed")] == [
+        "Job resumed at step 3 of 10 (epoch 1, batch 4)"
+    ]
+    steps = paused.steps + resumed.steps
+    assert [s["step"] for s in steps] == list(range(1, 11))
+    a, b = [s["train_loss"] for s in one.steps], [s["train_loss"] for s in steps]
+    assert max(abs(x - y) / abs(x) for x, y in zip(a, b, strict=True)) < RTOL, (a, b)
+    assert [c["step"] for c in resumed.checkpoints] == [5, 10]
