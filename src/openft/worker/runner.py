@@ -6,6 +6,7 @@ through the API meanwhile is never overwritten, and every step leaves an event b
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import io
 import logging
@@ -282,6 +283,9 @@ def _run(ctx: WorkerContext, job: Job, lease: JobLease) -> None:
     reporter = JobReporter(
         ctx.db, ctx.blobs, job=job, model_name=model_name, lease=lease, keep_checkpoints=cfg.keep_checkpoints
     )
+    cuda = resolve_device(settings.device).startswith("cuda")
+    if settings.nproc > 1 and cuda:
+        cfg = dataclasses.replace(cfg, device="cuda")  # each rank's own GPU (its LOCAL_RANK), not cuda:N
     # resume=True: a paused or interrupted job continues from the state saved in its work dir
     # (a fresh job has none and starts at step 0).
     if job.method_type == "dpo":
@@ -295,7 +299,7 @@ def _run(ctx: WorkerContext, job: Job, lease: JobLease) -> None:
             recipe,
             reporter,
             nproc=settings.nproc,
-            cuda=resolve_device(settings.device).startswith("cuda"),
+            cuda=cuda,
         )
     else:
         result = recipe(reporter=reporter)
