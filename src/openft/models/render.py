@@ -36,13 +36,20 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+import jinja2
 import torch
 from PIL import Image
 
 from openft.datasets.formats import ChatExample, ImagePart, Message, PreferenceExample, TextPart
 from openft.datasets.images import DECODE_MAX_PIXELS, open_image
 from openft.errors import InvalidRequest
-from openft.models.families import END_OF_TURN_TOKENS, LOW_DETAIL_MAX_PIXELS, Family, find_family
+from openft.models.families import (
+    END_OF_TURN_TOKENS,
+    LOW_DETAIL_MAX_PIXELS,
+    Family,
+    find_chat_format,
+    find_family,
+)
 
 IGNORE_INDEX = -100
 
@@ -50,9 +57,19 @@ LOW_DETAIL_MAX_SIDE = 512
 """``detail="low"``: the image is first shrunk (aspect kept) to fit within 512x512 ..."""
 # ... then the family's rule applies (``Family.detail_kwargs``; Qwen2-VL caps the pixel budget at
 # ``min(LOW_DETAIL_MAX_PIXELS, max_pixels // 4)``).
-__all__ = ["IGNORE_INDEX", "LOW_DETAIL_MAX_PIXELS", "Rendered", "count_tokens", "load_image", "render_chat"]
+__all__ = [
+    "IGNORE_INDEX",
+    "LOW_DETAIL_MAX_PIXELS",
+    "Rendered",
+    "count_tokens",
+    "fold_system",
+    "load_image",
+    "render_chat",
+]
 
-# For tokenizers of no known family (text-only bases).
+# Templates that serialise tool-call arguments with ``tojson`` expect a mapping (the Hugging Face
+# convention: Qwen2.5, Llama 3.1, Mistral); the others print the JSON string as it is.
+_ARGUMENTS_AS_MAPPING = re.compile(r"arguments\s*\|\s*tojson|function\s*\|\s*tojson")
 
 
 @dataclass
@@ -114,30 +131,84 @@ def render_chat(
         raise InvalidRequest(
             "the base model has no chat template; pick an instruct/chat model", param="model"
         )
-    sent = _Sentinels(messages, tools)
+    chat_format = find_chat_format(tokenizer)
+    if (
+        chat_format is not None
+        and chat_format.tool_format is None
+        and find_family(processor) is None
+        and any(m.tool_calls or m.role == "tool" for m in messages)
+    ):
+        raise InvalidRequest(
+            f"the base model's chat format ({chat_format.name}) has no tool calls; use a base model "
+            "whose chat template supports tools, or remove tool_calls and tool messages",
+            param="messages",
+        )
+    if chat_format is not None and not chat_format.system_role:
+        messages = fold_system(messages)
+    sent = _Sentinels(
+        messages,
+        tools,
+        arguments_as_mapping=bool(_ARGUMENTS_AS_MAPPING.search(template)),
+        # Multimodal templates iterate content parts (LLaVA-1.5's only knows lists); text-only
+        # templates concatenate a string (Qwen2.5's ``+ message.content``, Llama 3.1's ``| trim``).
+        parts=getattr(processor, "image_processor", None) is not None,
+    )
     conv = [sent.message(m) for m in messages]
     tools_t = sent.tools(tools)
 
     def apply(msgs: list[dict[str, Any]], gen: bool) -> str:
-        return tokenizer.apply_chat_template(
-            msgs, tools=tools_t, chat_template=template, tokenize=False, add_generation_prompt=gen
-        )
+        try:
+            return tokenizer.apply_chat_template(
+                msgs, tools=tools_t, chat_template=template, tokenize=False, add_generation_prompt=gen
+            )
+        except jinja2.TemplateError as exc:  # raise_exception(): the template refuses this layout
+            raise InvalidRequest(
+                f"the base model's chat template cannot render this conversation: {exc}",
+                param="messages",
+            ) from exc
 
     full = apply(conv, add_generation_prompt)
+    dropped = [n for n in sent.call_names if n not in full]
+    if dropped:
+        raise InvalidRequest(
+            "the base model's chat template does not render tool calls (it dropped "
+            f"{len(dropped)}); use a base model whose template supports tools, or remove tool_calls",
+            param="messages",
+        )
     family = find_family(processor)
-    eot = family.end_of_turn(tokenizer) if family else _end_of_turn(tokenizer)
+    if family is not None:
+        eot = family.end_of_turn(tokenizer)
+    elif chat_format is not None:
+        eot = chat_format.end_of_turn
+    else:
+        eot = _end_of_turn(tokenizer)
     protected = _protected_ids(processor, tokenizer, family)
 
     # Character spans of the rendered string that are trained on (assistant reply + end-of-turn).
+    # A reply starts where the generation prompt after the turns before it ends. Most templates
+    # render those turns the same whatever follows (prefix-stable); some do not (Qwen3 drops the
+    # empty <think> block of earlier turns; Mistral puts tools in the last user turn), so the
+    # reply is then found by its own rendering, searched after the previous trained span.
     trained: list[tuple[int, int]] = []
+    cursor = 0
     for i, m in enumerate(messages):
         if m.role != "assistant" or m.weight == 0:
             continue
-        head, upto = apply(conv[:i], True), apply(conv[: i + 1], False)
-        if not (upto.startswith(head) and full.startswith(upto)):
-            raise ValueError("the chat template is not prefix-stable; cannot locate assistant turns")
-        stop = upto.find(eot, len(head)) if eot else -1
-        trained.append((len(head), stop + len(eot) if stop >= 0 else len(upto)))
+        head = apply(conv[:i], True)
+        if full.startswith(head) and len(head) >= cursor:
+            start = len(head)
+        else:
+            upto = apply(conv[: i + 1], False)
+            reply = upto[len(head) :] if upto.startswith(head) else ""
+            if eot and eot in reply:
+                reply = reply[: reply.index(eot) + len(eot)]
+            start = full.find(reply, cursor) if reply.strip() else -1
+            if start < 0:
+                raise ValueError("cannot locate an assistant turn in the rendered chat template")
+        stop = full.find(eot, start) if eot else -1
+        end = stop + len(eot) if stop >= 0 else len(apply(conv[: i + 1], False))
+        trained.append((start, end))
+        cursor = end
 
     # Cut the string at sentinels and trained-span edges; encode each piece by its kind.
     cuts = {0, len(full)} | {p for span in trained for p in span}
@@ -217,6 +288,23 @@ def count_tokens(processor: Any, example: ChatExample | PreferenceExample) -> in
         len(render_chat(processor, (*example.prompt, reply), tools=tools).input_ids)
         for reply in (example.preferred, example.non_preferred)
     )
+
+
+def fold_system(messages: Sequence[Message]) -> tuple[Message, ...]:
+    """For chat formats without a system turn (Gemma, Mistral): a leading system (or developer)
+    message becomes the start of the first user turn, ``system + "\\n\\n" + user``, as
+    Gemma 3's template does it. Images in the system message move along with its text."""
+    if not messages or messages[0].role not in ("system", "developer"):
+        return tuple(messages)
+    system, rest = messages[0], list(messages[1:])
+    for k, m in enumerate(rest):
+        if m.role == "user":
+            joined = (*system.content, TextPart("\n\n"), *m.content)
+            rest[k] = Message(
+                "user", joined, name=m.name, tool_call_id=m.tool_call_id, tool_calls=m.tool_calls
+            )
+            return tuple(rest)
+    return (Message("user", system.content), *rest)
 
 
 def load_image(part: ImagePart, *, max_pixels: int = DECODE_MAX_PIXELS) -> Image.Image:
@@ -347,7 +435,14 @@ def _end_of_turn(tokenizer: Any) -> str | None:
 class _Sentinels:
     """Swaps user-controlled strings for inert ASCII markers, and remembers what they stood for."""
 
-    def __init__(self, messages: Sequence[Message], tools: Sequence[dict[str, Any]] | None) -> None:
+    def __init__(
+        self,
+        messages: Sequence[Message],
+        tools: Sequence[dict[str, Any]] | None,
+        *,
+        arguments_as_mapping: bool = False,
+        parts: bool = True,
+    ) -> None:
         blob = json.dumps(tools or []) + "".join(m.text + json.dumps(m.tool_calls or []) for m in messages)
         nonce = 0
         while f"OPENFTSEG{nonce}N" in blob:
@@ -355,16 +450,24 @@ class _Sentinels:
         self.pattern = re.compile(f"OPENFTSEG{nonce}N(\\d+)E")
         self._prefix = f"OPENFTSEG{nonce}N"
         self.values: list[str] = []
+        self._arguments_as_mapping = arguments_as_mapping
+        self._parts = parts
+        self.call_names: list[str] = []
+        """The markers of tool-call names: each must appear in the render."""
 
     def _mark(self, replacement: str) -> str:
         self.values.append(replacement)
         return f"{self._prefix}{len(self.values) - 1}E"
 
     def message(self, m: Message) -> dict[str, Any]:
-        content = [
-            {"type": "text", "text": self._mark(p.text)} if isinstance(p, TextPart) else {"type": "image"}
-            for p in m.content
-        ]
+        content: str | list[dict[str, Any]]
+        if self._parts or m.images:
+            content = [
+                {"type": "text", "text": self._mark(p.text)} if isinstance(p, TextPart) else {"type": "image"}
+                for p in m.content
+            ]
+        else:
+            content = self._mark(m.text) if m.text else ""
         out: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": content}
         if m.tool_calls:
             out["tool_calls"] = [self._tool_call(c) for c in m.tool_calls]
@@ -376,9 +479,15 @@ class _Sentinels:
 
     def _tool_call(self, call: dict[str, Any]) -> dict[str, Any]:
         fn = dict(call.get("function") or {})
-        for key in ("name", "arguments"):
-            if isinstance(fn.get(key), str):
-                fn[key] = self._mark(fn[key])
+        if isinstance(fn.get("name"), str):
+            fn["name"] = self._mark(fn["name"])
+            self.call_names.append(fn["name"])
+        args = fn.get("arguments")
+        if isinstance(args, str):
+            parsed = _json_object(args) if self._arguments_as_mapping else None
+            # A mapping's keys and string values become markers too: ``tojson`` then prints them
+            # quoted, and each marker stands for its JSON-escaped text.
+            fn["arguments"] = self._json_values(parsed, keys=True) if parsed is not None else self._mark(args)
         return {**call, "function": fn}
 
     def tools(self, tools: Sequence[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
@@ -386,13 +495,27 @@ class _Sentinels:
             return None
         return [self._json_values(t) for t in tools]
 
-    def _json_values(self, obj: Any, key: str | None = None) -> Any:
+    def _json_values(self, obj: Any, key: str | None = None, *, keys: bool = False) -> Any:
         # String values become markers whose replacement is their JSON-escaped form, as `tojson`
-        # would print it; keys and `type` tags stay real so templates can still branch on them.
+        # would print it; keys and `type` tags stay real so templates can still branch on them
+        # (tool schemas), unless ``keys`` (tool-call arguments: no template looks inside).
         if isinstance(obj, dict):
-            return {k: self._json_values(v, k) for k, v in obj.items()}
+            return {
+                (self._escaped(k) if keys else k): self._json_values(v, k, keys=keys) for k, v in obj.items()
+            }
         if isinstance(obj, list):
-            return [self._json_values(v) for v in obj]
-        if isinstance(obj, str) and key != "type":
-            return self._mark(json.dumps(obj, ensure_ascii=False)[1:-1])
+            return [self._json_values(v, keys=keys) for v in obj]
+        if isinstance(obj, str) and (keys or key != "type"):
+            return self._escaped(obj)
         return obj
+
+    def _escaped(self, text: str) -> str:
+        return self._mark(json.dumps(text, ensure_ascii=False)[1:-1])
+
+
+def _json_object(text: str) -> dict[str, Any] | None:
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None

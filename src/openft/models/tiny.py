@@ -258,7 +258,28 @@ def _edge_filters(weight: torch.Tensor) -> None:
 
 
 def _build_tokenizer() -> PreTrainedTokenizerFast:
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    return build_bpe_tokenizer(
+        SPECIAL_TOKENS, vocab_size=VOCAB_SIZE, eos_token="<|im_end|>", pad_token="<|endoftext|>"
+    )
+
+
+def build_bpe_tokenizer(
+    special_tokens: tuple[str, ...],
+    *,
+    vocab_size: int,
+    eos_token: str,
+    pad_token: str,
+    bos_token: str | None = None,
+    plain_added_tokens: tuple[str, ...] = (),
+    model_max_length: int = 4096,
+) -> PreTrainedTokenizerFast:
+    """A byte-level BPE trained here on :func:`_corpus` (deterministic, no files, no network).
+
+    ``special_tokens`` are added as special (never produced from user text);
+    ``plain_added_tokens`` are added as non-special tokens (Qwen's ``<tool_call>``, ``<think>``:
+    real checkpoints ship them that way so assistant text may contain them).
+    """
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
     # Qwen's regex split (words, digits one by one, punctuation, whitespace), then byte level.
@@ -270,20 +291,22 @@ def _build_tokenizer() -> PreTrainedTokenizerFast:
     )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB_SIZE,
-        special_tokens=list(SPECIAL_TOKENS),
+        vocab_size=vocab_size,
+        special_tokens=list(special_tokens),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator(_corpus(), trainer=trainer)
+    if plain_added_tokens:
+        tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in plain_added_tokens])
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
+        eos_token=eos_token,
+        pad_token=pad_token,
         unk_token=None,
-        bos_token=None,
+        bos_token=bos_token,
         padding_side="right",
-        model_max_length=4096,
+        model_max_length=model_max_length,
         clean_up_tokenization_spaces=False,
     )
 
