@@ -33,6 +33,7 @@ from openft.datasets.moderation import SKIP_CODE, SKIP_PHRASE, Moderator, defaul
 from openft.datasets.report import Issue, Report, Severity, Summary
 from openft.datasets.rules import DEFAULT_CONTROL_TOKENS, LineCheck, check_chat, check_preference
 from openft.datasets.tokens import TokenStats, estimate_tokens
+from openft.errors import InvalidRequest
 
 MAX_IMAGES_PER_EXAMPLE = 10
 MAX_IMAGE_EXAMPLES = 50_000
@@ -229,8 +230,10 @@ class _Validator:
                     self._add(Issue(draft.line, path, rejected.code, "skip", _skip_message(rejected)))
                 continue
             example = draft.build(resolved)
+            if not self._count_tokens(draft.line, example):
+                self.skipped += 1
+                continue
             self._sink(example)
-            self._count_tokens(draft.line, example)
             self.usable += 1
             yield example
 
@@ -279,8 +282,14 @@ class _Validator:
                 self.sunk.add(image.sha256)
                 self.options.image_sink(image.sha256, image.data)
 
-    def _count_tokens(self, line: int, example: Example) -> None:
-        n = int(self.counter(example))
+    def _count_tokens(self, line: int, example: Example) -> bool:
+        """Count the example's tokens; False (and a skip issue) if the model cannot train on it:
+        its chat template refuses the conversation, or truncation leaves nothing to train on."""
+        try:
+            n = int(self.counter(example))
+        except InvalidRequest as exc:
+            self._add(Issue(line, exc.param or "", exc.code or "invalid_example", "skip", exc.message))
+            return False
         self.tokens.add(n)
         limit = self.options.max_tokens
         if limit and n > limit:
@@ -290,10 +299,11 @@ class _Validator:
                     "",
                     "example_too_long",
                     "warning",
-                    f"the example has {n:,} tokens, more than the model's {limit:,}; it will be truncated "
-                    "from the end, so shorten it or split it",
+                    f"the example has {n:,} tokens, more than the length limit of {limit:,}; it will be "
+                    "truncated from the end to the limit, so shorten it, split it or raise the limit",
                 )
             )
+        return True
 
     # -- the report
 

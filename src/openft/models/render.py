@@ -117,8 +117,9 @@ def render_chat(
     """Turn ``messages`` into ``Rendered`` token ids, labels and vision tensors.
 
     ``processor`` is a multimodal processor (with ``.tokenizer``) or a bare tokenizer for
-    text-only models. ``max_length`` truncates at the end of the last complete trained assistant
-    turn that fits (never inside an image); if none fits, it raises ``InvalidRequest``.
+    text-only models. ``max_length`` truncates a longer render from the end to that many tokens
+    (before an image that would be cut); if no trained token is left, it raises ``InvalidRequest``
+    (code ``no_trained_tokens_within_limit``).
 
     Image ``detail``: ``"low"`` shrinks the image to fit within 512x512, then the family's rule
     applies (Qwen2-VL: the pixel budget is capped at ``min(448*448, max_pixels // 4)``; LLaVA: no
@@ -142,6 +143,7 @@ def render_chat(
             f"the base model's chat format ({chat_format.name}) has no tool calls; use a base model "
             "whose chat template supports tools, or remove tool_calls and tool messages",
             param="messages",
+            code="tool_calls_not_supported",
         )
     if chat_format is not None and not chat_format.system_role:
         messages = fold_system(messages)
@@ -165,6 +167,7 @@ def render_chat(
             raise InvalidRequest(
                 f"the base model's chat template cannot render this conversation: {exc}",
                 param="messages",
+                code="chat_template_refused",
             ) from exc
 
     full = apply(conv, add_generation_prompt)
@@ -174,6 +177,7 @@ def render_chat(
             "the base model's chat template does not render tool calls (it dropped "
             f"{len(dropped)}); use a base model whose template supports tools, or remove tool_calls",
             param="messages",
+            code="tool_calls_not_supported",
         )
     family = find_family(processor)
     if family is not None:
@@ -220,7 +224,6 @@ def render_chat(
     labels: list[int] = []
     image_spans: list[tuple[int, int]] = []  # token [start, end) of each image's placeholders
     per_image: list[dict[str, torch.Tensor]] = []
-    turn_ends: list[int] = []  # token index just after each trained turn
     for a, b in zip(edges, edges[1:], strict=False):
         piece = full[a:b]
         is_trained = any(s <= a and b <= e for s, e in trained)
@@ -233,8 +236,6 @@ def render_chat(
             )
         ids += new
         labels += new if is_trained else [IGNORE_INDEX] * len(new)
-        if any(b == e for _, e in trained):
-            turn_ends.append(len(ids))
 
     if next(images, None) is not None:
         raise InvalidRequest(
@@ -244,14 +245,22 @@ def render_chat(
         )
 
     if max_length is not None and len(ids) > max_length:
-        fits = [t for t in turn_ends if t <= max_length and not any(s < t < e for s, e in image_spans)]
-        if not fits:
+        # OpenAI's rule for over-long examples: truncate from the end to the limit. Never inside an
+        # image (its tokens must match the vision features), and never so far that nothing is
+        # left to train on.
+        cut = max_length
+        for s_, e_ in image_spans:
+            if s_ < cut < e_:
+                cut = s_
+        if not any(lab != IGNORE_INDEX for lab in labels[:cut]):
             raise InvalidRequest(
-                f"example is {len(ids)} tokens (images included) and no complete trained assistant reply "
-                f"fits within max_length={max_length}; shorten it, use fewer or low-detail images, or raise the limit",
+                f"example is {len(ids):,} tokens (images included) and truncating it to the length limit "
+                f"of {max_length:,} leaves no assistant token to train on; shorten the conversation before "
+                "the first trained reply, use fewer or low-detail images, or raise the limit "
+                '(extra_body={"openft": {"max_length": N}})',
                 param="messages",
+                code="no_trained_tokens_within_limit",
             )
-        cut = max(fits)
         ids, labels = ids[:cut], labels[:cut]
         kept = sum(1 for _, e in image_spans if e <= cut)
         image_spans, per_image = image_spans[:kept], per_image[:kept]
@@ -275,19 +284,28 @@ def render_chat(
 
 
 @_one_at_a_time
-def count_tokens(processor: Any, example: ChatExample | PreferenceExample) -> int:
-    """Total tokens (image tokens included) that training processes for ``example`` per epoch.
+def count_tokens(
+    processor: Any, example: ChatExample | PreferenceExample, *, max_length: int | None = None
+) -> int:
+    """Total tokens (image tokens included) of ``example`` before truncation, tools included.
 
     A chat example counts its whole rendered conversation. A preference pair counts both
-    sequences a DPO step runs: prompt + preferred and prompt + non-preferred.
+    sequences a DPO step runs: prompt + preferred and prompt + non-preferred. With
+    ``max_length``, each sequence must also survive truncation to it with a trained token left
+    (else ``InvalidRequest``, code ``no_trained_tokens_within_limit``), as training will need.
     """
     tools = example.tools
     if isinstance(example, ChatExample):
-        return len(render_chat(processor, example.messages, tools=tools).input_ids)
-    return sum(
-        len(render_chat(processor, (*example.prompt, reply), tools=tools).input_ids)
-        for reply in (example.preferred, example.non_preferred)
-    )
+        sequences = [tuple(example.messages)]
+    else:
+        sequences = [(*example.prompt, reply) for reply in (example.preferred, example.non_preferred)]
+    total = 0
+    for messages in sequences:
+        r = render_chat(processor, messages, tools=tools)
+        if max_length is not None and len(r.input_ids) > max_length:
+            render_chat(processor, messages, tools=tools, max_length=max_length)
+        total += len(r.input_ids)
+    return total
 
 
 def fold_system(messages: Sequence[Message]) -> tuple[Message, ...]:
