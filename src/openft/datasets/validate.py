@@ -28,6 +28,7 @@ from openft.datasets.formats import (
     PreferenceExample,
 )
 from openft.datasets.images import ImageInfo, ImageRejected, decode_image, fetch_image_bytes
+from openft.datasets.legacy import LEGACY_CODE, LEGACY_MESSAGE, upgrade_functions
 from openft.datasets.lines import read_jsonl
 from openft.datasets.moderation import SKIP_CODE, SKIP_PHRASE, Moderator, default_moderator, verdicts_for
 from openft.datasets.report import Issue, Report, Severity, Summary
@@ -132,6 +133,7 @@ class _Validator:
         # sha256 -> decode + moderation verdict, shared by every validation with this moderator.
         self.verdicts = verdicts_for(self.moderator)
         self.sunk: set[str] = set()
+        self.legacy_warned = False
 
     # -- the loop
 
@@ -162,6 +164,11 @@ class _Validator:
         self.issues.append(issue)
 
     def _check(self, line: int, record: dict) -> _Draft | None:
+        if self.method == "supervised":
+            record, converted = upgrade_functions(record)
+            if converted and not self.legacy_warned:  # one warning per file, at the first such line
+                self.legacy_warned = True
+                self._add(Issue(line, "", LEGACY_CODE, "warning", LEGACY_MESSAGE))
         ck = LineCheck(line, self.control_tokens)
         try:
             build = (check_chat if self.method == "supervised" else check_preference)(record, ck)
