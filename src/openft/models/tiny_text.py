@@ -473,7 +473,7 @@ FORMATS: dict[str, TextFormat] = {
             pad="<|endoftext|>",
             end_of_turn="<|im_end|>",
             plain_added_tokens=_QWEN_PLAIN,
-            extra_config=(("head_dim", 16),),
+            extra_config=(("head_dim", 32),),
         ),
         TextFormat(
             name="gemma",
@@ -485,7 +485,7 @@ FORMATS: dict[str, TextFormat] = {
             eos="<end_of_turn>",
             pad="<pad>",
             end_of_turn="<end_of_turn>",
-            extra_config=(("head_dim", 16), ("sliding_window", 64)),
+            extra_config=(("head_dim", 32), ("sliding_window", 512)),
         ),
         TextFormat(
             name="mistral",
@@ -571,8 +571,8 @@ def _build(spec: TextFormat, out: Path) -> None:
     config_cls = getattr(transformers, spec.config_class)
     config = config_cls(
         vocab_size=vocab,
-        hidden_size=64,
-        intermediate_size=128,
+        hidden_size=128,
+        intermediate_size=256,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
