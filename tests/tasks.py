@@ -250,7 +250,7 @@ def function_calling_records(n: int, *, seed: int) -> list[dict]:
     for i in range(n):
         name = names[i % len(names)]
         template, arg = DRONE_COMMANDS[name]
-        value = rng.choice(["home", "roof", "video", "photo", "10", "20", "30", "field"])
+        value = f"{rng.choice(['home', 'roof', 'video', 'photo', 'field'])}-{i}"  # every line distinct
         records.append(
             {
                 "functions": DRONE_FUNCTIONS,

@@ -27,7 +27,7 @@ pytestmark = pytest.mark.slow
 
 ALIAS = "gpt-4o-mini-2024-07-18"
 # Random-init bases learn only in full fine-tuning at a random-init rate: the catalog says so.
-TINY_OPTIONS = {"training_type": "full", "learning_rate": 3e-3}
+TINY_OPTIONS = {"training_type": "full", "learning_rate": 2e-3}
 
 
 @pytest.fixture(scope="module")
@@ -47,10 +47,12 @@ def text_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     server.stop()
 
 
+SYSTEM = "Answer with a colour."
+
+
 def answer(client, model: str, prompt: str) -> str:
-    out = client.chat.completions.create(
-        model=model, messages=[{"role": "user", "content": prompt}], temperature=0, max_tokens=12
-    )
+    messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": prompt}]
+    out = client.chat.completions.create(model=model, messages=messages, temperature=0, max_tokens=12)
     text = out.choices[0].message.content or ""
     # Qwen3's template trains an empty reasoning block before the reply; the reply is what follows.
     return re.sub(r"^\s*<think>.*?</think>\s*", "", text, flags=re.S).strip()
@@ -62,7 +64,7 @@ def accuracy(client, model: str, pairs: list[tuple[str, str]]) -> float:
 
 def held_out(train: list[tuple[str, str]]) -> list[tuple[str, str]]:
     seen = {p for p, _ in train}
-    pairs = [(p, a) for p, a in colour_examples(40, seed=999) if p not in seen]
+    pairs = [(p, a) for p, a in colour_examples(60, seed=999) if p not in seen][:40]
     assert len(pairs) >= 30
     return pairs
 
@@ -70,15 +72,13 @@ def held_out(train: list[tuple[str, str]]) -> list[tuple[str, str]]:
 @pytest.mark.parametrize("fmt", sorted(FORMATS))
 def test_fine_tuned_text_model_learns_the_rule(text_server: Server, fmt: str) -> None:
     c = text_server.client(f"text-{fmt}")
-    train = colour_examples(120, seed=1)
-    f = c.files.create(
-        file=("train.jsonl", io.BytesIO(to_jsonl(train, system="Answer with a colour."))), purpose="fine-tune"
-    )
+    train = colour_examples(240, seed=1)
+    f = c.files.create(file=("train.jsonl", io.BytesIO(to_jsonl(train, system=SYSTEM))), purpose="fine-tune")
     job = c.fine_tuning.jobs.create(
         training_file=f.id,
         model=f"tiny-{fmt}",
         seed=3,
-        hyperparameters={"n_epochs": 5, "batch_size": 8},
+        hyperparameters={"n_epochs": 8, "batch_size": 8},
     )
     job = wait_for(c, job.id)
     assert job.status == "succeeded", job.error
@@ -162,3 +162,29 @@ def test_one_long_example_is_truncated_not_a_server_error(text_server: Server, t
     assert report["summary"]["tokens"]["max"] >= 10_000
     assert found == warned == {(5, "example_too_long")}
     assert any("2,048 tokens (set on the job)" in e.message for e in events)
+
+
+def test_dpo_job_and_merged_export_of_a_text_model(text_server: Server, tmp_path: Path) -> None:
+    """DPO and export go through the same code for text models (Mistral: folded system, ``</s>``)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tests.tasks import preference_jsonl
+
+    c = text_server.client("dpo")
+    f = c.files.create(file=("p.jsonl", io.BytesIO(preference_jsonl(12, seed=2))), purpose="fine-tune")
+    job = c.fine_tuning.jobs.create(
+        training_file=f.id,
+        model="tiny-mistral",
+        method={"type": "dpo", "dpo": {"hyperparameters": {"n_epochs": 1, "batch_size": 4}}},
+    )
+    job = wait_for(c, job.id)
+    assert job.status == "succeeded", job.error
+    out = c.chat.completions.create(
+        model=job.fine_tuned_model, messages=[{"role": "user", "content": "red the?"}], max_tokens=3
+    )
+    assert out.choices[0].finish_reason in ("stop", "length")
+    to = tmp_path / "merged"
+    cli = text_server.cli("export", job.fine_tuned_model, "--to", str(to), "--merged")
+    assert cli.returncode == 0, cli.stdout + cli.stderr
+    model, tok = AutoModelForCausalLM.from_pretrained(to), AutoTokenizer.from_pretrained(to)
+    assert type(model).__name__ == "MistralForCausalLM" and tok.chat_template
