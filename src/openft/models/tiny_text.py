@@ -28,10 +28,9 @@ Template facts were checked against the published ``tokenizer_config.json`` chat
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,11 +38,11 @@ from typing import Any
 import torch
 import transformers
 
-from openft.models.tiny import build_bpe_tokenizer
+from openft.models.tiny import build_bpe_tokenizer, build_once
 
 VOCAB_SIZE = 1024
 _SEED = 4321
-_FORMAT_VERSION = "1"
+_FORMAT_VERSION = "2"  # bump when the generated files change: older builds are rebuilt
 
 LLAMA3_TEMPLATE = """{{- bos_token }}
 {%- if custom_tools is defined %}
@@ -436,9 +435,31 @@ _LLAMA3_SPECIALS = (
 _QWEN_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 _QWEN_PLAIN = ("<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>", "<think>", "</think>")
 
+_CHATML = TextFormat(
+    name="chatml",
+    architecture="Qwen2ForCausalLM",
+    config_class="Qwen2Config",
+    chat_template=CHATML_TEMPLATE,
+    special_tokens=_QWEN_SPECIALS,
+    bos=None,
+    eos="<|im_end|>",
+    pad="<|endoftext|>",
+    end_of_turn="<|im_end|>",
+    plain_added_tokens=_QWEN_PLAIN,
+)
 FORMATS: dict[str, TextFormat] = {
     f.name: f
     for f in (
+        _CHATML,
+        # Same tokens as Qwen2.5; its own architecture (q/k norms) and template (<think> blocks).
+        dataclasses.replace(
+            _CHATML,
+            name="qwen3",
+            architecture="Qwen3ForCausalLM",
+            config_class="Qwen3Config",
+            chat_template=QWEN3_TEMPLATE,
+            extra_config=(("head_dim", 16),),
+        ),
         TextFormat(
             name="llama3",
             architecture="LlamaForCausalLM",
@@ -451,31 +472,6 @@ FORMATS: dict[str, TextFormat] = {
             end_of_turn="<|eot_id|>",
         ),
         TextFormat(
-            name="chatml",
-            architecture="Qwen2ForCausalLM",
-            config_class="Qwen2Config",
-            chat_template=CHATML_TEMPLATE,
-            special_tokens=_QWEN_SPECIALS,
-            bos=None,
-            eos="<|im_end|>",
-            pad="<|endoftext|>",
-            end_of_turn="<|im_end|>",
-            plain_added_tokens=_QWEN_PLAIN,
-        ),
-        TextFormat(
-            name="qwen3",
-            architecture="Qwen3ForCausalLM",
-            config_class="Qwen3Config",
-            chat_template=QWEN3_TEMPLATE,
-            special_tokens=_QWEN_SPECIALS,
-            bos=None,
-            eos="<|im_end|>",
-            pad="<|endoftext|>",
-            end_of_turn="<|im_end|>",
-            plain_added_tokens=_QWEN_PLAIN,
-            extra_config=(("head_dim", 32),),
-        ),
-        TextFormat(
             name="gemma",
             architecture="Gemma2ForCausalLM",
             config_class="Gemma2Config",
@@ -485,7 +481,7 @@ FORMATS: dict[str, TextFormat] = {
             eos="<end_of_turn>",
             pad="<pad>",
             end_of_turn="<end_of_turn>",
-            extra_config=(("head_dim", 32), ("sliding_window", 512)),
+            extra_config=(("head_dim", 16), ("sliding_window", 64)),
         ),
         TextFormat(
             name="mistral",
@@ -533,27 +529,13 @@ FORMATS: dict[str, TextFormat] = {
 
 
 def ensure_tiny_text(fmt: str, cache_dir: Path) -> Path:
-    """Return ``cache_dir/openft-tiny-<fmt>``, generating it first if needed (atomic rename, so
-    concurrent builders never see a half-written folder)."""
+    """Return ``cache_dir/openft-tiny-<fmt>``, generating it first if it is missing or was built by
+    another version of this module (atomic rename: concurrent builders never see a half-written
+    folder)."""
     spec = FORMATS[fmt]
-    cache_dir = Path(cache_dir)
-    target = cache_dir / spec.model_name
-    marker = target / "openft-tiny.json"
-    if marker.exists():
-        return target
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{spec.model_name}-", dir=cache_dir))
-    try:
-        _build(spec, tmp)
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            if not marker.exists():
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    return build_once(
+        Path(cache_dir) / spec.model_name, functools.partial(_build, spec), version=_FORMAT_VERSION
+    )
 
 
 def _build(spec: TextFormat, out: Path) -> None:
@@ -571,8 +553,8 @@ def _build(spec: TextFormat, out: Path) -> None:
     config_cls = getattr(transformers, spec.config_class)
     config = config_cls(
         vocab_size=vocab,
-        hidden_size=128,
-        intermediate_size=256,
+        hidden_size=64,
+        intermediate_size=128,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
