@@ -27,7 +27,7 @@ def test_cookbook_style_file_validates_with_one_warning() -> None:
     assert result.report.ok, result.report.error_message()
     legacy = [i for i in result.report.issues if i.code == "legacy_function_calling"]
     assert len(legacy) == 1 and legacy[0].severity == "warning" and legacy[0].line == 1
-    assert result.report.summary["usable_examples"] == 12
+    assert result.report.summary.usable_examples == 12
     ex = result.examples[0]
     assert ex.tools is not None and [t["function"]["name"] for t in ex.tools] == [
         f["name"] for f in DRONE_FUNCTIONS
