@@ -189,3 +189,86 @@ def preference_jsonl(n: int, *, seed: int) -> bytes:
             )
         )
     return ("\n".join(lines) + "\n").encode()
+
+
+# ---------------------------------------------------------------- function calling (cookbook style)
+
+# Shaped like the OpenAI cookbook's "Fine tuning for function calling" drone example: a long list of
+# function definitions on every line, in the legacy format (``functions``, ``function_call``,
+# ``role: "function"``) that OpenAI's fine-tuning accepted.
+DRONE_FUNCTIONS = [
+    {
+        "name": name,
+        "description": description,
+        "parameters": {
+            "type": "object",
+            "properties": {
+                arg: {
+                    "type": "string",
+                    "description": f"The {arg.replace('_', ' ')} for {name.replace('_', ' ')}",
+                }
+                for arg in args
+            },
+            "required": list(args),
+        },
+    }
+    for name, description, args in [
+        ("takeoff_drone", "Initiate the drone's takeoff sequence.", ("altitude",)),
+        ("land_drone", "Land the drone at its current location or a specified landing point.", ("location",)),
+        (
+            "control_drone_movement",
+            "Direct the drone's movement in a specific direction.",
+            ("direction", "distance"),
+        ),
+        ("set_drone_speed", "Adjust the speed of the drone.", ("speed",)),
+        ("control_camera", "Control the drone's camera to capture images or videos.", ("mode", "duration")),
+        (
+            "control_gimbal",
+            "Adjust the drone's gimbal for camera stabilization and direction.",
+            ("tilt", "pan"),
+        ),
+        ("set_drone_lighting", "Control the drone's lighting for visibility and signaling.", ("mode",)),
+        ("return_to_home", "Command the drone to return to its home location.", ()),
+        ("set_battery_saver_mode", "Toggle battery saver mode.", ("status",)),
+        ("set_obstacle_avoidance", "Configure obstacle avoidance settings.", ("mode",)),
+    ]
+]
+DRONE_COMMANDS = {
+    "takeoff_drone": ("Take off to {x} metres", "altitude"),
+    "land_drone": ("Land at the {x}", "location"),
+    "set_drone_speed": ("Fly at speed {x}", "speed"),
+    "control_camera": ("Switch the camera to {x}", "mode"),
+}
+
+
+def function_calling_records(n: int, *, seed: int) -> list[dict]:
+    """Legacy-format supervised lines: a command -> an assistant ``function_call`` -> the function's
+    result -> a short confirmation."""
+    rng = random.Random(seed)
+    names = list(DRONE_COMMANDS)
+    records = []
+    for i in range(n):
+        name = names[i % len(names)]
+        template, arg = DRONE_COMMANDS[name]
+        value = f"{rng.choice(['home', 'roof', 'video', 'photo', 'field'])}-{i}"  # every line distinct
+        records.append(
+            {
+                "functions": DRONE_FUNCTIONS,
+                "messages": [
+                    {"role": "system", "content": "You control a drone with the given functions."},
+                    {"role": "user", "content": template.format(x=value)},
+                    {
+                        "role": "assistant",
+                        "content": None,
+                        "function_call": {"name": name, "arguments": json.dumps({arg: value})},
+                    },
+                    {"role": "function", "name": name, "content": json.dumps({"status": "ok"})},
+                    {"role": "assistant", "content": "Done."},
+                ],
+            }
+        )
+    return records
+
+
+def records_jsonl(records: list[dict]) -> bytes:
+    return ("\n".join(json.dumps(r) for r in records) + "\n").encode()

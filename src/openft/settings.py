@@ -3,11 +3,36 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
-from pydantic import Field
+from pydantic import BaseModel, ConfigDict, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 TINY_MODEL = "openft-tiny-vlm"
+
+
+class ModelEntry(BaseModel):
+    """One base model of the catalog (``OPENFT_BASE_MODELS``), under the name clients use."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    source: str = Field(min_length=1)
+    """Hugging Face id or local folder the weights come from."""
+    max_length: int | None = Field(default=None, ge=16)
+    """Longest training sequence in tokens; default: the model's context length."""
+    training_type: Literal["auto", "lora", "full"] = "auto"
+    """What ``training_type: "auto"`` means for this model; ``auto``: openft's default."""
+    learning_rate: float | None = Field(default=None, gt=0, le=1)
+    """The base learning rate that ``learning_rate_multiplier`` scales; default: openft's table."""
+    lora_rank: int | None = Field(default=None, ge=1, le=1024)
+    """LoRA rank (alpha is twice the rank); default 16."""
+    dtype: Literal["auto", "bfloat16", "float32"] = "auto"
+    """Training precision on CUDA: bf16 autocast (``bfloat16``), none (``float32``), or bf16 where the
+    GPU supports it (``auto``). CPU always trains in fp32."""
+
+
+def _is_folder(source: str) -> bool:
+    return source.startswith(("/", "~", "./", "../")) or Path(source).expanduser().is_dir()
 
 
 class Settings(BaseSettings):
@@ -40,9 +65,12 @@ class Settings(BaseSettings):
         default=1024,
         description="Requests the API admits at once (queued included); above it, 503 with Retry-After.",
     )
-    base_models: list[str] = Field(
+    base_models: list[str] | dict[str, str | ModelEntry] = Field(
         default_factory=list,
-        description="Extra servable/trainable base models: Hugging Face ids or local folders.",
+        description="The model catalog besides openft-tiny-vlm, as JSON: a list of Hugging Face ids or "
+        'local folders (named by the id or the folder\'s name), or an object {"name": "hf-id-or-folder"} '
+        '(names are aliases: {"gpt-4o-mini-2024-07-18": "Qwen/Qwen2.5-7B-Instruct"}) whose values may '
+        'also be {"source", "max_length", "training_type", "learning_rate", "lora_rank", "dtype"}.',
     )
     blob_url: str | None = Field(
         default=None,
@@ -104,9 +132,29 @@ class Settings(BaseSettings):
     organization_prefix: str = Field(default="org-", description="Prefix of organization_id (project id).")
 
     @property
+    def catalog(self) -> dict[str, ModelEntry]:
+        """Base models this server offers by name: the built-in tiny model first, then the
+        configured ones. Names are what ``/v1/models`` lists, jobs and chat take, and ``ft:`` names
+        embed."""
+        out = {TINY_MODEL: ModelEntry(source=TINY_MODEL)}
+        if isinstance(self.base_models, dict):
+            for name, entry in self.base_models.items():
+                out[name] = entry if isinstance(entry, ModelEntry) else ModelEntry(source=entry)
+        else:
+            for source in self.base_models:
+                name = Path(source.rstrip("/")).name if _is_folder(source) else source
+                out.setdefault(name, ModelEntry(source=source))
+        return out
+
+    @property
     def base_model_ids(self) -> list[str]:
-        """Base models this server offers: the built-in tiny model first, then the configured ones."""
-        return [TINY_MODEL, *(m for m in self.base_models if m != TINY_MODEL)]
+        return list(self.catalog)
+
+    def source_of(self, name: str) -> str:
+        """The weights source of a catalog name; a name not in the catalog (a job recorded before
+        the catalog changed) is taken as the source itself."""
+        entry = self.catalog.get(name)
+        return entry.source if entry else name
 
     @property
     def resolved_home(self) -> Path:

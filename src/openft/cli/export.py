@@ -53,7 +53,7 @@ def export(
     weights = state.blobs.materialize_dir(weights_key)
     from openft.models.loader import resolve_base
 
-    base = resolve_base(base_name, state.settings.resolved_model_cache)
+    base = resolve_base(state.settings.source_of(base_name), state.settings.resolved_model_cache)
     if merged:
         from openft.adapters import merge
         from openft.models.loader import load_model

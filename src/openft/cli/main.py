@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from openft.cli import chat, export, files, jobs, keys, migrate, serve, validate
+from openft.cli import chat, export, files, jobs, keys, migrate, models, serve, validate
 
 app = typer.Typer(
     help="openft: self-hosted fine-tuning with OpenAI's API.",
@@ -16,6 +16,7 @@ app.command("worker")(serve.worker)
 app.add_typer(keys.app, name="keys")
 validate.register(app)
 app.command("export")(export.export)
+app.command("models")(models.models)
 app.add_typer(files.app, name="files")
 app.add_typer(jobs.app, name="jobs")
 app.command("chat")(chat.chat)

@@ -19,7 +19,12 @@ def validate(
         Path, typer.Argument(exists=True, dir_okay=False, readable=True, help="JSONL training file")
     ],
     method: Annotated[str, typer.Option(help="Training method: supervised or dpo")] = "supervised",
-    model: Annotated[str | None, typer.Option(help="Base model, for token counts and context length")] = None,
+    model: Annotated[
+        str | None, typer.Option(help="Base model (a catalog name), for token counts and the length limit")
+    ] = None,
+    max_length: Annotated[
+        int | None, typer.Option(help="Length limit as the job's openft.max_length sets it (with --model)")
+    ] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON")] = False,
     home: HomeOption = None,
 ) -> None:
@@ -54,23 +59,36 @@ def validate(
         }
         if model:
             # The model's own processor: token counts, context and control tokens as training sees them.
-            from openft.models.loader import load_processor, resolve_base
-            from openft.models.validation import model_validation_options
+            from openft.models.loader import load_config, load_processor, resolve_base
+            from openft.models.validation import length_limit, model_validation_options
 
-            processor = load_processor(resolve_base(model, settings.resolved_model_cache))
-            options = model_validation_options(processor, **progress)
+            base = resolve_base(settings.source_of(model), settings.resolved_model_cache)
+            processor = load_processor(base)
+            entry = settings.catalog.get(model)
+            limit = length_limit(
+                processor, load_config(base), job=max_length, catalog=entry.max_length if entry else None
+            )
+            options = model_validation_options(processor, max_length=limit.tokens, **progress)
         else:
+            if max_length is not None:
+                raise typer.BadParameter("needs --model", param_hint="--max-length")
+            limit = None
             options = ValidationOptions(**progress)
         with file.open("rb") as fp:
             report = validate_file(fp, method=method, options=options).report  # type: ignore[arg-type]
 
     if json_out:
-        typer.echo(json.dumps(report.to_dict(), indent=2, ensure_ascii=False))
+        out_json = report.to_dict()
+        if limit is not None:
+            out_json["max_length"] = {"tokens": limit.tokens, "source": limit.source}
+        typer.echo(json.dumps(out_json, indent=2, ensure_ascii=False))
     else:
         out = Console()
         s = report.summary
         verdict = "[green]trainable[/green]" if report.ok else "[red]not trainable[/red]"
         out.print(f"{file.name} ({report.method}): {verdict}")
+        if limit is not None:
+            out.print(f"  length limit for {model}: {limit.describe()}")
         out.print(
             f"  examples {s.examples}, usable {s.usable_examples}, skipped {s.skipped_examples}, "
             f"with images {s.examples_with_images} ({s.images} images), errors {s.errors}"

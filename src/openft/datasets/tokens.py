@@ -9,6 +9,7 @@ estimate is used instead (about 4 characters per token, images after OpenAI's pu
 from __future__ import annotations
 
 import io
+import json
 import math
 from collections.abc import Callable
 
@@ -51,12 +52,14 @@ def _message_estimate(message: Message) -> int:
 
 
 def estimate_tokens(example: Example) -> int:
-    """A model-free estimate: ~4 characters per token plus OpenAI-style image tokens."""
+    """A model-free estimate: ~4 characters per token plus OpenAI-style image tokens. Tool
+    definitions count too: chat templates print them (often the longest part of an example)."""
     if isinstance(example, ChatExample):
         messages = example.messages
     else:
         messages = (*example.prompt, example.preferred, example.non_preferred)
-    return sum(_message_estimate(m) for m in messages)
+    tools = math.ceil(len(json.dumps(example.tools, ensure_ascii=False)) / 4) if example.tools else 0
+    return tools + sum(_message_estimate(m) for m in messages)
 
 
 class TokenStats:

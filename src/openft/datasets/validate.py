@@ -28,11 +28,13 @@ from openft.datasets.formats import (
     PreferenceExample,
 )
 from openft.datasets.images import ImageInfo, ImageRejected, decode_image, fetch_image_bytes
+from openft.datasets.legacy import LEGACY_CODE, LEGACY_MESSAGE, upgrade_functions
 from openft.datasets.lines import read_jsonl
 from openft.datasets.moderation import SKIP_CODE, SKIP_PHRASE, Moderator, default_moderator, verdicts_for
 from openft.datasets.report import Issue, Report, Severity, Summary
 from openft.datasets.rules import DEFAULT_CONTROL_TOKENS, LineCheck, check_chat, check_preference
 from openft.datasets.tokens import TokenStats, estimate_tokens
+from openft.errors import InvalidRequest
 
 MAX_IMAGES_PER_EXAMPLE = 10
 MAX_IMAGE_EXAMPLES = 50_000
@@ -131,6 +133,7 @@ class _Validator:
         # sha256 -> decode + moderation verdict, shared by every validation with this moderator.
         self.verdicts = verdicts_for(self.moderator)
         self.sunk: set[str] = set()
+        self.legacy_warned = False
 
     # -- the loop
 
@@ -161,6 +164,11 @@ class _Validator:
         self.issues.append(issue)
 
     def _check(self, line: int, record: dict) -> _Draft | None:
+        if self.method == "supervised":
+            record, converted = upgrade_functions(record)
+            if converted and not self.legacy_warned:  # one warning per file, at the first such line
+                self.legacy_warned = True
+                self._add(Issue(line, "", LEGACY_CODE, "warning", LEGACY_MESSAGE))
         ck = LineCheck(line, self.control_tokens)
         try:
             build = (check_chat if self.method == "supervised" else check_preference)(record, ck)
@@ -229,8 +237,10 @@ class _Validator:
                     self._add(Issue(draft.line, path, rejected.code, "skip", _skip_message(rejected)))
                 continue
             example = draft.build(resolved)
+            if not self._count_tokens(draft.line, example):
+                self.skipped += 1
+                continue
             self._sink(example)
-            self._count_tokens(draft.line, example)
             self.usable += 1
             yield example
 
@@ -279,8 +289,14 @@ class _Validator:
                 self.sunk.add(image.sha256)
                 self.options.image_sink(image.sha256, image.data)
 
-    def _count_tokens(self, line: int, example: Example) -> None:
-        n = int(self.counter(example))
+    def _count_tokens(self, line: int, example: Example) -> bool:
+        """Count the example's tokens; False (and a skip issue) if the model cannot train on it:
+        its chat template refuses the conversation, or truncation leaves nothing to train on."""
+        try:
+            n = int(self.counter(example))
+        except InvalidRequest as exc:
+            self._add(Issue(line, exc.param or "", exc.code or "invalid_example", "skip", exc.message))
+            return False
         self.tokens.add(n)
         limit = self.options.max_tokens
         if limit and n > limit:
@@ -290,10 +306,11 @@ class _Validator:
                     "",
                     "example_too_long",
                     "warning",
-                    f"the example has {n:,} tokens, more than the model's {limit:,}; it will be truncated "
-                    "from the end, so shorten it or split it",
+                    f"the example has {n:,} tokens, more than the length limit of {limit:,}; it will be "
+                    "truncated from the end to the limit, so shorten it, split it or raise the limit",
                 )
             )
+        return True
 
     # -- the report
 

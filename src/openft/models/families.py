@@ -27,8 +27,8 @@ from typing import Any, Literal
 from openft.errors import InvalidRequest
 
 Component = Literal["vision_tower", "projector", "language_model", "lm_head", "other"]
-END_OF_TURN_TOKENS: tuple[str, ...] = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>")
-"""Tokens that close a turn in the common open-model chat templates (ChatML, Llama 3, Gemma), in
+END_OF_TURN_TOKENS: tuple[str, ...] = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>")
+"""Tokens that close a turn in the common open-model chat templates (ChatML, Llama 3, Gemma, Phi-3), in
 order of preference: what renders and stops a model of no listed family."""
 
 LOW_DETAIL_MAX_PIXELS = 448 * 448
@@ -86,6 +86,10 @@ class Family:
     """``(image_processor, detail) -> processor kwargs`` for one image."""
     detail_rule: str = ""
     """The ``detail`` rule in words (for docs and error messages)."""
+    tool_format: str | None = None
+    """How the chat template writes tool calls (a format name of ``models/tool_calls.py``:
+    ``"hermes"``, ``"llama3_json"``, ``"mistral"``); None: the language model's chat format
+    decides (:func:`tool_format_of`)."""
 
     def end_of_turn(self, tokenizer: Any) -> str | None:
         vocab = tokenizer.get_vocab()
@@ -124,6 +128,7 @@ QWEN2_VL = Family(
     projector_prefixes=("model.visual.merger.",),
     language_model_prefixes=("model.language_model.",),
     detail_kwargs=_pixel_budget_detail,
+    tool_format="hermes",
     detail_rule=(
         "image tokens follow the pixel budget: 'low' caps it at min(448*448, max_pixels // 4) "
         "after shrinking the image to fit 512x512; 'high'/'auto' use the processor's max_pixels"
@@ -149,6 +154,93 @@ LLAVA = Family(
 )
 
 FAMILIES: tuple[Family, ...] = (QWEN2_VL, LLAVA)
+
+
+@dataclass(frozen=True)
+class ChatFormat:
+    """The facts of a text chat format that rendering and serving need, whatever the architecture
+    (a Llama-architecture checkpoint may speak Llama 3 or Mistral; the tokenizer decides)."""
+
+    name: str
+    """``"llama3"``, ``"chatml"``, ``"gemma"``, ``"mistral"``, ``"phi3"``."""
+    markers: tuple[str, ...]
+    """Tokens whose presence in the tokenizer's vocabulary identifies the format."""
+    end_of_turn: str
+    """Closes an assistant reply; trained on so the model learns to stop."""
+    tool_format: str | None
+    """Tool-call format name (``models/tool_calls.py``); None: the template has no tool calls."""
+    system_role: bool = True
+    """False: the template has no (usable) system turn, so rendering folds a leading system
+    message into the first user turn as ``system + "\\n\\n" + user`` (what Gemma 3's own
+    template does)."""
+    models: tuple[str, ...] = ()
+    """Published checkpoints whose chat template this format was checked against."""
+
+
+LLAMA3 = ChatFormat(
+    name="llama3",
+    markers=("<|start_header_id|>", "<|eot_id|>"),
+    end_of_turn="<|eot_id|>",
+    tool_format="llama3_json",
+    models=(
+        "meta-llama/Llama-3.1-8B-Instruct",
+        "meta-llama/Llama-3.2-3B-Instruct",
+        "meta-llama/Llama-3.3-70B-Instruct",
+    ),
+)
+CHATML = ChatFormat(
+    name="chatml",
+    markers=("<|im_start|>", "<|im_end|>"),
+    end_of_turn="<|im_end|>",
+    tool_format="hermes",
+    models=("Qwen/Qwen2.5-7B-Instruct", "Qwen/Qwen3-8B"),
+)
+GEMMA = ChatFormat(
+    name="gemma",
+    markers=("<start_of_turn>", "<end_of_turn>"),
+    end_of_turn="<end_of_turn>",
+    tool_format=None,
+    system_role=False,
+    models=("google/gemma-2-9b-it", "google/gemma-3-1b-it"),
+)
+MISTRAL = ChatFormat(
+    name="mistral",
+    markers=("[INST]", "[/INST]"),
+    end_of_turn="</s>",
+    tool_format="mistral",
+    # v0.3 shows the system message only when the last message is a user turn (so never in a
+    # training example); v0.1/v0.2 raise on it. Folding keeps it in every render.
+    system_role=False,
+    models=("mistralai/Mistral-7B-Instruct-v0.3",),
+)
+PHI3 = ChatFormat(
+    name="phi3",
+    markers=("<|assistant|>", "<|end|>"),
+    end_of_turn="<|end|>",
+    tool_format=None,
+    models=("microsoft/Phi-3-mini-4k-instruct", "microsoft/Phi-3.5-mini-instruct"),
+)
+CHAT_FORMATS: tuple[ChatFormat, ...] = (LLAMA3, CHATML, GEMMA, MISTRAL, PHI3)
+
+
+def find_chat_format(processor: Any) -> ChatFormat | None:
+    """The chat format a tokenizer (or a processor's tokenizer) speaks, by its special tokens."""
+    tokenizer = getattr(processor, "tokenizer", processor)
+    get_vocab = getattr(tokenizer, "get_vocab", None)
+    if get_vocab is None:
+        return None
+    vocab = get_vocab()
+    return next((f for f in CHAT_FORMATS if all(m in vocab for m in f.markers)), None)
+
+
+def tool_format_of(processor: Any) -> str | None:
+    """The tool-call format a model's template writes: the vision family's if it fixes one, else
+    its language model's chat format's."""
+    family = find_family(processor)
+    if family is not None and family.tool_format is not None:
+        return family.tool_format
+    fmt = find_chat_format(processor)
+    return fmt.tool_format if fmt else None
 
 
 def find_family(obj: Any) -> Family | None:

@@ -104,6 +104,13 @@ def load_empty_model(base: str) -> Any:
             return AutoModelForCausalLM.from_config(config)
 
 
+def load_config(base: str) -> Any:
+    """Only the model config (context length, architecture): no weights."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(base)
+
+
 def load_processor(base: str) -> Any:
     """Only the processor (tokenizer + image processor + chat template): enough to validate and
     count tokens without loading weights."""

@@ -36,13 +36,20 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+import jinja2
 import torch
 from PIL import Image
 
 from openft.datasets.formats import ChatExample, ImagePart, Message, PreferenceExample, TextPart
 from openft.datasets.images import DECODE_MAX_PIXELS, open_image
 from openft.errors import InvalidRequest
-from openft.models.families import END_OF_TURN_TOKENS, LOW_DETAIL_MAX_PIXELS, Family, find_family
+from openft.models.families import (
+    END_OF_TURN_TOKENS,
+    LOW_DETAIL_MAX_PIXELS,
+    Family,
+    find_chat_format,
+    find_family,
+)
 
 IGNORE_INDEX = -100
 
@@ -50,9 +57,19 @@ LOW_DETAIL_MAX_SIDE = 512
 """``detail="low"``: the image is first shrunk (aspect kept) to fit within 512x512 ..."""
 # ... then the family's rule applies (``Family.detail_kwargs``; Qwen2-VL caps the pixel budget at
 # ``min(LOW_DETAIL_MAX_PIXELS, max_pixels // 4)``).
-__all__ = ["IGNORE_INDEX", "LOW_DETAIL_MAX_PIXELS", "Rendered", "count_tokens", "load_image", "render_chat"]
+__all__ = [
+    "IGNORE_INDEX",
+    "LOW_DETAIL_MAX_PIXELS",
+    "Rendered",
+    "count_tokens",
+    "fold_system",
+    "load_image",
+    "render_chat",
+]
 
-# For tokenizers of no known family (text-only bases).
+# Templates that serialise tool-call arguments with ``tojson`` expect a mapping (the Hugging Face
+# convention: Qwen2.5, Llama 3.1, Mistral); the others print the JSON string as it is.
+_ARGUMENTS_AS_MAPPING = re.compile(r"arguments\s*\|\s*tojson|function\s*\|\s*tojson")
 
 
 @dataclass
@@ -100,8 +117,9 @@ def render_chat(
     """Turn ``messages`` into ``Rendered`` token ids, labels and vision tensors.
 
     ``processor`` is a multimodal processor (with ``.tokenizer``) or a bare tokenizer for
-    text-only models. ``max_length`` truncates at the end of the last complete trained assistant
-    turn that fits (never inside an image); if none fits, it raises ``InvalidRequest``.
+    text-only models. ``max_length`` truncates a longer render from the end to that many tokens
+    (before an image that would be cut); if no trained token is left, it raises ``InvalidRequest``
+    (code ``no_trained_tokens_within_limit``).
 
     Image ``detail``: ``"low"`` shrinks the image to fit within 512x512, then the family's rule
     applies (Qwen2-VL: the pixel budget is capped at ``min(448*448, max_pixels // 4)``; LLaVA: no
@@ -114,30 +132,87 @@ def render_chat(
         raise InvalidRequest(
             "the base model has no chat template; pick an instruct/chat model", param="model"
         )
-    sent = _Sentinels(messages, tools)
+    chat_format = find_chat_format(tokenizer)
+    if (
+        chat_format is not None
+        and chat_format.tool_format is None
+        and find_family(processor) is None
+        and any(m.tool_calls or m.role == "tool" for m in messages)
+    ):
+        raise InvalidRequest(
+            f"the base model's chat format ({chat_format.name}) has no tool calls; use a base model "
+            "whose chat template supports tools, or remove tool_calls and tool messages",
+            param="messages",
+            code="tool_calls_not_supported",
+        )
+    if chat_format is not None and not chat_format.system_role:
+        messages = fold_system(messages)
+    sent = _Sentinels(
+        messages,
+        tools,
+        arguments_as_mapping=bool(_ARGUMENTS_AS_MAPPING.search(template)),
+        # Multimodal templates iterate content parts (LLaVA-1.5's only knows lists); text-only
+        # templates concatenate a string (Qwen2.5's ``+ message.content``, Llama 3.1's ``| trim``).
+        parts=getattr(processor, "image_processor", None) is not None,
+    )
     conv = [sent.message(m) for m in messages]
     tools_t = sent.tools(tools)
 
     def apply(msgs: list[dict[str, Any]], gen: bool) -> str:
-        return tokenizer.apply_chat_template(
-            msgs, tools=tools_t, chat_template=template, tokenize=False, add_generation_prompt=gen
-        )
+        try:
+            return tokenizer.apply_chat_template(
+                msgs, tools=tools_t, chat_template=template, tokenize=False, add_generation_prompt=gen
+            )
+        except jinja2.TemplateError as exc:  # raise_exception(): the template refuses this layout
+            raise InvalidRequest(
+                f"the base model's chat template cannot render this conversation: {exc}",
+                param="messages",
+                code="chat_template_refused",
+            ) from exc
 
     full = apply(conv, add_generation_prompt)
+    dropped = [n for n in sent.call_names if n not in full]
+    if dropped:
+        raise InvalidRequest(
+            "the base model's chat template does not render tool calls (it dropped "
+            f"{len(dropped)}); use a base model whose template supports tools, or remove tool_calls",
+            param="messages",
+            code="tool_calls_not_supported",
+        )
     family = find_family(processor)
-    eot = family.end_of_turn(tokenizer) if family else _end_of_turn(tokenizer)
+    if family is not None:
+        eot = family.end_of_turn(tokenizer)
+    elif chat_format is not None:
+        eot = chat_format.end_of_turn
+    else:
+        eot = _end_of_turn(tokenizer)
     protected = _protected_ids(processor, tokenizer, family)
 
     # Character spans of the rendered string that are trained on (assistant reply + end-of-turn).
+    # A reply starts where the generation prompt after the turns before it ends. Most templates
+    # render those turns the same whatever follows (prefix-stable); some do not (Qwen3 drops the
+    # empty <think> block of earlier turns; Mistral puts tools in the last user turn), so the
+    # reply is then found by its own rendering, searched after the previous trained span.
     trained: list[tuple[int, int]] = []
+    cursor = 0
     for i, m in enumerate(messages):
         if m.role != "assistant" or m.weight == 0:
             continue
-        head, upto = apply(conv[:i], True), apply(conv[: i + 1], False)
-        if not (upto.startswith(head) and full.startswith(upto)):
-            raise ValueError("the chat template is not prefix-stable; cannot locate assistant turns")
-        stop = upto.find(eot, len(head)) if eot else -1
-        trained.append((len(head), stop + len(eot) if stop >= 0 else len(upto)))
+        head = apply(conv[:i], True)
+        if full.startswith(head) and len(head) >= cursor:
+            start = len(head)
+        else:
+            upto = apply(conv[: i + 1], False)
+            reply = upto[len(head) :] if upto.startswith(head) else ""
+            if eot and eot in reply:
+                reply = reply[: reply.index(eot) + len(eot)]
+            start = full.find(reply, cursor) if reply.strip() else -1
+            if start < 0:
+                raise ValueError("cannot locate an assistant turn in the rendered chat template")
+        stop = full.find(eot, start) if eot else -1
+        end = stop + len(eot) if stop >= 0 else len(apply(conv[: i + 1], False))
+        trained.append((start, end))
+        cursor = end
 
     # Cut the string at sentinels and trained-span edges; encode each piece by its kind.
     cuts = {0, len(full)} | {p for span in trained for p in span}
@@ -149,7 +224,6 @@ def render_chat(
     labels: list[int] = []
     image_spans: list[tuple[int, int]] = []  # token [start, end) of each image's placeholders
     per_image: list[dict[str, torch.Tensor]] = []
-    turn_ends: list[int] = []  # token index just after each trained turn
     for a, b in zip(edges, edges[1:], strict=False):
         piece = full[a:b]
         is_trained = any(s <= a and b <= e for s, e in trained)
@@ -162,8 +236,6 @@ def render_chat(
             )
         ids += new
         labels += new if is_trained else [IGNORE_INDEX] * len(new)
-        if any(b == e for _, e in trained):
-            turn_ends.append(len(ids))
 
     if next(images, None) is not None:
         raise InvalidRequest(
@@ -173,14 +245,22 @@ def render_chat(
         )
 
     if max_length is not None and len(ids) > max_length:
-        fits = [t for t in turn_ends if t <= max_length and not any(s < t < e for s, e in image_spans)]
-        if not fits:
+        # OpenAI's rule for over-long examples: truncate from the end to the limit. Never inside an
+        # image (its tokens must match the vision features), and never so far that nothing is
+        # left to train on.
+        cut = max_length
+        for s_, e_ in image_spans:
+            if s_ < cut < e_:
+                cut = s_
+        if not any(lab != IGNORE_INDEX for lab in labels[:cut]):
             raise InvalidRequest(
-                f"example is {len(ids)} tokens (images included) and no complete trained assistant reply "
-                f"fits within max_length={max_length}; shorten it, use fewer or low-detail images, or raise the limit",
+                f"example is {len(ids):,} tokens (images included) and truncating it to the length limit "
+                f"of {max_length:,} leaves no assistant token to train on; shorten the conversation before "
+                "the first trained reply, use fewer or low-detail images, or raise the limit "
+                '(extra_body={"openft": {"max_length": N}})',
                 param="messages",
+                code="no_trained_tokens_within_limit",
             )
-        cut = max(fits)
         ids, labels = ids[:cut], labels[:cut]
         kept = sum(1 for _, e in image_spans if e <= cut)
         image_spans, per_image = image_spans[:kept], per_image[:kept]
@@ -204,19 +284,45 @@ def render_chat(
 
 
 @_one_at_a_time
-def count_tokens(processor: Any, example: ChatExample | PreferenceExample) -> int:
-    """Total tokens (image tokens included) that training processes for ``example`` per epoch.
+def count_tokens(
+    processor: Any, example: ChatExample | PreferenceExample, *, max_length: int | None = None
+) -> int:
+    """Total tokens (image tokens included) of ``example`` before truncation, tools included.
 
     A chat example counts its whole rendered conversation. A preference pair counts both
-    sequences a DPO step runs: prompt + preferred and prompt + non-preferred.
+    sequences a DPO step runs: prompt + preferred and prompt + non-preferred. With
+    ``max_length``, each sequence must also survive truncation to it with a trained token left
+    (else ``InvalidRequest``, code ``no_trained_tokens_within_limit``), as training will need.
     """
     tools = example.tools
     if isinstance(example, ChatExample):
-        return len(render_chat(processor, example.messages, tools=tools).input_ids)
-    return sum(
-        len(render_chat(processor, (*example.prompt, reply), tools=tools).input_ids)
-        for reply in (example.preferred, example.non_preferred)
-    )
+        sequences = [tuple(example.messages)]
+    else:
+        sequences = [(*example.prompt, reply) for reply in (example.preferred, example.non_preferred)]
+    total = 0
+    for messages in sequences:
+        r = render_chat(processor, messages, tools=tools)
+        if max_length is not None and len(r.input_ids) > max_length:
+            render_chat(processor, messages, tools=tools, max_length=max_length)
+        total += len(r.input_ids)
+    return total
+
+
+def fold_system(messages: Sequence[Message]) -> tuple[Message, ...]:
+    """For chat formats without a system turn (Gemma, Mistral): a leading system (or developer)
+    message becomes the start of the first user turn, ``system + "\\n\\n" + user``, as
+    Gemma 3's template does it. Images in the system message move along with its text."""
+    if not messages or messages[0].role not in ("system", "developer"):
+        return tuple(messages)
+    system, rest = messages[0], list(messages[1:])
+    for k, m in enumerate(rest):
+        if m.role == "user":
+            joined = (*system.content, TextPart("\n\n"), *m.content)
+            rest[k] = Message(
+                "user", joined, name=m.name, tool_call_id=m.tool_call_id, tool_calls=m.tool_calls
+            )
+            return tuple(rest)
+    return (Message("user", system.content), *rest)
 
 
 def load_image(part: ImagePart, *, max_pixels: int = DECODE_MAX_PIXELS) -> Image.Image:
@@ -347,7 +453,14 @@ def _end_of_turn(tokenizer: Any) -> str | None:
 class _Sentinels:
     """Swaps user-controlled strings for inert ASCII markers, and remembers what they stood for."""
 
-    def __init__(self, messages: Sequence[Message], tools: Sequence[dict[str, Any]] | None) -> None:
+    def __init__(
+        self,
+        messages: Sequence[Message],
+        tools: Sequence[dict[str, Any]] | None,
+        *,
+        arguments_as_mapping: bool = False,
+        parts: bool = True,
+    ) -> None:
         blob = json.dumps(tools or []) + "".join(m.text + json.dumps(m.tool_calls or []) for m in messages)
         nonce = 0
         while f"OPENFTSEG{nonce}N" in blob:
@@ -355,16 +468,24 @@ class _Sentinels:
         self.pattern = re.compile(f"OPENFTSEG{nonce}N(\\d+)E")
         self._prefix = f"OPENFTSEG{nonce}N"
         self.values: list[str] = []
+        self._arguments_as_mapping = arguments_as_mapping
+        self._parts = parts
+        self.call_names: list[str] = []
+        """The markers of tool-call names: each must appear in the render."""
 
     def _mark(self, replacement: str) -> str:
         self.values.append(replacement)
         return f"{self._prefix}{len(self.values) - 1}E"
 
     def message(self, m: Message) -> dict[str, Any]:
-        content = [
-            {"type": "text", "text": self._mark(p.text)} if isinstance(p, TextPart) else {"type": "image"}
-            for p in m.content
-        ]
+        content: str | list[dict[str, Any]]
+        if self._parts or m.images:
+            content = [
+                {"type": "text", "text": self._mark(p.text)} if isinstance(p, TextPart) else {"type": "image"}
+                for p in m.content
+            ]
+        else:
+            content = self._mark(m.text) if m.text else ""
         out: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": content}
         if m.tool_calls:
             out["tool_calls"] = [self._tool_call(c) for c in m.tool_calls]
@@ -376,9 +497,15 @@ class _Sentinels:
 
     def _tool_call(self, call: dict[str, Any]) -> dict[str, Any]:
         fn = dict(call.get("function") or {})
-        for key in ("name", "arguments"):
-            if isinstance(fn.get(key), str):
-                fn[key] = self._mark(fn[key])
+        if isinstance(fn.get("name"), str):
+            fn["name"] = self._mark(fn["name"])
+            self.call_names.append(fn["name"])
+        args = fn.get("arguments")
+        if isinstance(args, str):
+            parsed = _json_object(args) if self._arguments_as_mapping else None
+            # A mapping's keys and string values become markers too: ``tojson`` then prints them
+            # quoted, and each marker stands for its JSON-escaped text.
+            fn["arguments"] = self._json_values(parsed, keys=True) if parsed is not None else self._mark(args)
         return {**call, "function": fn}
 
     def tools(self, tools: Sequence[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
@@ -386,13 +513,27 @@ class _Sentinels:
             return None
         return [self._json_values(t) for t in tools]
 
-    def _json_values(self, obj: Any, key: str | None = None) -> Any:
+    def _json_values(self, obj: Any, key: str | None = None, *, keys: bool = False) -> Any:
         # String values become markers whose replacement is their JSON-escaped form, as `tojson`
-        # would print it; keys and `type` tags stay real so templates can still branch on them.
+        # would print it; keys and `type` tags stay real so templates can still branch on them
+        # (tool schemas), unless ``keys`` (tool-call arguments: no template looks inside).
         if isinstance(obj, dict):
-            return {k: self._json_values(v, k) for k, v in obj.items()}
+            return {
+                (self._escaped(k) if keys else k): self._json_values(v, k, keys=keys) for k, v in obj.items()
+            }
         if isinstance(obj, list):
-            return [self._json_values(v) for v in obj]
-        if isinstance(obj, str) and key != "type":
-            return self._mark(json.dumps(obj, ensure_ascii=False)[1:-1])
+            return [self._json_values(v, keys=keys) for v in obj]
+        if isinstance(obj, str) and (keys or key != "type"):
+            return self._escaped(obj)
         return obj
+
+    def _escaped(self, text: str) -> str:
+        return self._mark(json.dumps(text, ensure_ascii=False)[1:-1])
+
+
+def _json_object(text: str) -> dict[str, Any] | None:
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None

@@ -78,6 +78,9 @@ class OpenFTOptions(_Strict):
     """Also train the vision encoder (LoRA on its linear layers, or all its weights in full fine-tuning)."""
     train_projector: bool = False
     """Also train the vision-to-language projector (e.g. Qwen2-VL's ``visual.merger``)."""
+    max_length: int | None = Field(default=None, ge=16, le=1_048_576)
+    """Length limit in tokens (images included): longer examples are truncated from the end.
+    Default: the model catalog's ``max_length``, else the model's context length."""
 
 
 class WandbIntegration(BaseModel):

@@ -49,6 +49,16 @@ class JobFacts:
     """The ``ft:`` model the job continues from, if any."""
     parent_kind: Literal["adapter", "full"] | None = None
     """How ``init_model`` was trained: its weights folder holds an adapter or full weights."""
+    max_length: int = 2048
+    """The job's length limit (``models.validation.length_limit``): longer examples are truncated."""
+    catalog_training_type: Literal["auto", "lora", "full"] = "auto"
+    """What ``training_type: "auto"`` means for this base (its catalog entry); ``auto``: openft's rule."""
+    catalog_learning_rate: float | None = None
+    """The catalog entry's base learning rate; None: openft's table."""
+    lora_rank: int | None = None
+    """The catalog entry's LoRA rank (alpha twice it); None: ``LoraConfig``'s default."""
+    bf16: bool | None = None
+    """The catalog entry's CUDA precision (``dtype``); None: by device."""
 
 
 @dataclass(frozen=True)
@@ -60,6 +70,8 @@ class TrainingPlan:
     lora: LoraConfig | None
     train_vision_tower: bool = False
     train_projector: bool = False
+    max_length: int = 2048
+    bf16: bool | None = None
 
     @property
     def learning_rate(self) -> float:
@@ -106,6 +118,8 @@ class TrainingPlan:
             device=device,
             train_vision_tower=self.train_vision_tower,
             train_projector=self.train_projector,
+            max_length=self.max_length,
+            bf16=self.bf16,
         )
 
 
@@ -126,7 +140,13 @@ def plan_training(job: JobFacts, stats: DatasetStats, *, family: str | None) -> 
     training_type: TrainingType
     if job.training_type == "auto":
         # Continue the way the parent was trained: an adapter on its base, or all weights.
-        training_type = "full" if job.parent_kind == "full" else default_training_type(job.base_model)
+        # Else the catalog entry's default, else openft's rule.
+        if job.parent_kind == "full":
+            training_type = "full"
+        elif job.catalog_training_type != "auto":
+            training_type = job.catalog_training_type
+        else:
+            training_type = default_training_type(job.base_model)
     elif job.training_type == "lora" and job.parent_kind == "full":
         raise JobFailed(
             f"Model {job.init_model} was fully fine-tuned, and LoRA on top of it is not supported yet; "
@@ -147,13 +167,18 @@ def plan_training(job: JobFacts, stats: DatasetStats, *, family: str | None) -> 
     return TrainingPlan(
         training_type=training_type,
         hyperparameters=hp,
-        base_learning_rate=base_learning_rate(
-            training_type, family=family, pretrained=job.base_model != TINY_MODEL
-        ),
-        lora=LoraConfig() if training_type == "lora" else None,
+        base_learning_rate=job.catalog_learning_rate
+        or base_learning_rate(training_type, family=family, pretrained=job.base_model != TINY_MODEL),
+        lora=_lora(job.lora_rank) if training_type == "lora" else None,
         train_vision_tower=job.train_vision_tower,
         train_projector=job.train_projector,
+        max_length=job.max_length,
+        bf16=job.bf16,
     )
+
+
+def _lora(rank: int | None) -> LoraConfig:
+    return LoraConfig(r=rank, alpha=2 * rank) if rank else LoraConfig()
 
 
 @dataclass(frozen=True)
@@ -210,8 +235,8 @@ def plan_memory(
         micro, accum, estimate = plan_for_model(
             model,
             batch_size=batch_size,
-            seq_len=stats.tokens_max,
-            image_tokens=stats.tokens_max if stats.images else 0,
+            seq_len=min(stats.tokens_max, plan.max_length),  # longer examples are truncated
+            image_tokens=min(stats.tokens_max, plan.max_length) if stats.images else 0,
             lora_rank=plan.lora.r if plan.lora else None,
             lora_targets=plan.lora.target_modules if plan.lora else (),
             dpo=dpo,

@@ -133,13 +133,16 @@ def _fail(ctx: WorkerContext, job: Job, *, code: str, message: str, param: str |
             repo.append_event(s, job_id=job.id, level="error", message=message)
 
 
-def _validate(ctx: WorkerContext, job: Job, file_id: str, *, param: str, processor: Any) -> ValidationResult:
+def _validate(
+    ctx: WorkerContext, job: Job, file_id: str, *, param: str, processor: Any, max_length: int
+) -> ValidationResult:
     from openft.models.validation import model_validation_options
 
     with ctx.db.session() as s:
         sha = repo.file_blob(s, file_id=file_id)
     options = model_validation_options(
         processor,
+        max_length=max_length,
         moderator=load_moderator(ctx.settings.moderator) if ctx.settings.moderator else None,
         allow_private_networks=ctx.settings.allow_private_networks,
         image_sink=lambda _sha, data: ctx.blobs.put_bytes(
@@ -181,12 +184,14 @@ def _validate(ctx: WorkerContext, job: Job, file_id: str, *, param: str, process
 def _run(ctx: WorkerContext, job: Job, lease: JobLease) -> None:
     from openft.models.families import find_family
     from openft.models.loader import (
+        load_config,
         load_empty_model,
         load_processor,
         resolve_base,
         resolve_device,
         weights_kind,
     )
+    from openft.models.validation import length_limit
     from openft.training import distributed
     from openft.training.recipes import dpo, sft
 
@@ -199,13 +204,35 @@ def _run(ctx: WorkerContext, job: Job, lease: JobLease) -> None:
             level="warn",
         )
 
-    base = resolve_base(job.base_model, settings.resolved_model_cache)
+    entry = settings.catalog.get(job.base_model)
+    base = resolve_base(settings.source_of(job.base_model), settings.resolved_model_cache)
     processor = load_processor(base)
-    train = _validate(ctx, job, job.training_file, param="training_file", processor=processor)
+    options = OpenFTOptions.model_validate(job.options)  # stored from the request's own model
+    limit = length_limit(
+        processor,
+        load_config(base),
+        job=options.max_length,
+        catalog=entry.max_length if entry else None,
+    )
+    _event(
+        ctx,
+        job,
+        f"Length limit {limit.describe()}: longer examples are truncated from the end to it.",
+        data={"max_length": limit.tokens, "max_length_source": limit.source},
+        once="length-limit",
+    )
+    train = _validate(
+        ctx, job, job.training_file, param="training_file", processor=processor, max_length=limit.tokens
+    )
     valid = None
     if job.validation_file:
         valid = _validate(
-            ctx, job, job.validation_file, param="validation_file", processor=processor
+            ctx,
+            job,
+            job.validation_file,
+            param="validation_file",
+            processor=processor,
+            max_length=limit.tokens,
         ).examples
     if job.status == "validating_files":
         _move(ctx, job, ("validating_files",), status="queued")
@@ -232,7 +259,6 @@ def _run(ctx: WorkerContext, job: Job, lease: JobLease) -> None:
             once="init-model",
         )
 
-    options = OpenFTOptions.model_validate(job.options)  # stored from the request's own model
     facts = JobFacts(
         base_model=job.base_model,
         method=job.method_type,  # type: ignore[arg-type]
@@ -242,6 +268,11 @@ def _run(ctx: WorkerContext, job: Job, lease: JobLease) -> None:
         train_projector=options.train_projector,
         init_model=job.init_model,
         parent_kind=weights_kind(init_weights) if init_weights else None,  # type: ignore[arg-type]
+        max_length=limit.tokens,
+        catalog_training_type=entry.training_type if entry else "auto",
+        catalog_learning_rate=entry.learning_rate if entry else None,
+        lora_rank=entry.lora_rank if entry else None,
+        bf16={"bfloat16": True, "float32": False}.get(entry.dtype) if entry else None,
     )
     stats = DatasetStats.from_summary(train.report.summary)
     family = find_family(processor)

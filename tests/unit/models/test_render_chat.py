@@ -107,26 +107,38 @@ def test_low_detail_uses_fewer_image_tokens(processor) -> None:
     assert high.n_image_tokens == 64 and low.n_image_tokens == 16
 
 
-def test_truncation_never_splits_an_image(processor) -> None:
+def test_truncation_cuts_from_the_end_but_never_inside_an_image(processor) -> None:
+    """OpenAI's rule for over-long examples (truncate from the end to the limit), except that an
+    image is kept whole or dropped whole, and a cut leaving nothing to train on is refused."""
     msgs = [user("first"), assistant("cat"), user(image(), "second"), assistant("dog")]
     full = render_chat(processor, msgs)
-    first_turn_end = len(render_chat(processor, msgs[:2]).input_ids) - 1  # without the trailing "\n"
-    second_turn_end = len(full.input_ids) - 1
-    for max_length in range(first_turn_end, second_turn_end):  # every cut inside turn 2 (and its image)
+    image_id = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    first_image = full.input_ids.index(image_id)
+    last_image = len(full.input_ids) - 1 - full.input_ids[::-1].index(image_id)
+    for max_length in range(first_image + 1, last_image + 1):  # every cut inside the image
         r = render_chat(processor, msgs, max_length=max_length)
-        assert len(r.input_ids) == first_turn_end
+        assert r.input_ids == full.input_ids[:first_image]
         assert r.vision == {} and r.n_image_tokens == 0
         assert labelled(processor, r) == ["cat", "<|im_end|>"]
-    r = render_chat(processor, msgs, max_length=second_turn_end)
-    assert r.input_ids == full.input_ids[:-1] and r.n_image_tokens == 16
-    with pytest.raises(InvalidRequest, match="max_length=5"):
-        render_chat(processor, msgs, max_length=5)
+    for max_length in range(last_image + 1, len(full.input_ids)):  # cuts after it: exactly the limit
+        r = render_chat(processor, msgs, max_length=max_length)
+        assert r.input_ids == full.input_ids[:max_length] and r.n_image_tokens == 16
+        assert r.labels == full.labels[:max_length]
+    answer_start = full.labels.index(next(t for t in full.labels if t != IGNORE_INDEX))
+    with pytest.raises(InvalidRequest, match="leaves no assistant token to train on") as exc:
+        render_chat(processor, msgs, max_length=answer_start)
+    assert exc.value.code == "no_trained_tokens_within_limit"
+    assert render_chat(processor, msgs, max_length=answer_start + 1).n_label_tokens == 1
 
 
 def test_truncation_keeps_complete_images(processor) -> None:
     msgs = [user(image(), "a"), assistant("cat"), user(image(), "b"), assistant("dog")]
     full = render_chat(processor, msgs)
-    r = render_chat(processor, msgs, max_length=len(full.input_ids) - 3)
+    r = render_chat(processor, msgs, max_length=len(full.input_ids) - 3)  # inside the last reply
+    assert r.n_image_tokens == 32 and r.vision["image_grid_thw"].shape == (2, 3)
+    assert r.vision["mm_token_type_ids"].shape == (len(r.input_ids),)
+    second = len(full.input_ids) - 1 - full.input_ids[::-1].index(processor.image_token_id)
+    r = render_chat(processor, msgs, max_length=second)  # inside the second image: it goes whole
     assert r.n_image_tokens == 16 and r.vision["image_grid_thw"].shape == (1, 3)
     assert r.vision["mm_token_type_ids"].shape == (len(r.input_ids),)
 
@@ -145,9 +157,9 @@ def test_images_without_a_placeholder_are_refused(processor) -> None:
     class TextOnly:  # a bare tokenizer whose template ignores image parts
         def __init__(self, tok) -> None:
             self.tokenizer = tok
-            self.chat_template = "{% for m in messages %}{{ m.role }}: {% for p in m.content %}{{ p.text }}{% endfor %}\n{% endfor %}"
+            self.chat_template = "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}"
 
     with pytest.raises(InvalidRequest, match="no image placeholder"):
         render_chat(TextOnly(processor.tokenizer), [user(image(), "hi")])
     ids = render_chat(TextOnly(processor.tokenizer), [user("hi")]).input_ids
-    assert processor.tokenizer.decode(ids) == "user: hi"  # jinja drops the template's final newline
+    assert processor.tokenizer.decode(ids) == "user: hi\n"  # a text-only template gets a string

@@ -25,7 +25,6 @@ from PIL import Image
 
 from openft.datasets.formats import ImagePart, Message, TextPart
 from openft.errors import InvalidRequest
-from openft.models.families import family_of
 from openft.models.loader import load_model
 from openft.models.render import IGNORE_INDEX, Rendered, render_chat
 from tests.unit.models.tiny_llava import build_processor, build_tiny_llava
@@ -161,22 +160,30 @@ def test_image_tokens_match_features_and_truncation_is_clean(fam, msgs, max_leng
     try:
         r = render_chat(proc, msgs, max_length=max_length)
     except InvalidRequest as e:
-        event("refused: no complete trained reply fits")
-        assert f"max_length={max_length}" in e.message and e.param == "messages"
+        event("refused: no trained token within the limit")
+        assert e.code == "no_trained_tokens_within_limit" and e.param == "messages"
         assert len(full.input_ids) > max_length
+        # Right to refuse: no trained token before the limit (or before the image it would cut).
+        cut = max_length
+        for image_id in image_token_ids(proc):
+            while (
+                0 < cut < len(full.input_ids) and full.input_ids[cut - 1] == image_id == full.input_ids[cut]
+            ):
+                cut -= 1
+        assert all(lab == IGNORE_INDEX for lab in full.labels[:cut])
         return
     check_images(family, proc, config, r)
     if len(full.input_ids) <= max_length:
         event("fits")
         assert r.input_ids == full.input_ids and r.labels == full.labels
         return
-    # A prefix of the full render, within the limit, ending on a trained end-of-turn token.
+    # A prefix of the full render cut at the limit, or earlier only to keep an image whole.
     n = len(r.input_ids)
     event("truncated, with images dropped" if r.n_image_tokens < full.n_image_tokens else "truncated")
     assert n <= max_length
     assert r.input_ids == full.input_ids[:n] and r.labels == full.labels[:n]
-    eot = family_of(family).end_of_turn(proc.tokenizer)
-    assert r.labels[-1] == r.input_ids[-1] == proc.tokenizer.convert_tokens_to_ids(eot)
+    if n < max_length:
+        assert full.input_ids[n] in image_token_ids(proc)  # the cut fell inside an image: dropped whole
     assert any(lab != IGNORE_INDEX for lab in r.labels)
     # Only complete images: their vision tensors are the first k of the full render's.
     k = len(encoder_tokens(family, config, r.vision))
@@ -186,6 +193,10 @@ def test_image_tokens_match_features_and_truncation_is_clean(fam, msgs, max_leng
             rows = value.shape[0]
             assert torch.equal(value, full_value[:rows])
     assert sum(encoder_tokens(family, config, full.vision)[:k]) == r.n_image_tokens
+
+
+def image_token_ids(proc) -> set[int]:
+    return {proc.tokenizer.convert_tokens_to_ids(proc.image_token)}
 
 
 # --- the real vision encoder, on a few cases -----------------------------------------------------

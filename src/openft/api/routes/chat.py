@@ -58,7 +58,7 @@ def _model_ref(model: str, *, project_id: str, state: AppState) -> ModelRef:
 
     cache = state.settings.resolved_model_cache
     if model in state.settings.base_model_ids:
-        return ModelRef(id=model, base=resolve_base(model, cache), weights_dir=None)
+        return ModelRef(id=model, base=resolve_base(state.settings.source_of(model), cache), weights_dir=None)
     with state.db.session(readonly=True) as s:
         row = repo.get_model(s, project_id=project_id, model_id=model)
         if row is None:
@@ -69,7 +69,9 @@ def _model_ref(model: str, *, project_id: str, state: AppState) -> ModelRef:
             )
         weights_blob, base_model = row.weights, row.base_model
     weights = state.blobs.materialize_dir(weights_blob)
-    return ModelRef(id=model, base=resolve_base(base_model, cache), weights_dir=weights)
+    return ModelRef(
+        id=model, base=resolve_base(state.settings.source_of(base_model), cache), weights_dir=weights
+    )
 
 
 @router.post("/completions", response_model=None)
