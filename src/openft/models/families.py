@@ -86,6 +86,9 @@ class Family:
     """``(image_processor, detail) -> processor kwargs`` for one image."""
     detail_rule: str = ""
     """The ``detail`` rule in words (for docs and error messages)."""
+    tool_format: str | None = None
+    """How the family's chat template writes tool calls: a key of ``models.tool_calls.FORMATS``
+    (``hermes``, ``llama3_json``, ``mistral``, ``phi4_mini``). None: detected from the template."""
 
     def end_of_turn(self, tokenizer: Any) -> str | None:
         vocab = tokenizer.get_vocab()
@@ -124,6 +127,7 @@ QWEN2_VL = Family(
     projector_prefixes=("model.visual.merger.",),
     language_model_prefixes=("model.language_model.",),
     detail_kwargs=_pixel_budget_detail,
+    tool_format="hermes",
     detail_rule=(
         "image tokens follow the pixel budget: 'low' caps it at min(448*448, max_pixels // 4) "
         "after shrinking the image to fit 512x512; 'high'/'auto' use the processor's max_pixels"

@@ -79,6 +79,7 @@ async def create_chat_completion(
     from openft.inference.chat import check_request_size, create_completion, stream_completion
     from openft.inference.engine import GenerationCancelled
 
+    body.refuse_unsupported()  # before loading a model: a refused parameter costs nothing
     settings = state.settings
     slots = 2 * settings.max_batch_rows
     cancel = threading.Event()
