@@ -114,7 +114,7 @@ def render_chat(
         raise InvalidRequest(
             "the base model has no chat template; pick an instruct/chat model", param="model"
         )
-    sent = _Sentinels(messages, tools)
+    sent = _Sentinels(messages, tools, template if isinstance(template, str) else "")
     conv = [sent.message(m) for m in messages]
     tools_t = sent.tools(tools)
 
@@ -344,10 +344,16 @@ def _end_of_turn(tokenizer: Any) -> str | None:
     return tokenizer.eos_token
 
 
+_TOJSON_ARGUMENTS = re.compile(r"arguments\s*\|\s*tojson")
+
+
 class _Sentinels:
     """Swaps user-controlled strings for inert ASCII markers, and remembers what they stood for."""
 
-    def __init__(self, messages: Sequence[Message], tools: Sequence[dict[str, Any]] | None) -> None:
+    def __init__(
+        self, messages: Sequence[Message], tools: Sequence[dict[str, Any]] | None, template: str = ""
+    ) -> None:
+        self.arguments_as_mapping = bool(_TOJSON_ARGUMENTS.search(template))
         blob = json.dumps(tools or []) + "".join(m.text + json.dumps(m.tool_calls or []) for m in messages)
         nonce = 0
         while f"OPENFTSEG{nonce}N" in blob:
@@ -376,9 +382,22 @@ class _Sentinels:
 
     def _tool_call(self, call: dict[str, Any]) -> dict[str, Any]:
         fn = dict(call.get("function") or {})
-        for key in ("name", "arguments"):
-            if isinstance(fn.get(key), str):
-                fn[key] = self._mark(fn[key])
+        if isinstance(fn.get("name"), str):
+            fn["name"] = self._mark(fn["name"])
+        args = fn.get("arguments")
+        if isinstance(args, str):
+            try:
+                parsed = json.loads(args)
+            except json.JSONDecodeError:
+                parsed = None
+            # A template that serialises arguments itself (Llama 3.1 and Mistral print
+            # ``arguments | tojson``; Qwen a string as is, a mapping through ``tojson``) gets a
+            # mapping, so the call is trained in the layout constrained decoding produces (", "
+            # and ": "); a template that prints them plainly gets the JSON text.
+            if self.arguments_as_mapping and isinstance(parsed, dict):
+                fn["arguments"] = self._json_data(parsed)
+            else:
+                fn["arguments"] = self._mark(args)
         return {**call, "function": fn}
 
     def tools(self, tools: Sequence[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
@@ -396,3 +415,14 @@ class _Sentinels:
         if isinstance(obj, str) and key != "type":
             return self._mark(json.dumps(obj, ensure_ascii=False)[1:-1])
         return obj
+
+    def _json_data(self, obj: Any) -> Any:
+        """Like ``_json_values`` but keys are user text too (arguments: no template branches on them)."""
+        if isinstance(obj, dict):
+            return {
+                self._mark(json.dumps(k, ensure_ascii=False)[1:-1]): self._json_data(v)
+                for k, v in obj.items()
+            }
+        if isinstance(obj, list):
+            return [self._json_data(v) for v in obj]
+        return self._json_values(obj)

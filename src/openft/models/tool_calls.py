@@ -23,8 +23,8 @@ Registry keys (``Family.tool_format`` names one of them):
 ``phi4_mini``
     Phi-4-mini: ``functools[{"name": "f", "arguments": {...}}, ...]``.
 
-Arguments are JSON objects in the text; they are returned to clients as a JSON string
-(``json.dumps`` of the parsed object, non-ASCII kept), as OpenAI sends ``arguments``.
+Arguments are JSON objects in the text; they are returned to clients as that text (a JSON
+string, as OpenAI sends ``arguments``), exactly as the model wrote it.
 """
 
 from __future__ import annotations
@@ -36,7 +36,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-_DECODER = json.JSONDecoder()
 _ID_ALPHABET = string.ascii_letters + string.digits
 
 
@@ -113,14 +112,23 @@ class ToolCallFormat:
         return ParsedReply(content=head.rstrip() or None, calls=calls)
 
     def _parse_array(self, rest: str) -> tuple[ParsedCall, ...]:
-        try:
-            items, end = _DECODER.raw_decode(rest, _skip_ws(rest, 0))
-        except json.JSONDecodeError:
+        pos = _skip_ws(rest, 0)
+        if not rest.startswith("[", pos):
             return ()
-        if not isinstance(items, list) or rest[end:].strip():
-            return ()
-        calls = [self._call(item) for item in items]
-        return tuple(c for c in calls if c is not None) if all(calls) else ()
+        calls: list[ParsedCall] = []
+        pos = _skip_ws(rest, pos + 1)
+        while not rest.startswith("]", pos):
+            if calls:
+                if not rest.startswith(",", pos):
+                    return ()
+                pos = _skip_ws(rest, pos + 1)
+            found = self._call_at(rest, pos)
+            if found is None:
+                return ()
+            call, pos = found
+            calls.append(call)
+            pos = _skip_ws(rest, pos)
+        return tuple(calls) if calls and not rest[pos + 1 :].strip() else ()
 
     def _parse_sequence(self, rest: str) -> tuple[ParsedCall, ...]:
         calls: list[ParsedCall] = []
@@ -135,13 +143,10 @@ class ToolCallFormat:
                 if not rest.startswith(open_, pos):
                     return ()
                 pos = _skip_ws(rest, pos + len(open_))
-            try:
-                obj, pos = _DECODER.raw_decode(rest, pos)
-            except json.JSONDecodeError:
+            found = self._call_at(rest, pos)
+            if found is None:
                 return ()
-            call = self._call(obj)
-            if call is None:
-                return ()
+            call, pos = found
             calls.append(call)
             pos = _skip_ws(rest, pos)
             if close:
@@ -150,18 +155,63 @@ class ToolCallFormat:
                 pos = _skip_ws(rest, pos + len(close))
         return tuple(calls)
 
-    def _call(self, obj: Any) -> ParsedCall | None:
-        if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
+    def _call_at(self, text: str, pos: int) -> tuple[ParsedCall, int] | None:
+        """The call object starting at ``pos`` and where it ends. ``arguments`` is the model's own
+        text of the arguments object (valid JSON, kept byte for byte: re-serialising would turn
+        ``1e999`` into ``Infinity``, which is not JSON)."""
+        members = _object_members(text, pos)
+        if members is None:
             return None
-        args = obj.get(self.arguments_key, obj.get("arguments", obj.get("parameters", {})))
-        if isinstance(args, str):  # some models write the arguments as a JSON string
+        fields, end = members
+        name = fields.get("name")
+        args = fields.get(self.arguments_key) or fields.get("arguments") or fields.get("parameters")
+        if name is None or not isinstance(name[0], str) or args is None:
+            return None
+        value, raw = args
+        if isinstance(value, str):  # some models write the arguments as a JSON string
             try:
-                args = json.loads(args)
-            except json.JSONDecodeError:
+                value, raw = _strict_loads(value), value
+            except ValueError:
                 return None
-        if not isinstance(args, dict):
+        if not isinstance(value, dict):
             return None
-        return ParsedCall(name=obj["name"], arguments=json.dumps(args, ensure_ascii=False))
+        return ParsedCall(name=name[0], arguments=raw), end
+
+
+def _strict_loads(text: str) -> Any:
+    return json.loads(text, parse_constant=_reject_constant)
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+_STRICT = json.JSONDecoder(parse_constant=_reject_constant)
+
+
+def _object_members(text: str, pos: int) -> tuple[dict[str, tuple[Any, str]], int] | None:
+    """Parse the JSON object at ``pos``: key -> (value, the value's source text), and its end."""
+    if not text.startswith("{", pos):
+        return None
+    out: dict[str, tuple[Any, str]] = {}
+    pos = _skip_ws(text, pos + 1)
+    try:
+        while not text.startswith("}", pos):
+            if out:
+                if not text.startswith(",", pos):
+                    return None
+                pos = _skip_ws(text, pos + 1)
+            key, pos = _STRICT.raw_decode(text, pos)
+            pos = _skip_ws(text, pos)
+            if not isinstance(key, str) or not text.startswith(":", pos):
+                return None
+            start = _skip_ws(text, pos + 1)
+            value, pos = _STRICT.raw_decode(text, start)
+            out[key] = (value, text[start:pos])
+            pos = _skip_ws(text, pos)
+    except ValueError:  # JSONDecodeError and rejected constants
+        return None
+    return out, pos + 1
 
 
 def _skip_ws(text: str, pos: int) -> int:
