@@ -74,21 +74,19 @@ def tool_grammar(
     arguments match its function's schema. ``marker_token_id``: the format's marker when it is
     one special token (Mistral's ``[TOOL_CALLS]``), written by id since it has no text.
     """
-    call_schema = {
-        "anyOf": [
-            {
-                "type": "object",
-                "properties": {"name": {"const": name}, fmt.arguments_key: parameters or _EMPTY_OBJECT},
-                "required": ["name", fmt.arguments_key],
-                "additionalProperties": False,
-            }
-            for name, parameters, _ in tools
-        ]
-    }
+    # One Lark alternative per function, each with its own arguments schema: the name decides
+    # which schema the arguments follow (a JSON-schema anyOf over whole call objects would let
+    # the engine merge the branches). The object's layout is tojson's, as templates render it.
     strict = any(s for _, _, s in tools)
-    call = "%json " + json.dumps(_with_layout(call_schema, strict))
-    if fmt.call_open or fmt.call_close:
-        call = f"{_lit(fmt.call_open)} {call} {_lit(fmt.call_close)}".strip()
+    rules = []
+    for name, parameters, _ in tools:
+        head = fmt.call_json(name, 0)[: -len("0}")]  # '{"name": "f", "arguments": '
+        args = "%json " + json.dumps(_with_layout(parameters or _EMPTY_OBJECT, strict))
+        body = f'{_lit(head)} {args} "}}"'
+        if fmt.call_open or fmt.call_close:
+            body = f"{_lit(fmt.call_open)} {body} {_lit(fmt.call_close)}".strip()
+        rules.append(body)
+    call = " | ".join(f"({r})" for r in rules)
     sep = _lit(", " if fmt.array else fmt.separator)
     calls = f"call ({sep} call)*" if parallel else "call"
     body = f'"[" {calls} "]"' if fmt.array else calls
@@ -128,7 +126,7 @@ class Constraint:
     """One choice's grammar state: which tokens may come next, advanced token by token."""
 
     def __init__(self, tokenizer: llguidance.LLTokenizer, grammar: str, eos_ids: Sequence[int]) -> None:
-        self._matcher = llguidance.LLMatcher(tokenizer, grammar)
+        self._matcher = llguidance.LLMatcher(tokenizer, grammar, log_level=0)
         self._eos = min(eos_ids)
         self._shifts = torch.arange(32, dtype=torch.int32)
         if self._matcher.is_error():

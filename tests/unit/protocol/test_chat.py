@@ -195,7 +195,10 @@ def test_bad_messages_are_rejected_under_messages(messages: list[dict[str, Any]]
 
 def test_response_format_type_checked() -> None:
     assert _req(response_format={"type": "json_object"}).response_format.type == "json_object"
-    schema = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}, "strict": True}}
+    schema = {
+        "type": "json_schema",
+        "json_schema": {"name": "x", "schema": {"type": "object"}, "strict": True},
+    }
     assert _req(response_format=schema).response_format.json_schema.schema_ == {"type": "object"}
     assert _error_locs(response_format={"type": "xml"}) == [("response_format",)]
 
