@@ -57,6 +57,13 @@ def client(api_server):
     return api_server.client("chat-tools")
 
 
+def _sample(client, seed: int, **kw: Any) -> Any:
+    """One reply sampled at temperature 1 from the untrained model, with room to finish."""
+    return client.chat.completions.create(
+        model=MODEL, messages=ASK, temperature=1, max_completion_tokens=CAP, seed=seed, **kw
+    )
+
+
 def _valid_calls(calls: Any) -> list[tuple[str, dict[str, Any]]]:
     out = []
     for call in calls:
@@ -70,15 +77,7 @@ def _valid_calls(calls: Any) -> list[tuple[str, dict[str, Any]]]:
 def test_required_tool_choice_always_yields_valid_calls(client) -> None:
     seen = set()
     for seed in range(SAMPLES):
-        out = client.chat.completions.create(
-            model=MODEL,
-            messages=ASK,
-            tools=TOOLS,
-            tool_choice="required",
-            temperature=1,
-            max_completion_tokens=CAP,
-            seed=seed,
-        )
+        out = _sample(client, seed, tools=TOOLS, tool_choice="required")
         choice = out.choices[0]
         assert choice.finish_reason == "tool_calls", choice
         assert choice.message.content is None
@@ -88,13 +87,10 @@ def test_required_tool_choice_always_yields_valid_calls(client) -> None:
 
 def test_named_function_and_no_parallel_calls(client) -> None:
     for seed in range(SAMPLES // 2):
-        out = client.chat.completions.create(
-            model=MODEL,
-            messages=ASK,
+        out = _sample(
+            client,
+            seed,
             tools=TOOLS,
-            temperature=1,
-            max_completion_tokens=CAP,
-            seed=seed,
             tool_choice={"type": "function", "function": {"name": "add"}},
             parallel_tool_calls=False,
         )
@@ -105,14 +101,7 @@ def test_named_function_and_no_parallel_calls(client) -> None:
 def test_strict_json_schema_replies_always_validate(client) -> None:
     fmt = {"type": "json_schema", "json_schema": {"name": "answer", "schema": ANSWER, "strict": True}}
     for seed in range(SAMPLES):
-        out = client.chat.completions.create(
-            model=MODEL,
-            messages=ASK,
-            response_format=fmt,
-            temperature=1,
-            max_completion_tokens=CAP,
-            seed=seed,
-        )
+        out = _sample(client, seed, response_format=fmt)
         assert out.choices[0].finish_reason == "stop"
         jsonschema.validate(json.loads(out.choices[0].message.content), ANSWER)
 
@@ -122,14 +111,7 @@ def test_json_object_replies_are_objects(client) -> None:
     # OpenAI's would); every reply that ended on its own must be a JSON object.
     ended = 0
     for seed in range(6):
-        out = client.chat.completions.create(
-            model=MODEL,
-            messages=ASK,
-            response_format={"type": "json_object"},
-            temperature=1,
-            max_completion_tokens=CAP,
-            seed=seed,
-        )
+        out = _sample(client, seed, response_format={"type": "json_object"})
         choice = out.choices[0]
         assert choice.message.content.startswith("{")
         if choice.finish_reason == "stop":

@@ -1,8 +1,8 @@
 """A tiny model fine-tuned on tool-calling data answers held-out phrasings with parsed
 ``tool_calls`` through the openai SDK, and streaming gives the same calls as non-streaming.
 
-The task: a keyword hidden among filler words picks the tool (weather for a city, a lamp for a
-colour) and its argument; held-out prompts use filler arrangements never seen in training. The
+The task: a keyword hidden among filler words picks the tool (the weather for a city, the lamp
+for a colour) and is its argument; held-out prompts use filler arrangements never seen in training. The
 calls are decoded freely (``tool_choice: "auto"``): the model must have learned the Hermes format
 its template rendered in training, which serving then parses.
 """
@@ -48,13 +48,13 @@ TOOLS = [
 
 def _case(rng: random.Random, i: int) -> tuple[str, str, dict[str, str]]:
     words = rng.sample(FILLER, 3)
-    if i % 2 == 0:
+    if i % 2 == 0:  # a city asks for the weather there, a colour sets the lamp to it
         city = CITIES[(i // 2) % len(CITIES)]
         words.insert(rng.randrange(4), city)
-        return "Weather " + " ".join(words) + "?", "get_weather", {"city": city}
+        return "Please " + " ".join(words) + "?", "get_weather", {"city": city}
     colour = COLOURS[(i // 2) % len(COLOURS)]
     words.insert(rng.randrange(4), colour)
-    return "Lamp " + " ".join(words) + "!", "set_lamp", {"colour": colour}
+    return "Please " + " ".join(words) + "?", "set_lamp", {"colour": colour}
 
 
 def _jsonl(cases: list[tuple[str, str, dict[str, str]]]) -> bytes:

@@ -115,45 +115,38 @@ class ToolCallFormat:
         pos = _skip_ws(rest, 0)
         if not rest.startswith("[", pos):
             return ()
-        calls: list[ParsedCall] = []
-        pos = _skip_ws(rest, pos + 1)
-        while not rest.startswith("]", pos):
-            if calls:
-                if not rest.startswith(",", pos):
-                    return ()
-                pos = _skip_ws(rest, pos + 1)
-            found = self._call_at(rest, pos)
-            if found is None:
-                return ()
-            call, pos = found
-            calls.append(call)
-            pos = _skip_ws(rest, pos)
-        return tuple(calls) if calls and not rest[pos + 1 :].strip() else ()
+        calls, pos = self._calls(rest, pos + 1, open_="", close="", sep=",", end="]")
+        return calls if calls and rest.startswith("]", pos) and not rest[pos + 1 :].strip() else ()
 
     def _parse_sequence(self, rest: str) -> tuple[ParsedCall, ...]:
-        calls: list[ParsedCall] = []
-        pos = _skip_ws(rest, 0)
         open_, close, sep = self.call_open.strip(), self.call_close.strip(), self.separator.strip()
-        while pos < len(rest):
-            if calls and sep:
-                if not rest.startswith(sep, pos):
-                    return ()
-                pos = _skip_ws(rest, pos + len(sep))
-            if open_:
-                if not rest.startswith(open_, pos):
-                    return ()
-                pos = _skip_ws(rest, pos + len(open_))
+        calls, pos = self._calls(rest, 0, open_=open_, close=close, sep=sep, end="")
+        return calls if pos >= len(rest) else ()
+
+    def _calls(
+        self, rest: str, pos: int, *, open_: str, close: str, sep: str, end: str
+    ) -> tuple[tuple[ParsedCall, ...], int]:
+        """Calls from ``pos`` on, each ``open_ {...} close``, ``sep`` between them, until ``end``
+        (or the end of the text); ``()`` if anything else is in the way."""
+        calls: list[ParsedCall] = []
+        pos = _skip_ws(rest, pos)
+        while pos < len(rest) and not (end and rest.startswith(end, pos)):
+            for token in (sep if calls else "", open_):
+                if token:
+                    if not rest.startswith(token, pos):
+                        return (), pos
+                    pos = _skip_ws(rest, pos + len(token))
             found = self._call_at(rest, pos)
             if found is None:
-                return ()
+                return (), pos
             call, pos = found
             calls.append(call)
             pos = _skip_ws(rest, pos)
             if close:
                 if not rest.startswith(close, pos):
-                    return ()
+                    return (), pos
                 pos = _skip_ws(rest, pos + len(close))
-        return tuple(calls)
+        return tuple(calls), pos
 
     def _call_at(self, text: str, pos: int) -> tuple[ParsedCall, int] | None:
         """The call object starting at ``pos`` and where it ends. ``arguments`` is the model's own

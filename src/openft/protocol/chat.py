@@ -292,20 +292,10 @@ class ChatCompletionRequest(Request):
                 param="store",
                 code="unsupported_parameter",
             )
-        for key in sorted(self.model_extra or {}):
-            raise InvalidRequest(
-                f"Unrecognized request argument supplied: {key} (openft implements OpenAI's "
-                "chat completions parameters only)",
-                param=key,
-                code="unsupported_parameter",
-            )
+        hint = " (not supported by openft; remove it)"
+        self.refuse_extra(hint=hint)
         for i, m in enumerate(self.messages):
-            for key in sorted(m.model_extra or {}):
-                raise InvalidRequest(
-                    f"messages[{i}].{key} is not supported by openft; remove it",
-                    param=f"messages[{i}].{key}",
-                    code="unsupported_parameter",
-                )
+            m.refuse_extra(f"messages[{i}].", hint)
 
     # Small conversions the engine needs, so the rules live next to the fields.
 

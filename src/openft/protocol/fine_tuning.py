@@ -165,13 +165,10 @@ class CreateFineTuningJobRequest(Request):
                 param="integrations",
                 code="unsupported_parameter",
             )
-        for key in sorted(self.model_extra or {}):
-            raise InvalidRequest(
-                f"Unrecognized request argument supplied: {key} (openft options go in "
-                "'openft', e.g. extra_body={\"openft\": {...}})",
-                param=key,
-                code="unsupported_parameter",
-            )
+        self.refuse_extra(
+            hint=" (not supported by openft; its own options go in 'openft', e.g. "
+            'extra_body={"openft": {...}})'
+        )
 
     def resolved_method(self) -> Method:
         """The method, with the deprecated top-level hyperparameters folded in (no method = supervised).
