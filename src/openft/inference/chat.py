@@ -107,7 +107,7 @@ def chars_per_token(loaded: LoadedModel) -> int:
 
 def prompt_chars(request: ChatCompletionRequest) -> int:
     """Characters of text the prompt will contain (content, names, tool calls, tool schemas)."""
-    total = len(json.dumps(request.tools)) if request.tools else 0
+    total = sum(len(t.model_dump_json(exclude_none=True)) for t in request.tools or ())
     for m in request.messages:
         if isinstance(m.content, str):
             total += len(m.content)
