@@ -182,3 +182,64 @@ def test_the_api_works_on_postgresql(postgres_url, tmp_path):
         assert not (tmp_path / "home" / "openft.db").exists()  # nothing went to SQLite
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize(
+    "hp, message",
+    [
+        ({"n_epochs": 1000}, 'n_epochs must be 1–50 or "auto", got 1000'),
+        ({"n_epochs": "many"}, 'n_epochs must be 1–50 or "auto", got "many"'),
+        ({"batch_size": 0}, 'batch_size must be 1–256 or "auto", got 0'),
+        ({"learning_rate_multiplier": -1}, 'learning_rate_multiplier must be a number > 0 or "auto", got -1'),
+    ],
+)
+def test_out_of_range_hyperparameters_say_the_range(client, train_file, hp, message):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.fine_tuning.jobs.create(
+            training_file=train_file.id,
+            model="openft-tiny-vlm",
+            method={"type": "supervised", "supervised": {"hyperparameters": hp}},
+        )
+    assert e.value.body["message"] == message
+    assert e.value.code == "invalid_hyperparameter"
+    assert e.value.param == f"method.supervised.hyperparameters.{next(iter(hp))}"
+
+
+def test_conflicting_hyperparameters_are_refused(client, train_file):
+    base = {"training_file": train_file.id, "model": "openft-tiny-vlm"}
+    with pytest.raises(openai.BadRequestError) as e:
+        client.fine_tuning.jobs.create(
+            **base,
+            hyperparameters={"n_epochs": 2},
+            method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 5}}},
+        )
+    assert e.value.param == "hyperparameters" and e.value.code == "conflicting_hyperparameters"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.fine_tuning.jobs.create(**base, hyperparameters={"n_epochs": 2}, method={"type": "dpo"})
+    assert e.value.param == "hyperparameters" and "method.dpo.hyperparameters" in e.value.message
+    # The same values in both places, or top-level ones with an empty method section, are fine.
+    same = client.fine_tuning.jobs.create(
+        **base,
+        hyperparameters={"n_epochs": 2},
+        method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 2}}},
+    )
+    folded = client.fine_tuning.jobs.create(
+        **base, hyperparameters={"n_epochs": 3}, method={"type": "supervised"}
+    )
+    assert same.hyperparameters.n_epochs == 2 and folded.hyperparameters.n_epochs == 3
+
+
+def test_reinforcement_and_integrations_are_refused_clearly(client, train_file):
+    base = {"training_file": train_file.id, "model": "openft-tiny-vlm"}
+    with pytest.raises(openai.BadRequestError) as e:
+        client.fine_tuning.jobs.create(
+            **base, method={"type": "reinforcement", "reinforcement": {"grader": {"type": "string_check"}}}
+        )
+    assert e.value.code == "unsupported_method" and e.value.param == "method"
+    assert "'reinforcement'" in e.value.message and "not supported by openft" in e.value.message
+    with pytest.raises(openai.BadRequestError) as e:
+        client.fine_tuning.jobs.create(**base, integrations=[{"type": "wandb", "wandb": {"project": "p"}}])
+    assert e.value.param == "integrations" and e.value.code == "unsupported_parameter"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.fine_tuning.jobs.create(**base, extra_body={"n_epochs": 3})
+    assert e.value.param == "n_epochs" and "Unrecognized request argument" in e.value.message

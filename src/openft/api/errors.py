@@ -24,6 +24,8 @@ log = logging.getLogger("openft.api")
 # pydantic adds union-member tags such as "literal['auto']" or "constrained-int" to locations.
 _FIELD = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _TAGS = {"int", "float", "str", "bool", "function-after", "function-before", "function-wrap"}
+# PydanticCustomError types raised by our protocol models: passed on as the error's stable ``code``.
+_OWN_CODES = {"invalid_hyperparameter", "unsupported_method"}
 
 
 def error_response(
@@ -78,6 +80,10 @@ def install(app: FastAPI) -> None:
         param = loc_to_param(tuple(first.get("loc", ())))
         msg = first.get("msg", "Invalid request")
         extra = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
+        if first.get("type") in _OWN_CODES:  # our own message already names the field and the limit
+            return error_response(
+                400, msg + extra, type="invalid_request_error", param=param, code=first["type"]
+            )
         message = f"Invalid value for '{param}': {msg}{extra}" if param else f"{msg}{extra}"
         return error_response(400, message, type="invalid_request_error", param=param)
 

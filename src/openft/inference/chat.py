@@ -4,13 +4,14 @@ request messages -> ``datasets.formats.Message`` (images fetched/decoded by ``im
 -> ``models.render.render_chat(add_generation_prompt=True)`` (the same rendering training used)
 -> ``engine.generate`` -> protocol objects.
 
-Not supported, on purpose and documented: tools are rendered into the prompt when the chat
-template supports them, but replies are never parsed into ``tool_calls`` (plain ``content``
-only); ``response_format`` is accepted but not enforced (no constrained decoding).
+Tools are rendered into the prompt by the chat template; replies in the family's tool-call
+format come back as ``tool_calls``, and ``tool_choice``/``response_format`` are enforced by
+constrained decoding (``inference.tools``, ``inference.constrain``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -23,7 +24,7 @@ from openft import ids
 from openft.datasets.formats import ImagePart, Message, Part, TextPart
 from openft.datasets.images import ImageRejected, inspect_image
 from openft.errors import InvalidRequest
-from openft.inference import engine
+from openft.inference import engine, tools
 from openft.inference.engine import ChoiceFinished, Prompt, SamplingParams, TextDelta
 from openft.inference.registry import LoadedModel
 from openft.models.render import render_chat
@@ -106,7 +107,7 @@ def chars_per_token(loaded: LoadedModel) -> int:
 
 def prompt_chars(request: ChatCompletionRequest) -> int:
     """Characters of text the prompt will contain (content, names, tool calls, tool schemas)."""
-    total = len(json.dumps(request.tools)) if request.tools else 0
+    total = sum(len(t.model_dump_json(exclude_none=True)) for t in request.tools or ())
     for m in request.messages:
         if isinstance(m.content, str):
             total += len(m.content)
@@ -135,7 +136,7 @@ def create_completion(
     and raises ``engine.GenerationCancelled``.
     """
     prompt, n_image_tokens = build_prompt(loaded, request, image_loader=image_loader)
-    params = sampling_params(loaded, request, prompt_tokens=len(prompt.input_ids))
+    params, tool_plan = _params_and_plan(loaded, request, prompt)
     n = request.n or 1
     texts = [""] * n
     logprobs: list[list[engine.TokenLogprob]] = [[] for _ in range(n)]
@@ -146,15 +147,18 @@ def create_completion(
         else:
             finished[event.index] = event
         logprobs[event.index].extend(event.logprobs)
-    choices = [
-        Choice(
-            index=i,
-            message=CompletionMessage(content=texts[i]),
-            logprobs=_logprobs(loaded, logprobs[i]) if params.logprobs else None,
-            finish_reason=finished[i].finish_reason,
+    choices = []
+    for i in range(n):
+        reply = tools.read_reply(tool_plan, texts[i])
+        calls = tools.message_calls(reply)
+        choices.append(
+            Choice(
+                index=i,
+                message=CompletionMessage(content=reply.content, tool_calls=calls),
+                logprobs=_logprobs(loaded, logprobs[i]) if params.logprobs else None,
+                finish_reason="tool_calls" if calls else finished[i].finish_reason,
+            )
         )
-        for i in range(n)
-    ]
     return ChatCompletionResponse(
         id=ids.chat_completion_id(),
         created=int(time.time()),
@@ -180,8 +184,19 @@ def stream_completion(
     ``create_completion``.
     """
     prompt, n_image_tokens = build_prompt(loaded, request, image_loader=image_loader)
+    params, tool_plan = _params_and_plan(loaded, request, prompt)
+    return _stream(loaded, request, prompt, n_image_tokens, params, tool_plan, cancel)
+
+
+def _params_and_plan(
+    loaded: LoadedModel, request: ChatCompletionRequest, prompt: Prompt
+) -> tuple[SamplingParams, tools.ToolPlan]:
     params = sampling_params(loaded, request, prompt_tokens=len(prompt.input_ids))
-    return _stream(loaded, request, prompt, n_image_tokens, params, cancel)
+    tool_plan = tools.plan(loaded, request)
+    params = dataclasses.replace(
+        params, constraint=tools.constraint_factory(loaded, tool_plan), keep_tokens=tool_plan.keep_tokens
+    )
+    return params, tool_plan
 
 
 def _stream(
@@ -190,6 +205,7 @@ def _stream(
     prompt: Prompt,
     n_image_tokens: int,
     params: SamplingParams,
+    tool_plan: tools.ToolPlan,
     cancel: threading.Event | None,
 ) -> Iterator[ChatCompletionChunk]:
     completion_id, created = ids.chat_completion_id(), int(time.time())
@@ -204,24 +220,38 @@ def _stream(
 
     started: set[int] = set()
     finished: list[ChoiceFinished] = []
+    gates: dict[int, tools.ContentGate] = {}
+    held: dict[int, list[engine.TokenLogprob]] = {}  # logprobs of text the gate holds back
     events = engine.generate(loaded, prompt, params, n=request.n or 1, cancel=cancel)
     try:
         for event in events:
-            if event.index not in started:
-                started.add(event.index)
-                yield chunk([ChunkChoice(index=event.index, delta=ChunkDelta(role="assistant", content=""))])
+            i = event.index
+            if i not in started:
+                started.add(i)
+                gates[i], held[i] = tools.ContentGate(tool_plan), []
+                yield chunk([ChunkChoice(index=i, delta=ChunkDelta(role="assistant", content=""))])
+            held[i].extend(event.logprobs)
             if isinstance(event, TextDelta):
-                delta = ChunkDelta(content=event.text)
-                yield chunk([ChunkChoice(index=event.index, delta=delta, logprobs=lp(event.logprobs))])
+                text = gates[i].feed(event.text)
+                if text:
+                    delta = ChunkDelta(content=text)
+                    yield chunk([ChunkChoice(index=i, delta=delta, logprobs=lp(tuple(held[i])))])
+                    held[i].clear()
             else:
                 finished.append(event)
-                # Tokens not tied to any text (a stop string's) still get their logprobs reported.
-                logprobs = lp(event.logprobs) if event.logprobs else None
+                text, reply = gates[i].finish()
+                if text:
+                    yield chunk([ChunkChoice(index=i, delta=ChunkDelta(content=text))])
+                for calls in tools.call_deltas(reply):
+                    yield chunk([ChunkChoice(index=i, delta=ChunkDelta(tool_calls=calls))])
+                # Tokens not tied to any sent text (a stop string's, a held tool call's) still get
+                # their logprobs reported.
+                logprobs = lp(tuple(held[i])) if held[i] else None
                 choice = ChunkChoice(
-                    index=event.index,
+                    index=i,
                     delta=ChunkDelta(),
                     logprobs=logprobs,
-                    finish_reason=event.finish_reason,
+                    finish_reason="tool_calls" if reply.calls else event.finish_reason,
                 )
                 yield chunk([choice])
     finally:
@@ -292,14 +322,12 @@ def build_prompt(
 
     Returns the prompt and how many of its tokens stand for images.
     """
-    if request.response_format and request.response_format.get("type") != "text":
-        log.info(
-            "response_format %s is not enforced (no constrained decoding)",
-            request.response_format.get("type"),
-        )
     messages = to_messages(request, image_loader=image_loader)
     rendered = render_chat(
-        loaded.processor, messages, tools=request.tools or None, add_generation_prompt=True
+        loaded.processor,
+        messages,
+        tools=[t.model_dump(exclude_none=True) for t in request.tools] if request.tools else None,
+        add_generation_prompt=True,
     )
     return Prompt(input_ids=rendered.input_ids, vision=rendered.vision), rendered.n_image_tokens
 

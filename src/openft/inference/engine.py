@@ -9,7 +9,10 @@ Why it is built this way:
 - **We choose every token ourselves.** :class:`_Chooser` sees the model's raw logits for its
   row, applies ``logit_bias`` and the penalties, samples with temperature / top-p from a
   *per-choice* ``torch.Generator`` (so a ``seed`` reproduces whatever else shares the batch),
-  and records log probabilities. Temperature 0 is plain argmax: deterministic.
+  and records log probabilities. Temperature 0 is plain argmax: deterministic. A grammar
+  (``response_format``, forced tool calls; see ``inference.constrain``) masks the logits right
+  before that choice, so a constrained reply is sampled from the same distribution restricted to
+  what the grammar allows.
 - **Text comes out of one assembler.** :class:`TextAssembler` turns token ids into text
   incrementally (holding back incomplete UTF-8) and cuts at stop strings, holding back any tail
   that could still become a stop string, so no text past a stop string is ever released. The
@@ -24,13 +27,14 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import queue
 import secrets
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import torch
 
@@ -42,6 +46,16 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 FinishReason = Literal["stop", "length"]
+
+
+class TokenConstraint(Protocol):
+    """A grammar's state for one choice (``inference.constrain.Constraint``)."""
+
+    def allowed(self, vocab: int) -> torch.Tensor:
+        """Boolean mask over token ids ``0..vocab-1``: which may come next."""
+        ...
+
+    def advance(self, token: int) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -68,6 +82,11 @@ class SamplingParams:
     """Subtracted once per earlier occurrence in this choice's output."""
     logit_bias: tuple[tuple[int, float], ...] = ()
     """(token id, bias) pairs added to the logits before choosing."""
+    constraint: Callable[[], TokenConstraint] | None = None
+    """Makes a fresh grammar state per choice; None = unconstrained."""
+    keep_tokens: frozenset[int] = frozenset()
+    """Special tokens kept in the decoded text (a tool-call format's marker, e.g. ``[TOOL_CALLS]``);
+    all other special tokens are dropped from it."""
 
 
 @dataclass(frozen=True)
@@ -195,9 +214,15 @@ class _Chooser:
     """Picks the next token of one choice from the model's raw logits."""
 
     def __init__(
-        self, params: SamplingParams, generator: torch.Generator, *, vocab_limit: int | None
+        self,
+        params: SamplingParams,
+        generator: torch.Generator,
+        *,
+        vocab_limit: int | None,
+        constraint: TokenConstraint | None = None,
     ) -> None:
         self.params = params
+        self.constraint = constraint
         self.generator = generator
         self.vocab_limit = vocab_limit
         self.counts: Counter[int] = Counter()
@@ -211,7 +236,7 @@ class _Chooser:
             raw = raw[: self.vocab_limit]
         p = self.params
         penalize = bool(self.counts) and bool(p.presence_penalty or p.frequency_penalty)
-        logits = raw.clone() if (p.logit_bias or penalize) else raw
+        logits = raw.clone() if (p.logit_bias or penalize or self.constraint) else raw
         for token_id, bias in p.logit_bias:
             if token_id < logits.shape[-1]:
                 logits[token_id] += bias
@@ -221,7 +246,12 @@ class _Chooser:
                 [self.counts[i] for i in self.counts], device=logits.device, dtype=logits.dtype
             )
             logits[ids] -= p.presence_penalty + p.frequency_penalty * freq
+        if self.constraint is not None:
+            allowed = self.constraint.allowed(logits.shape[-1]).to(logits.device)
+            logits.masked_fill_(~allowed, -math.inf)
         token = self._choose(logits)
+        if self.constraint is not None:
+            self.constraint.advance(token)
         self.counts[token] += 1
         info = None
         if p.logprobs:
@@ -355,6 +385,15 @@ def generate(
         cancel.set()
 
 
+def _decoder(tokenizer: Any, keep: frozenset[int]) -> Callable[[list[int]], str]:
+    if not keep:
+        return lambda ids: tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    drop = frozenset(getattr(tokenizer, "all_special_ids", ())) - keep
+    return lambda ids: tokenizer.decode(
+        [i for i in ids if i not in drop], skip_special_tokens=False, clean_up_tokenization_spaces=False
+    )
+
+
 class _Choice:
     """One choice's side of generation: picks its tokens and turns them into events."""
 
@@ -369,11 +408,13 @@ class _Choice:
         tokenizer = loaded.tokenizer
         self.index, self.emit = index, emit
         self.eos = loaded.eos_token_ids
-        self.chooser = _Chooser(params, generator, vocab_limit=len(tokenizer))
-        self.assembler = TextAssembler(
-            lambda ids: tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False),
-            params.stop,
+        self.chooser = _Chooser(
+            params,
+            generator,
+            vocab_limit=len(tokenizer),
+            constraint=params.constraint() if params.constraint is not None else None,
         )
+        self.assembler = TextAssembler(_decoder(tokenizer, params.keep_tokens), params.stop)
         self.pending: list[TokenLogprob] = []
         self.count = 0
         self.row: Row | None = None

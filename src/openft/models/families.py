@@ -87,9 +87,9 @@ class Family:
     detail_rule: str = ""
     """The ``detail`` rule in words (for docs and error messages)."""
     tool_format: str | None = None
-    """How the chat template writes tool calls (a format name of ``models/tool_calls.py``:
-    ``"hermes"``, ``"llama3_json"``, ``"mistral"``); None: the language model's chat format
-    decides (:func:`tool_format_of`)."""
+    """How the chat template writes tool calls: a key of ``models.tool_calls.FORMATS``
+    (``hermes``, ``llama3_json``, ``mistral``, ``phi4_mini``); None: the language model's chat
+    format decides (:func:`tool_format_of`), else it is detected from the template."""
 
     def end_of_turn(self, tokenizer: Any) -> str | None:
         vocab = tokenizer.get_vocab()

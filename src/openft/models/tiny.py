@@ -51,7 +51,7 @@ VOCAB_SIZE = 2048
 MIN_PIXELS = 28 * 28 * 4
 MAX_PIXELS = 28 * 28 * 64
 _SEED = 1234
-_FORMAT_VERSION = "2"  # bump when the generated files change; becomes part of the folder check
+_FORMAT_VERSION = "3"  # bump when the generated files change; becomes part of the folder check
 
 # Qwen-style template. Content may be a string or a list of {"type": "text"|"image"} parts;
 # tools and tool calls follow Qwen2.5's <tools>/<tool_call> convention.
@@ -80,7 +80,9 @@ CHAT_TEMPLATE = (
     "{% endif %}"
     "{% if message.tool_calls %}"
     "{% for call in message.tool_calls %}"
-    '<tool_call>\n{"name": "{{ call.function.name }}", "arguments": {{ call.function.arguments }}}\n</tool_call>'
+    '<tool_call>\n{"name": "{{ call.function.name }}", "arguments": '
+    "{% if call.function.arguments is string %}{{ call.function.arguments }}"
+    "{% else %}{{ call.function.arguments | tojson }}{% endif %}}\n</tool_call>"
     "{% endfor %}"
     "{% endif %}"
     "<|im_end|>\n"

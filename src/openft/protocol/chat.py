@@ -20,6 +20,7 @@ from pydantic import (
     model_validator,
 )
 
+from openft.errors import InvalidRequest
 from openft.protocol.common import OmitUnset, Request, check_depth
 
 ChatRole = Literal["system", "developer", "user", "assistant", "tool"]
@@ -94,6 +95,80 @@ class StreamOptions(Request):
     """Accepted; no obfuscation padding is sent."""
 
 
+class FunctionDefinition(Request):
+    name: Annotated[str, Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")]
+    """The function's name: letters, digits, ``_`` and ``-``, at most 64."""
+    description: str | None = None
+    """What the function does (rendered into the prompt by the chat template)."""
+    parameters: dict[str, Any] | None = None
+    """JSON schema of the arguments object; omitted means no arguments (``{}``)."""
+    strict: bool | None = None
+    """Whether arguments must match ``parameters`` exactly. Calls forced by ``tool_choice`` are
+    always constrained to the schema; with ``strict`` an unsupported schema feature is a 400."""
+
+
+class Tool(Request):
+    type: Literal["function"]
+    """Only function tools (``custom`` tools are not supported)."""
+    function: FunctionDefinition
+
+
+class NamedFunction(Request):
+    name: str
+
+
+class NamedToolChoice(Request):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
+
+
+class JsonSchemaFormat(Request):
+    name: Annotated[str, Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")]
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    """The JSON schema the reply must match (``schema`` on the wire); omitted = any JSON value."""
+    strict: bool | None = None
+    """True: a schema feature the grammar engine cannot enforce is a 400 naming it. False/null:
+    such keywords are ignored (the reply is still valid JSON)."""
+
+
+class TextFormat(Request):
+    type: Literal["text"]
+
+
+class JsonObjectFormat(Request):
+    type: Literal["json_object"]
+
+
+class JsonSchemaResponseFormat(Request):
+    type: Literal["json_schema"]
+    json_schema: JsonSchemaFormat
+
+
+ResponseFormat = Annotated[
+    TextFormat | JsonObjectFormat | JsonSchemaResponseFormat, Field(discriminator="type")
+]
+
+_UNSUPPORTED: tuple[tuple[str, tuple[Any, ...], str], ...] = (
+    # (parameter, values that mean "off" and are accepted, why it is refused)
+    ("audio", (), "no audio output"),
+    ("modalities", (["text"],), "text output only"),
+    ("prediction", (), "no predicted outputs"),
+    ("reasoning_effort", (), "the served models have no reasoning-effort control"),
+    ("verbosity", (), "the served models have no verbosity control"),
+    ("service_tier", ("auto", "default"), "one service tier"),
+    ("web_search_options", (), "no web search"),
+    ("moderation", (), "no output moderation on chat completions"),
+    ("functions", (), "legacy functions: send them as 'tools'"),
+    ("function_call", (), "legacy function_call: use 'tool_choice'"),
+    ("prompt_cache_retention", ("in_memory",), "no extended prompt cache"),
+    ("prompt_cache_options", (), "no prompt cache"),
+)
+
+
 class ChatCompletionRequest(Request):
     """``POST /v1/chat/completions``. Unknown fields are accepted and logged (see ``Request``)."""
 
@@ -130,21 +205,44 @@ class ChatCompletionRequest(Request):
     """-2..2: subtracted from a token's logit if it already occurs in the completion."""
     logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None
     """Token id (as a string) -> bias -100..100 added to its logit before choosing."""
-    tools: list[dict[str, Any]] | None = None
-    """Tool definitions. Rendered into the prompt by the chat template if it supports tools, but
-    no constrained decoding: the answer is always plain ``content`` (no ``tool_calls``)."""
-    tool_choice: str | dict[str, Any] | None = None
-    """Accepted; not enforced (see ``tools``)."""
+    tools: list[Tool] | None = None
+    """Function tools. Rendered into the prompt by the chat template; replies in the family's
+    tool-call format are parsed into ``message.tool_calls`` (see ``models.tool_calls``)."""
+    tool_choice: ToolChoice | None = None
+    """``none`` (never call), ``auto`` (the model decides; the default with tools),
+    ``required`` (at least one call) or one named function. ``required`` and a named function
+    are enforced by constrained decoding: the reply is a call whose arguments match the schema."""
     parallel_tool_calls: bool | None = None
-    """Accepted; not enforced (see ``tools``)."""
-    response_format: dict[str, Any] | None = None
-    """Accepted (``text``, ``json_object``, ``json_schema``); not enforced: no constrained decoding."""
+    """Default true. False: at most one tool call per reply (enforced when decoding is constrained,
+    and only the first call is returned otherwise)."""
+    response_format: ResponseFormat | None = None
+    """``text``, ``json_object`` (any JSON object) or ``json_schema``: both JSON kinds are enforced
+    by constrained decoding, so the content always parses (and validates against the schema)."""
     user: str | None = None
-    """Deprecated end-user identifier; accepted and ignored."""
-    metadata: dict[str, str] | None = None
-    """Up to 16 key-value pairs; accepted and ignored (completions are not stored)."""
+    """Deprecated end-user identifier; only logged with the request (no abuse tracking here)."""
+    safety_identifier: Annotated[str, Field(max_length=64)] | None = None
+    """End-user identifier; only logged with the request (no abuse tracking here)."""
+    metadata: Annotated[dict[str, Annotated[str, Field(max_length=512)]], Field(max_length=16)] | None = None
+    """Up to 16 key-value pairs; only logged with the request (completions are never stored)."""
     store: bool | None = None
-    """Accepted; completions are never stored."""
+    """Only ``false``/null: completions are never stored (``true`` is refused)."""
+    prompt_cache_key: str | None = None
+    """Accepted as the hint it is: there is no prompt cache (``cached_tokens`` is always 0)."""
+
+    # Spec parameters openft does not implement. Typed loosely so any value parses; anything
+    # other than null (or the one value that means "off") is refused by ``refuse_unsupported``.
+    audio: Any = None
+    modalities: Any = None
+    prediction: Any = None
+    reasoning_effort: Any = None
+    service_tier: Any = None
+    verbosity: Any = None
+    web_search_options: Any = None
+    moderation: Any = None
+    functions: Any = None
+    function_call: Any = None
+    prompt_cache_retention: Any = None
+    prompt_cache_options: Any = None
 
     # Free-form JSON fields: bounded nesting, so the chat template and JSON encoders never recurse
     # past Python's limit (hundreds of levels gave a 500).
@@ -160,12 +258,44 @@ class ChatCompletionRequest(Request):
             raise ValueError("top_logprobs requires logprobs to be true")
         return v
 
-    @field_validator("response_format")
-    @classmethod
-    def _known_response_format(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
-        if v is not None and v.get("type") not in ("text", "json_object", "json_schema"):
-            raise ValueError("response_format.type must be one of 'text', 'json_object', 'json_schema'")
-        return v
+    @model_validator(mode="after")
+    def _tool_choice_needs_tools(self) -> ChatCompletionRequest:
+        if isinstance(self.tool_choice, NamedToolChoice):
+            names = {t.function.name for t in self.tools or ()}
+            if self.tool_choice.function.name not in names:
+                raise ValueError(
+                    f"tool_choice names function {self.tool_choice.function.name!r}, which is not in 'tools'"
+                    + (f" (defined: {', '.join(sorted(names))})" if names else "")
+                )
+        elif self.tool_choice == "required" and not self.tools:
+            raise ValueError("tool_choice 'required' needs at least one function in 'tools'")
+        return self
+
+    def refuse_unsupported(self) -> None:
+        """Raise ``InvalidRequest`` for the first parameter openft would otherwise ignore.
+
+        Silent acceptance is the worst answer: code that works against OpenAI would seem to work
+        here and then misbehave. So every spec parameter is either honoured or refused here.
+        """
+        for name, allowed, why in _UNSUPPORTED:
+            value = getattr(self, name)
+            if value is not None and value not in allowed:
+                raise InvalidRequest(
+                    f"'{name}' is not supported by openft ({why}); remove it from the request",
+                    param=name,
+                    code="unsupported_parameter",
+                )
+        if self.store:
+            raise InvalidRequest(
+                "'store': true is not supported by openft (chat completions are never stored); "
+                "remove it or send false",
+                param="store",
+                code="unsupported_parameter",
+            )
+        hint = " (not supported by openft; remove it)"
+        self.refuse_extra(hint=hint)
+        for i, m in enumerate(self.messages):
+            m.refuse_extra(f"messages[{i}].", hint)
 
     # Small conversions the engine needs, so the rules live next to the fields.
 
@@ -219,12 +349,29 @@ class ChoiceLogprobs(_Response):
     """Always null: refusals are never generated separately."""
 
 
+class FunctionCall(_Response):
+    name: str
+    arguments: str
+    """The arguments as a JSON object in a string (as OpenAI sends them)."""
+
+
+class ToolCall(_Response):
+    id: str
+    """``call_...``: what a ``tool`` message's ``tool_call_id`` answers."""
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class CompletionMessage(_Response):
     role: Literal["assistant"] = "assistant"
     content: str | None
-    """The generated text (stop sequence excluded)."""
+    """The generated text (stop sequence excluded); null when the reply is only tool calls."""
     refusal: str | None = None
     """Always null (required by the spec)."""
+    tool_calls: list[ToolCall] | None = None
+    """The calls parsed from the reply in the model family's tool-call format; left out if none."""
+
+    omit_if_none = ("tool_calls",)
 
 
 class Choice(_Response):
@@ -234,7 +381,8 @@ class Choice(_Response):
     logprobs: ChoiceLogprobs | None = None
     """Token log probabilities when the request asked for ``logprobs``, else null."""
     finish_reason: FinishReason
-    """``stop`` (end of turn or a stop sequence) or ``length`` (the token cap or the context window)."""
+    """``stop`` (end of turn or a stop sequence), ``length`` (the token cap or the context window)
+    or ``tool_calls`` (the reply is tool calls)."""
 
 
 class PromptTokensDetails(_Response):
@@ -276,6 +424,26 @@ class ChatCompletionResponse(_Response):
     omit_if_none = ("usage", "system_fingerprint")
 
 
+class ChunkFunctionCall(_Response):
+    name: str | None = None
+    """Only on a call's first delta."""
+    arguments: str | None = None
+    """The next piece of the arguments string."""
+
+    omit_if_none = ("name", "arguments")
+
+
+class ChunkToolCall(_Response):
+    index: int
+    """Which call of this choice the delta belongs to (0, 1, ...)."""
+    id: str | None = None
+    """Only on a call's first delta, with ``type`` and ``function.name``."""
+    type: Literal["function"] | None = None
+    function: ChunkFunctionCall | None = None
+
+    omit_if_none = ("id", "type", "function")
+
+
 class ChunkDelta(_Response):
     role: Literal["assistant"] | None = None
     """Only on a choice's first chunk."""
@@ -283,8 +451,10 @@ class ChunkDelta(_Response):
     """The next piece of text."""
     refusal: str | None = None
     """Never sent."""
+    tool_calls: list[ChunkToolCall] | None = None
+    """Tool-call pieces: id and name first, then the arguments in pieces."""
 
-    omit_if_none = ("role", "content", "refusal")
+    omit_if_none = ("role", "content", "refusal", "tool_calls")
 
 
 class ChunkChoice(_Response):

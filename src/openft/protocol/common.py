@@ -13,6 +13,8 @@ from pydantic import (
     model_validator,
 )
 
+from openft.errors import InvalidRequest
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -56,6 +58,16 @@ class Request(BaseModel):
         if self.model_extra:
             log.info("%s: ignoring unknown fields %s", type(self).__name__, sorted(self.model_extra))
         return self
+
+    def refuse_extra(self, where: str = "", hint: str = "") -> None:
+        """Raise ``InvalidRequest`` naming the first field the spec does not define (endpoints
+        that must never ignore a parameter call this; the model itself stays lenient)."""
+        for key in sorted(self.model_extra or {}):
+            raise InvalidRequest(
+                f"Unrecognized request argument supplied: {where}{key}{hint}",
+                param=f"{where}{key}",
+                code="unsupported_parameter",
+            )
 
 
 class OmitUnset(BaseModel):

@@ -2,17 +2,49 @@
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
+    WrapValidator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
+from openft.errors import InvalidRequest
 from openft.protocol.common import ListResponse, Request
 
 Auto = Literal["auto"]
-NEpochs = Auto | Annotated[int, Field(ge=1, le=50)]
-BatchSize = Auto | Annotated[int, Field(ge=1, le=256)]
-LrMultiplier = Auto | Annotated[float, Field(gt=0)]
-Beta = Auto | Annotated[float, Field(gt=0, le=2)]
+
+
+def _range(name: str, allowed: str) -> WrapValidator:
+    """Replace pydantic's union noise ("Input should be 'auto' (and 1 more problem)") with the
+    allowed range, under one stable code the API passes on as the error's ``code``."""
+
+    def check(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        try:
+            return handler(value)
+        except ValidationError:
+            raise PydanticCustomError(
+                "invalid_hyperparameter",
+                "{name} must be {allowed}, got {got}",
+                {"name": name, "allowed": allowed, "got": json.dumps(value)},
+            ) from None
+
+    return WrapValidator(check)
+
+
+NEpochs = Annotated[Auto | Annotated[int, Field(ge=1, le=50)], _range("n_epochs", '1–50 or "auto"')]
+BatchSize = Annotated[Auto | Annotated[int, Field(ge=1, le=256)], _range("batch_size", '1–256 or "auto"')]
+LrMultiplier = Annotated[
+    Auto | Annotated[float, Field(gt=0)], _range("learning_rate_multiplier", 'a number > 0 or "auto"')
+]
+Beta = Annotated[Auto | Annotated[float, Field(gt=0, le=2)], _range("beta", 'a number in (0, 2] or "auto"')]
 
 # "paused" is not in the spec's enum, but the spec's own pause example returns it and the SDK accepts it.
 JobStatus = Literal["validating_files", "queued", "running", "paused", "succeeded", "failed", "cancelled"]
@@ -53,6 +85,18 @@ class Method(_Strict):
     type: Literal["supervised", "dpo"]
     supervised: SupervisedMethod | None = None
     dpo: DpoMethod | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_type(cls, data: Any) -> Any:
+        kind = data.get("type") if isinstance(data, dict) else None
+        if kind == "reinforcement":
+            raise PydanticCustomError(
+                "unsupported_method",
+                "method type 'reinforcement' (reinforcement fine-tuning with graders) is not supported "
+                "by openft yet; use 'supervised' or 'dpo'",
+            )
+        return data
 
     @model_validator(mode="after")
     def _fill(self) -> Method:
@@ -115,14 +159,49 @@ class CreateFineTuningJobRequest(Request):
             raise ValueError("metadata keys must be at most 64 characters")
         return self
 
+    def refuse_unsupported(self) -> None:
+        """Raise ``InvalidRequest`` for a parameter openft would otherwise ignore."""
+        if self.integrations:
+            raise InvalidRequest(
+                "'integrations' are not supported by openft (no Weights & Biases logging); remove them. "
+                "Training metrics are the job's events (type 'metrics') and its result file.",
+                param="integrations",
+                code="unsupported_parameter",
+            )
+        self.refuse_extra(
+            hint=" (not supported by openft; its own options go in 'openft', e.g. "
+            'extra_body={"openft": {...}})'
+        )
+
     def resolved_method(self) -> Method:
-        """The method, with the deprecated top-level hyperparameters folded in (no method = supervised)."""
+        """The method, with the deprecated top-level hyperparameters folded in (no method = supervised).
+
+        Top-level ``hyperparameters`` and ``method.*.hyperparameters`` that disagree are refused
+        rather than one silently winning."""
         if self.method is not None:
-            if self.hyperparameters is not None and self.method.type == "supervised":
-                return Method(
-                    type="supervised", supervised=SupervisedMethod(hyperparameters=self.hyperparameters)
+            if self.hyperparameters is None:
+                return self.method
+            if self.method.type != "supervised":
+                raise InvalidRequest(
+                    f"top-level 'hyperparameters' apply to supervised fine-tuning only; with method type "
+                    f"'{self.method.type}' put them in method.{self.method.type}.hyperparameters",
+                    param="hyperparameters",
+                    code="conflicting_hyperparameters",
                 )
-            return self.method
+            section = self.method.supervised
+            given = (
+                section.hyperparameters if section and "hyperparameters" in section.model_fields_set else None
+            )
+            if given is not None and given != self.hyperparameters:
+                raise InvalidRequest(
+                    "top-level 'hyperparameters' (deprecated) and method.supervised.hyperparameters "
+                    "disagree; send them in method.supervised.hyperparameters only",
+                    param="hyperparameters",
+                    code="conflicting_hyperparameters",
+                )
+            return Method(
+                type="supervised", supervised=SupervisedMethod(hyperparameters=self.hyperparameters)
+            )
         hp = self.hyperparameters or SupervisedHyperparameters()
         return Method(type="supervised", supervised=SupervisedMethod(hyperparameters=hp))
 

@@ -296,19 +296,13 @@ def test_request_errors(loaded: LoadedModel, image_loader, png_url) -> None:
     assert info.value.param == "messages"
 
 
-def test_tools_and_response_format_are_accepted_but_not_enforced(complete) -> None:
+def test_tool_choice_none_never_constrains_or_parses(complete, stream) -> None:
     tool = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
-    r = complete(
-        req(
-            tools=[tool],
-            tool_choice="auto",
-            response_format={"type": "json_object"},
-            temperature=0,
-            max_completion_tokens=5,
-        )
-    )
-    assert r.choices[0].finish_reason in ("stop", "length")
-    assert "tool_calls" not in r.model_dump(mode="json")["choices"][0]["message"]
+    r = req(tools=[tool], tool_choice="none", temperature=0, max_completion_tokens=5)
+    out = complete(r)
+    assert out.choices[0].finish_reason in ("stop", "length")
+    assert "tool_calls" not in out.model_dump(mode="json")["choices"][0]["message"]
+    assert joined(stream(r))[0] == out.choices[0].message.content
 
 
 def test_conversation_with_all_roles(complete) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import openai.types.chat as sdk
@@ -93,11 +92,52 @@ def test_max_tokens_alias_and_stop_forms() -> None:
     assert _req(stream=True, stream_options={"include_usage": True}).include_usage is True
 
 
-def test_unknown_fields_are_accepted_and_logged(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.INFO):
-        req = _req(service_tier="auto", modalities=["text"], prompt_cache_key="k")
-    assert req.model_extra == {"service_tier": "auto", "modalities": ["text"], "prompt_cache_key": "k"}
-    assert "prompt_cache_key" in caplog.text and "service_tier" in caplog.text
+def test_off_values_of_unsupported_parameters_pass() -> None:
+    _req(service_tier="auto", modalities=["text"], prompt_cache_key="k", store=False).refuse_unsupported()
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("audio", {"voice": "alloy", "format": "wav"}),
+        ("modalities", ["text", "audio"]),
+        ("prediction", {"type": "content", "content": "x"}),
+        ("reasoning_effort", "low"),
+        ("verbosity", "low"),
+        ("service_tier", "priority"),
+        ("web_search_options", {}),
+        ("functions", [{"name": "f"}]),
+        ("function_call", "auto"),
+        ("store", True),
+        ("prompt_cache_retention", "24h"),
+        ("made_up_param", 1),
+    ],
+)
+def test_unsupported_parameters_are_refused_by_name(field: str, value: Any) -> None:
+    from openft.errors import InvalidRequest
+
+    with pytest.raises(InvalidRequest) as info:
+        _req(**{field: value}).refuse_unsupported()
+    assert info.value.param == field and info.value.code == "unsupported_parameter"
+    assert "openft" in info.value.message and field in info.value.message
+
+
+def test_unsupported_message_field_is_refused() -> None:
+    from openft.errors import InvalidRequest
+
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "audio": {"id": "a"}, "content": "x"}]
+    with pytest.raises(InvalidRequest) as info:
+        ChatCompletionRequest.model_validate({"model": "m", "messages": msgs}).refuse_unsupported()
+    assert info.value.param == "messages[1].audio"
+
+
+def test_tool_choice_must_name_a_given_tool() -> None:
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    named = {"type": "function", "function": {"name": "g"}}
+    assert _error_locs(tools=[tool], tool_choice=named) == [()]
+    assert _error_locs(tool_choice="required") == [()]
+    assert _error_locs(tools=[{"type": "custom", "custom": {"name": "x"}}])[0][:3] == ("tools", 0, "type")
+    assert _req(tools=[tool], tool_choice={"type": "function", "function": {"name": "f"}}).tool_choice
 
 
 @pytest.mark.parametrize(
@@ -154,7 +194,12 @@ def test_bad_messages_are_rejected_under_messages(messages: list[dict[str, Any]]
 
 
 def test_response_format_type_checked() -> None:
-    assert _req(response_format={"type": "json_object"}).response_format == {"type": "json_object"}
+    assert _req(response_format={"type": "json_object"}).response_format.type == "json_object"
+    schema = {
+        "type": "json_schema",
+        "json_schema": {"name": "x", "schema": {"type": "object"}, "strict": True},
+    }
+    assert _req(response_format=schema).response_format.json_schema.schema_ == {"type": "object"}
     assert _error_locs(response_format={"type": "xml"}) == [("response_format",)]
 
 

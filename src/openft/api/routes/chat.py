@@ -81,6 +81,15 @@ async def create_chat_completion(
     from openft.inference.chat import check_request_size, create_completion, stream_completion
     from openft.inference.engine import GenerationCancelled
 
+    body.refuse_unsupported()  # before loading a model: a refused parameter costs nothing
+    if body.user or body.safety_identifier or body.metadata:
+        log.info(
+            "chat completion for %s: user=%s safety_identifier=%s metadata=%s",
+            body.model,
+            body.user,
+            body.safety_identifier,
+            body.metadata,
+        )
     settings = state.settings
     slots = 2 * settings.max_batch_rows
     cancel = threading.Event()

@@ -43,9 +43,12 @@ def _job(row, project: Project) -> FineTuningJob:  # type: ignore[no-untyped-def
 
 
 @router.post("", response_model=FineTuningJob)
-def create_job(body: CreateFineTuningJobRequest, project: CurrentProject, state: State) -> FineTuningJob:
+def create_job(
+    body: CreateFineTuningJobRequest, project: CurrentProject, state: State
+) -> FineTuningJob:
+    body.refuse_unsupported()
+    method = body.resolved_method()
     with state.db.session() as s:
-        method = body.resolved_method()
         init_model: str | None = None
         if body.model in state.settings.base_model_ids:
             base_model = body.model
