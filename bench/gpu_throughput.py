@@ -23,9 +23,10 @@ openft/TRL ratios. Model FLOPs per token = 6 x N (full) or 4 x N (LoRA: no weigh
 the frozen base), N = parameters without the input embedding; attention's sequence-squared term
 and the vision encoder's patch count are left out, the same for both sides.
 
-On a GPU (``--size auto`` picks ``full`` there) the whole run takes about 5-7 minutes on an H100/H200
-class device; on CPU it runs a reduced size (``tiny``: ``openft-tiny-vlm`` and a 2-layer text
-model) so the script itself is exercised.
+On a GPU (``--size auto`` picks ``full`` there) the default run is sized for an H100/H200 class
+device within ``--budget-s`` (480 s): a variant that would not finish in the time left (judged by
+the slowest so far) is skipped and listed. On CPU it runs a reduced size (``tiny``:
+``openft-tiny-vlm`` and a 2-layer text model) so the script itself is exercised.
 """
 
 from __future__ import annotations
@@ -378,6 +379,7 @@ def main() -> None:
     )
     ap.add_argument("--peak-tflops", type=float, default=None, help="MFU denominator; default: measured here")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--budget-s", type=float, default=480.0, help="skip variants that would end past this")
     ap.add_argument("--model", help=argparse.SUPPRESS)
     ap.add_argument("--model-dir", help=argparse.SUPPRESS)
     ap.add_argument("--child", help=argparse.SUPPRESS)
@@ -399,11 +401,15 @@ def main() -> None:
     args.max_words = args.max_words or (1000 if full else 120)
     if args.peak_tflops is None:
         args.peak_tflops = measured_peak_tflops(args.device)
-    results = []
+    results, skipped, slowest = [], [], 0.0
     with tempfile.TemporaryDirectory(prefix="openft-gpu-tp-") as tmp:
         dirs = build_models(size, Path(tmp))
         for model, mode, packing, impl in variants(args):
             name = f"{model} {impl} {mode} packing {'on' if packing else 'off'}"
+            if time.perf_counter() - started + slowest > args.budget_s:
+                skipped.append(name)
+                continue
+            t0 = time.perf_counter()
             out = Path(tmp) / "result.json"
             out.unlink(missing_ok=True)
             cmd = [sys.executable, __file__, "--child", f"{impl}:{mode}:{'packed' if packing else 'padded'}"]
@@ -411,6 +417,7 @@ def main() -> None:
             cmd += _passthrough(args)
             print(f"running {name} ...", flush=True)
             proc = subprocess.run(cmd, capture_output=True, text=True)
+            slowest = max(slowest, time.perf_counter() - t0)
             if proc.returncode != 0:
                 tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-20:])
                 print(f"  FAILED ({name}):\n{tail}", flush=True)
@@ -418,6 +425,8 @@ def main() -> None:
             res = json.loads(out.read_text())
             results.append(summarise(res, args, model=model, impl=impl, mode=mode, packing=packing))
     print_table(results, args, size, time.perf_counter() - started)
+    if skipped:
+        print(f"skipped to stay within --budget-s {args.budget_s:.0f}: " + "; ".join(skipped))
 
 
 def print_table(results: list[dict], args: argparse.Namespace, size: str, elapsed: float) -> None:

@@ -466,7 +466,7 @@ def test_packing_labelled_logits_and_prefetch_give_the_losses_of_the_plain_loop(
     train = [_example(i + 1, *_prompt(rng)) for i in range(16)]
     valid = [_example(i + 1, *_prompt(rng)) for i in range(6)]
     fast, plain = ListReporter(), ListReporter()
-    sft.run(_cfg(base, tmp_path / "fast", n_epochs=2), train, fast, valid_examples=valid)
+    sft.run(_cfg(base, tmp_path / "fast", n_epochs=2, packing=True), train, fast, valid_examples=valid)
     sft.run(
         _cfg(base, tmp_path / "plain", n_epochs=2, packing=False, labelled_logits=False, prefetch=False),
         train,

@@ -81,12 +81,14 @@ class TrainConfig:
     frozen base weights are loaded in bf16). ``None``: on when the CUDA device supports bf16; CPU
     always trains in fp32."""
 
-    packing: bool = True
+    packing: bool | None = None
     """Padding-free batches: a micro-batch's examples are concatenated into one row whose position
     ids restart at every example, so no compute goes to padding and attention never crosses
-    examples (transformers builds the block-diagonal mask from the position ids; flash-attention
-    uses them as ``cu_seqlens``). Micro-batches with images fall back to padding (Qwen2-VL's M-RoPE
-    positions are per example). The loss is the same as with padding up to float error."""
+    examples (flash-attention turns the position ids into ``cu_seqlens``; sdpa/eager get a
+    block-diagonal mask over the whole row). Micro-batches with images fall back to padding
+    (Qwen2-VL's M-RoPE positions are per example). The loss is the same as with padding up to float
+    error. ``None``: on with flash-attention only, since sdpa computes attention over the whole
+    packed row (quadratic in its length) and is slower than padding for long rows."""
     labelled_logits: bool = True
     """Compute the vocabulary projection only at positions that predict a labelled token (the
     ``lm_head`` runs on those hidden states alone), instead of full-vocabulary logits at every

@@ -55,14 +55,15 @@ def setup(cfg: TrainConfig, reporter: Reporter) -> Setup:
     seed_everything(cfg.seed)
     device = torch.device(resolve_device(cfg.device))
     bf16, checkpointing = _precision(cfg, device)
+    attention = attention_for(cfg, device)
     model, processor = _build_model(
-        cfg, bf16=bf16, gradient_checkpointing=checkpointing, attn_implementation=attention_for(cfg, device)
+        cfg, bf16=bf16, gradient_checkpointing=checkpointing, attn_implementation=attention
     )
     reporter.on_message(describe_trainable(model, lora=cfg.lora is not None), once="trainable")
     tokenizer = getattr(processor, "tokenizer", processor)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     autocast = functools.partial(torch.autocast, device_type=device.type, dtype=torch.bfloat16, enabled=bf16)
-    pack = packing_for(model) if cfg.packing else None
+    pack = packing_for(model) if wants_packing(cfg, attention) else None
     if cfg.packing and pack is None:
         reporter.on_message(
             f"padding-free packing is not supported for {model.config.model_type} models; batches are padded",
@@ -95,6 +96,12 @@ def packing_for(model: Any) -> str | None:
     if isinstance(rope, dict) and "mrope_section" in rope:
         return None
     return "1d"
+
+
+def wants_packing(cfg: TrainConfig, attention: str) -> bool:
+    """``cfg.packing``, else on only with flash-attention (varlen kernels: no work across examples);
+    sdpa/eager on a packed row attend over all of it under a block-diagonal mask."""
+    return cfg.packing if cfg.packing is not None else attention.startswith("flash_attention")
 
 
 def attention_for(cfg: TrainConfig, device: torch.device) -> str:

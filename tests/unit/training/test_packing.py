@@ -15,8 +15,9 @@ from transformers import LlamaConfig, LlamaForCausalLM, Qwen2VLConfig, Qwen2VLFo
 
 from openft.models.render import IGNORE_INDEX, Rendered
 from openft.training.collate import collate_packed, collate_sft, prefetched
+from openft.training.config import TrainConfig
 from openft.training.loss import predicting_positions, sft_loss, shifted_targets, token_loss
-from openft.training.setup import Feeder, packing_for
+from openft.training.setup import Feeder, attention_for, packing_for, wants_packing
 
 VOCAB = 64
 
@@ -172,3 +173,14 @@ def test_prefetched_keeps_order_runs_ahead_on_another_thread_and_stops_cleanly()
     assert next(it) == 0
     it.close()  # a stop mid-epoch: pending work is dropped, nothing hangs
     assert not any(t.name.startswith("openft-collate") and t.is_alive() for t in threading.enumerate())
+
+
+def test_packing_defaults_to_on_only_with_flash_attention(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    cfg = TrainConfig(
+        base_model="b", output_dir=tmp_path, n_epochs=1, batch_size=2, learning_rate=1e-3, seed=0
+    )
+    assert attention_for(cfg, torch.device("cpu")) == "sdpa"
+    assert not wants_packing(cfg, "sdpa") and wants_packing(cfg, "flash_attention_2")
+    forced = TrainConfig(**{**cfg.__dict__, "packing": True, "attn_implementation": "eager"})
+    assert attention_for(forced, torch.device("cpu")) == "eager" and wants_packing(forced, "eager")
+    assert not wants_packing(TrainConfig(**{**cfg.__dict__, "packing": False}), "flash_attention_2")
