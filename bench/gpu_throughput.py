@@ -15,11 +15,15 @@ positions are per example: openft pads them, TRL's padding-free collator has no 
 so the VLM runs with packing off only. bf16 autocast on CUDA for both; no gradient checkpointing
 (the memory fits); the attention kernel both use is printed.
 
-Printed per variant: examples/s and tokens/s over the timed steps (the first ``--warmup-steps``
-are left out; tokens are real tokens, image tokens included, padding excluded), mean step time,
-MFU = model FLOPs / the device's *measured* peak (a bf16 matmul loop on CUDA, fp32 on CPU; or
-``--peak-tflops``), peak memory (CUDA: ``max_memory_allocated``; CPU: peak RSS growth), and
-openft/TRL ratios. Model FLOPs per token = 6 x N (full) or 4 x N (LoRA: no weight gradients for
+As in ``train_throughput.py`` (``harness``): both clocks start once the model is loaded, so data
+preparation counts on both sides (openft's render, TRL's dataset tokenization and collation);
+TRL gets openft's learning-rate schedule and does not train the ``\n`` after ``<|im_end|>``.
+
+Printed per variant: examples/s and tokens/s over preparation + all steps (tokens are real
+tokens, image tokens included, padding excluded), preparation seconds, the steady step time
+(without the first ``--warmup-steps``), MFU = model FLOPs / the device's *measured* peak (a bf16
+matmul loop on CUDA, fp32 on CPU; or ``--peak-tflops``) over the same span and over the steady
+steps, peak memory (CUDA: ``max_memory_allocated``; CPU: peak RSS growth), and openft/TRL ratios. Model FLOPs per token = 6 x N (full) or 4 x N (LoRA: no weight gradients for
 the frozen base), N = parameters without the input embedding; attention's sequence-squared term
 and the vision encoder's patch count are left out, the same for both sides.
 
@@ -43,7 +47,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from harness import REPO, TimingReporter, import_both_stacks, measure, trl_step_timer
+from harness import (
+    END_OF_TURN,
+    REPO,
+    TimingReporter,
+    import_both_stacks,
+    measure,
+    openft_schedule_for,
+    trl_step_timer,
+    untrain_after_end_of_turn,
+)
 from train_throughput import QWEN2_VL_2B_TEXT, build_qwen2_vl_2b, make_data
 
 FILLER = (
@@ -163,7 +176,6 @@ def run_openft(args: argparse.Namespace, mode: str, packing: bool, rows: list[di
     def counting(*a: Any, **k: Any) -> Any:
         model, processor = build(*a, **k)
         counted["params"] = _flop_params(model)
-        counted["trainable"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
         return model, processor
 
     setup._build_model = counting
@@ -185,9 +197,17 @@ def run_openft(args: argparse.Namespace, mode: str, packing: bool, rows: list[di
             attn_implementation=attention(args.device),
         )
         rep = TimingReporter()
+        rep.watch_model()  # counts trainable parameters; its clock starts once the model is loaded
         sft.run(cfg, examples, rep)
     tokens = [b - a for a, b in zip([0, *rep.cum_tokens], rep.cum_tokens, strict=False)]
-    return {"step_s": rep.step_s, "step_tokens": tokens, "losses": rep.losses, **counted}
+    return {
+        "prep_s": rep.prep_s,
+        "step_s": rep.step_s,
+        "step_tokens": tokens,
+        "losses": rep.losses,
+        "trainable": rep.trainable,
+        **counted,
+    }
 
 
 def run_trl(args: argparse.Namespace, mode: str, packing: bool, rows: list[dict]) -> dict:
@@ -205,6 +225,8 @@ def run_trl(args: argparse.Namespace, mode: str, packing: bool, rows: list[dict]
     dtype = torch.bfloat16 if cuda and mode == "lora" else torch.float32
     auto = AutoModelForImageTextToText if vlm else AutoModelForCausalLM
     model = auto.from_pretrained(args.model_dir, dtype=dtype, attn_implementation=attention(args.device))
+    timer = trl_step_timer()
+    timer.begin()  # like openft's clock: from the loaded model, so TRL's dataset preparation counts
     processing = (AutoProcessor if vlm else AutoTokenizer).from_pretrained(args.model_dir)
     data = []
     for r in rows:
@@ -230,7 +252,7 @@ def run_trl(args: argparse.Namespace, mode: str, packing: bool, rows: list[dict]
         for name, p in model.named_parameters():  # openft's default: the vision encoder stays frozen
             p.requires_grad_(not ("visual.blocks" in name or "visual.patch_embed" in name))
 
-    class Counting(SFTTrainer):
+    class Counting(openft_schedule_for(SFTTrainer)):  # type: ignore[misc]
         step_tokens: list[int] = []
         losses: list[float] = []
 
@@ -241,7 +263,6 @@ def run_trl(args: argparse.Namespace, mode: str, packing: bool, rows: list[dict]
             self.losses.append(float(loss))
             return loss
 
-    timer = trl_step_timer()
     with tempfile.TemporaryDirectory() as out:
         cfg = SFTConfig(
             output_dir=out,
@@ -269,10 +290,15 @@ def run_trl(args: argparse.Namespace, mode: str, packing: bool, rows: list[dict]
             peft_config=peft_config,
             callbacks=[timer],
         )
+        # openft trains a reply up to <|im_end|>; TRL would also train the "\n" after it.
+        tokenizer = getattr(processing, "tokenizer", processing)
+        end_id = tokenizer.convert_tokens_to_ids(END_OF_TURN)
+        trainer.data_collator = untrain_after_end_of_turn(trainer.data_collator, end_id, "labels")
         params = _flop_params(trainer.model)
         trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
         trainer.train()
     return {
+        "prep_s": timer.prep_s,
         "step_s": timer.step_s,
         "step_tokens": trainer.step_tokens,
         "losses": trainer.losses,
@@ -328,21 +354,26 @@ def measured_peak_tflops(device: str) -> float:
 def summarise(
     res: dict, args: argparse.Namespace, *, model: str, impl: str, mode: str, packing: bool
 ) -> dict:
+    # Rates over preparation (openft's render, TRL's dataset tokenization) plus every step, as
+    # train_throughput does; the steady step time and MFU leave the first --warmup-steps out.
+    total = res["prep_s"] + sum(res["step_s"])
+    tokens_per_s = sum(res["step_tokens"]) / total
     w = min(args.warmup_steps, max(0, len(res["step_s"]) - 1))
-    secs, toks = res["step_s"][w:], res["step_tokens"][w : len(res["step_s"])]
-    total = sum(secs)
-    tokens_per_s = sum(toks) / total
-    flops = (6 if mode == "full" else 4) * res["params"] * tokens_per_s
+    steady = res["step_s"][w:]
+    steady_tokens_per_s = sum(res["step_tokens"][w : len(res["step_s"])]) / sum(steady)
+    k = 6 if mode == "full" else 4
     return {
         "model": model,
         "impl": impl,
         "mode": mode,
         "packing": "on" if packing else "off",
         "steps": len(res["step_s"]),
-        "examples_per_s": len(secs) * args.batch_size / total,
+        "examples_per_s": args.batch_size * args.steps / total,
         "tokens_per_s": tokens_per_s,
-        "step_ms": 1000 * total / len(secs),
-        "mfu": flops / (args.peak_tflops * 1e12),
+        "prep_s": res["prep_s"],
+        "step_ms": 1000 * sum(steady) / len(steady),
+        "mfu": k * res["params"] * tokens_per_s / (args.peak_tflops * 1e12),
+        "steady_mfu": k * res["params"] * steady_tokens_per_s / (args.peak_tflops * 1e12),
         "peak_mem_gib": res.get("cuda_peak_bytes", res["peak_rss_bytes"]) / 2**30,
         "loss": f"{res['losses'][0]:.2f}->{res['losses'][-1]:.2f}",
         "wall_s": res["wall_s"],
@@ -436,44 +467,28 @@ def print_table(results: list[dict], args: argparse.Namespace, size: str, elapse
     print(
         f"\nSFT throughput, openft vs TRL {_version('trl')}: size={size}, device={dev}, torch {torch.__version__}, "
         f"transformers {_version('transformers')}, attention {attention(args.device)}, batch {args.batch_size}, "
-        f"{args.steps} steps per variant (first {args.warmup_steps} not timed), "
+        f"{args.steps} steps per variant (rates over data preparation + all steps; step ms and steady MFU "
+        f"leave out the first {args.warmup_steps}), "
         f"{'bf16 autocast' if args.device.startswith('cuda') else 'fp32'}, peak {args.peak_tflops:.3g} TFLOP/s "
         f"({'given' if '--peak-tflops' in sys.argv else 'measured'}), load average {os.getloadavg()[0]:.2f}"
     )
-    heads = (
-        "model",
-        "impl",
-        "mode",
-        "packing",
-        "examples/s",
-        "tokens/s",
-        "step ms",
-        "MFU",
-        "peak GiB",
-        "loss",
-    )
-    fmt = "{:<5} {:<7} {:<5} {:<7} {:>10.2f} {:>10.0f} {:>9.1f} {:>7.2%} {:>9.2f} {:>12}"
-    print("{:<5} {:<7} {:<5} {:<7} {:>10} {:>10} {:>9} {:>7} {:>9} {:>12}".format(*heads))
+    columns = [  # (result key, heading, width, format)
+        ("model", "model", 5, "{:<5}"),
+        ("impl", "impl", 7, "{:<7}"),
+        ("mode", "mode", 5, "{:<5}"),
+        ("packing", "packing", 7, "{:<7}"),
+        ("examples_per_s", "examples/s", 10, "{:>10.2f}"),
+        ("tokens_per_s", "tokens/s", 10, "{:>10.0f}"),
+        ("prep_s", "prep s", 7, "{:>7.2f}"),
+        ("step_ms", "step ms", 9, "{:>9.1f}"),
+        ("mfu", "MFU", 7, "{:>7.2%}"),
+        ("steady_mfu", "steady MFU", 10, "{:>10.2%}"),
+        ("peak_mem_gib", "peak GiB", 9, "{:>9.2f}"),
+        ("loss", "loss", 12, "{:>12}"),
+    ]
+    print(" ".join(h.ljust(w) if i < 4 else h.rjust(w) for i, (_, h, w, _) in enumerate(columns)))
     for r in results:
-        print(
-            fmt.format(
-                *(
-                    r[k]
-                    for k in (
-                        "model",
-                        "impl",
-                        "mode",
-                        "packing",
-                        "examples_per_s",
-                        "tokens_per_s",
-                        "step_ms",
-                        "mfu",
-                        "peak_mem_gib",
-                        "loss",
-                    )
-                )
-            )
-        )
+        print(" ".join(f.format(r[k]) for k, _, _, f in columns))
     print("\nopenft / TRL (same model, mode and packing):")
     by = {(r["model"], r["mode"], r["packing"], r["impl"]): r for r in results}
     for (model, mode, packing, impl), o in by.items():
