@@ -51,9 +51,9 @@ from harness import (
     END_OF_TURN,
     REPO,
     TimingReporter,
+    counting_trainer,
     import_both_stacks,
     measure,
-    openft_schedule_for,
     trl_step_timer,
     untrain_after_end_of_turn,
 )
@@ -252,17 +252,6 @@ def run_trl(args: argparse.Namespace, mode: str, packing: bool, rows: list[dict]
         for name, p in model.named_parameters():  # openft's default: the vision encoder stays frozen
             p.requires_grad_(not ("visual.blocks" in name or "visual.patch_embed" in name))
 
-    class Counting(openft_schedule_for(SFTTrainer)):  # type: ignore[misc]
-        step_tokens: list[int] = []
-        losses: list[float] = []
-
-        def training_step(self, model, inputs, *a, **k):  # type: ignore[no-untyped-def]
-            mask = inputs.get("attention_mask")
-            self.step_tokens.append(int(mask.sum()) if mask is not None else int(inputs["input_ids"].numel()))
-            loss = super().training_step(model, inputs, *a, **k)
-            self.losses.append(float(loss))
-            return loss
-
     with tempfile.TemporaryDirectory() as out:
         cfg = SFTConfig(
             output_dir=out,
@@ -282,7 +271,7 @@ def run_trl(args: argparse.Namespace, mode: str, packing: bool, rows: list[dict]
             disable_tqdm=True,
             seed=args.seed,
         )
-        trainer = Counting(
+        trainer = counting_trainer(SFTTrainer)(
             model=model,
             args=cfg,
             train_dataset=Dataset.from_list(data),
