@@ -7,8 +7,8 @@ into micro-batches whose gradients accumulate. The loss is the mean cross-entrop
 assistant tokens only.
 
 How a step runs (``TrainConfig``'s speed switches, each giving the same losses up to float error):
-text micro-batches are packed into one padding-free row (``cfg.packing``; image batches are
-padded), the ``lm_head`` runs only where a labelled token is predicted (``cfg.labelled_logits``),
+text micro-batches can be packed into one padding-free row (``cfg.packing``, by default with
+flash-attention only; image batches are padded), the ``lm_head`` runs only where a labelled token is predicted (``cfg.labelled_logits``),
 the next micro-batches are collated on a background thread and copied from pinned memory
 (``cfg.prefetch``), and the loss and accuracy sums stay on the device until the step's metrics.
 
