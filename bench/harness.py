@@ -229,6 +229,28 @@ def openft_schedule_for(trainer_cls: type) -> type:
     return Aligned
 
 
+def counting_trainer(trainer_cls: type) -> type:
+    """``trainer_cls`` with openft's schedule (:func:`openft_schedule_for`) that records each step's
+    real tokens (``step_tokens``), labelled tokens (``labelled``) and loss (``losses``)."""
+
+    class Counting(openft_schedule_for(trainer_cls)):  # type: ignore[misc]
+        def __init__(self, *a: Any, **k: Any) -> None:
+            super().__init__(*a, **k)
+            self.step_tokens: list[int] = []
+            self.labelled: list[int] = []
+            self.losses: list[float] = []
+
+        def training_step(self, model: Any, inputs: dict, *a: Any, **k: Any) -> Any:
+            mask = inputs.get("attention_mask")  # a padding-free batch has none: every token is real
+            self.step_tokens.append(int(mask.sum()) if mask is not None else int(inputs["input_ids"].numel()))
+            self.labelled.append(int((inputs["labels"] != -100).sum()))
+            loss = super().training_step(model, inputs, *a, **k)
+            self.losses.append(float(loss))
+            return loss
+
+    return Counting
+
+
 def untrain_after_end_of_turn(
     collator: Callable[[list], dict], end_id: int, key: str
 ) -> Callable[[list], dict]:

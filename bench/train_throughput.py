@@ -49,8 +49,8 @@ from harness import (
     END_OF_TURN,
     REPO,
     TimingReporter,
+    counting_trainer,
     load_range,
-    openft_schedule_for,
     run_child,
     run_interleaved,
     spread,
@@ -304,17 +304,7 @@ def run_trl(args, mode: str, data) -> dict:
     ]
     ds = Dataset.from_list(rows)
 
-    class CountingTrainer(openft_schedule_for(SFTTrainer)):
-        step_tokens: list[int] = []
-        labelled: list[int] = []
-        losses: list[float] = []
-
-        def training_step(self, model, inputs, *a, **k):
-            self.step_tokens.append(int(inputs["attention_mask"].sum()))
-            self.labelled.append(int((inputs["labels"] != -100).sum()))
-            loss = super().training_step(model, inputs, *a, **k)
-            self.losses.append(float(loss))
-            return loss
+    CountingTrainer = counting_trainer(SFTTrainer)
 
     with tempfile.TemporaryDirectory() as out:
         cfg = SFTConfig(

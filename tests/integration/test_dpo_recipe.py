@@ -212,3 +212,17 @@ def test_should_stop_cancels(base: str, tmp_path: Path) -> None:
     with pytest.raises(JobCancelled):
         dpo.run(_cfg(base, tmp_path / "out", n_epochs=3), pairs, reporter, beta=0.1)
     assert len(reporter.steps) == 2 and reporter.checkpoints == []
+
+
+@pytest.mark.slow
+def test_labelled_only_logits_give_the_losses_of_full_logits(base: str, tmp_path: Path) -> None:
+    rng = random.Random(16)
+    pairs = [_pair(i + 1, *_prompt(rng)) for i in range(8)]
+    runs = {}
+    for name, labelled in (("labelled", True), ("full", False)):
+        reporter = ListReporter()
+        dpo.run(_cfg(base, tmp_path / name, n_epochs=2, labelled_logits=labelled), pairs, reporter, beta=0.1)
+        runs[name] = reporter.steps
+    for key in ("train_loss", "train_mean_token_accuracy", "reward_margin"):
+        assert [s[key] for s in runs["labelled"]] == pytest.approx([s[key] for s in runs["full"]], abs=1e-4)
+    assert runs["labelled"][-1]["train_loss"] != runs["labelled"][0]["train_loss"]  # it trained

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import random
 from pathlib import Path
 
@@ -11,7 +10,9 @@ import torch
 
 from openft.errors import JobCancelled
 from openft.models.loader import load_model, resolve_base
+from openft.training.collate import collate_preference
 from openft.training.config import LoraConfig
+from openft.training.loss import sequence_logprobs
 from openft.training.recipes import dpo
 from openft.training.reporter import ListReporter
 from openft.training.state import read_extra
@@ -42,9 +43,14 @@ def _starting_reference(base: str, pairs: list) -> torch.Tensor:
     pad_id = processor.tokenizer.pad_token_id
     if pad_id is None:
         pad_id = processor.tokenizer.eos_token_id
-    autocast = functools.partial(torch.autocast, device_type="cpu", enabled=False)
-    scorer = dpo.Scorer(model=model, pad_id=pad_id, device=torch.device("cpu"), beta=0.1, autocast=autocast)
-    return dpo.reference_logps(scorer, rendered, 4)
+    # Independently of the recipe's scorer: full-vocabulary logits, padded batches.
+    out = []
+    with torch.no_grad():
+        for chosen, rejected in rendered:
+            batch = collate_preference([chosen], [rejected], pad_id)
+            labels = batch.pop("labels")
+            out.append(sequence_logprobs(model(**batch, use_cache=False).logits, labels))
+    return torch.stack(out)
 
 
 @pytest.mark.slow

@@ -453,3 +453,31 @@ def test_gradient_checkpointing_gives_the_same_losses(base: str, tmp_path: Path)
     )
     assert any("gradient checkpointing" in m for _, m in ckpt.messages)
     assert any("vision tower" in m and "LoRA" in m for _, m in ckpt.messages)
+
+
+@pytest.mark.slow
+def test_packing_labelled_logits_and_prefetch_give_the_losses_of_the_plain_loop(
+    base: str, tmp_path: Path
+) -> None:
+    """The efficient loop (packed rows, lm_head on labelled positions only, background collation)
+    against padding + full-vocabulary logits + inline collation: the same per-step losses,
+    validation losses and accuracies, over two epochs of updates."""
+    rng = random.Random(11)
+    train = [_example(i + 1, *_prompt(rng)) for i in range(16)]
+    valid = [_example(i + 1, *_prompt(rng)) for i in range(6)]
+    fast, plain = ListReporter(), ListReporter()
+    sft.run(_cfg(base, tmp_path / "fast", n_epochs=2, packing=True), train, fast, valid_examples=valid)
+    sft.run(
+        _cfg(base, tmp_path / "plain", n_epochs=2, packing=False, labelled_logits=False, prefetch=False),
+        train,
+        plain,
+        valid_examples=valid,
+    )
+    assert len(fast.steps) == len(plain.steps) == 8
+    for key in ("train_loss", "valid_loss", "full_valid_loss", "train_mean_token_accuracy"):
+        got = [s[key] for s in fast.steps if key in s]
+        want = [s[key] for s in plain.steps if key in s]
+        assert got and got == pytest.approx(want, abs=1e-4), key
+    assert fast.steps[-1]["train_loss"] < fast.steps[0]["train_loss"]
+    assert any("packed" in m for _, m in fast.messages)
+    assert not any("packed" in m for _, m in plain.messages)

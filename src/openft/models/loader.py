@@ -67,16 +67,18 @@ def load_model(
     device: str = "auto",
     dtype: torch.dtype | None = None,
     trainable: bool = False,
+    attn_implementation: str | None = None,
 ) -> tuple[Any, Any]:
     """Load ``base`` (a folder or HF id, see :func:`resolve_base`) and its processor.
 
     ``weights_dir`` with an adapter: the adapter is applied on top of ``base`` (trainable when
     ``trainable``). With full weights: those are loaded instead of ``base``. The model is moved to
     ``device`` (``"auto"``: cuda if available, else cpu) and put in eval mode unless ``trainable``.
+    ``attn_implementation`` (``"sdpa"``, ``"flash_attention_2"``...): None keeps transformers' default.
     """
     kind = weights_kind(weights_dir) if weights_dir is not None else None
     source = str(weights_dir) if kind == "full" else base
-    model = _auto_model(source, dtype)
+    model = _auto_model(source, dtype, attn_implementation)
     processor_source = base
     if weights_dir is not None and any(
         (Path(weights_dir) / f).exists() for f in ("processor_config.json", "tokenizer_config.json")
@@ -117,8 +119,10 @@ def load_processor(base: str) -> Any:
     return AutoProcessor.from_pretrained(base)
 
 
-def _auto_model(source: str, dtype: torch.dtype | None) -> Any:
+def _auto_model(source: str, dtype: torch.dtype | None, attn_implementation: str | None = None) -> Any:
     kwargs: dict[str, Any] = {} if dtype is None else {"dtype": dtype}
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
     try:
         return AutoModelForImageTextToText.from_pretrained(source, **kwargs)
     except ValueError:  # a text-only base model: still trainable on text-only data

@@ -1,13 +1,20 @@
-"""Batching rendered examples: length-grouped batches and a right-padding SFT collator."""
+"""Batching rendered examples: length-grouped batches, a right-padding collator, a padding-free
+packing collator, and a background prefetcher."""
 
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TypeVar
 
 import torch
 
 from openft.models.render import IGNORE_INDEX, Rendered
+
+T = TypeVar("T")
+U = TypeVar("U")
 
 
 def length_grouped_batches(lengths: Sequence[int], batch_size: int, rng: random.Random) -> list[list[int]]:
@@ -69,6 +76,51 @@ def collate_sft(items: Sequence[Rendered], pad_id: int) -> dict[str, torch.Tenso
                 batch[key] = torch.cat([r.vision[key] for r in with_vision], dim=0)
         batch["mm_token_type_ids"] = tt
     return batch
+
+
+def collate_packed(items: Sequence[Rendered], *, mrope: bool = False) -> dict[str, torch.Tensor]:
+    """Padding-free: every item concatenated into one row, ``position_ids`` restarting at 0 for each
+    and no ``attention_mask``. transformers (5.x ``masking_utils.find_packed_sequence_indices``)
+    reads the restarts as sequence boundaries: a block-diagonal causal mask for sdpa/eager,
+    ``cu_seqlens`` for flash-attention, so no token attends across examples. Each item's first
+    label is dropped: it would be predicted from the previous example's last token.
+
+    ``mrope``: Qwen2-VL-style models take ``(4, 1, T)`` positions, the text positions (which the
+    mask is built from) then the three M-RoPE rows, equal to them for text. Text only: an item with
+    images needs per-example M-RoPE positions, so callers collate those batches with padding.
+    """
+    if any(r.vision for r in items):
+        raise ValueError("collate_packed takes text-only items; collate image batches with collate_sft")
+    ids = torch.cat([torch.tensor(r.input_ids, dtype=torch.long) for r in items])
+    labels = torch.cat([torch.tensor([IGNORE_INDEX, *r.labels[1:]], dtype=torch.long) for r in items])
+    positions = torch.cat([torch.arange(len(r.input_ids), dtype=torch.long) for r in items])[None]
+    if mrope:
+        positions = positions[None].expand(4, 1, -1).contiguous()
+    return {"input_ids": ids[None], "labels": labels[None], "position_ids": positions}
+
+
+def prefetched(fn: Callable[[T], U], items: Iterable[T], *, ahead: int) -> Iterator[U]:
+    """``fn(item)`` for each item, in order, computed up to ``ahead`` items in advance on one
+    background thread (collation overlaps the model's step); ``ahead=0`` computes inline. Closing
+    the iterator (a stop mid-epoch) drops what was computed ahead."""
+    if ahead <= 0:
+        yield from map(fn, items)
+        return
+    source = iter(items)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="openft-collate") as pool:
+        pending: deque[Future[U]] = deque(
+            pool.submit(fn, x) for _, x in zip(range(ahead), source, strict=False)
+        )
+        try:
+            while pending:
+                done = pending.popleft().result()
+                for x in source:
+                    pending.append(pool.submit(fn, x))
+                    break
+                yield done
+        finally:
+            for f in pending:
+                f.cancel()
 
 
 def collate_preference(

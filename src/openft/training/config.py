@@ -74,12 +74,33 @@ class TrainConfig:
     one optimizer step. The loss is normalised over the whole batch's tokens, so any micro-batch
     size gives the same update as the full batch. ``None``: the whole batch at once."""
     gradient_checkpointing: bool | None = None
-    """Recompute activations in the backward pass (less memory, ~30% slower). ``None``: on when the
-    device is CUDA, off on CPU."""
+    """Recompute activations in the backward pass (less memory, ~20-30% slower steps). The worker
+    sets it from the memory plan (on only when the batch would not fit without it); ``None``: off."""
     bf16: bool | None = None
     """bf16 autocast for forward/backward (fp32 master weights and optimizer state; with LoRA the
     frozen base weights are loaded in bf16). ``None``: on when the CUDA device supports bf16; CPU
     always trains in fp32."""
+
+    packing: bool | None = None
+    """Padding-free batches: a micro-batch's examples are concatenated into one row whose position
+    ids restart at every example, so no compute goes to padding and attention never crosses
+    examples (flash-attention turns the position ids into ``cu_seqlens``; sdpa/eager get a
+    block-diagonal mask over the whole row). Micro-batches with images fall back to padding
+    (Qwen2-VL's M-RoPE positions are per example). The loss is the same as with padding up to float
+    error. ``None``: on with flash-attention only, since sdpa computes attention over the whole
+    packed row (quadratic in its length) and is slower than padding for long rows."""
+    labelled_logits: bool = True
+    """Compute the vocabulary projection only at positions that predict a labelled token (the
+    ``lm_head`` runs on those hidden states alone), instead of full-vocabulary logits at every
+    position: same loss and gradients, a fraction of the logits memory and FLOPs."""
+    attn_implementation: str | None = None
+    """``"sdpa"``, ``"flash_attention_2"``, ``"eager"``... passed to ``from_pretrained``. ``None``:
+    flash-attention on CUDA when the ``flash_attn`` package is installed, else ``"sdpa"``."""
+    fused_optimizer: bool | None = None
+    """AdamW's fused CUDA kernel (one launch for all parameters). ``None``: on for CUDA."""
+    prefetch: bool = True
+    """Collate the next micro-batches in a background thread (pinned memory on CUDA, copied with
+    ``non_blocking=True``) while the current one computes."""
 
     # --- validation and crash safety ---------------------------------------------------------
     valid_every: int | None = None

@@ -8,6 +8,44 @@ import torch.nn.functional as F
 from openft.models.render import IGNORE_INDEX
 
 
+def predicting_positions(labels: torch.Tensor) -> torch.Tensor:
+    """``(B, T)`` bool: positions whose logits predict a labelled token (position t predicts label
+    t+1; the last position predicts nothing). As transformers' boolean ``logits_to_keep`` it makes
+    the model run its ``lm_head`` on these hidden states only, giving ``(n, V)`` logits in
+    row-major order, the order :func:`shifted_targets` lists the targets in."""
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    return keep
+
+
+def shifted_targets(labels: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(targets, rows)`` for the ``(n, V)`` logits at ``keep``: the token each predicts, and its row."""
+    targets = labels[:, 1:][keep[:, :-1]]
+    rows = keep.nonzero()[:, 0]
+    return targets, rows
+
+
+def token_loss(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean cross-entropy of ``(n, V)`` logits (one per labelled token) against ``targets``, and the
+    fraction predicted exactly (argmax); a loss of 0 (still differentiable) when ``n == 0``."""
+    if targets.numel() == 0:
+        return logits.sum() * 0.0, torch.zeros((), device=logits.device)
+    loss = F.cross_entropy(logits.float(), targets)
+    with torch.no_grad():
+        accuracy = (logits.argmax(-1) == targets).float().mean()
+    return loss, accuracy
+
+
+def row_logprobs(
+    logits: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor, n_rows: int
+) -> torch.Tensor:
+    """Summed log-probability of each row's targets from ``(n, V)`` labelled-only logits: ``(n_rows,)``
+    float32, 0 for a row without any. ``gather - logsumexp``, as in :func:`sequence_logprobs`."""
+    flat = logits.float()
+    token_logps = flat.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(flat, dim=-1)
+    return torch.zeros(n_rows, device=logits.device, dtype=torch.float32).index_add(0, rows, token_logps)
+
+
 def sft_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean cross-entropy over label tokens, and the fraction of them predicted exactly (argmax).
 
@@ -72,10 +110,15 @@ def dpo_loss(
 def dpo_metrics(rewards_chosen: torch.Tensor, rewards_rejected: torch.Tensor) -> dict[str, float]:
     """Batch means of the implicit rewards, their margin, and the fraction of pairs whose chosen
     reply out-scores the rejected one (a tie counts as wrong: a fresh policy starts at 0)."""
-    margin = rewards_chosen - rewards_rejected
-    return {
-        "rewards_chosen": rewards_chosen.float().mean().item(),
-        "rewards_rejected": rewards_rejected.float().mean().item(),
-        "reward_margin": margin.float().mean().item(),
-        "reward_accuracy": (margin > 0).float().mean().item(),
-    }
+    margin = rewards_chosen.float() - rewards_rejected.float()
+    values = torch.stack(
+        [
+            rewards_chosen.float().mean(),
+            rewards_rejected.float().mean(),
+            margin.mean(),
+            (margin > 0).float().mean(),
+        ]
+    ).tolist()  # one host sync for all four
+    return dict(
+        zip(("rewards_chosen", "rewards_rejected", "reward_margin", "reward_accuracy"), values, strict=True)
+    )

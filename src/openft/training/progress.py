@@ -74,9 +74,12 @@ def resumable_state(cfg: TrainConfig, reporter: Reporter, fingerprint: str, *, r
 def optimizer_and_schedule(
     model: torch.nn.Module, cfg: TrainConfig, total_steps: int
 ) -> tuple[list[torch.nn.Parameter], torch.optim.Optimizer, Any]:
-    """AdamW over the trainable parameters, and linear warm-up then decay (``warmup_then_linear``)."""
+    """AdamW over the trainable parameters, and linear warm-up then decay (``warmup_then_linear``).
+    On CUDA the fused kernel (``cfg.fused_optimizer``; same update, one launch for all tensors)."""
     params = [p for _, p in model.named_parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0)
+    on_cuda = bool(params) and params[0].is_cuda
+    fused = (cfg.fused_optimizer if cfg.fused_optimizer is not None else on_cuda) or None
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0, fused=fused)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_then_linear(total_steps))
     return params, optimizer, scheduler
 

@@ -10,17 +10,22 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.util
 import json
 import math
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, NamedTuple, TypeVar
 
 import torch
 
 from openft.adapters import apply_lora, merge
 from openft.models.loader import load_model, resolve_device, weights_kind
+from openft.models.render import Rendered
+from openft.training.collate import collate_packed, collate_sft
 from openft.training.config import TrainConfig
+from openft.training.loss import predicting_positions, shifted_targets
 from openft.training.reporter import Reporter
 from openft.training.trainable import describe_trainable, lora_plan, set_full_trainable
 
@@ -41,6 +46,8 @@ class Setup(NamedTuple):
     checkpointing: bool
     autocast: Callable[[], Any]
     """bf16 autocast on devices that have it, else a no-op."""
+    feeder: Feeder
+    """Collates, moves and runs micro-batches the way ``cfg`` asks (packing, labelled-only logits)."""
 
 
 def setup(cfg: TrainConfig, reporter: Reporter) -> Setup:
@@ -48,12 +55,112 @@ def setup(cfg: TrainConfig, reporter: Reporter) -> Setup:
     seed_everything(cfg.seed)
     device = torch.device(resolve_device(cfg.device))
     bf16, checkpointing = _precision(cfg, device)
-    model, processor = _build_model(cfg, bf16=bf16, gradient_checkpointing=checkpointing)
+    attention = attention_for(cfg, device)
+    model, processor = _build_model(
+        cfg, bf16=bf16, gradient_checkpointing=checkpointing, attn_implementation=attention
+    )
     reporter.on_message(describe_trainable(model, lora=cfg.lora is not None), once="trainable")
     tokenizer = getattr(processor, "tokenizer", processor)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     autocast = functools.partial(torch.autocast, device_type=device.type, dtype=torch.bfloat16, enabled=bf16)
-    return Setup(model, processor, device, pad_id, bf16, checkpointing, autocast)
+    pack = packing_for(model) if wants_packing(cfg, attention) else None
+    if cfg.packing and pack is None:
+        reporter.on_message(
+            f"padding-free packing is not supported for {model.config.model_type} models; batches are padded",
+            once="no-packing",
+        )
+    feeder = Feeder(
+        device=device,
+        pad_id=pad_id,
+        packing=pack is not None,
+        mrope=pack == "mrope",
+        labelled_logits=cfg.labelled_logits,
+        autocast=autocast,
+    )
+    return Setup(model, processor, device, pad_id, bf16, checkpointing, autocast, feeder)
+
+
+MROPE_PACKABLE = frozenset({"qwen2_vl", "qwen2_5_vl"})
+"""M-RoPE families whose forward takes packed ``(4, B, T)`` position ids (text row first; checked in
+transformers 5.24's modeling code). Other M-RoPE families are padded."""
+
+
+def packing_for(model: Any) -> str | None:
+    """How ``model`` takes packed text: ``"mrope"`` (Qwen2-VL-style 4-row positions), ``"1d"`` (plain
+    RoPE: a ``(1, T)`` position row), or None when it cannot be packed."""
+    config = model.config
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    rope = getattr(text, "rope_parameters", None) or getattr(text, "rope_scaling", None) or {}
+    if config.model_type in MROPE_PACKABLE:
+        return "mrope"
+    if isinstance(rope, dict) and "mrope_section" in rope:
+        return None
+    return "1d"
+
+
+def wants_packing(cfg: TrainConfig, attention: str) -> bool:
+    """``cfg.packing``, else on only with flash-attention (varlen kernels: no work across examples);
+    sdpa/eager on a packed row attend over all of it under a block-diagonal mask."""
+    return cfg.packing if cfg.packing is not None else attention.startswith("flash_attention")
+
+
+def attention_for(cfg: TrainConfig, device: torch.device) -> str:
+    """``cfg.attn_implementation``, else flash-attention on CUDA when installed, else sdpa."""
+    if cfg.attn_implementation is not None:
+        return cfg.attn_implementation
+    if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+@dataclass(frozen=True)
+class Feeder:
+    """How a recipe turns rendered examples into logits at the labelled positions.
+
+    ``collate`` runs on the prefetch thread: padding-free packing for text-only micro-batches when
+    the family allows it, else right padding; pinned memory on CUDA. ``forward`` copies the batch
+    with ``non_blocking=True`` and runs the model; with ``labelled_logits`` the ``lm_head`` only
+    sees the hidden states that predict a labelled token (transformers' boolean
+    ``logits_to_keep``), otherwise full logits are computed and the same positions picked after.
+    """
+
+    device: torch.device
+    pad_id: int
+    packing: bool
+    mrope: bool
+    labelled_logits: bool
+    autocast: Callable[[], Any]
+
+    def collate(self, items: Sequence[Rendered]) -> dict[str, torch.Tensor]:
+        if self.packing and not any(r.vision for r in items):
+            batch = collate_packed(items, mrope=self.mrope)
+        else:
+            batch = collate_sft(items, self.pad_id)
+        if self.device.type == "cuda":
+            batch = {k: v.pin_memory() for k, v in batch.items()}
+        return batch
+
+    def forward(self, model: Any, batch: dict[str, torch.Tensor]) -> Scores:
+        """Labelled-position logits ``(n, V)``, their targets and rows, and the batch's row count."""
+        batch = to_device(batch, self.device)
+        labels = batch.pop("labels")
+        keep = predicting_positions(labels)
+        targets, rows = shifted_targets(labels, keep)
+        with self.autocast():
+            if self.labelled_logits:
+                logits = model(**batch, use_cache=False, logits_to_keep=keep).logits
+            else:
+                logits = model(**batch, use_cache=False).logits[keep]
+        return Scores(logits, targets, rows, labels.shape[0])
+
+
+class Scores(NamedTuple):
+    logits: torch.Tensor
+    """``(n, V)``: one row per labelled token, in row-major order."""
+    targets: torch.Tensor
+    rows: torch.Tensor
+    """The batch row of each logit (a packed batch has one row)."""
+    n_rows: int
 
 
 def valid_every(cfg: TrainConfig, steps_per_epoch: int, total_steps: int) -> int:
@@ -74,15 +181,17 @@ def seed_everything(seed: int) -> None:
 
 
 def _precision(cfg: TrainConfig, device: torch.device) -> tuple[bool, bool]:
-    """``(bf16, gradient_checkpointing)``: ``None`` means on for CUDA (bf16 only where the GPU
-    supports it). CPU always trains in fp32: its bf16 autocast is slow and only loses precision."""
+    """``(bf16, gradient_checkpointing)``: bf16 ``None`` means on where the GPU supports it; CPU
+    always trains in fp32 (its bf16 autocast is slow and only loses precision). Checkpointing is
+    what the memory plan chose (``None``: off; it costs ~20-30% per step when memory fits)."""
     cuda = device.type == "cuda"
     bf16 = cuda and (cfg.bf16 if cfg.bf16 is not None else torch.cuda.is_bf16_supported())
-    checkpointing = cfg.gradient_checkpointing if cfg.gradient_checkpointing is not None else cuda
-    return bf16, checkpointing
+    return bf16, bool(cfg.gradient_checkpointing)
 
 
-def _build_model(cfg: TrainConfig, *, bf16: bool, gradient_checkpointing: bool) -> tuple[Any, Any]:
+def _build_model(
+    cfg: TrainConfig, *, bf16: bool, gradient_checkpointing: bool, attn_implementation: str
+) -> tuple[Any, Any]:
     """Base (or ``init_weights``) model made trainable: fresh LoRA, a continued adapter, or full weights.
 
     LoRA under bf16 loads the frozen base in bf16 (half the memory) and keeps every trainable
@@ -90,7 +199,12 @@ def _build_model(cfg: TrainConfig, *, bf16: bool, gradient_checkpointing: bool) 
     """
     dtype = torch.bfloat16 if bf16 and cfg.lora is not None else None
     model, processor = load_model(
-        cfg.base_model, cfg.init_weights, device=cfg.device, dtype=dtype, trainable=True
+        cfg.base_model,
+        cfg.init_weights,
+        device=cfg.device,
+        dtype=dtype,
+        trainable=True,
+        attn_implementation=attn_implementation,
     )
     if gradient_checkpointing:
         # Non-reentrant checkpointing needs no input grads, so it works with frozen embeddings.
@@ -113,7 +227,8 @@ def _build_model(cfg: TrainConfig, *, bf16: bool, gradient_checkpointing: bool) 
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device) for k, v in batch.items()}
+    """Copy to ``device``; from pinned memory the copy is asynchronous (no host sync)."""
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
 def fixed_sample(items: list[T], n: int, seed: int) -> list[T]:

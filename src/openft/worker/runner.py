@@ -310,6 +310,7 @@ def _run(ctx: WorkerContext, job: Job, lease: JobLease) -> None:
         device=settings.device,
         init_weights=Path(init_weights) if init_weights else None,
         micro_batch_size=memory.micro_batch_size,
+        gradient_checkpointing=memory.gradient_checkpointing,
     )
     reporter = JobReporter(
         ctx.db, ctx.blobs, job=job, model_name=model_name, lease=lease, keep_checkpoints=cfg.keep_checkpoints

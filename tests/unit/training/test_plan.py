@@ -76,3 +76,42 @@ def test_hyperparameters_resolve_and_reach_the_recipe_config(tmp_path: Path) -> 
     )
     assert (cfg.n_epochs, cfg.batch_size, cfg.learning_rate, cfg.seed) == (2, 1, 5e-4, 7)
     assert cfg.lora is None and cfg.train_vision_tower and not cfg.train_projector
+
+
+def test_gradient_checkpointing_only_when_one_example_does_not_fit_without_it(tmp_path: Path) -> None:
+    """The memory plan turns checkpointing (20-30% slower steps) on only when needed, and the
+    recipe's config receives that choice."""
+    from openft.models.loader import load_empty_model, resolve_base
+    from openft.training.memory import plan_for_model
+    from openft.training.plan import plan_memory
+
+    model = load_empty_model(resolve_base("openft-tiny-vlm", tmp_path / "cache"))
+    stats = DatasetStats(examples=64, tokens_mean=900.0, tokens_p95=1000, tokens_max=1024)
+    plan = plan_training(
+        JobFacts(base_model="openft-tiny-vlm", method="supervised"), stats, family="qwen2_vl"
+    )
+    batch = plan.hyperparameters.batch_size
+
+    def need(micro: int, ckpt: bool) -> int:
+        kw = dict(seq_len=1024, image_tokens=0, lora_rank=None, dpo=False, available=10**15)
+        return plan_for_model(model, batch_size=micro, gradient_checkpointing=ckpt, **kw)[2].total
+
+    roomy = plan_memory(model, plan, stats, dpo=False, device="cuda:0", limit_bytes=10**12)
+    assert (roomy.gradient_checkpointing, roomy.micro_batch_size) == (False, None)
+    # Room for one example without checkpointing: micro-batches of 1, still no checkpointing.
+    tight = plan_memory(model, plan, stats, dpo=False, device="cuda:0", limit_bytes=need(1, False))
+    assert (tight.gradient_checkpointing, tight.micro_batch_size) == (False, 1 if batch > 1 else None)
+    # Not even one example fits without it: checkpointing on, and announced.
+    squeezed = plan_memory(model, plan, stats, dpo=False, device="cuda:0", limit_bytes=need(1, True))
+    assert squeezed.gradient_checkpointing and "Gradient checkpointing is on" in squeezed.announcement()
+    assert squeezed.to_dict()["gradient_checkpointing"] is True
+    cfg = plan.train_config(
+        base_model="b",
+        output_dir=tmp_path,
+        seed=0,
+        device="cuda",
+        init_weights=None,
+        micro_batch_size=squeezed.micro_batch_size,
+        gradient_checkpointing=squeezed.gradient_checkpointing,
+    )
+    assert cfg.gradient_checkpointing is True

@@ -42,7 +42,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -54,14 +54,22 @@ from safetensors.torch import save_file
 from openft.datasets.formats import PreferenceExample
 from openft.errors import InvalidRequest
 from openft.models.loader import weights_kind
-from openft.models.render import IGNORE_INDEX, Rendered, render_chat
+from openft.models.render import Rendered, render_chat
 from openft.training import distributed
 from openft.training.collate import collate_preference, epoch_batches, micro_batches
 from openft.training.config import TrainConfig
-from openft.training.loss import dpo_loss, dpo_metrics, sequence_logprobs
+from openft.training.loss import dpo_loss, dpo_metrics, row_logprobs
 from openft.training.progress import Progress, TrainResult, optimizer_and_schedule, resumable_state
 from openft.training.reporter import Reporter
-from openft.training.setup import MAX_GRAD_NORM, fixed_sample, run_fingerprint, setup, to_device, valid_every
+from openft.training.setup import (
+    MAX_GRAD_NORM,
+    Feeder,
+    Scores,
+    fixed_sample,
+    run_fingerprint,
+    setup,
+    valid_every,
+)
 
 Pair = tuple[Rendered, Rendered]
 """(prompt + preferred, prompt + non-preferred), rendered."""
@@ -81,8 +89,9 @@ class Scorer:
     pad_id: int
     device: torch.device
     beta: float
-    autocast: Callable[[], Any]
-    """bf16 autocast (or a no-op); the reference is scored under the same precision as the policy."""
+    feeder: Feeder
+    """Runs a batch (bf16 autocast or not, labelled-only logits or not); the reference is scored
+    exactly like the policy."""
 
 
 def run(
@@ -99,8 +108,8 @@ def run(
         raise InvalidRequest("the training file has no examples", param="training_file")
     if not beta > 0:
         raise InvalidRequest(f"beta must be > 0, got {beta}", param="hyperparameters.beta")
-    model, processor, device, pad_id, bf16, checkpointing, autocast = setup(cfg, reporter)
-    scorer = Scorer(model=model, pad_id=pad_id, device=device, beta=beta, autocast=autocast)
+    model, processor, device, pad_id, bf16, checkpointing, _, feeder = setup(cfg, reporter)
+    scorer = Scorer(model=model, pad_id=pad_id, device=device, beta=beta, feeder=feeder)
 
     # Render once: tokenization and image decoding are the slow part on CPU, and they never change.
     pairs = [_render_pair(processor, ex, cfg.max_length, "line") for ex in examples]
@@ -161,26 +170,26 @@ def run(
             # Gradient accumulation: the loss is a mean over pairs, so each micro-batch's mean is
             # weighted by its share of the batch's pairs and the summed gradient is the batch's. On
             # N processes each rank takes its part (as in ``sft``: an idle rank joins at weight 0).
+            # Sums stay on the device; the metrics below read them back in two host syncs per step.
             mine = distributed.share(batch_ids)
             chunks = micro_batches(mine or batch_ids[:1], cfg.micro_batch_size)
-            loss_sum, correct, labelled, rewards_c, rewards_r = 0.0, 0, 0, [], []
+            sums, rewards_c, rewards_r = torch.zeros(3, device=device), [], []
             for k, ids in enumerate(chunks):
                 weight = len(ids) / len(batch_ids) if mine else 0.0
                 with distributed.accumulating(ddp, last=k == len(chunks) - 1):
                     out = score(train_scorer, [pairs[i] for i in ids], ref_table, ids)
                     (out.loss * weight * distributed.world_size()).backward()
                 if mine:
-                    loss_sum += out.loss.item() * len(ids)
-                    correct, labelled = correct + out.correct, labelled + out.labelled
+                    sums += torch.stack([out.loss.detach() * len(ids), out.correct, out.labelled])
                     rewards_c.append(out.rewards_chosen)
                     rewards_r.append(out.rewards_rejected)
-            loss_sum, correct, labelled = distributed.all_sum(loss_sum, correct, labelled)
             torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
 
             step = progress.take_step(sum(tokens[i] for i in batch_ids))  # both replies, every epoch
+            loss_sum, correct, labelled = distributed.all_sum(*sums.tolist())
             metrics: dict[str, float | int] = {
                 "train_loss": loss_sum / len(batch_ids),
                 "train_mean_token_accuracy": correct / max(1, labelled),  # chosen replies only
@@ -260,9 +269,9 @@ class Scored:
     """Mean DPO loss over the chunk's pairs (with a graph unless scored under ``no_grad``)."""
     rewards_chosen: torch.Tensor
     rewards_rejected: torch.Tensor
-    correct: int
-    """Chosen-reply label tokens predicted exactly (argmax) ..."""
-    labelled: int
+    correct: torch.Tensor
+    """Chosen-reply label tokens predicted exactly (argmax), a float count on the device ..."""
+    labelled: torch.Tensor
     """... out of this many."""
 
 
@@ -280,9 +289,9 @@ def score(
         with torch.no_grad(), distributed.unwrap(scorer.model).disable_adapter():
             ref_logps = _forward(scorer, batch)[0]
         ref_c, ref_r = ref_logps[:n], ref_logps[n:]
-    logps, logits, labels = _forward(scorer, batch)
+    logps, scores = _forward(scorer, batch)
     loss, rewards_c, rewards_r = dpo_loss(logps[:n], logps[n:], ref_c, ref_r, scorer.beta)
-    correct, labelled = _token_hits(logits[:n], labels[:n])
+    correct, labelled = _token_hits(scores, n)
     return Scored(loss, rewards_c, rewards_r, correct, labelled)
 
 
@@ -297,19 +306,19 @@ def evaluate(
     over ``pairs[indices]``: no dropout, no gradients."""
     model = scorer.model
     indices = list(indices)
-    loss_sum, correct, labelled, rewards_c, rewards_r = 0.0, 0, 0, [], []
+    sums, rewards_c, rewards_r = torch.zeros(3, device=scorer.device), [], []
     model.eval()
     try:
         with torch.no_grad():
             for m in range(0, len(indices), chunk):
                 ids = indices[m : m + chunk]
                 out = score(scorer, [pairs[i] for i in ids], ref_table, ids)
-                loss_sum += out.loss.item() * len(ids)
-                correct, labelled = correct + out.correct, labelled + out.labelled
+                sums += torch.stack([out.loss * len(ids), out.correct, out.labelled])
                 rewards_c.append(out.rewards_chosen)
                 rewards_r.append(out.rewards_rejected)
     finally:
         model.train()
+    loss_sum, correct, labelled = sums.tolist()
     rewards = dpo_metrics(torch.cat(rewards_c), torch.cat(rewards_r))
     return {
         "loss": loss_sum / len(indices),
@@ -319,22 +328,19 @@ def evaluate(
     }
 
 
-def _forward(scorer: Scorer, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Any, Any]:
-    """(summed reply log-probs per row, logits, labels) for a collated batch."""
-    batch = to_device(batch, scorer.device)
-    labels = batch.pop("labels")
-    with scorer.autocast():
-        logits = scorer.model(**batch, use_cache=False).logits
-    return sequence_logprobs(logits, labels), logits, labels
+def _forward(scorer: Scorer, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Scores]:
+    """(summed reply log-probs per row, the labelled positions' logits) for a collated batch."""
+    scores = scorer.feeder.forward(scorer.model, batch)
+    return row_logprobs(scores.logits, scores.targets, scores.rows, scores.n_rows), scores
 
 
 @torch.no_grad()
-def _token_hits(logits: torch.Tensor, labels: torch.Tensor) -> tuple[int, int]:
-    """(argmax hits, label tokens), as counts so micro-batches add up exactly."""
-    shift_labels = labels[:, 1:]
-    mask = shift_labels != IGNORE_INDEX
-    hits = (logits[:, :-1, :].argmax(-1) == shift_labels) & mask
-    return int(hits.sum()), int(mask.sum())
+def _token_hits(scores: Scores, n_chosen: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(argmax hits, label tokens) of the first ``n_chosen`` rows, as float counts on the device
+    so micro-batches add up exactly without a host sync."""
+    chosen = scores.rows < n_chosen
+    hits = (scores.logits.argmax(-1) == scores.targets) & chosen
+    return hits.sum().float(), chosen.sum().float()
 
 
 def _render_pair(processor: Any, ex: PreferenceExample, max_length: int, where: str) -> Pair:

@@ -2,9 +2,15 @@
 
 ``run(cfg, examples, reporter)`` loads the model, decides what trains (see ``training.trainable``),
 renders every example once (images decoded once, not per epoch), then runs
-``ceil(n / batch_size) * n_epochs`` AdamW steps over length-grouped, right-padded batches, each
-optionally split into micro-batches whose gradients accumulate. The loss is the mean cross-entropy
-over the batch's assistant tokens only.
+``ceil(n / batch_size) * n_epochs`` AdamW steps over length-grouped batches, each optionally split
+into micro-batches whose gradients accumulate. The loss is the mean cross-entropy over the batch's
+assistant tokens only.
+
+How a step runs (``TrainConfig``'s speed switches, each giving the same losses up to float error):
+text micro-batches can be packed into one padding-free row (``cfg.packing``, by default with
+flash-attention only; image batches are padded), the ``lm_head`` runs only where a labelled token is predicted (``cfg.labelled_logits``),
+the next micro-batches are collated on a background thread and copied from pinned memory
+(``cfg.prefetch``), and the loss and accuracy sums stay on the device until the step's metrics.
 
 Along the way:
 
@@ -19,8 +25,9 @@ Along the way:
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -29,15 +36,17 @@ from openft.datasets.formats import ChatExample
 from openft.errors import InvalidRequest
 from openft.models.render import Rendered, render_chat
 from openft.training import distributed
-from openft.training.collate import collate_sft, epoch_batches, micro_batches, target_tokens
+from openft.training.collate import epoch_batches, micro_batches, prefetched, target_tokens
 from openft.training.config import TrainConfig
-from openft.training.loss import sft_loss
+from openft.training.loss import token_loss
 from openft.training.progress import Progress, TrainResult, optimizer_and_schedule, resumable_state
 from openft.training.reporter import Reporter
-from openft.training.setup import MAX_GRAD_NORM, fixed_sample, run_fingerprint, setup, to_device, valid_every
+from openft.training.setup import MAX_GRAD_NORM, Feeder, fixed_sample, run_fingerprint, setup, valid_every
 
 VALID_SAMPLE_EXAMPLES = 32
 """Size of the fixed validation sample behind ``valid_loss`` (the same examples every time)."""
+PREFETCH_MICRO_BATCHES = 2
+"""Micro-batches collated ahead on the prefetch thread (``cfg.prefetch``)."""
 
 
 def run(
@@ -50,7 +59,7 @@ def run(
 ) -> TrainResult:
     if not examples:
         raise InvalidRequest("the training file has no examples", param="training_file")
-    model, processor, device, pad_id, bf16, checkpointing, autocast = setup(cfg, reporter)
+    model, processor, device, _, bf16, checkpointing, _, feeder = setup(cfg, reporter)
 
     # Render once: tokenization and image decoding are the slow part on CPU, and they never change.
     rendered = [_render(processor, ex, cfg.max_length) for ex in examples]
@@ -77,7 +86,8 @@ def run(
         f"training on {len(rendered)} examples ({sum(lengths):,} tokens) for {cfg.n_epochs} epochs, "
         f"{total_steps} steps on {device.type} ({'bf16' if bf16 else 'fp32'}"
         f"{', gradient checkpointing' if checkpointing else ''}"
-        f"{f', micro-batches of {cfg.micro_batch_size}' if cfg.micro_batch_size else ''})"
+        f"{f', micro-batches of {cfg.micro_batch_size}' if cfg.micro_batch_size else ''}"
+        f"{', packed' if feeder.packing else ''})"
         + (f"; {len(valid)} validation examples, evaluated every {eval_every} steps" if valid else ""),
         once="training-plan",
     )
@@ -87,48 +97,52 @@ def run(
     progress.resume(resumable_state(cfg, reporter, fingerprint, resume=resume))
     model.train()
     ddp = distributed.wrap(model, device)  # the model itself on one process
+    ahead = PREFETCH_MICRO_BATCHES if cfg.prefetch else 0
     for epoch in range(progress.start_epoch, cfg.n_epochs + 1):
         batches = epoch_batches(lengths, cfg.batch_size, seed=cfg.seed, epoch=epoch)
-        for b in progress.batches(epoch, len(batches)):
-            progress.stop_if_asked(epoch, b)
-            batch_ids = batches[b]
+        todo = progress.batches(epoch, len(batches))
+        mine = {b: distributed.share(batches[b]) for b in todo}  # this rank's part of each batch
+        chunks = [c for b in todo for c in micro_batches(mine[b] or batches[b][:1], cfg.micro_batch_size)]
+        feed = prefetched(lambda c: feeder.collate([rendered[i] for i in c]), chunks, ahead=ahead)
+        with contextlib.closing(feed):
+            for b in todo:
+                progress.stop_if_asked(epoch, b)
+                batch_ids = batches[b]
 
-            # Gradient accumulation: each micro-batch's mean loss is weighted by its share of the
-            # batch's target tokens, so the summed gradient equals the full batch's. On N processes
-            # each rank takes its part of the batch (an idle rank runs one example at weight 0 to
-            # join the all-reduce) and scales by N, since DDP averages what the shares already sum.
-            n_targets = max(1, sum(target_tokens(rendered[i]) for i in batch_ids))
-            mine = distributed.share(batch_ids)
-            chunks = micro_batches(mine or batch_ids[:1], cfg.micro_batch_size)
-            loss_sum = correct = 0.0
-            for k, chunk in enumerate(chunks):
-                batch = to_device(collate_sft([rendered[i] for i in chunk], pad_id), device)
-                labels = batch.pop("labels")
-                share = sum(target_tokens(rendered[i]) for i in chunk) / n_targets if mine else 0.0
-                with distributed.accumulating(ddp, last=k == len(chunks) - 1):
-                    with autocast():
-                        logits = ddp(**batch, use_cache=False).logits
-                    loss, accuracy = sft_loss(logits, labels)
-                    (loss * share * distributed.world_size()).backward()
-                loss_sum += loss.item() * share
-                correct += accuracy.item() * share
-            loss_sum, correct = distributed.all_sum(loss_sum, correct)
-            torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+                # Gradient accumulation: each micro-batch's mean loss is weighted by its share of the
+                # batch's target tokens, so the summed gradient equals the full batch's. On N
+                # processes each rank takes its part of the batch (an idle rank runs one example at
+                # weight 0 to join the all-reduce) and scales by N, since DDP averages what the
+                # shares already sum. Sums stay on the device: one host sync per step, for the metrics.
+                n_targets = max(1, sum(target_tokens(rendered[i]) for i in batch_ids))
+                rank_chunks = micro_batches(mine[b] or batch_ids[:1], cfg.micro_batch_size)
+                sums = torch.zeros(2, device=device)
+                for k, chunk in enumerate(rank_chunks):
+                    share = sum(target_tokens(rendered[i]) for i in chunk) / n_targets if mine[b] else 0.0
+                    with distributed.accumulating(ddp, last=k == len(rank_chunks) - 1):
+                        loss, accuracy = token_loss(*feeder.forward(ddp, next(feed))[:2])
+                        (loss * share * distributed.world_size()).backward()
+                    sums += torch.stack([loss.detach(), accuracy]) * share
+                torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
 
-            step = progress.take_step(sum(lengths[i] for i in batch_ids))
-            epoch_done = b == len(batches) - 1
-            metrics: dict[str, float | int] = {"train_loss": loss_sum, "train_mean_token_accuracy": correct}
-            evaluating = valid and distributed.is_main()  # only rank 0 reports
-            if evaluating and (step % eval_every == 0 or epoch_done):
-                v_loss, v_acc = _evaluate(model, valid_sample, pad_id, device, eval_batch, autocast)
-                metrics |= {"valid_loss": v_loss, "valid_mean_token_accuracy": v_acc}
-            if evaluating and epoch_done:
-                v_loss, v_acc = _evaluate(model, valid, pad_id, device, eval_batch, autocast)
-                metrics |= {"full_valid_loss": v_loss, "full_valid_mean_token_accuracy": v_acc}
-            progress.record_step(metrics, epoch=epoch, next_batch=b + 1, epoch_done=epoch_done)
+                step = progress.take_step(sum(lengths[i] for i in batch_ids))
+                epoch_done = b == len(batches) - 1
+                loss_sum, correct = distributed.all_sum(*sums.tolist())
+                metrics: dict[str, float | int] = {
+                    "train_loss": loss_sum,
+                    "train_mean_token_accuracy": correct,
+                }
+                evaluating = valid and distributed.is_main()  # only rank 0 reports
+                if evaluating and (step % eval_every == 0 or epoch_done):
+                    v_loss, v_acc = _evaluate(model, valid_sample, feeder, eval_batch)
+                    metrics |= {"valid_loss": v_loss, "valid_mean_token_accuracy": v_acc}
+                if evaluating and epoch_done:
+                    v_loss, v_acc = _evaluate(model, valid, feeder, eval_batch)
+                    metrics |= {"full_valid_loss": v_loss, "full_valid_mean_token_accuracy": v_acc}
+                progress.record_step(metrics, epoch=epoch, next_batch=b + 1, epoch_done=epoch_done)
         progress.end_epoch(epoch, processor)
     return progress.finish()
 
@@ -140,17 +154,10 @@ def _render(processor: Any, ex: ChatExample, max_length: int, *, what: str = "")
         raise InvalidRequest(f"{what}line {ex.line}: {e.message}", param=e.param, code=e.code) from e
 
 
-def _evaluate(
-    model: Any,
-    items: list[Rendered],
-    pad_id: int,
-    device: torch.device,
-    batch_size: int,
-    autocast: Callable[[], torch.autocast],
-) -> tuple[float, float]:
-    """Token-weighted loss and accuracy over ``items`` (no dropout, no gradients)."""
+def _evaluate(model: Any, items: list[Rendered], feeder: Feeder, batch_size: int) -> tuple[float, float]:
+    """Token-weighted loss and accuracy over ``items`` (no dropout, no gradients, one host sync)."""
     model.eval()
-    loss_sum = correct = 0.0
+    sums = torch.zeros(2, device=feeder.device)
     n_total = 0
     try:
         with torch.no_grad():
@@ -159,14 +166,10 @@ def _evaluate(
                 n = sum(target_tokens(r) for r in chunk)
                 if n == 0:
                     continue
-                batch = to_device(collate_sft(chunk, pad_id), device)
-                labels = batch.pop("labels")
-                with autocast():
-                    logits = model(**batch, use_cache=False).logits
-                loss, accuracy = sft_loss(logits, labels)
-                loss_sum += loss.item() * n
-                correct += accuracy.item() * n
+                loss, accuracy = token_loss(*feeder.forward(model, feeder.collate(chunk))[:2])
+                sums += torch.stack([loss, accuracy]) * n
                 n_total += n
     finally:
         model.train()
+    loss_sum, correct = sums.tolist()
     return loss_sum / max(1, n_total), correct / max(1, n_total)
