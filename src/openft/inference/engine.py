@@ -327,6 +327,7 @@ def generate(
     seed = params.seed if params.seed is not None else secrets.randbits(63)
     left = [n]
     left_lock = threading.Lock()
+    cancelled = [0]
 
     def on_finish(choice: _Choice, reason: str | None, error: BaseException | None) -> None:
         if error is not None:
@@ -335,8 +336,19 @@ def generate(
             choice.finish(reason)  # type: ignore[arg-type]
         with left_lock:
             left[0] -= 1
-            if left[0] == 0:
-                events.put(_END)
+            cancelled[0] += reason is None and error is None
+            last = left[0] == 0
+        if last and cancelled[0]:
+            # Logged here, on the decode loop's thread, once the request's last row has left: the
+            # caller may already be gone (a closed stream never reads another event).
+            log.info(
+                "generation for %s cancelled after %d of at most %d tokens; its rows left the batch",
+                loaded.ref.id,
+                sum(c.count for c in choices),
+                n * params.max_new_tokens,
+            )
+        if last:
+            events.put(_END)
 
     key = object()
     rows: list[Row] = []
@@ -373,14 +385,7 @@ def generate(
             finished += isinstance(item, ChoiceFinished)
             yield item
         if finished < n:  # rows only end without finishing when `cancel` was set
-            produced = sum(c.count for c in choices)
-            log.info(
-                "generation for %s cancelled after %d of at most %d tokens; its rows left the batch",
-                loaded.ref.id,
-                produced,
-                n * params.max_new_tokens,
-            )
-            raise GenerationCancelled(produced, n * params.max_new_tokens)
+            raise GenerationCancelled(sum(c.count for c in choices), n * params.max_new_tokens)
     finally:
         cancel.set()
 
