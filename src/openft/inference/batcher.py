@@ -30,11 +30,12 @@ and stacked this way; such models decode one row at a time through the same loop
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import threading
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,6 +66,8 @@ class Row:
     length: int = 0
     """Real (unpadded) positions used so far: the next token's position."""
     rope_delta: int = 0
+    finished: bool = False
+    """Set when ``finish`` has been called (it is called once, through :func:`_close`)."""
 
 
 @dataclass
@@ -155,7 +158,7 @@ class Batcher:
             kept = deque(item for item in queue if not item[1].cancelled.is_set())
             for _, row in queue:
                 if row.cancelled.is_set():
-                    row.finish(None, None)
+                    _close(row, None, None)
             if kept:
                 self._waiting[key] = kept
             else:
@@ -184,7 +187,7 @@ class Batcher:
                             self._step()
                 except BaseException as exc:  # a bug or OOM: fail every row, keep serving
                     log.exception("batched generation failed")
-                    self._fail_all(exc)
+                    self._fail_all(exc, [row for _, rows in admitted for row in rows])
 
     def _admit(self) -> list[tuple[Request, list[Row]]]:
         """Take waiting rows round-robin over requests up to the free slots (under ``_cond``)."""
@@ -200,7 +203,7 @@ class Batcher:
             else:
                 self._waiting.move_to_end(key)  # next request's turn
             if row.cancelled.is_set():
-                row.finish(None, None)
+                _close(row, None, None)
                 continue
             taken.setdefault(id(request), (request, []))[1].append(row)
             free -= 1
@@ -208,6 +211,17 @@ class Batcher:
 
     def _forward(self, **inputs: Any) -> Any:
         return self.model(**inputs, use_cache=True, return_dict=True)
+
+    @contextlib.contextmanager
+    def _only_adapter(self, adapter: str | None) -> Iterator[None]:
+        if not self._peft:
+            yield
+        elif adapter is None:
+            with self.model.disable_adapter():
+                yield
+        else:
+            self.model.set_adapter(adapter)
+            yield
 
     def _adapters(self, rows: list[Row]) -> dict[str, Any]:
         """``adapter_names`` for a peft-wrapped model: each row's adapter, or none (the base)."""
@@ -217,17 +231,18 @@ class Batcher:
 
     def _prefill(self, request: Request, rows: list[Row]) -> None:
         for row in [r for r in rows if r.cancelled.is_set()]:  # gone while waiting: never starts
-            row.finish(None, None)
+            _close(row, None, None)
         rows = [r for r in rows if not r.cancelled.is_set()]
         if not rows:
             return
         ids = torch.tensor([request.input_ids], dtype=torch.long, device=self.device)
-        extra = self._adapters(rows[:1])
         if self._rope is not None:
             self._rope.rope_deltas = None  # this request's own positions, not a previous one's
-        out = self._forward(
-            input_ids=ids, attention_mask=torch.ones_like(ids), **request.model_inputs, **extra
-        )
+        # A prefill is one request: its adapter is made the active one rather than named per row,
+        # because a LoRA on the vision tower sees image patches, not rows, and peft's
+        # ``adapter_names`` must have one entry per input of every adapted layer.
+        with self._only_adapter(rows[0].adapter):
+            out = self._forward(input_ids=ids, attention_mask=torch.ones_like(ids), **request.model_inputs)
         cache, logits = out.cache, out.logits[0, -1]
         if self._stackable is None:
             self._stackable = _stackable(cache)
@@ -247,13 +262,13 @@ class Batcher:
         """Let ``row`` pick its next token. When the row is done, returns how to finish it, to be
         called once it has left the batch (so a caller woken by it never sees it still there)."""
         if row.cancelled.is_set():
-            return lambda: row.finish(None, None)
+            return lambda: _close(row, None, None)
         done = row.pick(logits)
         row.generated += 1
         if done:
-            return lambda: row.finish("stop", None)
+            return lambda: _close(row, "stop", None)
         if row.generated >= row.max_new_tokens:
-            return lambda: row.finish("length", None)
+            return lambda: _close(row, "length", None)
         return None
 
     def _join(self, row: Row, cache: Any) -> None:
@@ -318,13 +333,21 @@ class Batcher:
         self._mask = mask
         self._rows = [self._rows[i] for i in keep]
 
-    def _fail_all(self, exc: BaseException) -> None:
+    def _fail_all(self, exc: BaseException, admitted: list[Row]) -> None:
+        """Fail every row this loop holds: decoding, waiting, and admitted but not yet joined."""
         with self._cond:
             rows = list(self._rows) + [row for q in self._waiting.values() for _, row in q]
             self._waiting.clear()
+        rows += [row for row in admitted if row not in rows and not row.finished]
         self._rows, self._cache, self._mask = [], None, None
         for row in rows:
-            row.finish(None, exc)
+            _close(row, None, exc)
+
+
+def _close(row: Row, reason: str | None, error: BaseException | None) -> None:
+    if not row.finished:
+        row.finished = True
+        row.finish(reason, error)
 
 
 def _left_pad(t: torch.Tensor, width: int, *, dim: int = -2) -> torch.Tensor:

@@ -121,12 +121,22 @@ def load_processor(base: str) -> Any:
 
 def _auto_model(source: str, dtype: torch.dtype | None, attn_implementation: str | None = None) -> Any:
     kwargs: dict[str, Any] = {} if dtype is None else {"dtype": dtype}
-    if attn_implementation is not None:
-        kwargs["attn_implementation"] = attn_implementation
     try:
-        return AutoModelForImageTextToText.from_pretrained(source, **kwargs)
+        return _from_pretrained(AutoModelForImageTextToText, source, kwargs, attn_implementation)
     except ValueError:  # a text-only base model: still trainable on text-only data
-        return AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        return _from_pretrained(AutoModelForCausalLM, source, kwargs, attn_implementation)
+
+
+def _from_pretrained(cls: Any, source: str, kwargs: dict[str, Any], attn_implementation: str | None) -> Any:
+    if attn_implementation is None:
+        return cls.from_pretrained(source, **kwargs)
+    try:
+        return cls.from_pretrained(source, attn_implementation=attn_implementation, **kwargs)
+    except ValueError as e:
+        if "attn_implementation" not in str(e):
+            raise
+        # The architecture does not offer it (Gemma 2 has no sdpa path): keep its own default.
+        return cls.from_pretrained(source, **kwargs)
 
 
 def set_torch_threads(threads: int, *, purpose: str) -> None:
