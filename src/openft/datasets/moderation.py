@@ -48,6 +48,7 @@ import logging
 import threading
 import weakref
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
@@ -217,15 +218,24 @@ class OpenCVModerator:
         # OpenCV detectors are not documented as thread-safe: one set per thread.
         self._local = threading.local()
 
-    def _detectors(self):
-        local = self._local
-        if not hasattr(local, "frontal"):
-            cv2 = self._cv2
-            local.frontal = cv2.CascadeClassifier(self._files["frontal"])
-            local.profile = cv2.CascadeClassifier(self._files["profile"])
-            local.hog = cv2.HOGDescriptor()
-            local.hog.setSVMDetector(cv2.HOGDescriptor_getDefaultPeopleDetector())
-        return local
+    def _per_thread(self, name: str, make: Callable[[], Any]) -> Any:
+        """This thread's detector ``name``, made on first use (only the detectors a thread runs)."""
+        det = getattr(self._local, name, None)
+        if det is None:
+            det = make()
+            setattr(self._local, name, det)
+        return det
+
+    def _cascade(self, name: str) -> Any:
+        return self._per_thread(name, lambda: self._cv2.CascadeClassifier(self._files[name]))
+
+    def _hog(self) -> Any:
+        def make() -> Any:
+            hog = self._cv2.HOGDescriptor()
+            hog.setSVMDetector(self._cv2.HOGDescriptor_getDefaultPeopleDetector())
+            return hog
+
+        return self._per_thread("hog", make)
 
     def moderate(self, image: Image.Image) -> ModerationResult:
         width, height = image.size
@@ -279,14 +289,15 @@ class OpenCVModerator:
 
     def face_score(self, rgb: np.ndarray) -> float:
         """1.0 when a frontal or profile (either way) face is found, else 0.0."""
-        cv2, det = self._cv2, self._detectors()
+        cv2 = self._cv2
+        frontal, profile = self._cascade("frontal"), self._cascade("profile")
         h, w = rgb.shape[:2]
         gray = cv2.cvtColor(self._scaled(rgb, self._face_scale(w, h)), cv2.COLOR_RGB2GRAY)
         side = max(20, int(min(gray.shape) * self.face_min_share))
         for cascade, img, step in (
-            (det.frontal, gray, self.face_scale_step),
-            (det.profile, gray, self.profile_scale_step),
-            (det.profile, cv2.flip(gray, 1), self.profile_scale_step),  # the cascade knows one direction
+            (frontal, gray, self.face_scale_step),
+            (profile, gray, self.profile_scale_step),
+            (profile, cv2.flip(gray, 1), self.profile_scale_step),  # the cascade knows one direction
         ):
             found = cascade.detectMultiScale(
                 img, scaleFactor=step, minNeighbors=self.face_neighbors, minSize=(side, side)
@@ -297,12 +308,13 @@ class OpenCVModerator:
 
     def people_score(self, rgb: np.ndarray) -> float:
         """HOG pedestrian margin mapped to [0, 1]; 0.5 at ``hog_threshold``."""
-        det = self._detectors()
         h, w = rgb.shape[:2]
         small = self._scaled(rgb, self.hog_max_side / max(h, w))
         if min(small.shape[:2]) < 128:
             return 0.0
-        _, weights = det.hog.detectMultiScale(small, winStride=(8, 8), padding=(8, 8), scale=self.hog_scale_step)
+        _, weights = self._hog().detectMultiScale(
+            small, winStride=(8, 8), padding=(8, 8), scale=self.hog_scale_step
+        )
         best = float(np.max(weights)) if len(weights) else 0.0
         return float(min(1.0, 0.5 * best / self.hog_threshold))
 
@@ -334,18 +346,12 @@ class MTCNNModerator(OpenCVModerator):
         super().__init__()
         self._mtcnn = MTCNN
 
-    def _detectors(self):
-        local = super()._detectors()
-        if not hasattr(local, "mtcnn"):
-            local.mtcnn = self._mtcnn(min_face_size=self.mtcnn_min_face)
-        return local
-
     def face_score(self, rgb: np.ndarray) -> float:
         """MTCNN's best face probability mapped to [0, 1]; 0.5 at ``mtcnn_confidence``."""
-        det = self._detectors()
+        mtcnn = self._per_thread("mtcnn", lambda: self._mtcnn(min_face_size=self.mtcnn_min_face))
         h, w = rgb.shape[:2]
         small = self._scaled(rgb, self._face_scale(w, h))
-        best = max((float(f["confidence"]) for f in det.mtcnn.detect_faces(small)), default=0.0)
+        best = max((float(f["confidence"]) for f in mtcnn.detect_faces(small)), default=0.0)
         t = self.mtcnn_confidence
         return 0.5 + 0.5 * (best - t) / (1 - t) if best >= t else 0.5 * best / t
 

