@@ -344,7 +344,8 @@ class MTCNNModerator(OpenCVModerator):
     mtcnn_min_face = 14  # ...for faces at least this many px there (1/11 of the shorter side)
     mtcnn_confidence = 0.9  # final-stage probability; the measured false faces stayed below it
     # Validation may decode at most this many pixels for this moderator (JPEG: at 1/2-1/8 scale in
-    # libjpeg, ~3x cheaper): the largest copy it uses is HOG's, 400 px on the longer side.
+    # libjpeg, ~3x cheaper): the largest copy it uses is HOG's, 400 px on the longer side, and
+    # every CAPTCHA-sized image (<= 200 px high, <= 6.5:1) still arrives whole.
     decode_max_pixels = 512 * 512
 
     def __init__(self) -> None:
@@ -355,9 +356,20 @@ class MTCNNModerator(OpenCVModerator):
         super().__init__()
         self._mtcnn = MTCNN
 
+    def _make_mtcnn(self) -> Any:
+        mtcnn = self._mtcnn(min_face_size=self.mtcnn_min_face)
+        # OpenCV's DNN module re-plans a net at every new input shape (P-Net: 8 pyramid sizes per
+        # image); layer fusion makes each plan dearer than it saves on nets this small. Off: the
+        # same detections for ~15% less CPU (measured on 60 of the bench's pictures).
+        for name in ("_pnet", "_rnet", "_onet"):
+            net = getattr(mtcnn, name, None)
+            if net is not None:
+                net.enableFusion(False)
+        return mtcnn
+
     def face_score(self, rgb: np.ndarray) -> float:
         """MTCNN's best face probability mapped to [0, 1]; 0.5 at ``mtcnn_confidence``."""
-        mtcnn = self._per_thread("mtcnn", lambda: self._mtcnn(min_face_size=self.mtcnn_min_face))
+        mtcnn = self._per_thread("mtcnn", self._make_mtcnn)
         h, w = rgb.shape[:2]
         small = self._scaled(rgb, self._face_scale(w, h))
         best = max((float(f["confidence"]) for f in mtcnn.detect_faces(small)), default=0.0)
