@@ -77,7 +77,8 @@ def test_fine_tuned_model_names_colours_of_unseen_pictures(qwen_server: Server, 
     c = qwen_server.client(f"learn-{family}")
     base = f"tiny-{family}"
     f = c.files.create(
-        file=("pictures.jsonl", io.BytesIO(picture_jsonl(picture_examples(180, seed=21)))), purpose="fine-tune"
+        file=("pictures.jsonl", io.BytesIO(picture_jsonl(picture_examples(180, seed=21)))),
+        purpose="fine-tune",
     )
     job = c.fine_tuning.jobs.create(
         training_file=f.id, model=base, seed=SEEDS[family], hyperparameters={"n_epochs": 6, "batch_size": 8}

@@ -138,7 +138,9 @@ def image_only_processor(cls: type) -> type:
     same name, same behaviour for text and images, saved and loaded like ``cls`` (its
     ``processor_class`` stays ``cls.__name__``), constructible without torchvision."""
 
-    def __init__(self: Any, image_processor: Any = None, tokenizer: Any = None, chat_template: Any = None, **kw: Any):
+    def __init__(
+        self: Any, image_processor: Any = None, tokenizer: Any = None, chat_template: Any = None, **kw: Any
+    ):
         # ProcessorMixin takes its sub-processors from this signature: image processor and tokenizer.
         cls.__init__(self, image_processor, tokenizer, None, chat_template=chat_template, **kw)
 

@@ -28,8 +28,13 @@ def qwen_loaded(request, tmp_path_factory: pytest.TempPathFactory) -> LoadedMode
 def test_the_decode_loop_matches_transformers_generate(qwen_loaded, image_loader, png_url, image) -> None:
     content: object = LOOSE[1]
     if image is not None:
-        content = [{"type": "text", "text": LOOSE[1]}, {"type": "image_url", "image_url": {"url": png_url(image)}}]
-    request = ChatCompletionRequest.model_validate({"model": "m", "messages": [{"role": "user", "content": content}]})
+        content = [
+            {"type": "text", "text": LOOSE[1]},
+            {"type": "image_url", "image_url": {"url": png_url(image)}},
+        ]
+    request = ChatCompletionRequest.model_validate(
+        {"model": "m", "messages": [{"role": "user", "content": content}]}
+    )
     prompt, _ = build_prompt(qwen_loaded, request, image_loader=image_loader)
     ours: list[int] = []
     for ev in generate(qwen_loaded, prompt, SamplingParams(max_new_tokens=12, temperature=0, logprobs=True)):

@@ -117,4 +117,6 @@ def test_qwen3_vl_template_is_the_published_one() -> None:
 
     data = QWEN3_VL_TEMPLATE.encode()
     assert len(data) == 5292
-    assert hashlib.sha256(data).hexdigest() == "3636d0f0bd6bef02654cdffdc447b79cb2cef8ab02cc75267345946291a489e4"
+    assert (
+        hashlib.sha256(data).hexdigest() == "3636d0f0bd6bef02654cdffdc447b79cb2cef8ab02cc75267345946291a489e4"
+    )

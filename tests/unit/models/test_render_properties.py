@@ -29,8 +29,8 @@ from openft.errors import InvalidRequest
 from openft.models.loader import load_model
 from openft.models.render import IGNORE_INDEX, Rendered, render_chat
 from tests.unit.models.tiny_llava import build_processor, build_tiny_llava
-from tests.unit.models.tiny_qwen_vl import build_tiny_qwen_vl
 from tests.unit.models.tiny_qwen_vl import build_processor as build_qwen_processor
+from tests.unit.models.tiny_qwen_vl import build_tiny_qwen_vl
 
 FAMILIES = ["qwen2_vl", "llava", "qwen2_5_vl", "qwen3_vl"]
 PIXEL_BUDGET = {"qwen2_vl", "qwen2_5_vl", "qwen3_vl"}

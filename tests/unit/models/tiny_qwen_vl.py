@@ -263,7 +263,9 @@ def build_processor(family: str) -> Any:
         image_std=list(spec["std"]),
     )
     cls = image_only_processor(spec["processor"])
-    return cls(image_processor=image_processor, tokenizer=build_tokenizer(family), chat_template=spec["template"])
+    return cls(
+        image_processor=image_processor, tokenizer=build_tokenizer(family), chat_template=spec["template"]
+    )
 
 
 def _text_config(ids: dict[str, int], rope: dict[str, Any]) -> dict[str, Any]:

@@ -76,7 +76,13 @@ def _qwen2_5_vl() -> Qwen2_5_VLForConditionalGeneration:
             "num_key_value_heads": 2,
             "rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "mrope_section": [2, 1, 1]},
         },
-        vision_config={"depth": 1, "hidden_size": 16, "intermediate_size": 32, "num_heads": 2, "out_hidden_size": 32},
+        vision_config={
+            "depth": 1,
+            "hidden_size": 16,
+            "intermediate_size": 32,
+            "num_heads": 2,
+            "out_hidden_size": 32,
+        },
         attn_implementation="sdpa",
     )
     return Qwen2_5_VLForConditionalGeneration(config).eval()
