@@ -90,6 +90,18 @@ class Family:
     """How the chat template writes tool calls: a key of ``models.tool_calls.FORMATS``
     (``hermes``, ``llama3_json``, ``mistral``, ``phi4_mini``); None: the language model's chat
     format decides (:func:`tool_format_of`), else it is detected from the template."""
+    pixel_budget: bool = False
+    """The image processor's ``size`` is a pixel budget (Qwen2-VL style: ``shortest_edge`` /
+    ``longest_edge`` are the min / max pixels of an image, ``max_pixels`` before transformers 5),
+    not side lengths: images larger than openft's decode budget keep up to ``max_pixels``."""
+
+    def max_pixels(self, image_processor: Any) -> int | None:
+        """The most pixels the image processor keeps of an image, for pixel-budget families."""
+        if not self.pixel_budget or image_processor is None:
+            return None
+        size = dict(getattr(image_processor, "size", None) or {})
+        cap = size.get("longest_edge") or getattr(image_processor, "max_pixels", None)
+        return cap if isinstance(cap, int) else None
 
     def end_of_turn(self, tokenizer: Any) -> str | None:
         vocab = tokenizer.get_vocab()
@@ -135,6 +147,7 @@ QWEN2_VL = Family(
     projector_prefixes=("model.visual.merger.",),
     language_model_prefixes=("model.language_model.",),
     detail_kwargs=_pixel_budget_detail,
+    pixel_budget=True,
     tool_format="hermes",
     detail_rule=(
         "image tokens follow the pixel budget (one token per 28x28 pixels): 'low' caps it at "
@@ -162,6 +175,7 @@ QWEN3_VL = Family(
     projector_prefixes=("model.visual.merger.", "model.visual.deepstack_merger_list."),
     language_model_prefixes=("model.language_model.",),
     detail_kwargs=_pixel_budget_detail,
+    pixel_budget=True,
     tool_format="hermes",
     detail_rule=(
         "image tokens follow the pixel budget (one token per 32x32 pixels): 'low' caps it at "
