@@ -24,7 +24,8 @@ preprocessor_config.json, config.json):
   ``shortest_edge`` 65536 / ``longest_edge`` 16777216, mean/std 0.5. ``Qwen3VLProcessor``.
 
 Here the special tokens take ids from 0 in the same order (the tiny vocabulary is 2,048); the
-pixel budgets are small (4-64 image tokens). Without torchvision the real processor classes
+pixel budgets are small: 16-64 image tokens (Qwen3-VL's published minimum, 64 tokens, enlarges
+small pictures too; Qwen2.5-VL's is 4 tokens). Without torchvision the real processor classes
 cannot be built with their video half, so the processor is the image-only variant openft's
 loader uses (:func:`openft.models.loader.image_only_processor`); it saves as the real class
 (``"processor_class": "Qwen2_5_VLProcessor"`` / ``"Qwen3VLProcessor"``) like a real checkpoint.
@@ -220,6 +221,9 @@ _SPEC: dict[str, dict[str, Any]] = {
         "mean": (0.48145466, 0.4578275, 0.40821073),
         "std": (0.26862954, 0.26130258, 0.27577711),
         "plain": PLAIN_TOKENS,
+        # Published: min_pixels 3136 (4 tokens). 16 here: a 56-px training picture then spans 4x4
+        # tokens, which the random-init tower needs to read colours reliably (4: 0.88-0.92 held out).
+        "min_tokens": 16,
         "seed": 2525,
     },
     "qwen3_vl": {
@@ -229,6 +233,7 @@ _SPEC: dict[str, dict[str, Any]] = {
         "mean": (0.5, 0.5, 0.5),
         "std": (0.5, 0.5, 0.5),
         "plain": PLAIN_TOKENS + QWEN3_PLAIN_TOKENS,
+        "min_tokens": 16,  # published: 65536 pixels = 64 tokens, so small pictures are enlarged
         "seed": 3333,
     },
 }
@@ -250,11 +255,11 @@ def build_tokenizer(family: str) -> PreTrainedTokenizerFast:
 
 
 def build_processor(family: str) -> Any:
-    """The family's processor (image-only variant of the real class), pixel budget 4-64 tokens."""
+    """The family's processor (image-only variant of the real class), pixel budget up to 64 tokens."""
     spec = _SPEC[family]
     unit = pixels_per_token(family)
     image_processor = Qwen2VLImageProcessorPil(
-        min_pixels=unit * unit * 4,
+        min_pixels=unit * unit * spec["min_tokens"],
         max_pixels=unit * unit * 64,
         patch_size=spec["patch"],
         merge_size=2,
