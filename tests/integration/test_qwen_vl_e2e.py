@@ -22,7 +22,7 @@ from openft.models.tiny import build_once
 from tests.conftest import Server, model_cache, start_server
 from tests.integration.test_service_e2e import wait_for
 from tests.tasks import SHAPE_COLOURS, data_url, picture_examples, picture_jsonl, picture_message
-from tests.unit.models.tiny_qwen_vl import FAMILIES, build_tiny_qwen_vl
+from tests.unit.models.tiny_qwen_vl import FAMILIES, FORMAT_VERSION, build_tiny_qwen_vl
 
 pytestmark = pytest.mark.slow
 
@@ -37,9 +37,9 @@ def tiny_folder(family: str) -> Path:
 
     def build(out: Path) -> None:
         build_tiny_qwen_vl(family, out)
-        (out / "openft-tiny.json").write_text(json.dumps({"name": family, "format_version": "1"}))
+        (out / "openft-tiny.json").write_text(json.dumps({"name": family, "format_version": FORMAT_VERSION}))
 
-    return build_once(model_cache() / "qwen-vl" / family, build, version="1")
+    return build_once(model_cache() / "qwen-vl" / family, build, version=FORMAT_VERSION)
 
 
 @pytest.fixture(scope="module")

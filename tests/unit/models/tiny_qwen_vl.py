@@ -53,6 +53,8 @@ from openft.models.loader import image_only_processor
 from openft.models.tiny import _edge_filters, build_bpe_tokenizer
 
 FAMILIES = ("qwen2_5_vl", "qwen3_vl")
+FORMAT_VERSION = "2"
+"""Bump when the built files change: cached copies of another version are rebuilt."""
 VOCAB_SIZE = 2048
 SPECIAL_TOKENS = (  # real order (ids 151643-151656 in the published tokenizers)
     "<|endoftext|>",
