@@ -130,10 +130,21 @@ def test_lora_fine_tune_with_vision_tower_serves_image_chat(qwen_server: Server,
         assert any("visual" in k and "lora_" in k for k in w.keys())  # the vision tower has LoRA weights
 
     png = picture_examples(1, seed=43)[0][0]
+    # The ends of turn are biased away so that a first token is always generated (and has a
+    # log probability, which openft reports from the unbiased logits).
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_folder(family))
+    no_stop = {str(tok.convert_tokens_to_ids(t)): -100 for t in ("<|im_end|>", "<|endoftext|>")}
 
     def ask(model: str):
         return c.chat.completions.create(
-            model=model, messages=[picture_message(png)], temperature=0, max_tokens=4, logprobs=True
+            model=model,
+            messages=[picture_message(png)],
+            temperature=0,
+            max_tokens=4,
+            logprobs=True,
+            logit_bias=no_stop,
         )
 
     tuned, plain = ask(job.fine_tuned_model), ask(base)
