@@ -14,8 +14,8 @@ architectures is a handful of facts, kept here in one small registry:
 
 Families are looked up by ``config.model_type`` (a model, a config, or a peft wrapper) or by the
 processor's class (rendering only sees the processor). Supported: Qwen2-VL / Qwen2.5-VL (the
-built-in ``openft-tiny-vlm`` is a Qwen2-VL) and LLaVA-1.5-style models (CLIP-like vision tower,
-MLP projector, any causal LM).
+built-in ``openft-tiny-vlm`` is a Qwen2-VL), Qwen3-VL, and LLaVA-1.5-style models (CLIP-like
+vision tower, MLP projector, any causal LM).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ END_OF_TURN_TOKENS: tuple[str, ...] = ("<|im_end|>", "<|eot_id|>", "<end_of_turn
 order of preference: what renders and stops a model of no listed family."""
 
 LOW_DETAIL_MAX_PIXELS = 448 * 448
-"""``detail="low"`` on pixel-budget processors (Qwen2-VL): the budget becomes
+"""``detail="low"`` on pixel-budget processors (Qwen2-VL, Qwen2.5-VL, Qwen3-VL): the budget becomes
 ``min(448*448, max_pixels // 4)``, never below ``min_pixels``."""
 
 # Prefixes peft (and similar wrappers) put in front of the base model's parameter names.
@@ -90,6 +90,18 @@ class Family:
     """How the chat template writes tool calls: a key of ``models.tool_calls.FORMATS``
     (``hermes``, ``llama3_json``, ``mistral``, ``phi4_mini``); None: the language model's chat
     format decides (:func:`tool_format_of`), else it is detected from the template."""
+    pixel_budget: bool = False
+    """The image processor's ``size`` is a pixel budget (Qwen2-VL style: ``shortest_edge`` /
+    ``longest_edge`` are the min / max pixels of an image, ``max_pixels`` before transformers 5),
+    not side lengths: images larger than openft's decode budget keep up to ``max_pixels``."""
+
+    def max_pixels(self, image_processor: Any) -> int | None:
+        """The most pixels the image processor keeps of an image, for pixel-budget families."""
+        if not self.pixel_budget or image_processor is None:
+            return None
+        size = dict(getattr(image_processor, "size", None) or {})
+        cap = size.get("longest_edge") or getattr(image_processor, "max_pixels", None)
+        return cap if isinstance(cap, int) else None
 
     def end_of_turn(self, tokenizer: Any) -> str | None:
         vocab = tokenizer.get_vocab()
@@ -116,22 +128,59 @@ class Family:
         return "other"
 
 
+_QWEN_VISION_TOKENS = ("<|image_pad|>", "<|vision_start|>", "<|vision_end|>", "<|video_pad|>")
+
+# Checked against Qwen/Qwen2-VL-7B-Instruct, Qwen/Qwen2.5-VL-7B-Instruct (tokenizer_config.json,
+# chat_template.json, preprocessor_config.json): <|image_pad|> 151655 between <|vision_start|>
+# 151652 and <|vision_end|> 151653, <|im_end|> 151645 ends a turn; patch 14 x merge 2 = 28 px per
+# image token, min_pixels 3136, max_pixels 12845056. Their published chat template (the same in
+# both) has no tools: tool calls are refused when rendering (``tool_calls_not_supported``).
 QWEN2_VL = Family(
     name="qwen2_vl",
     model_types=("qwen2_vl", "qwen2_5_vl"),
     processor_classes=("Qwen2VLProcessor", "Qwen2_5_VLProcessor", "TinyVLProcessor"),
     image_processor_classes=("Qwen2VLImageProcessor",),
     image_token="<|image_pad|>",
-    placeholder_tokens=("<|image_pad|>", "<|vision_start|>", "<|vision_end|>", "<|video_pad|>"),
+    placeholder_tokens=_QWEN_VISION_TOKENS,
     end_of_turn_candidates=("<|im_end|>",),
     vision_tower_prefixes=("model.visual.patch_embed.", "model.visual.blocks."),
     projector_prefixes=("model.visual.merger.",),
     language_model_prefixes=("model.language_model.",),
     detail_kwargs=_pixel_budget_detail,
+    pixel_budget=True,
     tool_format="hermes",
     detail_rule=(
-        "image tokens follow the pixel budget: 'low' caps it at min(448*448, max_pixels // 4) "
-        "after shrinking the image to fit 512x512; 'high'/'auto' use the processor's max_pixels"
+        "image tokens follow the pixel budget (one token per 28x28 pixels): 'low' caps it at "
+        "min(448*448, max_pixels // 4) after shrinking the image to fit 512x512; 'high'/'auto' use "
+        "the processor's max_pixels"
+    ),
+)
+
+# Checked against Qwen/Qwen3-VL-8B-Instruct (tokenizer_config.json, chat_template.json,
+# preprocessor_config.json, config.json): the same vision tokens and <|im_end|> as Qwen2.5-VL;
+# Qwen2VLImageProcessor with patch 16 x merge 2 = 32 px per image token, pixel budget
+# size.shortest_edge 65536 / size.longest_edge 16777216 (min/max pixels); a learned position grid
+# (``visual.pos_embed``) and DeepStack mergers feeding vision features from inner vision blocks
+# into the first text layers (projector); interleaved M-RoPE. Tool calls: Hermes <tool_call> JSON.
+# The -Thinking checkpoints have another template (<think> blocks) but the same facts here.
+QWEN3_VL = Family(
+    name="qwen3_vl",
+    model_types=("qwen3_vl",),
+    processor_classes=("Qwen3VLProcessor",),
+    image_processor_classes=(),  # Qwen2VLImageProcessor, shared with Qwen2-VL: the processor decides
+    image_token="<|image_pad|>",
+    placeholder_tokens=_QWEN_VISION_TOKENS,
+    end_of_turn_candidates=("<|im_end|>",),
+    vision_tower_prefixes=("model.visual.patch_embed.", "model.visual.pos_embed.", "model.visual.blocks."),
+    projector_prefixes=("model.visual.merger.", "model.visual.deepstack_merger_list."),
+    language_model_prefixes=("model.language_model.",),
+    detail_kwargs=_pixel_budget_detail,
+    pixel_budget=True,
+    tool_format="hermes",
+    detail_rule=(
+        "image tokens follow the pixel budget (one token per 32x32 pixels): 'low' caps it at "
+        "min(448*448, max_pixels // 4) after shrinking the image to fit 512x512; 'high'/'auto' use "
+        "the processor's longest_edge (max pixels)"
     ),
 )
 
@@ -153,7 +202,7 @@ LLAVA = Family(
     ),
 )
 
-FAMILIES: tuple[Family, ...] = (QWEN2_VL, LLAVA)
+FAMILIES: tuple[Family, ...] = (QWEN2_VL, QWEN3_VL, LLAVA)
 
 
 @dataclass(frozen=True)

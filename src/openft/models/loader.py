@@ -8,6 +8,7 @@ how to load it.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Any, Literal
 import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor
+from transformers.utils import is_torchvision_available
 
 from openft.errors import InvalidRequest
 from openft.models.tiny import ensure_tiny_vlm
@@ -84,7 +86,7 @@ def load_model(
         (Path(weights_dir) / f).exists() for f in ("processor_config.json", "tokenizer_config.json")
     ):
         processor_source = str(weights_dir)
-    processor = AutoProcessor.from_pretrained(processor_source)
+    processor = load_processor(processor_source)
     if kind == "adapter":
         # peft directly (not openft.adapters): models/ sits beside adapters.py in the layers.
         model = PeftModel.from_pretrained(model, str(weights_dir), is_trainable=trainable)
@@ -115,8 +117,50 @@ def load_config(base: str) -> Any:
 
 def load_processor(base: str) -> Any:
     """Only the processor (tokenizer + image processor + chat template): enough to validate and
-    count tokens without loading weights."""
-    return AutoProcessor.from_pretrained(base)
+    count tokens without loading weights.
+
+    A processor with a video half that needs torchvision (Qwen2-VL, Qwen2.5-VL, Qwen3-VL: their
+    ``AutoProcessor`` load raises without it) is loaded without that half where torchvision is
+    missing: openft takes images, never video, so nothing is lost.
+    """
+    try:
+        return AutoProcessor.from_pretrained(base)
+    except Exception:
+        cls = _processor_class(base)
+        if cls is None or is_torchvision_available() or "video_processor" not in cls.get_attributes():
+            raise
+        return image_only_processor(cls).from_pretrained(base)
+
+
+@functools.cache
+def image_only_processor(cls: type) -> type:
+    """``cls`` (a transformers processor class with a ``video_processor``) without its video half:
+    same name, same behaviour for text and images, saved and loaded like ``cls`` (its
+    ``processor_class`` stays ``cls.__name__``), constructible without torchvision."""
+
+    def __init__(
+        self: Any, image_processor: Any = None, tokenizer: Any = None, chat_template: Any = None, **kw: Any
+    ):
+        # ProcessorMixin takes its sub-processors from this signature: image processor and tokenizer.
+        cls.__init__(self, image_processor, tokenizer, None, chat_template=chat_template, **kw)
+
+    return type(cls.__name__, (cls,), {"__init__": __init__, "__module__": __name__, "__doc__": cls.__doc__})
+
+
+def _processor_class(source: str) -> type | None:
+    """The processor class a model folder or hub id names (as ``AutoProcessor`` finds it)."""
+    from transformers.models.auto.processing_auto import processor_class_from_name
+    from transformers.utils import cached_file
+
+    for name in ("processor_config.json", "preprocessor_config.json", "tokenizer_config.json"):
+        path = cached_file(source, name, _raise_exceptions_for_missing_entries=False)
+        if path is None:
+            continue
+        class_name = json.loads(Path(path).read_text()).get("processor_class")
+        if isinstance(class_name, str):
+            cls = processor_class_from_name(class_name)
+            return cls if isinstance(cls, type) and hasattr(cls, "get_attributes") else None
+    return None
 
 
 def _auto_model(source: str, dtype: torch.dtype | None, attn_implementation: str | None = None) -> Any:

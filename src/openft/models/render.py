@@ -349,10 +349,10 @@ def load_image(part: ImagePart, *, max_pixels: int = DECODE_MAX_PIXELS) -> Image
 # --- helpers ---------------------------------------------------------------------------------
 
 
-def _pixel_budget(processor: Any) -> int:
+def _pixel_budget(processor: Any, family: Family | None) -> int:
     """Pixels an image may keep on load: the decode budget, or the processor's own pixel cap
     (Qwen2-VL's ``max_pixels``) when that is larger, so the processor still decides the size."""
-    cap = getattr(getattr(processor, "image_processor", None), "max_pixels", None)
+    cap = family.max_pixels(getattr(processor, "image_processor", None)) if family else None
     return max(DECODE_MAX_PIXELS, cap) if isinstance(cap, int) else DECODE_MAX_PIXELS
 
 
@@ -422,7 +422,7 @@ def _encode_structure(
                 raise ValueError("the chat template emitted more image placeholders than there are images")
             enc = processor(
                 text=[image_token],
-                images=[load_image(part, max_pixels=_pixel_budget(processor))],
+                images=[load_image(part, max_pixels=_pixel_budget(processor, family))],
                 add_special_tokens=False,
                 return_tensors="pt",
                 **(family.detail_kwargs(processor.image_processor, part.detail) if family else {}),

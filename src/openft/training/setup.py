@@ -80,7 +80,7 @@ def setup(cfg: TrainConfig, reporter: Reporter) -> Setup:
     return Setup(model, processor, device, pad_id, bf16, checkpointing, autocast, feeder)
 
 
-MROPE_PACKABLE = frozenset({"qwen2_vl", "qwen2_5_vl"})
+MROPE_PACKABLE = frozenset({"qwen2_vl", "qwen2_5_vl", "qwen3_vl"})
 """M-RoPE families whose forward takes packed ``(4, B, T)`` position ids (text row first; checked in
 transformers 5.24's modeling code). Other M-RoPE families are padded."""
 

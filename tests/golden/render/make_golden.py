@@ -27,7 +27,7 @@ if str(ROOT) not in sys.path:  # run as a script: make `tests.` importable
 from openft.datasets.formats import ImagePart, Message, TextPart  # noqa: E402
 from openft.models.render import IGNORE_INDEX, render_chat  # noqa: E402
 
-FAMILIES = ("qwen2_vl", "llava")
+FAMILIES = ("qwen2_vl", "llava", "qwen2_5_vl", "qwen3_vl")
 TEXT_FORMATS = ("llama3", "chatml", "qwen3", "gemma", "mistral", "phi3")
 """Text-only chat formats (``openft.models.tiny_text``): golden files ``text_<format>.json``."""
 
@@ -142,6 +142,10 @@ def processor(family: str) -> Any:
         from tests.unit.models.tiny_llava import build_processor
 
         return build_processor()
+    if family in ("qwen2_5_vl", "qwen3_vl"):
+        from tests.unit.models import tiny_qwen_vl
+
+        return tiny_qwen_vl.build_processor(family)
     raise ValueError(family)
 
 

@@ -284,14 +284,19 @@ class _TokenizerVocabOnly(LogitsProcessor):
 @pytest.mark.parametrize("image", [None, (112, 56), (224, 224)])
 def test_the_decode_loop_matches_transformers_generate(loaded, image_loader, png_url, image):
     """Our own prefill/decode loop (explicit positions, M-RoPE deltas) against HF's ``generate``."""
+    assert_decode_loop_matches_generate(loaded, image_loader, png_url(image) if image else None)
+
+
+def assert_decode_loop_matches_generate(loaded: LoadedModel, image_loader, image_url: str | None) -> None:
+    """Greedy tokens of openft's decode loop == ``model.generate``'s for one (image) prompt."""
     from openft.inference.chat import build_prompt
     from openft.inference.engine import _model_vision_inputs
 
     content: object = LOOSE[1]
-    if image is not None:
+    if image_url is not None:
         content = [
             {"type": "text", "text": LOOSE[1]},
-            {"type": "image_url", "image_url": {"url": png_url(image)}},
+            {"type": "image_url", "image_url": {"url": image_url}},
         ]
     request = ChatCompletionRequest.model_validate(
         {"model": "m", "messages": [{"role": "user", "content": content}]}

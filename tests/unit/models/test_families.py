@@ -12,10 +12,11 @@ from peft import LoraConfig, get_peft_model
 from openft.datasets.moderation import NoopModerator
 from openft.datasets.validate import DEFAULT_CONTROL_TOKENS, ValidationOptions, validate_file
 from openft.errors import InvalidRequest
-from openft.models.families import FAMILIES, LLAVA, QWEN2_VL, family_of, find_family
+from openft.models.families import FAMILIES, LLAVA, QWEN2_VL, QWEN3_VL, family_of, find_family
 from openft.models.loader import load_model
 from openft.models.render import _encode_text, _protected_ids
 from tests.unit.models.tiny_llava import build_processor, build_tiny_llava
+from tests.unit.models.tiny_qwen_vl import build_tiny_qwen_vl
 
 
 @pytest.fixture(scope="module")
@@ -85,3 +86,37 @@ def test_a_placeholder_that_is_not_flagged_special_still_stays_text() -> None:
     ids = _encode_text(tok, "a<video>b<image><<video>>", protected)
     assert video_id not in ids and proc.image_token_id not in ids
     assert tok.decode(ids) == "a<video>b<image><<video>>"
+
+
+@pytest.mark.parametrize(("family", "expected"), [("qwen2_5_vl", QWEN2_VL), ("qwen3_vl", QWEN3_VL)])
+def test_qwen_vl_models_are_found_and_split_into_their_parts(tmp_path, family, expected) -> None:
+    """Qwen2.5-VL is a Qwen2-VL-family model; Qwen3-VL its own family, whose learned position grid
+    is vision tower and whose DeepStack mergers are projector, as its main merger is."""
+    model, proc = load_model(str(build_tiny_qwen_vl(family, tmp_path / family)), device="cpu")
+    assert family_of(model) is expected and family_of(proc) is expected and find_family(family) is expected
+    assert type(proc).__name__ == ("Qwen2_5_VLProcessor" if family == "qwen2_5_vl" else "Qwen3VLProcessor")
+    parts: dict[str, set[str]] = {}
+    for name, _ in model.named_parameters():
+        parts.setdefault(expected.component(name), set()).add(name)
+    assert set(parts) == {"vision_tower", "projector", "language_model", "lm_head"}
+    if family == "qwen3_vl":
+        assert "model.visual.pos_embed.weight" in parts["vision_tower"]
+        assert any(n.startswith("model.visual.deepstack_merger_list.1.") for n in parts["projector"])
+    # The part names agree with what training freezes and adapts (``training.trainable``).
+    from openft.training.trainable import part_of
+
+    assert all(part_of(n) == p for p, names in parts.items() if p != "lm_head" for n in names)
+
+
+def test_qwen3_vl_template_is_the_published_one() -> None:
+    """The chat template is Qwen/Qwen3-VL-8B-Instruct's, byte for byte (its length and SHA-256 as a
+    public test pins them for the model's GGUF)."""
+    import hashlib
+
+    from tests.unit.models.tiny_qwen_vl import QWEN3_VL_TEMPLATE
+
+    data = QWEN3_VL_TEMPLATE.encode()
+    assert len(data) == 5292
+    assert (
+        hashlib.sha256(data).hexdigest() == "3636d0f0bd6bef02654cdffdc447b79cb2cef8ab02cc75267345946291a489e4"
+    )

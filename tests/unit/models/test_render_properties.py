@@ -1,7 +1,8 @@
 """Property tests: image tokens always match image features, and truncation never cuts an image.
 
-Random conversations (0-10 images of random size, aspect and ``detail``; random text; random
-weights; a tiny ``max_length``) are rendered for each family. The rendered number of image
+Random conversations (0-10 images of random size, aspect and ``detail``; random text that
+includes control and image-placeholder strings typed as text; random weights; a tiny
+``max_length``) are rendered for each family (Qwen2-VL, LLaVA, Qwen2.5-VL, Qwen3-VL). The rendered number of image
 placeholder tokens must equal what the vision encoder produces for the vision tensors rendered
 with them, and a truncated render is either a clean ``InvalidRequest`` or a prefix of the full
 render that ends after a complete trained reply, with only complete images. Rendering only; the
@@ -28,6 +29,13 @@ from openft.errors import InvalidRequest
 from openft.models.loader import load_model
 from openft.models.render import IGNORE_INDEX, Rendered, render_chat
 from tests.unit.models.tiny_llava import build_processor, build_tiny_llava
+from tests.unit.models.tiny_qwen_vl import build_processor as build_qwen_processor
+from tests.unit.models.tiny_qwen_vl import build_tiny_qwen_vl
+
+FAMILIES = ["qwen2_vl", "llava", "qwen2_5_vl", "qwen3_vl"]
+PIXEL_BUDGET = {"qwen2_vl", "qwen2_5_vl", "qwen3_vl"}
+"""Families whose images are a grid of merged patches (``image_grid_thw``), each its own run of
+placeholders between ``<|vision_start|>`` and ``<|vision_end|>``."""
 
 settings.register_profile(
     "openft-render-ci",
@@ -61,7 +69,22 @@ images = st.builds(
     st.integers(0, 255),
     st.sampled_from(["low", "high", "auto"]),
 )
-words = st.text(alphabet="abcdefg <>|_!\n", min_size=0, max_size=40)
+CONTROL_STRINGS = (
+    "<|image_pad|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|video_pad|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<image>",
+    "<|eot_id|>",
+    "<|start_header_id|>",
+)
+"""Typed by users as text: must stay text (an image placeholder among them would break the
+image-token count the tests check)."""
+words = st.lists(
+    st.one_of(st.text(alphabet="abcdefg <>|_!\n", max_size=12), st.sampled_from(CONTROL_STRINGS)), max_size=5
+).map("".join)
 
 
 @st.composite
@@ -93,7 +116,7 @@ def encoder_tokens(family: str, config: Any, vision: dict[str, torch.Tensor]) ->
     """Features per image the model's vision encoder yields for these rendered vision tensors."""
     if not vision:
         return []
-    if family == "qwen2_vl":
+    if family in PIXEL_BUDGET:
         merge = config.vision_config.spatial_merge_size
         return [int(t) // merge**2 for t in vision["image_grid_thw"].prod(-1)]
     vc = config.vision_config
@@ -119,12 +142,30 @@ def llava_config():
     )
 
 
-@pytest.fixture(scope="module", params=["qwen2_vl", "llava"])
-def fam(request, tiny, llava_processor, llava_config) -> tuple[str, Any, Any]:
+@pytest.fixture(scope="module")
+def qwen_vl_dirs(tmp_path_factory: pytest.TempPathFactory):
+    """Folders of the tiny Qwen2.5-VL and Qwen3-VL, built on first use."""
+    built: dict[str, Any] = {}
+
+    def get(family: str):
+        if family not in built:
+            built[family] = build_tiny_qwen_vl(family, tmp_path_factory.mktemp(family) / family)
+        return built[family]
+
+    return get
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def fam(request, tiny, llava_processor, llava_config, qwen_vl_dirs) -> tuple[str, Any, Any]:
     """(family, processor, model config)."""
     if request.param == "qwen2_vl":
         return "qwen2_vl", tiny[1], tiny[0].config
-    return "llava", llava_processor, llava_config
+    if request.param == "llava":
+        return "llava", llava_processor, llava_config
+    from transformers import AutoConfig  # noqa: PLC0415
+
+    path = qwen_vl_dirs(request.param)
+    return request.param, build_qwen_processor(request.param), AutoConfig.from_pretrained(path)
 
 
 def _image_runs(ids: list[int], image_id: int) -> list[int]:
@@ -142,7 +183,7 @@ def check_images(family: str, proc: Any, config: Any, r: Rendered) -> None:
     image_id = proc.tokenizer.convert_tokens_to_ids(proc.image_token)
     expected = encoder_tokens(family, config, r.vision)
     assert r.input_ids.count(image_id) == r.n_image_tokens == sum(expected)
-    if family == "qwen2_vl":  # each image is its own run between <|vision_start|> and <|vision_end|>
+    if family in PIXEL_BUDGET:  # each image is its own run between <|vision_start|> and <|vision_end|>
         assert _image_runs(r.input_ids, image_id) == expected
     if "mm_token_type_ids" in r.vision:
         assert r.vision["mm_token_type_ids"].tolist() == [int(i == image_id) for i in r.input_ids]
@@ -207,9 +248,12 @@ def llava_model(tmp_path_factory: pytest.TempPathFactory):
     return load_model(str(build_tiny_llava(tmp_path_factory.mktemp("llava") / "tiny-llava")), device="cpu")
 
 
-@pytest.fixture(scope="module", params=["qwen2_vl", "llava"])
-def fam_model(request, tiny, llava_model) -> tuple[str, Any, Any]:
-    model, proc = tiny if request.param == "qwen2_vl" else llava_model
+@pytest.fixture(scope="module", params=FAMILIES)
+def fam_model(request, tiny, llava_model, qwen_vl_dirs) -> tuple[str, Any, Any]:
+    if request.param in ("qwen2_vl", "llava"):
+        model, proc = tiny if request.param == "qwen2_vl" else llava_model
+    else:
+        model, proc = load_model(str(qwen_vl_dirs(request.param)), device="cpu")
     return request.param, model, proc
 
 
@@ -226,6 +270,9 @@ def test_vision_encoder_agrees(fam_model, msgs) -> None:
         feats = model.model.get_image_features(**kwargs).pooler_output
         assert [f.shape[0] for f in feats] == encoder_tokens(family, model.config, r.vision)
         assert sum(f.shape[0] for f in feats) == r.n_image_tokens
+        # Qwen3-VL's DeepStack: every inner-layer feature set matches the image tokens as well.
+        for layer in getattr(model.model.get_image_features(**kwargs), "deepstack_features", None) or []:
+            assert [f.shape[0] for f in layer] == encoder_tokens(family, model.config, r.vision)
         # The full forward also checks that placeholders and features line up (it raises if not).
         inputs = {"input_ids": torch.tensor([r.input_ids]), **kwargs}
         if "mm_token_type_ids" in r.vision:

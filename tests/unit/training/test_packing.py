@@ -11,7 +11,16 @@ import threading
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2VLConfig, Qwen2VLForConditionalGeneration
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
+    Qwen3VLConfig,
+    Qwen3VLForConditionalGeneration,
+)
 
 from openft.models.render import IGNORE_INDEX, Rendered
 from openft.training.collate import collate_packed, collate_sft, prefetched
@@ -55,6 +64,67 @@ def _qwen2_vl() -> Qwen2VLForConditionalGeneration:
     return Qwen2VLForConditionalGeneration(config).eval()
 
 
+def _qwen2_5_vl() -> Qwen2_5_VLForConditionalGeneration:
+    torch.manual_seed(0)
+    config = Qwen2_5_VLConfig(
+        text_config={
+            "vocab_size": VOCAB,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "mrope_section": [2, 1, 1]},
+        },
+        vision_config={
+            "depth": 1,
+            "hidden_size": 16,
+            "intermediate_size": 32,
+            "num_heads": 2,
+            "out_hidden_size": 32,
+        },
+        attn_implementation="sdpa",
+    )
+    return Qwen2_5_VLForConditionalGeneration(config).eval()
+
+
+def _qwen3_vl() -> Qwen3VLForConditionalGeneration:
+    """Interleaved M-RoPE; its text model reads a 4-row position tensor's first row as text positions."""
+    torch.manual_seed(0)
+    config = Qwen3VLConfig(
+        text_config={
+            "vocab_size": VOCAB,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "head_dim": 8,
+            "rope_parameters": {
+                "rope_type": "default",
+                "rope_theta": 1e4,
+                "mrope_section": [2, 1, 1],
+                "mrope_interleaved": True,
+            },
+        },
+        vision_config={
+            "depth": 1,
+            "hidden_size": 16,
+            "intermediate_size": 32,
+            "num_heads": 2,
+            "out_hidden_size": 32,
+            "num_position_embeddings": 16,
+            "deepstack_visual_indexes": [0],
+        },
+        attn_implementation="sdpa",
+    )
+    return Qwen3VLForConditionalGeneration(config).eval()
+
+
+BUILDS = [_llama, _qwen2_vl, _qwen2_5_vl, _qwen3_vl]
+BUILD_IDS = ["llama", "qwen2-vl", "qwen2.5-vl", "qwen3-vl"]
+
+
 def _items() -> list[Rendered]:
     g = torch.Generator().manual_seed(1)
     out = []
@@ -89,12 +159,12 @@ def test_packed_collate_restarts_positions_and_drops_each_first_label() -> None:
         collate_packed([Rendered(input_ids=[1], labels=[1], vision={"pixel_values": torch.ones(1)})])
 
 
-@pytest.mark.parametrize("build", [_llama, _qwen2_vl], ids=["llama", "qwen2-vl"])
+@pytest.mark.parametrize("build", BUILDS, ids=BUILD_IDS)
 def test_packed_rows_see_only_their_own_example(build) -> None:  # type: ignore[no-untyped-def]
     model = build()
     items = _items()
     mrope = packing_for(model) == "mrope"
-    assert packing_for(model) == ("mrope" if build is _qwen2_vl else "1d")
+    assert packing_for(model) == ("1d" if build is _llama else "mrope")
     padded = collate_sft(items, pad_id=0)
     packed = collate_packed(items, mrope=mrope)
     with torch.no_grad():
@@ -108,7 +178,7 @@ def test_packed_rows_see_only_their_own_example(build) -> None:  # type: ignore[
         start += n
 
 
-@pytest.mark.parametrize("build", [_llama, _qwen2_vl], ids=["llama", "qwen2-vl"])
+@pytest.mark.parametrize("build", BUILDS, ids=BUILD_IDS)
 def test_packing_and_labelled_logits_give_the_loss_and_gradients_of_padded_full_logits(build) -> None:  # type: ignore[no-untyped-def]
     model = build().train()
     items = _items()
