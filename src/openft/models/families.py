@@ -112,10 +112,13 @@ class Family:
 
     def component(self, param_name: str) -> Component:
         """Which part of the model a parameter (or module) name belongs to; peft's
-        ``base_model.model.`` prefix is ignored."""
+        ``base_model.model.`` prefix is ignored. The one answer to "is this the vision tower":
+        training (``training.trainable``, ``training.memory``) asks here."""
         for prefix in _WRAPPER_PREFIXES:
             if param_name.startswith(prefix):
                 param_name = param_name[len(prefix) :]
+        # A module's own name (``model.visual.merger``) lacks the dot its prefix ends with.
+        name = param_name + "."
         # Projector first: some families nest it under the vision module (Qwen's visual.merger).
         for part, prefixes in (
             ("projector", self.projector_prefixes),
@@ -123,7 +126,7 @@ class Family:
             ("language_model", self.language_model_prefixes),
             ("lm_head", self.lm_head_prefixes),
         ):
-            if param_name.startswith(prefixes):
+            if name.startswith(prefixes):
                 return part  # type: ignore[return-value]
         return "other"
 
@@ -144,7 +147,8 @@ QWEN2_VL = Family(
     placeholder_tokens=_QWEN_VISION_TOKENS,
     end_of_turn_candidates=("<|im_end|>",),
     vision_tower_prefixes=("model.visual.patch_embed.", "model.visual.blocks."),
-    projector_prefixes=("model.visual.merger.",),
+    # deepstack_merger_list: Qwen3-VL's DeepStack mergers (kept here until Qwen3-VL has its entry).
+    projector_prefixes=("model.visual.merger.", "model.visual.deepstack_merger_list."),
     language_model_prefixes=("model.language_model.",),
     detail_kwargs=_pixel_budget_detail,
     pixel_budget=True,

@@ -23,7 +23,7 @@ before the optimizer step allocates its temporaries).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from openft.errors import InvalidRequest
@@ -133,34 +133,74 @@ def plan_batch(
     )
 
 
-def model_facts(model: Any) -> dict[str, int]:
-    """The numbers :func:`estimate_peak_bytes` needs, read from a loaded model (peft or not).
+@dataclass(frozen=True)
+class ModelFacts:
+    """The numbers :func:`estimate_peak_bytes` needs about a model, read by :func:`model_facts`."""
 
-    Keys: ``n_params``, ``n_trainable``, ``dtype_bytes``, ``hidden_size``, ``n_layers``,
-    ``vocab_size``, ``intermediate_size``, ``vision_hidden_size``, ``vision_layers`` (the last two
-    only for vision-language models).
-    """
+    n_params: int
+    n_trainable: int
+    dtype_bytes: int
+    hidden_size: int
+    n_layers: int
+    vocab_size: int
+    intermediate_size: int
+    vision_hidden_size: int | None = None
+    """The vision encoder's width; None for a text model."""
+    vision_layers: int | None = None
+
+    def estimate(
+        self,
+        *,
+        seq_len: int,
+        batch_size: int,
+        image_tokens: int,
+        gradient_checkpointing: bool,
+        lora: bool,
+        dpo: bool,
+    ) -> MemoryEstimate:
+        """:func:`estimate_peak_bytes` for this model and one micro-batch."""
+        return estimate_peak_bytes(
+            n_params=self.n_params,
+            n_trainable=self.n_trainable,
+            dtype_bytes=self.dtype_bytes,
+            hidden_size=self.hidden_size,
+            n_layers=self.n_layers,
+            vocab_size=self.vocab_size,
+            intermediate_size=self.intermediate_size,
+            vision_hidden_size=self.vision_hidden_size,
+            vision_layers=self.vision_layers,
+            seq_len=seq_len,
+            batch_size=batch_size,
+            image_tokens=image_tokens,
+            gradient_checkpointing=gradient_checkpointing,
+            lora=lora,
+            dpo=dpo,
+        )
+
+
+def model_facts(model: Any) -> ModelFacts:
+    """The numbers :func:`estimate_peak_bytes` needs, read from a loaded model (peft or not)."""
     params = list(model.parameters())
     config = model.config
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    facts = {
-        "n_params": sum(p.numel() for p in params),
-        "n_trainable": sum(p.numel() for p in params if p.requires_grad),
-        "dtype_bytes": max((p.element_size() for p in params), default=4),
-        "hidden_size": int(text.hidden_size),
-        "n_layers": int(text.num_hidden_layers),
-        "vocab_size": int(text.vocab_size),
-        "intermediate_size": int(getattr(text, "intermediate_size", None) or 4 * text.hidden_size),
-    }
     vision = getattr(config, "vision_config", None)
+    vision_width = vision_depth = None
     if vision is not None:
         # Qwen2-VL names the encoder width embed_dim (its hidden_size is the merger's output).
-        width = getattr(vision, "embed_dim", None) or vision.hidden_size
+        vision_width = int(getattr(vision, "embed_dim", None) or vision.hidden_size)
         depth = getattr(vision, "depth", None) or getattr(vision, "num_hidden_layers", None)
-        facts["vision_hidden_size"] = int(width)
-        if depth:
-            facts["vision_layers"] = int(depth)
-    return facts
+        vision_depth = int(depth) if depth else None
+    return ModelFacts(
+        n_params=sum(p.numel() for p in params),
+        n_trainable=sum(p.numel() for p in params if p.requires_grad),
+        dtype_bytes=max((p.element_size() for p in params), default=4),
+        hidden_size=int(text.hidden_size),
+        n_layers=int(text.num_hidden_layers),
+        vocab_size=int(text.vocab_size),
+        intermediate_size=int(getattr(text, "intermediate_size", None) or 4 * text.hidden_size),
+        vision_hidden_size=vision_width,
+        vision_layers=vision_depth,
+    )
 
 
 def _gib(n: int) -> str:
@@ -183,14 +223,16 @@ def available_bytes(device: str) -> int:
 def lora_trainable_params(model: Any, target_modules: Sequence[str]) -> int:
     """Parameters LoRA of rank 1 adds on the language model's target linears (scale by ``r``):
     the layers ``trainable.lora_plan`` puts adapters on without ``train_vision_tower``."""
-    from openft.training.trainable import part_of  # the one answer to "which part is this layer"
+    from openft.models.families import find_family
+    from openft.training.trainable import part_of  # the family registry's answer, as lora_plan asks
 
+    family = find_family(model)
     total = 0
     for name, module in model.named_modules():
         if (
             name.rsplit(".", 1)[-1] in target_modules
             and hasattr(module, "in_features")
-            and part_of(name) == "language_model"
+            and part_of(name, family) == "language_model"
         ):
             total += module.in_features + module.out_features
     return total
@@ -212,11 +254,10 @@ def plan_for_model(
     the longest example; plus the estimate at the chosen micro-batch."""
     facts = model_facts(model)
     if lora_rank is not None:
-        facts["n_trainable"] = lora_rank * lora_trainable_params(model, lora_targets)
+        facts = replace(facts, n_trainable=lora_rank * lora_trainable_params(model, lora_targets))
 
     def estimate(micro: int) -> MemoryEstimate:
-        return estimate_peak_bytes(
-            **facts,
+        return facts.estimate(
             seq_len=seq_len,
             batch_size=micro,
             image_tokens=image_tokens,

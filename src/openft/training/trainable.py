@@ -1,5 +1,10 @@
 """What trains: split a vision-language model into vision tower, projector and language model,
-and decide which weights (or LoRA adapters) train. Pure functions over module names.
+and decide which weights (or LoRA adapters) train.
+
+Which parameter is which part is one fact per architecture, kept in the family registry
+(:mod:`openft.models.families`: ``vision_tower_prefixes``, ``projector_prefixes``...); this module
+asks the model's family (``find_family(model).component(name)``) and never guesses from names.
+A model of no vision family (a text model) is all language model.
 
 Why by module path: LoRA's usual ``target_modules`` are bare names (``q_proj``, ``gate_proj``...)
 that peft matches as suffixes anywhere in the model, and vision encoders reuse them (Qwen2.5-VL's
@@ -7,46 +12,31 @@ vision blocks have ``mlp.gate_proj/up_proj/down_proj``; Qwen2-VL's have ``attn.q
 ``attn.proj``, ``mlp.fc1/fc2``). So we expand the names into full module paths inside the
 language model only, and add the vision tower or projector when asked.
 
-Part names by architecture (transformers 5):
-
-- Qwen2-VL / Qwen2.5-VL / Qwen3-VL: ``model.visual.*`` (tower), ``model.visual.merger``
-  (+ ``deepstack_merger_list``; projector), ``model.language_model.*`` + ``lm_head``.
-- LLaVA, Gemma 3, InternVL, PaliGemma, Llama 4: ``model.vision_tower`` / ``model.vision_model``,
-  ``model.multi_modal_projector``, ``model.language_model``.
-- Idefics3 / SmolVLM: ``model.vision_model``, ``model.connector``, ``model.text_model``.
-
-Anything that is neither tower nor projector counts as the language model (embeddings and
-``lm_head`` included), so a text-only model is all language model.
+The output head (``lm_head``) and anything the family does not name count as the language model.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import re
 from typing import Any, Literal
 
 from torch import nn
 
 from openft.errors import InvalidRequest
+from openft.models.families import Family, find_family
 from openft.training.config import LoraConfig
 
 Part = Literal["vision_tower", "projector", "language_model"]
 PARTS: tuple[Part, ...] = ("language_model", "projector", "vision_tower")
 
-_PROJECTOR = re.compile(
-    r"(?:^|\.)(?:visual\.(?:merger|deepstack_merger_list)|multi_modal_projector|mm_projector"
-    r"|connector|vision_projection)(?:\.|$)"
-)
-_VISION = re.compile(r"(?:^|\.)(?:visual|vision_tower|vision_model|vision_encoder|image_encoder)(?:\.|$)")
 
-
-def part_of(name: str) -> Part:
-    """Which part a parameter or module path (``model.visual.blocks.0.attn.qkv``) belongs to."""
-    if _PROJECTOR.search(name):
-        return "projector"
-    if _VISION.search(name):
-        return "vision_tower"
-    return "language_model"
+def part_of(name: str, family: Family | None) -> Part:
+    """Which part a parameter or module path (``model.visual.blocks.0.attn.qkv``) of a model of
+    ``family`` (``find_family(model)``; None: a text model) belongs to."""
+    if family is None:
+        return "language_model"
+    component = family.component(name)
+    return component if component in ("vision_tower", "projector") else "language_model"
 
 
 def lora_plan(
@@ -61,16 +51,17 @@ def lora_plan(
 
     Raises ``InvalidRequest`` when no language-model layer matches the target names.
     """
+    family = find_family(model)
     targets: list[str] = []
     for name, module in model.named_modules():
         if not isinstance(module, nn.Linear):
             continue
-        part = part_of(name)
+        part = part_of(name, family)
         if part == "language_model" and any(name == t or name.endswith("." + t) for t in lora.target_modules):
             targets.append(name)
         elif part == "vision_tower" and train_vision_tower:
             targets.append(name)
-    if not any(part_of(t) == "language_model" for t in targets):
+    if not any(part_of(t, family) == "language_model" for t in targets):
         raise InvalidRequest(
             f"no language-model layer of this base model is named like the LoRA targets "
             f"{list(lora.target_modules)}; pick target modules the model has",
@@ -89,27 +80,30 @@ def lora_plan(
 
 def projector_roots(model: nn.Module) -> list[str]:
     """Paths of the outermost projector modules (``model.visual.merger``), in model order."""
+    family = find_family(model)
     roots: list[str] = []
     for name, _ in model.named_modules():
-        if name and part_of(name) == "projector" and not any(name.startswith(r + ".") for r in roots):
+        if name and part_of(name, family) == "projector" and not any(name.startswith(r + ".") for r in roots):
             roots.append(name)
     return roots
 
 
 def set_full_trainable(model: nn.Module, *, train_vision_tower: bool) -> None:
     """Full fine-tuning: language model and projector train; the vision tower only if asked."""
+    family = find_family(model)
     for name, p in model.named_parameters():
-        p.requires_grad_(train_vision_tower or part_of(name) != "vision_tower")
+        p.requires_grad_(train_vision_tower or part_of(name, family) != "vision_tower")
 
 
 def parameter_counts(model: nn.Module) -> dict[Part, tuple[int, int]]:
     """``{part: (trainable, total)}`` parameter counts; LoRA weights count toward their part.
     peft's frozen ``original_module`` twin of a ``modules_to_save`` module is not counted twice."""
+    family = find_family(model)
     counts: dict[Part, list[int]] = {p: [0, 0] for p in PARTS}
     for name, p in model.named_parameters():
         if ".original_module." in name:
             continue
-        c = counts[part_of(name)]
+        c = counts[part_of(name, family)]
         c[1] += p.numel()
         if p.requires_grad:
             c[0] += p.numel()

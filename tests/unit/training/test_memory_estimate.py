@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from openft.errors import InvalidRequest
-from openft.training.memory import MemoryEstimate, estimate_peak_bytes, plan_batch
+from openft.training.memory import MemoryEstimate, ModelFacts, estimate_peak_bytes, plan_batch
 
 MiB = 2**20
 
@@ -38,7 +38,7 @@ CASES = [
 
 MEASURE = textwrap.dedent(
     """
-    import ctypes, gc, io, json, sys
+    import ctypes, dataclasses, gc, io, json, sys
     import torch
     from PIL import Image
     from peft import LoraConfig, get_peft_model
@@ -97,7 +97,7 @@ MEASURE = textwrap.dedent(
             del opt, loss
         weights = sum(p.numel() * p.element_size() for p in model.parameters())
         out[name] = {"measured": peak + weights, "seq": seq, "image_patches": patches,
-                     "facts": model_facts(model)}
+                     "facts": dataclasses.asdict(model_facts(model))}
         del model
     print(json.dumps(out))
     """
@@ -124,23 +124,13 @@ def measured(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
 
 def _estimate(case: tuple, m: dict) -> MemoryEstimate:
     _, b, _, ckpt, lora, _ = case
-    f = m["facts"]
-    return estimate_peak_bytes(
-        n_params=f["n_params"],
-        n_trainable=f["n_trainable"],
-        dtype_bytes=f["dtype_bytes"],
+    return ModelFacts(**m["facts"]).estimate(
         seq_len=m["seq"],
         batch_size=b,
-        hidden_size=f["hidden_size"],
-        n_layers=f["n_layers"],
-        vocab_size=f["vocab_size"],
         image_tokens=m["image_patches"],
         gradient_checkpointing=ckpt,
         lora=lora,
         dpo=False,
-        intermediate_size=f["intermediate_size"],
-        vision_hidden_size=f.get("vision_hidden_size"),
-        vision_layers=f.get("vision_layers"),
     )
 
 
@@ -172,12 +162,12 @@ def test_estimate_is_within_a_factor_of_two_of_measured(measured) -> None:
 
 @pytest.mark.slow  # shares the measuring fixture above
 def test_model_facts(measured) -> None:
-    f = measured["small"]["facts"]
-    assert f["hidden_size"] == 128 and f["n_layers"] == 2 and f["vocab_size"] == 2048
-    assert f["vision_hidden_size"] == 64 and f["vision_layers"] == 2
-    assert f["n_trainable"] == f["n_params"] and f["dtype_bytes"] == 4
-    lora = measured["lora_b8_s256"]["facts"]
-    assert 0 < lora["n_trainable"] < lora["n_params"] // 10
+    f = ModelFacts(**measured["small"]["facts"])
+    assert f.hidden_size == 128 and f.n_layers == 2 and f.vocab_size == 2048
+    assert f.vision_hidden_size == 64 and f.vision_layers == 2
+    assert f.n_trainable == f.n_params and f.dtype_bytes == 4
+    lora = ModelFacts(**measured["lora_b8_s256"]["facts"])
+    assert 0 < lora.n_trainable < lora.n_params // 10
 
 
 def _est(**overrides) -> MemoryEstimate:
