@@ -53,6 +53,7 @@ from harness import (
     run_interleaved,
     spread,
     trl_step_timer,
+    trl_trainable,
     untrain_after_end_of_turn,
 )
 
@@ -145,21 +146,12 @@ def run_trl(args, mode: str, data) -> dict:
 
     processor = AutoProcessor.from_pretrained(args.model_dir)
     model = AutoModelForImageTextToText.from_pretrained(args.model_dir)
-    # The model is made trainable before the clock starts, as openft's _build_model does.
-    if mode == "lora":
-        from peft import LoraConfig, get_peft_model
+    # The model is made trainable before the clock starts, as openft's setup does.
+    lora = trl_trainable(model, mode)
+    if lora is not None:
+        from peft import get_peft_model
 
-        lora = LoraConfig(
-            r=16,
-            lora_alpha=32,
-            lora_dropout=0.0,
-            task_type="CAUSAL_LM",
-            target_modules=r".*language_model.*\.(" + "|".join(LORA_TARGETS) + ")",
-        )
         model = get_peft_model(model, lora)
-    else:  # openft's full fine-tuning default: everything but the vision encoder trains
-        for name, p in model.named_parameters():
-            p.requires_grad_(not ("visual.blocks" in name or "visual.patch_embed" in name))
 
     timer = trl_step_timer()
     timer.begin()  # tokenization and the reference precompute count, as openft's do

@@ -55,6 +55,7 @@ from harness import (
     import_both_stacks,
     measure,
     trl_step_timer,
+    trl_trainable,
     untrain_after_end_of_turn,
 )
 from train_throughput import QWEN2_VL_2B_TEXT, build_qwen2_vl_2b, make_data
@@ -237,20 +238,7 @@ def run_trl(args: argparse.Namespace, mode: str, packing: bool, rows: list[dict]
         if vlm:
             row["images"] = [Image.open(io.BytesIO(r["png"])).convert("RGB")]
         data.append(row)
-    peft_config = None
-    if mode == "lora":
-        from peft import LoraConfig
-
-        peft_config = LoraConfig(
-            r=16,
-            lora_alpha=32,
-            lora_dropout=0.0,
-            task_type="CAUSAL_LM",
-            target_modules=r".*(language_model|model\.layers).*\.(q|k|v|o|gate|up|down)_proj",
-        )
-    else:
-        for name, p in model.named_parameters():  # openft's default: the vision encoder stays frozen
-            p.requires_grad_(not ("visual.blocks" in name or "visual.patch_embed" in name))
+    peft_config = trl_trainable(model, mode)  # openft's default: the vision encoder stays frozen
 
     with tempfile.TemporaryDirectory() as out:
         cfg = SFTConfig(

@@ -208,6 +208,34 @@ def trl_step_timer() -> Any:
     return Timer()
 
 
+def trl_trainable(model: Any, mode: str, *, train_vision_tower: bool = False) -> Any:
+    """Make the TRL side's model trainable the way openft's ``training.setup`` does, before the
+    clock starts, and return what TRL needs for it.
+
+    ``lora``: a peft ``LoraConfig`` (r=16, alpha=32, no dropout, openft's default target names)
+    whose targets are the full module paths openft's ``lora_plan`` picks (language model only, so a
+    vision encoder's same-named layers stay frozen); pass it as ``peft_config=`` or to
+    ``get_peft_model``. Anything else is full fine-tuning: every parameter trains but the vision
+    tower's (unless ``train_vision_tower``; the projector always does); returns None.
+    """
+    from peft import LoraConfig as PeftLoraConfig
+
+    from openft.training.config import LoraConfig
+    from openft.training.trainable import lora_plan, set_full_trainable
+
+    if mode != "lora":
+        set_full_trainable(model, train_vision_tower=train_vision_tower)
+        return None
+    plan = lora_plan(model, LoraConfig(r=16, alpha=32), train_vision_tower=False, train_projector=False)
+    return PeftLoraConfig(
+        r=plan.r,
+        lora_alpha=plan.alpha,
+        lora_dropout=plan.dropout,
+        task_type="CAUSAL_LM",
+        target_modules=list(plan.target_modules),
+    )
+
+
 def openft_schedule_for(trainer_cls: type) -> type:
     """``trainer_cls`` with openft's learning-rate schedule (warm-up over 3% of the steps from
     1/warm-up of the peak, then linear decay to 10% of it) instead of transformers' linear one

@@ -55,6 +55,7 @@ from harness import (
     run_interleaved,
     spread,
     trl_step_timer,
+    trl_trainable,
     untrain_after_end_of_turn,
 )
 
@@ -272,25 +273,12 @@ def run_trl(args, mode: str, data) -> dict:
 
     processor = AutoProcessor.from_pretrained(args.model_dir)
     model = AutoModelForImageTextToText.from_pretrained(args.model_dir)
-    # The model is made trainable before the clock starts, as openft's _build_model does.
-    if mode == "lora":
-        from peft import LoraConfig, get_peft_model
+    # The model is made trainable before the clock starts, as openft's setup does.
+    lora = trl_trainable(model, mode, train_vision_tower=args.train_vision_tower)
+    if lora is not None:
+        from peft import get_peft_model
 
-        # Same targets as openft's LoraConfig default, language model only (vision uses qkv/fc names).
-        lora = LoraConfig(
-            r=16,
-            lora_alpha=32,
-            lora_dropout=0.0,
-            task_type="CAUSAL_LM",
-            target_modules=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)",
-        )
         model = get_peft_model(model, lora)
-    else:
-        # openft's full fine-tuning default: everything but the vision encoder (blocks + patch
-        # embedding) trains; the projector (merger) does. --train-vision-tower trains it all.
-        for name, p in model.named_parameters():
-            frozen = not args.train_vision_tower and ("visual.blocks" in name or "visual.patch_embed" in name)
-            p.requires_grad_(not frozen)
 
     timer = trl_step_timer()
     timer.begin()  # decoding the images and building the dataset count, as openft's render does
