@@ -176,6 +176,7 @@ def test_moderate_nesting_still_works(client: openai.OpenAI) -> None:
     assert err.value.param == "tools" and "limit of 64" in err.value.message
 
 
+@pytest.mark.slow  # its own server, and 128 rows decoding while it shuts down
 def test_sigterm_ends_the_server_during_an_n128_request(tmp_path: Path) -> None:
     server = start_server(tmp_path / "home", "--no-worker")
     try:

@@ -74,6 +74,7 @@ def _valid_calls(calls: Any) -> list[tuple[str, dict[str, Any]]]:
     return out
 
 
+@pytest.mark.slow  # samples 12 replies of up to 1,500 constrained tokens (minutes on 2 cores)
 def test_required_tool_choice_always_yields_valid_calls(client) -> None:
     seen = set()
     for seed in range(SAMPLES):
@@ -85,6 +86,7 @@ def test_required_tool_choice_always_yields_valid_calls(client) -> None:
     assert seen == {"get_weather", "add"}  # both tools are reachable, not one hard-wired
 
 
+@pytest.mark.slow  # samples 6 replies of up to 1,500 constrained tokens
 def test_named_function_and_no_parallel_calls(client) -> None:
     for seed in range(SAMPLES // 2):
         out = _sample(
@@ -98,6 +100,7 @@ def test_named_function_and_no_parallel_calls(client) -> None:
         assert len(calls) == 1 and calls[0][0] == "add"
 
 
+@pytest.mark.slow  # samples 12 replies of up to 1,500 constrained tokens
 def test_strict_json_schema_replies_always_validate(client) -> None:
     fmt = {"type": "json_schema", "json_schema": {"name": "answer", "schema": ANSWER, "strict": True}}
     for seed in range(SAMPLES):
@@ -106,6 +109,7 @@ def test_strict_json_schema_replies_always_validate(client) -> None:
         jsonschema.validate(json.loads(out.choices[0].message.content), ANSWER)
 
 
+@pytest.mark.slow  # samples 6 replies of up to 1,500 constrained tokens
 def test_json_object_replies_are_objects(client) -> None:
     # An open-ended object from a random model may run into the token cap (finish "length", as
     # OpenAI's would); every reply that ended on its own must be a JSON object.
@@ -120,6 +124,7 @@ def test_json_object_replies_are_objects(client) -> None:
     assert ended >= 3
 
 
+@pytest.mark.slow  # samples a reply of up to 1,500 constrained tokens twice
 def test_streamed_tool_calls_match_the_whole_reply(client) -> None:
     args = dict(
         model=MODEL,
