@@ -52,6 +52,7 @@ from harness import (
     run_child,
     run_interleaved,
     spread,
+    trl_args,
     trl_step_timer,
     trl_trainable,
     untrain_after_end_of_turn,
@@ -190,26 +191,19 @@ def run_trl(args, mode: str, data) -> dict:
     )
     with tempfile.TemporaryDirectory() as out:
         cfg = DPOConfig(
-            output_dir=out,
-            per_device_train_batch_size=args.batch_size,
-            gradient_accumulation_steps=1,
-            num_train_epochs=args.epochs,
-            learning_rate=args.lr,
-            beta=args.beta,
-            loss_type=["sigmoid"],
-            weight_decay=0.0,  # the schedule is openft's (openft_schedule_for)
-            max_grad_norm=1.0,
-            optim="adamw_torch",
-            bf16=bool(args.bf16),
-            use_cpu=not args.device.startswith("cuda"),
-            max_length=None,
-            precompute_ref_log_probs=mode == "full-precompute",
-            save_strategy="no",
-            report_to="none",
-            logging_steps=10**9,
-            disable_tqdm=True,
-            dataloader_num_workers=0,
-            seed=args.seed,
+            **trl_args(
+                out,
+                args,
+                gradient_accumulation_steps=1,
+                num_train_epochs=args.epochs,
+                beta=args.beta,
+                loss_type=["sigmoid"],
+                optim="adamw_torch",
+                bf16=bool(args.bf16),
+                use_cpu=not args.device.startswith("cuda"),
+                precompute_ref_log_probs=mode == "full-precompute",
+                dataloader_num_workers=0,
+            )
         )
         trainer = LossTrainer(
             model=model,

@@ -54,6 +54,7 @@ from harness import (
     counting_trainer,
     import_both_stacks,
     measure,
+    trl_args,
     trl_step_timer,
     trl_trainable,
     untrain_after_end_of_turn,
@@ -242,22 +243,15 @@ def run_trl(args: argparse.Namespace, mode: str, packing: bool, rows: list[dict]
 
     with tempfile.TemporaryDirectory() as out:
         cfg = SFTConfig(
-            output_dir=out,
-            per_device_train_batch_size=args.batch_size,
-            num_train_epochs=1,
-            learning_rate=args.lr,
-            weight_decay=0.0,
-            max_grad_norm=1.0,
-            bf16=cuda,
-            use_cpu=not cuda,
-            padding_free=packing,
-            gradient_checkpointing=False,
-            max_length=None,
-            save_strategy="no",
-            report_to="none",
-            logging_steps=10**9,
-            disable_tqdm=True,
-            seed=args.seed,
+            **trl_args(
+                out,
+                args,
+                num_train_epochs=1,
+                bf16=cuda,
+                use_cpu=not cuda,
+                padding_free=packing,
+                gradient_checkpointing=False,
+            )
         )
         trainer = counting_trainer(SFTTrainer)(
             model=model,

@@ -236,6 +236,27 @@ def trl_trainable(model: Any, mode: str, *, train_vision_tower: bool = False) ->
     )
 
 
+def trl_args(out: str, args: Any, **specific: Any) -> dict[str, Any]:
+    """Keyword arguments for TRL's ``SFTConfig`` / ``DPOConfig`` that every baseline shares: the
+    bench's batch size, learning rate and seed; AdamW without weight decay and clipping at 1.0 like
+    openft's loop (the schedule is openft's, :func:`openft_schedule_for`); no length cut (never
+    inside image tokens); nothing saved, logged or shown. ``specific`` adds to or overrides them."""
+    return {
+        "output_dir": out,
+        "per_device_train_batch_size": args.batch_size,
+        "learning_rate": args.lr,
+        "weight_decay": 0.0,
+        "max_grad_norm": 1.0,
+        "max_length": None,
+        "save_strategy": "no",
+        "report_to": "none",
+        "logging_steps": 10**9,
+        "disable_tqdm": True,
+        "seed": args.seed,
+        **specific,
+    }
+
+
 def openft_schedule_for(trainer_cls: type) -> type:
     """``trainer_cls`` with openft's learning-rate schedule (warm-up over 3% of the steps from
     1/warm-up of the peak, then linear decay to 10% of it) instead of transformers' linear one

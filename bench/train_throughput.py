@@ -54,6 +54,7 @@ from harness import (
     run_child,
     run_interleaved,
     spread,
+    trl_args,
     trl_step_timer,
     trl_trainable,
     untrain_after_end_of_turn,
@@ -296,24 +297,17 @@ def run_trl(args, mode: str, data) -> dict:
 
     with tempfile.TemporaryDirectory() as out:
         cfg = SFTConfig(
-            output_dir=out,
-            per_device_train_batch_size=args.batch_size,
-            gradient_accumulation_steps=1,
-            num_train_epochs=args.epochs,
-            learning_rate=args.lr,
-            weight_decay=0.0,  # the schedule is openft's (openft_schedule_for)
-            max_grad_norm=1.0,
-            optim="adamw_torch",
-            gradient_checkpointing=bool(args.gradient_checkpointing),
-            bf16=bool(args.bf16),
-            use_cpu=not args.device.startswith("cuda"),
-            max_length=None,  # never cut inside image tokens
-            save_strategy="no",
-            report_to="none",
-            logging_steps=10**9,
-            disable_tqdm=True,
-            dataloader_num_workers=0,
-            seed=args.seed,
+            **trl_args(
+                out,
+                args,
+                gradient_accumulation_steps=1,
+                num_train_epochs=args.epochs,
+                optim="adamw_torch",
+                gradient_checkpointing=bool(args.gradient_checkpointing),
+                bf16=bool(args.bf16),
+                use_cpu=not args.device.startswith("cuda"),
+                dataloader_num_workers=0,
+            )
         )
         trainer = CountingTrainer(
             model=model,
