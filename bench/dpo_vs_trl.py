@@ -48,6 +48,7 @@ from harness import (
     REPO,
     TimingReporter,
     load_range,
+    openft_config,
     openft_schedule_for,
     run_child,
     run_interleaved,
@@ -61,7 +62,6 @@ from harness import (
 KEYS = {"red": "cat", "green": "dog", "blue": "bird", "yellow": "fish", "black": "tree", "white": "flower"}
 FILLER = "the a of to and in is it you that he was for on are with as his they be at one have this".split()
 VARIANTS = ("openft:full", "trl:full-precompute", "trl:full", "openft:lora", "trl:lora")
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def make_pairs(n: int, seed: int) -> list[tuple[str, str, str]]:
@@ -82,11 +82,9 @@ def make_pairs(n: int, seed: int) -> list[tuple[str, str, str]]:
 
 
 def run_openft(args, mode: str, data) -> dict:
-    import dataclasses
 
     import openft.training.recipes.dpo as dpo
     from openft.datasets.formats import Message, PreferenceExample, TextPart
-    from openft.training.config import LoraConfig, TrainConfig
 
     examples = [
         PreferenceExample(
@@ -97,24 +95,9 @@ def run_openft(args, mode: str, data) -> dict:
         )
         for i, (prompt, good, bad) in enumerate(data)
     ]
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    extra = {
-        "bf16": bool(args.bf16),
-        "gradient_checkpointing": False,
-        "keep_checkpoints": 1,
-        "state_every_steps": 0,
-    }
     with tempfile.TemporaryDirectory() as out:
-        cfg = TrainConfig(
-            base_model=args.model_dir,
-            output_dir=Path(out),
-            n_epochs=args.epochs,
-            batch_size=args.batch_size,
-            learning_rate=args.lr,
-            seed=args.seed,
-            lora=LoraConfig(r=16, alpha=32, target_modules=LORA_TARGETS) if mode == "lora" else None,
-            device=args.device,
-            **{k: v for k, v in extra.items() if k in fields},
+        cfg = openft_config(
+            out, args, mode, n_epochs=args.epochs, bf16=bool(args.bf16), gradient_checkpointing=False
         )
         rep = TimingReporter()
         rep.watch_model()

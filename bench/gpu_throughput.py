@@ -54,6 +54,7 @@ from harness import (
     counting_trainer,
     import_both_stacks,
     measure,
+    openft_config,
     trl_args,
     trl_step_timer,
     trl_trainable,
@@ -155,7 +156,6 @@ def attention(device: str) -> str:
 def run_openft(args: argparse.Namespace, mode: str, packing: bool, rows: list[dict]) -> dict:
     import openft.training.setup as setup
     from openft.datasets.formats import ChatExample, ImagePart, Message, TextPart
-    from openft.training.config import LoraConfig, TrainConfig
     from openft.training.recipes import sft
 
     def user(row: dict) -> Message:
@@ -182,18 +182,12 @@ def run_openft(args: argparse.Namespace, mode: str, packing: bool, rows: list[di
 
     setup._build_model = counting
     with tempfile.TemporaryDirectory() as out:
-        cfg = TrainConfig(
-            base_model=str(args.model_dir),
-            output_dir=Path(out),
+        cfg = openft_config(
+            out,
+            args,
+            mode,
             n_epochs=1,
-            batch_size=args.batch_size,
-            learning_rate=args.lr,
-            seed=args.seed,
-            lora=LoraConfig(r=16, alpha=32) if mode == "lora" else None,
-            device=args.device,
             max_length=4096,
-            keep_checkpoints=1,
-            state_every_steps=0,
             gradient_checkpointing=False,
             packing=packing,
             attn_implementation=attention(args.device),

@@ -236,6 +236,31 @@ def trl_trainable(model: Any, mode: str, *, train_vision_tower: bool = False) ->
     )
 
 
+def openft_config(out: str, args: Any, mode: str, **specific: Any) -> Any:
+    """openft's ``TrainConfig`` for a bench run: the bench's model, batch size, learning rate,
+    seed and device; LoRA r=16/alpha=32 on openft's default targets when ``mode`` is ``lora``;
+    nothing but the final weights saved. ``specific`` adds to or overrides them; a knob an older
+    ``TrainConfig`` lacks is dropped, so a bench runs on either."""
+    import dataclasses
+
+    from openft.training.config import LoraConfig, TrainConfig
+
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    kwargs = {
+        "base_model": str(args.model_dir),
+        "output_dir": Path(out),
+        "batch_size": args.batch_size,
+        "learning_rate": args.lr,
+        "seed": args.seed,
+        "lora": LoraConfig(r=16, alpha=32) if mode == "lora" else None,
+        "device": args.device,
+        "keep_checkpoints": 1,
+        "state_every_steps": 0,
+        **specific,
+    }
+    return TrainConfig(**{k: v for k, v in kwargs.items() if k in fields})
+
+
 def trl_args(out: str, args: Any, **specific: Any) -> dict[str, Any]:
     """Keyword arguments for TRL's ``SFTConfig`` / ``DPOConfig`` that every baseline shares: the
     bench's batch size, learning rate and seed; AdamW without weight decay and clipping at 1.0 like

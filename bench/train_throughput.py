@@ -51,6 +51,7 @@ from harness import (
     TimingReporter,
     counting_trainer,
     load_range,
+    openft_config,
     run_child,
     run_interleaved,
     spread,
@@ -196,11 +197,9 @@ def build_qwen2_vl_2b(tiny: Path, out: Path) -> Path:
 
 
 def run_openft(args, mode: str, data) -> dict:
-    import dataclasses
 
     import openft.training.recipes.sft as sft
     from openft.datasets.formats import ChatExample, ImagePart, Message, TextPart
-    from openft.training.config import LoraConfig, TrainConfig
 
     examples = [
         ChatExample(
@@ -218,27 +217,16 @@ def run_openft(args, mode: str, data) -> dict:
         )
         for i, (png, prompt, answer) in enumerate(data)
     ]
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    # Knobs that newer TrainConfigs have; pass them only when present, so the bench runs on either.
-    extra = {
-        "gradient_checkpointing": args.gradient_checkpointing,
-        "bf16": args.bf16,
-        "keep_checkpoints": 1,
-        "state_every_steps": 0,
-        "train_vision_tower": args.train_vision_tower,
-    }
     with tempfile.TemporaryDirectory() as out:
-        cfg = TrainConfig(
-            base_model=args.model_dir,
-            output_dir=Path(out),
+        cfg = openft_config(
+            out,
+            args,
+            mode,
             n_epochs=args.epochs,
-            batch_size=args.batch_size,
-            learning_rate=args.lr,
-            seed=args.seed,
-            lora=LoraConfig(r=16, alpha=32) if mode == "lora" else None,
-            device=args.device,
             max_length=4096,
-            **{k: v for k, v in extra.items() if k in fields},
+            gradient_checkpointing=args.gradient_checkpointing,
+            bf16=args.bf16,
+            train_vision_tower=args.train_vision_tower,
         )
         rep = TimingReporter()
         rep.watch_model()
