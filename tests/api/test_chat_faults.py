@@ -8,7 +8,6 @@ import json
 import re
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -26,10 +25,9 @@ CANCELLED = re.compile(r"generation for \S+ cancelled after (\d+) of at most (\d
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    s = start_server(tmp_path_factory.mktemp("chat-faults") / "home", "--no-worker")
-    yield s
-    s.stop()
+def server(api_server: Server) -> Server:
+    """The session's API server: these tests read its log from an offset, so sharing it is safe."""
+    return api_server
 
 
 @pytest.fixture(scope="module")

@@ -45,10 +45,6 @@ def test_moderator_is_chosen_by_setting(tmp_path):
     """OPENFT_MODERATOR swaps the moderator: the no-op one lets a photo of a person through."""
     import base64
     import io
-    import json
-    import os
-    import subprocess
-    import sys
 
     from PIL import Image
     from skimage import data
@@ -65,14 +61,11 @@ def test_moderator_is_chosen_by_setting(tmp_path):
     path = tmp_path / "people.jsonl"
     path.write_text(json.dumps(line) + "\n")
 
-    def codes(env: dict[str, str]) -> list[str]:
-        out = subprocess.run(
-            [sys.executable, "-m", "openft.cli.main", "validate", str(path), "--json"],
-            capture_output=True,
-            text=True,
-            env=dict(os.environ, OPENFT_HOME=str(tmp_path), **env),
-        )
-        return [i["code"] for i in json.loads(out.stdout)["issues"]]
+    def codes(moderator: str | None) -> list[str]:
+        # In process (no interpreter start-up): the command reads its settings from the environment.
+        env = {"OPENFT_HOME": str(tmp_path), "OPENFT_MODERATOR": moderator}
+        result = CliRunner().invoke(app(), ["validate", str(path), "--json"], env=env)
+        return [i["code"] for i in json.loads(result.stdout)["issues"]]
 
-    assert {"contains_people", "contains_faces"} & set(codes({}))
-    assert codes({"OPENFT_MODERATOR": "openft.datasets.moderation:NoopModerator"}) == ["too_few_examples"]
+    assert {"contains_people", "contains_faces"} & set(codes(None))
+    assert codes("openft.datasets.moderation:NoopModerator") == ["too_few_examples"]
