@@ -1,8 +1,10 @@
 """Image fetching against a loopback server: codes, caps, redirects and the SSRF guard."""
 
+import ssl
+
 import pytest
 
-from openft.datasets.fetch import MAX_REDIRECTS, FetchError, check_host, fetch_url
+from openft.datasets.fetch import MAX_REDIRECTS, FetchError, check_host, fetch_url, make_client
 from openft.datasets.images import MAX_IMAGE_BYTES, ImageRejected, fetch_image_bytes
 
 from .conftest import png_bytes
@@ -86,3 +88,12 @@ def test_bad_urls() -> None:
     for url in ("http://", "http://exa mple.com/x.png", "gopher://x/y", "http://host:99999/x"):
         code, _ = fetch_code(url)
         assert code == "inaccessible_url"
+
+
+def test_fetch_clients_verify_tls_through_one_shared_context() -> None:
+    """Certificates and host names are checked; the context (its CA bundle loaded once) is shared,
+    so validating a file costs no TLS set-up when it has no URL to fetch."""
+    a, b = make_client(1.0), make_client(2.0)
+    ctx = a._transport._pool._ssl_context  # httpx's transport -> httpcore's pool
+    assert ctx is b._transport._pool._ssl_context
+    assert ctx.verify_mode == ssl.CERT_REQUIRED and ctx.check_hostname

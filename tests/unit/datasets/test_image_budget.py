@@ -133,6 +133,7 @@ def test_decode_memory_is_bounded(images: dict[str, Path]) -> None:
     assert png < full + 3 * budget and rgba < full + 3 * budget, (png, rgba)
 
 
+@pytest.mark.slow  # two fresh processes import torch, load the tiny VLM and render a 50 MP image
 def test_a_chat_with_a_huge_image_stays_within_budget(images: dict[str, Path]) -> None:
     """The whole chat prompt path (fetch, checks, render through the tiny VLM's processor)."""
     from openft.models.tiny import ensure_tiny_vlm
