@@ -162,17 +162,21 @@ def test_unknown_job_is_404(client):
         client.fine_tuning.jobs.retrieve("ftjob-nope")
 
 
-def test_the_api_works_on_postgresql(postgres_url, tmp_path):
-    """OPENFT_DATABASE_URL switches metadata to PostgreSQL; the wire behaviour is the same."""
+def test_the_api_works_on_postgresql(postgres_url, tmp_path, monkeypatch):
+    """OPENFT_DATABASE_URL switches metadata to PostgreSQL; the wire behaviour is the same. The
+    server runs in this process (real uvicorn on loopback): the settings come from the environment
+    as ``openft serve`` reads them."""
     from sqlalchemy import create_engine
     from sqlalchemy import text as sql
 
-    from tests.conftest import start_server
+    from openft.settings import Settings
+    from tests.inprocess import inprocess_server
 
     with create_engine(postgres_url).begin() as conn:
         conn.execute(sql("DROP SCHEMA public CASCADE; CREATE SCHEMA public"))
-    server = start_server(tmp_path / "home", "--no-worker", env={"OPENFT_DATABASE_URL": postgres_url})
-    try:
+    monkeypatch.setenv("OPENFT_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("OPENFT_DATABASE_URL", postgres_url)
+    with inprocess_server(Settings()) as server:
         c = server.client("pg")
         f = c.files.create(file=("t.jsonl", io.BytesIO(GOOD)), purpose="fine-tune")
         assert c.files.content(f.id).read() == GOOD
@@ -180,8 +184,6 @@ def test_the_api_works_on_postgresql(postgres_url, tmp_path):
         assert [j.id for j in c.fine_tuning.jobs.list(metadata={"db": "pg"})] == [job.id]
         assert c.fine_tuning.jobs.cancel(job.id).status == "cancelled"
         assert not (tmp_path / "home" / "openft.db").exists()  # nothing went to SQLite
-    finally:
-        server.stop()
 
 
 @pytest.mark.parametrize(
