@@ -49,48 +49,37 @@ class MemoryEstimate:
         return ", ".join(f"{k} {_gib(v)}" for k, v in parts if v)
 
 
-@dataclass(frozen=True)
-class ModelFacts:
-    """What :func:`estimate_peak_bytes` needs to know about a model (:func:`model_facts` reads
-    them from a loaded one)."""
-
-    n_params: int
-    n_trainable: int
-    """Parameters that train: all of them in full fine-tuning; with LoRA the adapters plus anything
-    saved with them."""
-    dtype_bytes: int
-    hidden_size: int
-    n_layers: int
-    vocab_size: int
-    intermediate_size: int
-    vision_hidden_size: int | None = None
-    """The vision encoder's width; None (a text model, or unknown): the text width."""
-    vision_layers: int | None = None
-    """The vision encoder's depth; None: the text depth."""
-
-
 def estimate_peak_bytes(
-    model: ModelFacts,
     *,
+    n_params: int,
+    n_trainable: int,
+    dtype_bytes: int,
     seq_len: int,
     batch_size: int,
+    hidden_size: int,
+    n_layers: int,
+    vocab_size: int,
     image_tokens: int,
     gradient_checkpointing: bool,
     lora: bool,
     dpo: bool,
+    intermediate_size: int | None = None,
+    vision_hidden_size: int | None = None,
+    vision_layers: int | None = None,
 ) -> MemoryEstimate:
     """Peak bytes of one training step (forward, backward, AdamW step) for one micro-batch.
 
     ``seq_len`` is the padded sequence length the decoder sees (image placeholder tokens
     included); ``batch_size`` counts examples (a DPO example is two sequences); ``image_tokens``
     is the number of patches per example entering the vision encoder (0 for text). ``lora``: the
-    base weights are frozen and a DPO reference is the same model with adapters disabled; without
-    LoRA, DPO keeps a frozen reference copy.
+    base weights are frozen (``n_trainable`` counts the adapters plus anything saved with them)
+    and a DPO reference is the same model with adapters disabled; without LoRA, DPO keeps a
+    frozen reference copy. ``intermediate_size`` defaults to ``4*hidden_size``, the vision sizes
+    to the text ones.
     """
-    hidden_size, n_layers, inter = model.hidden_size, model.n_layers, model.intermediate_size
-    v_hidden = model.vision_hidden_size if model.vision_hidden_size is not None else hidden_size
-    v_layers = model.vision_layers if model.vision_layers is not None else n_layers
-    dtype_bytes = model.dtype_bytes
+    inter = intermediate_size if intermediate_size is not None else 4 * hidden_size
+    v_hidden = vision_hidden_size if vision_hidden_size is not None else hidden_size
+    v_layers = vision_layers if vision_layers is not None else n_layers
     rows = batch_size * (2 if dpo else 1)
     tokens = rows * seq_len
 
@@ -107,13 +96,13 @@ def estimate_peak_bytes(
         v_elems = v_tokens * v_layers * v_per_layer
 
     breakdown = {
-        "weights": model.n_params * dtype_bytes,
-        "gradients": model.n_trainable * dtype_bytes,
-        "optimizer": model.n_trainable * ADAMW_STATE_BYTES,
+        "weights": n_params * dtype_bytes,
+        "gradients": n_trainable * dtype_bytes,
+        "optimizer": n_trainable * ADAMW_STATE_BYTES,
         "activations": act_elems * dtype_bytes,
         "vision_activations": v_elems * dtype_bytes,
-        "logits": tokens * model.vocab_size * (dtype_bytes + 4 * LOGITS_FP32_COPIES),
-        "reference_model": model.n_params * dtype_bytes if dpo and not lora else 0,
+        "logits": tokens * vocab_size * (dtype_bytes + 4 * LOGITS_FP32_COPIES),
+        "reference_model": n_params * dtype_bytes if dpo and not lora else 0,
     }
     return MemoryEstimate(total=sum(breakdown.values()), breakdown=breakdown)
 
@@ -142,6 +131,51 @@ def plan_batch(
         param="training_file",
         code="insufficient_memory",
     )
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """The numbers :func:`estimate_peak_bytes` needs about a model, read by :func:`model_facts`."""
+
+    n_params: int
+    n_trainable: int
+    dtype_bytes: int
+    hidden_size: int
+    n_layers: int
+    vocab_size: int
+    intermediate_size: int
+    vision_hidden_size: int | None = None
+    """The vision encoder's width; None for a text model."""
+    vision_layers: int | None = None
+
+    def estimate(
+        self,
+        *,
+        seq_len: int,
+        batch_size: int,
+        image_tokens: int,
+        gradient_checkpointing: bool,
+        lora: bool,
+        dpo: bool,
+    ) -> MemoryEstimate:
+        """:func:`estimate_peak_bytes` for this model and one micro-batch."""
+        return estimate_peak_bytes(
+            n_params=self.n_params,
+            n_trainable=self.n_trainable,
+            dtype_bytes=self.dtype_bytes,
+            hidden_size=self.hidden_size,
+            n_layers=self.n_layers,
+            vocab_size=self.vocab_size,
+            intermediate_size=self.intermediate_size,
+            vision_hidden_size=self.vision_hidden_size,
+            vision_layers=self.vision_layers,
+            seq_len=seq_len,
+            batch_size=batch_size,
+            image_tokens=image_tokens,
+            gradient_checkpointing=gradient_checkpointing,
+            lora=lora,
+            dpo=dpo,
+        )
 
 
 def model_facts(model: Any) -> ModelFacts:
@@ -223,8 +257,7 @@ def plan_for_model(
         facts = replace(facts, n_trainable=lora_rank * lora_trainable_params(model, lora_targets))
 
     def estimate(micro: int) -> MemoryEstimate:
-        return estimate_peak_bytes(
-            facts,
+        return facts.estimate(
             seq_len=seq_len,
             batch_size=micro,
             image_tokens=image_tokens,

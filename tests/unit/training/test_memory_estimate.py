@@ -124,8 +124,7 @@ def measured(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
 
 def _estimate(case: tuple, m: dict) -> MemoryEstimate:
     _, b, _, ckpt, lora, _ = case
-    return estimate_peak_bytes(
-        ModelFacts(**m["facts"]),
+    return ModelFacts(**m["facts"]).estimate(
         seq_len=m["seq"],
         batch_size=b,
         image_tokens=m["image_patches"],
@@ -171,28 +170,23 @@ def test_model_facts(measured) -> None:
     assert 0 < lora.n_trainable < lora.n_params // 10
 
 
-# A 2B model with a Qwen2-VL-2B-like text decoder.
-MODEL_2B = ModelFacts(
-    n_params=2_000_000_000,
-    n_trainable=20_000_000,
-    dtype_bytes=2,
-    hidden_size=1536,
-    n_layers=28,
-    vocab_size=151_936,
-    intermediate_size=8960,
-)
-
-
 def _est(**overrides) -> MemoryEstimate:
     args = dict(
+        n_params=2_000_000_000,
+        n_trainable=20_000_000,
+        dtype_bytes=2,
         seq_len=2048,
         batch_size=1,
+        hidden_size=1536,
+        n_layers=28,
+        vocab_size=151_936,
         image_tokens=0,
         gradient_checkpointing=True,
         lora=True,
         dpo=False,
+        intermediate_size=8960,
     )
-    return estimate_peak_bytes(MODEL_2B, **{**args, **overrides})
+    return estimate_peak_bytes(**{**args, **overrides})
 
 
 def test_estimate_parts() -> None:
