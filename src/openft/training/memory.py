@@ -23,7 +23,7 @@ before the optimizer step allocates its temporaries).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from openft.errors import InvalidRequest
@@ -135,7 +135,8 @@ def plan_batch(
 
 @dataclass(frozen=True)
 class ModelFacts:
-    """The numbers :func:`estimate_peak_bytes` needs about a model, read by :func:`model_facts`."""
+    """The numbers :func:`estimate_peak_bytes` needs about a model, read by :func:`model_facts`;
+    the field names are its keyword names (``estimate_peak_bytes(**asdict(facts), ...)``)."""
 
     n_params: int
     n_trainable: int
@@ -147,35 +148,6 @@ class ModelFacts:
     vision_hidden_size: int | None = None
     """The vision encoder's width; None for a text model."""
     vision_layers: int | None = None
-
-    def estimate(
-        self,
-        *,
-        seq_len: int,
-        batch_size: int,
-        image_tokens: int,
-        gradient_checkpointing: bool,
-        lora: bool,
-        dpo: bool,
-    ) -> MemoryEstimate:
-        """:func:`estimate_peak_bytes` for this model and one micro-batch."""
-        return estimate_peak_bytes(
-            n_params=self.n_params,
-            n_trainable=self.n_trainable,
-            dtype_bytes=self.dtype_bytes,
-            hidden_size=self.hidden_size,
-            n_layers=self.n_layers,
-            vocab_size=self.vocab_size,
-            intermediate_size=self.intermediate_size,
-            vision_hidden_size=self.vision_hidden_size,
-            vision_layers=self.vision_layers,
-            seq_len=seq_len,
-            batch_size=batch_size,
-            image_tokens=image_tokens,
-            gradient_checkpointing=gradient_checkpointing,
-            lora=lora,
-            dpo=dpo,
-        )
 
 
 def model_facts(model: Any) -> ModelFacts:
@@ -257,7 +229,8 @@ def plan_for_model(
         facts = replace(facts, n_trainable=lora_rank * lora_trainable_params(model, lora_targets))
 
     def estimate(micro: int) -> MemoryEstimate:
-        return facts.estimate(
+        return estimate_peak_bytes(
+            **asdict(facts),
             seq_len=seq_len,
             batch_size=micro,
             image_tokens=image_tokens,

@@ -124,7 +124,8 @@ def measured(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
 
 def _estimate(case: tuple, m: dict) -> MemoryEstimate:
     _, b, _, ckpt, lora, _ = case
-    return ModelFacts(**m["facts"]).estimate(
+    return estimate_peak_bytes(
+        **m["facts"],  # ModelFacts' fields, as the child printed them
         seq_len=m["seq"],
         batch_size=b,
         image_tokens=m["image_patches"],
