@@ -147,8 +147,7 @@ QWEN2_VL = Family(
     placeholder_tokens=_QWEN_VISION_TOKENS,
     end_of_turn_candidates=("<|im_end|>",),
     vision_tower_prefixes=("model.visual.patch_embed.", "model.visual.blocks."),
-    # deepstack_merger_list: Qwen3-VL's DeepStack mergers (kept here until Qwen3-VL has its entry).
-    projector_prefixes=("model.visual.merger.", "model.visual.deepstack_merger_list."),
+    projector_prefixes=("model.visual.merger.",),
     language_model_prefixes=("model.language_model.",),
     detail_kwargs=_pixel_budget_detail,
     pixel_budget=True,

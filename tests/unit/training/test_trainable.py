@@ -8,7 +8,7 @@ import pytest
 
 from openft.adapters import apply_lora
 from openft.errors import InvalidRequest
-from openft.models.families import LLAVA, QWEN2_VL, Family, find_family
+from openft.models.families import LLAVA, QWEN2_VL, QWEN3_VL, Family, find_family
 from openft.models.loader import load_model, resolve_base
 from openft.training.config import LoraConfig
 from openft.training.memory import ModelFacts, lora_trainable_params, model_facts
@@ -31,7 +31,8 @@ from openft.training.trainable import (
         (QWEN2_VL, "model.visual.patch_embed.proj.weight", "vision_tower"),
         (QWEN2_VL, "model.visual.merger.mlp.0.weight", "projector"),
         (QWEN2_VL, "model.visual.merger", "projector"),  # a module's own name, no trailing dot
-        (QWEN2_VL, "model.visual.deepstack_merger_list.0.linear_fc1", "projector"),  # Qwen3-VL
+        (QWEN3_VL, "model.visual.deepstack_merger_list.0.linear_fc1", "projector"),  # DeepStack
+        (QWEN3_VL, "model.visual.pos_embed.weight", "vision_tower"),
         (QWEN2_VL, "base_model.model.model.visual.merger.ln_q.weight", "projector"),  # under peft
         (QWEN2_VL, "model.language_model.layers.0.self_attn.q_proj", "language_model"),
         (QWEN2_VL, "model.language_model.embed_tokens.weight", "language_model"),
@@ -159,6 +160,13 @@ PINNED = {
         "lora_params": 1792,
         "facts": ModelFacts(688512, 688512, 4, 128, 2, 1024, 256, 64, 2),
     },
+    "qwen3_vl": {  # DeepStack mergers are projector, the learned position grid is vision tower
+        "counts": {"language_model": 819968, "projector": 297216, "vision_tower": 181696},
+        "roots": ["model.visual.merger", "model.visual.deepstack_merger_list"],
+        "lora_targets": (14, 22),
+        "lora_params": 1792,
+        "facts": ModelFacts(1298880, 1298880, 4, 128, 2, 2048, 256, 64, 2),
+    },
     "text": {
         "counts": {"language_model": 205120, "projector": 0, "vision_tower": 0},
         "roots": [],
@@ -173,11 +181,13 @@ PINNED = {
 def three_models(base: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     from openft.models.tiny_text import ensure_tiny_text
     from tests.unit.models.tiny_llava import build_tiny_llava
+    from tests.unit.models.tiny_qwen_vl import build_tiny_qwen_vl
 
     tmp = tmp_path_factory.mktemp("three")
     return {
         "qwen2_vl": base,
         "llava": str(build_tiny_llava(tmp / "llava")),
+        "qwen3_vl": str(build_tiny_qwen_vl("qwen3_vl", tmp / "qwen3-vl")),
         "text": str(ensure_tiny_text("llama3", tmp / "text")),
     }
 
