@@ -542,8 +542,6 @@ def _end_of_turn(tokenizer: Any) -> str | None:
     return tokenizer.eos_token
 
 
-
-
 class _Sentinels:
     """Swaps user-controlled strings for inert ASCII markers, and remembers what they stood for."""
 

@@ -153,10 +153,11 @@ def enable_thinking_for(thinking: Thinking | None, reasoning_effort: str | None)
         if reasoning_effort == "none":
             return None
         raise InvalidRequest(
-            f"reasoning_effort {reasoning_effort!r} is not supported by this model: it has no reasoning "
-            "control (only Qwen3-style chat templates with enable_thinking have one); remove it or send 'none'",
+            f"'reasoning_effort' {reasoning_effort!r} is not supported by openft for this model: it has no "
+            "reasoning control (only chat templates with enable_thinking, like Qwen3's, have one); remove it "
+            "or send 'none'",
             param="reasoning_effort",
-            code="unsupported_value",
+            code="unsupported_parameter",
         )
     if reasoning_effort in THINKING_OFF_EFFORTS:
         return False
