@@ -132,7 +132,8 @@ def render_chat(
     prompt with an empty ``<think>`` block); None leaves the template's default. An assistant
     message with a ``<think>`` block in its content is rendered as the model's own template
     renders it (see :mod:`openft.models.thinking`), and so is whitespace around message text
-    that a template trims (Llama 3.1's ``| trim``; see :func:`_match_template_whitespace`).
+    that a template trims (Llama 3.1's ``| trim``), or a tool result it JSON-encodes (Llama 3.1's
+    ``| tojson``); see :func:`_match_template_text`.
     """
     tokenizer = getattr(processor, "tokenizer", processor)
     template = getattr(processor, "chat_template", None) or tokenizer.chat_template
@@ -187,7 +188,7 @@ def render_chat(
                 code="chat_template_refused",
             ) from exc
 
-    _match_template_whitespace(sent, conv, lambda msgs: apply(msgs, add_generation_prompt))
+    _match_template_text(sent, conv, lambda msgs: apply(msgs, add_generation_prompt))
     full = apply(conv, add_generation_prompt)
     dropped = [n for n in sent.call_names if n not in full]
     if dropped:
@@ -463,42 +464,67 @@ def _encode_structure(
 _TEXT_KEYS = ("content", "reasoning_content")
 
 
-def _match_template_whitespace(
+def _match_template_text(
     sent: _Sentinels, conv: list[dict[str, Any]], render: Callable[[list[dict[str, Any]]], str]
 ) -> None:
-    """Trim message text the way the template trims it.
+    """Transform message text the way the template transforms it.
 
-    Templates strip message content (Llama 3.1 and Gemma ``| trim`` every message, Mistral
-    v0.3 assistant replies, Qwen3 ``lstrip('\\n')`` after a reasoning block), but they only see
-    inert markers, which have no whitespace to strip. So, when some text has whitespace at an
-    edge, the conversation is rendered twice more with each such marker wrapped in ``"\\n"``,
-    then in ``" "``: where the wrap disappears the template strips that edge of that message
-    (both gone: all whitespace, as ``trim``; only the newline: newlines, as ``strip('\\n')``),
-    and the text is stripped the same way before it is encoded.
+    Templates see inert markers, not the text, so whatever they would do to the text itself is
+    done to it here, found by rendering the conversation again with the markers slightly changed
+    (only when some text would be affected; most conversations cost no extra render):
+
+    - **Trimming.** Templates strip message content (Llama 3.1 and Gemma ``| trim`` every
+      message, Mistral v0.3 assistant replies, Qwen3 ``lstrip('\\n')`` after a reasoning block),
+      but markers have no whitespace to strip. Each marker of a text with whitespace at an edge is
+      wrapped in ``"\\n"``, then in ``" "``: where the wrap disappears the template strips that
+      edge of that message (both gone: all whitespace, as ``trim``; only the newline: newlines,
+      as ``strip('\\n')``).
+    - **JSON-encoding.** Llama 3.1 writes a tool result with ``| tojson`` (a string becomes a
+      quoted, escaped JSON string). A ``"`` appended to the marker comes out as ``\\"`` there:
+      the text is then JSON-escaped as ``tojson`` escapes it (the quotes around it are the
+      template's).
     """
-    wanted = {k for k in sent.text_marks if sent.values[k] != sent.values[k].strip()}
-    if not wanted:
+    trim = {k for k in sent.text_marks if sent.values[k] != sent.values[k].strip()}
+    escape = {
+        k for k in sent.text_marks if json.dumps(sent.values[k], ensure_ascii=False)[1:-1] != sent.values[k]
+    }
+    if not trim and not escape:
         return
-    base = sent.pattern.split(render(conv))
-    kept: dict[str, dict[tuple[int, str], bool | None]] = {}
-    for ws in ("\n", " "):
-        wrapped = {sent.marker(k): ws + sent.marker(k) + ws for k in wanted}
-        probe = [
-            {k2: wrapped.get(v, v) if isinstance(v, str) and k2 in _TEXT_KEYS else v for k2, v in m.items()}
-            for m in conv
-        ]
-        kept[ws] = _kept_edges(base, sent.pattern.split(render(probe)), wanted, ws)
-    for k in wanted:
-        text = sent.values[k]
-        for edge, strip in (("lead", str.lstrip), ("trail", str.rstrip)):
-            newline, space = kept["\n"].get((k, edge)), kept[" "].get((k, edge))
-            if newline is False and space is False:
-                text = strip(text)
-            elif newline is False and space is True:
-                text = strip(text, "\n")
-            elif newline is True and space is False:
-                text = strip(text, " ")
-        sent.values[k] = text
+
+    def probe(wrap: Callable[[str], str], marks: set[int]) -> str:
+        wrapped = {sent.marker(k): wrap(sent.marker(k)) for k in marks}
+        return render(
+            [
+                {
+                    key: wrapped.get(v, v) if isinstance(v, str) and key in _TEXT_KEYS else v
+                    for key, v in m.items()
+                }
+                for m in conv
+            ]
+        )
+
+    if trim:
+        base = sent.pattern.split(render(conv))
+        kept = {
+            ws: _kept_edges(base, sent.pattern.split(probe(lambda m, ws=ws: ws + m + ws, trim)), trim, ws)
+            for ws in ("\n", " ")
+        }
+        for k in trim:
+            text = sent.values[k]
+            for edge, strip in (("lead", str.lstrip), ("trail", str.rstrip)):
+                newline, space = kept["\n"].get((k, edge)), kept[" "].get((k, edge))
+                if newline is False and space is False:
+                    text = strip(text)
+                elif newline is False and space is True:
+                    text = strip(text, "\n")
+                elif newline is True and space is False:
+                    text = strip(text, " ")
+            sent.values[k] = text
+    if escape:
+        quoted = probe(lambda m: m + '"', escape)
+        for k in escape:
+            if sent.marker(k) + '\\"' in quoted:
+                sent.values[k] = json.dumps(sent.values[k], ensure_ascii=False)[1:-1]
 
 
 def _kept_edges(
@@ -526,12 +552,20 @@ def _kept_edges(
             for head in ((False, True) if right is not None else (False,))
             if (ws if tail else "") + text + (ws if head else "") == seen
         ]
-        tail, head = found[0] if len(found) == 1 else (None, None)
+        if len(found) == 1:
+            tail, head = found[0]
+        else:  # the other side changed too (a JSON-encoded neighbour): judge each side alone
+            tail = _one_side(seen.startswith(ws + text), seen.startswith(text))
+            head = _one_side(seen.endswith(text + ws), seen.endswith(text))
         if left is not None:
             record((left, "trail"), tail)
         if right is not None:
             record((right, "lead"), head)
     return out
+
+
+def _one_side(with_wrap: bool, without: bool) -> bool | None:
+    return with_wrap if with_wrap != without else None
 
 
 def _end_of_turn(tokenizer: Any) -> str | None:

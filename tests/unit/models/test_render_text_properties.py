@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
@@ -161,9 +161,12 @@ def template_string(tok: Any, msgs: list[Message], *, generation_prompt: bool = 
 
 
 def without_control_tokens(msgs: list[Message], specials: list[str]) -> list[Message]:
+    """Each control-token string replaced by its own plain stand-in (``~k~``): texts stay distinct
+    and keep their whitespace, so the template lays them out the same way."""
+
     def clean(text: str) -> str:
-        for s in specials:
-            text = text.replace(s, "")
+        for k, s in enumerate(specials):
+            text = text.replace(s, f"~{k}~")
         return text
 
     out = []
@@ -201,6 +204,11 @@ def test_text_render_is_safe_and_the_templates_own(fmt: str, data: st.DataObject
     tok = tokenizer(fmt)
     msgs = data.draw(conversations(fmt))
     tools = TOOLS if uses_tools(msgs) else None
+    # Known divergence: Mistral v0.3 finds "the last user message" by equality, so the real
+    # template writes the tools before every user turn equal to the last one; openft's texts are
+    # distinct placeholders, so the tools come once, before the last user turn (the intent).
+    users = [m.text for m in msgs if m.role == "user" and m.text]
+    assume(not (fmt == "mistral" and tools and len(users) != len(set(users))))
     full = render_chat(tok, msgs, tools=tools)
     if uses_tools(msgs):
         event("tool calls")
