@@ -20,20 +20,20 @@ openft's own placeholder syntax) are rendered with each tiny text model. For eac
 5. **Serving = training.** The prompt rendered for serving the final reply is a prefix of the
    training render, and that reply's trained run starts where the prompt ends.
 
-CI (``CI`` set) runs a derandomized profile: the same cases on every run.
+The Hypothesis profile is the vision properties' (``test_render_properties.PROFILE``): CI (``CI``
+set) runs derandomized, the same cases on every run.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from collections import Counter
 from functools import cache
 from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, assume, event, given, settings
+from hypothesis import assume, event, given, settings
 from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
@@ -43,21 +43,7 @@ from openft.models.families import find_chat_format
 from openft.models.render import IGNORE_INDEX, fold_system, render_chat
 from openft.models.thinking import split_thinking
 from openft.models.tiny_text import FORMATS, ensure_tiny_text
-
-settings.register_profile(
-    "openft-text-render-ci",
-    derandomize=True,
-    database=None,
-    deadline=None,
-    print_blob=True,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
-settings.register_profile(
-    "openft-text-render-dev",
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
-PROFILE = settings.get_profile("openft-text-render-ci" if os.environ.get("CI") else "openft-text-render-dev")
+from tests.unit.models.test_render_properties import PROFILE
 
 # Every format's structure tokens, Qwen's plain added tokens, and openft's placeholder syntax.
 CONTROL = sorted({t for f in FORMATS.values() for t in (*f.special_tokens, *f.plain_added_tokens)}) + [
