@@ -131,7 +131,7 @@ def prompt_chars(request: ChatCompletionRequest) -> int:
                     total += len(part.refusal)
                 elif not isinstance(part, ImageContentPart):
                     total += len(part.text)
-        total += len(m.refusal or "") + len(m.name or "")
+        total += len(m.refusal or "") + len(m.name or "") + len(m.reasoning_content or "")
         if m.tool_calls:
             total += len(json.dumps(m.tool_calls))
     return total
