@@ -9,6 +9,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 TINY_MODEL = "openft-tiny-vlm"
+TINY_TEXT_MODELS: tuple[str, ...] = tuple(
+    f"openft-tiny-{fmt}" for fmt in ("llama3", "chatml", "qwen3", "gemma", "mistral", "phi3")
+)
+"""Built-in tiny random-weight text models, one per chat format (``models.tiny_text``), built
+offline on first use. Not in the catalog unless named there (``OPENFT_BASE_MODELS=
+'["openft-tiny-qwen3"]'``): a server lists only what its operator offers."""
 
 
 class ModelEntry(BaseModel):
@@ -67,8 +73,9 @@ class Settings(BaseSettings):
     )
     base_models: list[str] | dict[str, str | ModelEntry] = Field(
         default_factory=list,
-        description="The model catalog besides openft-tiny-vlm, as JSON: a list of Hugging Face ids or "
-        'local folders (named by the id or the folder\'s name), or an object {"name": "hf-id-or-folder"} '
+        description="The model catalog besides openft-tiny-vlm, as JSON: a list of Hugging Face ids, "
+        "local folders (named by the id or the folder's name) or built-in tiny text models "
+        '(openft-tiny-llama3, -chatml, -qwen3, -gemma, -mistral, -phi3), or an object {"name": "source"} '
         '(names are aliases: {"gpt-4o-mini-2024-07-18": "Qwen/Qwen2.5-7B-Instruct"}) whose values may '
         'also be {"source", "max_length", "training_type", "learning_rate", "lora_rank", "dtype"}.',
     )
@@ -109,13 +116,15 @@ class Settings(BaseSettings):
         description="Base and fully fine-tuned models kept loaded for chat (LRU); LoRA fine-tunes attach to their base.",
     )
     adapter_cache_bytes: int = Field(
-        default=1024**3, description="Bytes of LoRA adapters kept attached for chat (least recently used detached first)."
+        default=1024**3,
+        description="Bytes of LoRA adapters kept attached for chat (least recently used detached first).",
     )
     max_batch_rows: int = Field(
         default=32, description="Sequences one model decodes together (continuous batching across requests)."
     )
     max_waiting_rows: int = Field(
-        default=512, description="Sequences that may wait for a model's batch; beyond it chat answers 429 + Retry-After."
+        default=512,
+        description="Sequences that may wait for a model's batch; beyond it chat answers 429 + Retry-After.",
     )
     max_completion_tokens_per_request: int = Field(
         default=32768,

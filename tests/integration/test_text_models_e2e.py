@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import io
 import json
-import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -54,8 +53,10 @@ def answer(client, model: str, prompt: str) -> str:
     messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": prompt}]
     out = client.chat.completions.create(model=model, messages=messages, temperature=0, max_tokens=12)
     text = out.choices[0].message.content or ""
-    # Qwen3's template trains an empty reasoning block before the reply; the reply is what follows.
-    return re.sub(r"^\s*<think>.*?</think>\s*", "", text, flags=re.S).strip()
+    # Qwen3's template trains an empty reasoning block before the reply: served as
+    # reasoning_content, never as content.
+    assert "<think>" not in text and "</think>" not in text
+    return text.strip()
 
 
 def accuracy(client, model: str, pairs: list[tuple[str, str]]) -> float:

@@ -7,6 +7,12 @@ request messages -> ``datasets.formats.Message`` (images fetched/decoded by ``im
 Tools are rendered into the prompt by the chat template; replies in the family's tool-call
 format come back as ``tool_calls``, and ``tool_choice``/``response_format`` are enforced by
 constrained decoding (``inference.tools``, ``inference.constrain``).
+
+Reasoning models (Qwen3's ``<think>`` blocks, :mod:`openft.models.thinking`): the block is split
+off the reply into ``message.reasoning_content`` (streamed as ``delta.reasoning_content``), so
+``content`` is the answer; tool calls and JSON are read from the answer. ``reasoning_effort``
+switches thinking off (``none``/``minimal``); constrained decoding turns it off too (the grammar
+makes the reply start with the call or the JSON, so there is no room for a block).
 """
 
 from __future__ import annotations
@@ -28,6 +34,14 @@ from openft.inference import engine, tools
 from openft.inference.engine import ChoiceFinished, Prompt, SamplingParams, TextDelta
 from openft.inference.registry import LoadedModel
 from openft.models.render import render_chat
+from openft.models.thinking import (
+    OPEN,
+    Thinking,
+    ThinkingStream,
+    enable_thinking_for,
+    split_reply,
+    thinking_of,
+)
 from openft.protocol.chat import (
     ChatCompletionChunk,
     ChatCompletionRequest,
@@ -117,7 +131,7 @@ def prompt_chars(request: ChatCompletionRequest) -> int:
                     total += len(part.refusal)
                 elif not isinstance(part, ImageContentPart):
                     total += len(part.text)
-        total += len(m.refusal or "") + len(m.name or "")
+        total += len(m.refusal or "") + len(m.name or "") + len(m.reasoning_content or "")
         if m.tool_calls:
             total += len(json.dumps(m.tool_calls))
     return total
@@ -137,6 +151,7 @@ def create_completion(
     """
     prompt, n_image_tokens = build_prompt(loaded, request, image_loader=image_loader)
     params, tool_plan = _params_and_plan(loaded, request, prompt)
+    opened = _opens_thinking(loaded, prompt)
     n = request.n or 1
     texts = [""] * n
     logprobs: list[list[engine.TokenLogprob]] = [[] for _ in range(n)]
@@ -149,12 +164,15 @@ def create_completion(
         logprobs[event.index].extend(event.logprobs)
     choices = []
     for i in range(n):
-        reply = tools.read_reply(tool_plan, texts[i])
+        reasoning, answer = split_reply(texts[i], opened=opened) if opened is not None else (None, texts[i])
+        reply = tools.read_reply(tool_plan, answer)
         calls = tools.message_calls(reply)
         choices.append(
             Choice(
                 index=i,
-                message=CompletionMessage(content=reply.content, tool_calls=calls),
+                message=CompletionMessage(
+                    content=reply.content, tool_calls=calls, reasoning_content=reasoning
+                ),
                 logprobs=_logprobs(loaded, logprobs[i]) if params.logprobs else None,
                 finish_reason="tool_calls" if calls else finished[i].finish_reason,
             )
@@ -185,7 +203,8 @@ def stream_completion(
     """
     prompt, n_image_tokens = build_prompt(loaded, request, image_loader=image_loader)
     params, tool_plan = _params_and_plan(loaded, request, prompt)
-    return _stream(loaded, request, prompt, n_image_tokens, params, tool_plan, cancel)
+    opened = _opens_thinking(loaded, prompt)
+    return _stream(loaded, request, prompt, n_image_tokens, params, tool_plan, opened, cancel)
 
 
 def _params_and_plan(
@@ -206,6 +225,7 @@ def _stream(
     n_image_tokens: int,
     params: SamplingParams,
     tool_plan: tools.ToolPlan,
+    opened: bool | None,
     cancel: threading.Event | None,
 ) -> Iterator[ChatCompletionChunk]:
     completion_id, created = ids.chat_completion_id(), int(time.time())
@@ -221,6 +241,8 @@ def _stream(
     started: set[int] = set()
     finished: list[ChoiceFinished] = []
     gates: dict[int, tools.ContentGate] = {}
+    # Reasoning models: the thinking block goes out as reasoning deltas, the rest through the gate.
+    thoughts: dict[int, ThinkingStream] = {}
     held: dict[int, list[engine.TokenLogprob]] = {}  # logprobs of text the gate holds back
     events = engine.generate(loaded, prompt, params, n=request.n or 1, cancel=cancel)
     try:
@@ -229,19 +251,26 @@ def _stream(
             if i not in started:
                 started.add(i)
                 gates[i], held[i] = tools.ContentGate(tool_plan), []
+                if opened is not None:
+                    thoughts[i] = ThinkingStream(opened=opened)
                 yield chunk([ChunkChoice(index=i, delta=ChunkDelta(role="assistant", content=""))])
             held[i].extend(event.logprobs)
             if isinstance(event, TextDelta):
-                text = gates[i].feed(event.text)
-                if text:
-                    delta = ChunkDelta(content=text)
+                thought, answer = thoughts[i].feed(event.text) if i in thoughts else ("", event.text)
+                text = gates[i].feed(answer) if answer else ""
+                if thought or text:
+                    delta = ChunkDelta(content=text or None, reasoning_content=thought or None)
                     yield chunk([ChunkChoice(index=i, delta=delta, logprobs=lp(tuple(held[i])))])
                     held[i].clear()
             else:
                 finished.append(event)
-                text, reply = gates[i].finish()
-                if text:
-                    yield chunk([ChunkChoice(index=i, delta=ChunkDelta(content=text))])
+                thought, answer = thoughts[i].finish() if i in thoughts else ("", "")
+                early = gates[i].feed(answer) if answer else ""
+                rest, reply = gates[i].finish()
+                text = early + rest
+                if thought or text:
+                    delta = ChunkDelta(content=text or None, reasoning_content=thought or None)
+                    yield chunk([ChunkChoice(index=i, delta=delta)])
                 for calls in tools.call_deltas(reply):
                     yield chunk([ChunkChoice(index=i, delta=ChunkDelta(tool_calls=calls))])
                 # Tokens not tied to any sent text (a stop string's, a held tool call's) still get
@@ -263,13 +292,26 @@ def _stream(
 # ------------------------------------------------------------------------------- the prompt
 
 
-def to_messages(request: ChatCompletionRequest, *, image_loader: ImageLoader) -> list[Message]:
-    """Request messages as internal ``Message``s: content as parts, images as their bytes."""
-    return [_to_message(i, m, image_loader) for i, m in enumerate(request.messages)]
+def to_messages(
+    request: ChatCompletionRequest, *, image_loader: ImageLoader, thinking: Thinking | None = None
+) -> list[Message]:
+    """Request messages as internal ``Message``s: content as parts, images as their bytes.
+
+    An assistant message's ``reasoning_content`` becomes a ``<think>`` block before its text,
+    which rendering splits off again for the template (models with reasoning only)."""
+    return [_to_message(i, m, image_loader, thinking) for i, m in enumerate(request.messages)]
 
 
-def _to_message(i: int, m: ChatMessage, image_loader: ImageLoader) -> Message:
+def _to_message(i: int, m: ChatMessage, image_loader: ImageLoader, thinking: Thinking | None) -> Message:
     parts: list[Part] = []
+    if m.reasoning_content is not None:
+        if m.role != "assistant" or thinking is None:
+            raise InvalidRequest(
+                f"messages[{i}].reasoning_content: only assistant messages to a reasoning model "
+                "(a Qwen3-style chat template) carry reasoning; remove it",
+                param=f"messages[{i}].reasoning_content",
+            )
+        parts.append(TextPart(f"{OPEN}\n{m.reasoning_content}\n</think>\n\n"))
     if isinstance(m.content, str):
         parts.append(TextPart(m.content))
     elif m.content is not None:
@@ -322,14 +364,41 @@ def build_prompt(
 
     Returns the prompt and how many of its tokens stand for images.
     """
-    messages = to_messages(request, image_loader=image_loader)
+    thinking = thinking_of(loaded.processor)
+    messages = to_messages(request, image_loader=image_loader, thinking=thinking)
     rendered = render_chat(
         loaded.processor,
         messages,
         tools=[t.model_dump(exclude_none=True) for t in request.tools] if request.tools else None,
         add_generation_prompt=True,
+        enable_thinking=_enable_thinking(thinking, request),
     )
     return Prompt(input_ids=rendered.input_ids, vision=rendered.vision), rendered.n_image_tokens
+
+
+def _enable_thinking(thinking: Thinking | None, request: ChatCompletionRequest) -> bool | None:
+    """``reasoning_effort`` as the template's ``enable_thinking``; off under a grammar (the reply
+    must start with the call or the JSON), where asking for thinking is refused."""
+    enable = enable_thinking_for(thinking, request.reasoning_effort)
+    if thinking is None or not thinking.switch or not tools.is_constrained(request):
+        return enable
+    if enable:
+        raise InvalidRequest(
+            f"reasoning_effort {request.reasoning_effort!r} cannot be combined with a forced tool call or JSON "
+            "output: constrained replies start with the call or the JSON, with no thinking; send "
+            "reasoning_effort 'none' or leave it out",
+            param="reasoning_effort",
+        )
+    return False
+
+
+def _opens_thinking(loaded: LoadedModel, prompt: Prompt) -> bool | None:
+    """None for a model without reasoning; else whether the prompt leaves a ``<think>`` block
+    open (some templates start the block in the generation prompt), so the reply begins inside it."""
+    if thinking_of(loaded.processor) is None:
+        return None
+    tail = loaded.tokenizer.decode(prompt.input_ids[-8:])
+    return tail.rstrip().endswith(OPEN)
 
 
 def sampling_params(

@@ -83,6 +83,14 @@ def plan(loaded: LoadedModel, request: ChatCompletionRequest) -> ToolPlan:
     return ToolPlan(fmt=fmt, parse=parse, parallel=parallel, grammar=grammar, keep_tokens=keep)
 
 
+def is_constrained(request: ChatCompletionRequest) -> bool:
+    """Whether replies are decoded under a grammar (a forced tool call, or JSON output): the
+    reply must start with the call or the JSON at once."""
+    choice = request.tool_choice
+    forced = bool(request.tools) and (choice == "required" or isinstance(choice, NamedToolChoice))
+    return forced or isinstance(request.response_format, JsonObjectFormat | JsonSchemaResponseFormat)
+
+
 def constraint_factory(loaded: LoadedModel, tool_plan: ToolPlan) -> Callable[[], TokenConstraint] | None:
     """``SamplingParams.constraint`` for the plan (None when decoding is free)."""
     if tool_plan.grammar is None:

@@ -21,7 +21,8 @@ from transformers.utils import is_torchvision_available
 
 from openft.errors import InvalidRequest
 from openft.models.tiny import ensure_tiny_vlm
-from openft.settings import TINY_MODEL
+from openft.models.tiny_text import ensure_tiny_text
+from openft.settings import TINY_MODEL, TINY_TEXT_MODELS
 
 MARKER = "openft.json"
 
@@ -29,9 +30,12 @@ WeightsKind = Literal["adapter", "full"]
 
 
 def resolve_base(name: str, cache_dir: Path) -> str:
-    """``openft-tiny-vlm`` -> its generated folder; a local folder -> its path; else an HF id as is."""
+    """``openft-tiny-vlm`` / ``openft-tiny-<format>`` -> its generated folder; a local folder -> its
+    path; else an HF id as is."""
     if name == TINY_MODEL:
         return str(ensure_tiny_vlm(Path(cache_dir)))
+    if name in TINY_TEXT_MODELS:
+        return str(ensure_tiny_text(name.removeprefix("openft-tiny-"), Path(cache_dir)))
     if Path(name).expanduser().is_dir():
         return str(Path(name).expanduser())
     return name

@@ -50,6 +50,7 @@ from openft.models.families import (
     find_chat_format,
     find_family,
 )
+from openft.models.thinking import split_thinking, thinking_of
 
 IGNORE_INDEX = -100
 
@@ -113,6 +114,7 @@ def render_chat(
     tools: Sequence[dict[str, Any]] | None = None,
     add_generation_prompt: bool = False,
     max_length: int | None = None,
+    enable_thinking: bool | None = None,
 ) -> Rendered:
     """Turn ``messages`` into ``Rendered`` token ids, labels and vision tensors.
 
@@ -125,6 +127,13 @@ def render_chat(
     applies (Qwen2-VL: the pixel budget is capped at ``min(448*448, max_pixels // 4)``; LLaVA: no
     further change, every image has the same cost); ``"high"``/``"auto"`` use the processor's
     defaults.
+
+    ``enable_thinking`` is passed to templates that read it (Qwen3: False ends the generation
+    prompt with an empty ``<think>`` block); None leaves the template's default. An assistant
+    message with a ``<think>`` block in its content is rendered as the model's own template
+    renders it (see :mod:`openft.models.thinking`), and so is whitespace around message text
+    that a template trims (Llama 3.1's ``| trim``), or a tool result it JSON-encodes (Llama 3.1's
+    ``| tojson``); see :func:`_match_template_text`.
     """
     tokenizer = getattr(processor, "tokenizer", processor)
     template = getattr(processor, "chat_template", None) or tokenizer.chat_template
@@ -154,14 +163,23 @@ def render_chat(
         # Multimodal templates iterate content parts (LLaVA-1.5's only knows lists); text-only
         # templates concatenate a string (Qwen2.5's ``+ message.content``, Llama 3.1's ``| trim``).
         parts=getattr(processor, "image_processor", None) is not None,
+        # The template splits <think> blocks off assistant content itself, which it cannot do on
+        # a placeholder: split them first, its way, and hand it ``reasoning_content``.
+        reasoning=thinking_of(tokenizer) is not None,
     )
     conv = [sent.message(m) for m in messages]
     tools_t = sent.tools(tools)
+    template_kwargs = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
 
     def apply(msgs: list[dict[str, Any]], gen: bool) -> str:
         try:
             return tokenizer.apply_chat_template(
-                msgs, tools=tools_t, chat_template=template, tokenize=False, add_generation_prompt=gen
+                msgs,
+                tools=tools_t,
+                chat_template=template,
+                tokenize=False,
+                add_generation_prompt=gen,
+                **template_kwargs,
             )
         except jinja2.TemplateError as exc:  # raise_exception(): the template refuses this layout
             raise InvalidRequest(
@@ -170,6 +188,7 @@ def render_chat(
                 code="chat_template_refused",
             ) from exc
 
+    _match_template_text(sent, conv, lambda msgs: apply(msgs, add_generation_prompt))
     full = apply(conv, add_generation_prompt)
     dropped = [n for n in sent.call_names if n not in full]
     if dropped:
@@ -442,14 +461,119 @@ def _encode_structure(
     return out
 
 
+_TEXT_KEYS = ("content", "reasoning_content")
+
+
+def _match_template_text(
+    sent: _Sentinels, conv: list[dict[str, Any]], render: Callable[[list[dict[str, Any]]], str]
+) -> None:
+    """Transform message text the way the template transforms it.
+
+    Templates see inert markers, not the text, so whatever they would do to the text itself is
+    done to it here, found by rendering the conversation again with the markers slightly changed
+    (only when some text would be affected; most conversations cost no extra render):
+
+    - **Trimming.** Templates strip message content (Llama 3.1 and Gemma ``| trim`` every
+      message, Mistral v0.3 assistant replies, Qwen3 ``lstrip('\\n')`` after a reasoning block),
+      but markers have no whitespace to strip. Each marker of a text with whitespace at an edge is
+      wrapped in ``"\\n"``, then in ``" "``: where the wrap disappears the template strips that
+      edge of that message (both gone: all whitespace, as ``trim``; only the newline: newlines,
+      as ``strip('\\n')``).
+    - **JSON-encoding.** Llama 3.1 writes a tool result with ``| tojson`` (a string becomes a
+      quoted, escaped JSON string). A ``"`` appended to the marker comes out as ``\\"`` there:
+      the text is then JSON-escaped as ``tojson`` escapes it (the quotes around it are the
+      template's).
+    """
+    trim = {k for k in sent.text_marks if sent.values[k] != sent.values[k].strip()}
+    escape = {
+        k for k in sent.text_marks if json.dumps(sent.values[k], ensure_ascii=False)[1:-1] != sent.values[k]
+    }
+    if not trim and not escape:
+        return
+
+    def probe(wrap: Callable[[str], str], marks: set[int]) -> str:
+        wrapped = {sent.marker(k): wrap(sent.marker(k)) for k in marks}
+        return render(
+            [
+                {
+                    key: wrapped.get(v, v) if isinstance(v, str) and key in _TEXT_KEYS else v
+                    for key, v in m.items()
+                }
+                for m in conv
+            ]
+        )
+
+    if trim:
+        base = sent.pattern.split(render(conv))
+        kept = {
+            ws: _kept_edges(base, sent.pattern.split(probe(lambda m, ws=ws: ws + m + ws, trim)), trim, ws)
+            for ws in ("\n", " ")
+        }
+        for k in trim:
+            text = sent.values[k]
+            for edge, strip in (("lead", str.lstrip), ("trail", str.rstrip)):
+                newline, space = kept["\n"].get((k, edge)), kept[" "].get((k, edge))
+                if newline is False and space is False:
+                    text = strip(text)
+                elif newline is False and space is True:
+                    text = strip(text, "\n")
+                elif newline is True and space is False:
+                    text = strip(text, " ")
+            sent.values[k] = text
+    if escape:
+        quoted = probe(lambda m: m + '"', escape)
+        for k in escape:
+            if sent.marker(k) + '\\"' in quoted:
+                sent.values[k] = json.dumps(sent.values[k], ensure_ascii=False)[1:-1]
+
+
+def _kept_edges(
+    base: list[str], probe: list[str], wanted: set[int], ws: str
+) -> dict[tuple[int, str], bool | None]:
+    """For each wrapped marker edge, whether the wrap survived in ``probe`` (None: cannot tell).
+
+    ``base`` and ``probe`` are renders split at markers (``[text, index, text, index, ...]``);
+    the template text between two markers must be the base's, plus the wraps that survived.
+    """
+    out: dict[tuple[int, str], bool | None] = {}
+    if base[1::2] != probe[1::2]:  # the template renders a different layout: leave the text alone
+        return out
+    marks = [int(i) for i in base[1::2]]
+
+    def record(key: tuple[int, str], value: bool | None) -> None:
+        out[key] = value if out.get(key, value) == value else None
+
+    for i, (text, seen) in enumerate(zip(base[0::2], probe[0::2], strict=True)):
+        left = marks[i - 1] if i > 0 and marks[i - 1] in wanted else None
+        right = marks[i] if i < len(marks) and marks[i] in wanted else None
+        found = [
+            (tail, head)
+            for tail in ((False, True) if left is not None else (False,))
+            for head in ((False, True) if right is not None else (False,))
+            if (ws if tail else "") + text + (ws if head else "") == seen
+        ]
+        if len(found) == 1:
+            tail, head = found[0]
+        else:  # the other side changed too (a JSON-encoded neighbour): judge each side alone
+            tail = _one_side(seen.startswith(ws + text), seen.startswith(text))
+            head = _one_side(seen.endswith(text + ws), seen.endswith(text))
+        if left is not None:
+            record((left, "trail"), tail)
+        if right is not None:
+            record((right, "lead"), head)
+    return out
+
+
+def _one_side(with_wrap: bool, without: bool) -> bool | None:
+    return with_wrap if with_wrap != without else None
+
+
 def _end_of_turn(tokenizer: Any) -> str | None:
     vocab = tokenizer.get_vocab()
     for tok in END_OF_TURN_TOKENS:
         if tok in vocab:
             return tok
     return tokenizer.eos_token
-
-
 
 
 class _Sentinels:
@@ -462,6 +586,7 @@ class _Sentinels:
         *,
         arguments_as_mapping: bool = False,
         parts: bool = True,
+        reasoning: bool = False,
     ) -> None:
         blob = json.dumps(tools or []) + "".join(m.text + json.dumps(m.tool_calls or []) for m in messages)
         nonce = 0
@@ -472,23 +597,43 @@ class _Sentinels:
         self.values: list[str] = []
         self._arguments_as_mapping = arguments_as_mapping
         self._parts = parts
+        self._reasoning = reasoning
         self.call_names: list[str] = []
         """The markers of tool-call names: each must appear in the render."""
+        self.text_marks: list[int] = []
+        """Indexes of the values that are message text handed to the template as a string
+        (content, reasoning): the template may trim them."""
 
     def _mark(self, replacement: str) -> str:
         self.values.append(replacement)
-        return f"{self._prefix}{len(self.values) - 1}E"
+        return self.marker(len(self.values) - 1)
+
+    def marker(self, index: int) -> str:
+        return f"{self._prefix}{index}E"
+
+    def _mark_text(self, text: str) -> str:
+        """A string-content marker (empty text stays empty: templates test it for truth)."""
+        if not text:
+            return ""
+        self.text_marks.append(len(self.values))
+        return self._mark(text)
 
     def message(self, m: Message) -> dict[str, Any]:
         content: str | list[dict[str, Any]]
+        reasoning: str | None = None
         if self._parts or m.images:
             content = [
                 {"type": "text", "text": self._mark(p.text)} if isinstance(p, TextPart) else {"type": "image"}
                 for p in m.content
             ]
         else:
-            content = self._mark(m.text) if m.text else ""
+            text = m.text
+            if self._reasoning and m.role == "assistant":
+                reasoning, text = split_thinking(text)
+            content = self._mark_text(text)
         out: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": content}
+        if reasoning is not None:
+            out["reasoning_content"] = self._mark_text(reasoning)
         if m.tool_calls:
             out["tool_calls"] = [self._tool_call(c) for c in m.tool_calls]
         if m.tool_call_id is not None:

@@ -10,7 +10,9 @@ folder is an ordinary Hugging Face checkpoint (``AutoModelForCausalLM`` / ``Auto
 Template facts were checked against the published ``tokenizer_config.json`` chat templates of:
 
 - ``llama3``: meta-llama/Llama-3.1-8B-Instruct (also 3.2 / 3.3 Instruct). Llama 3.0 Instruct
-  differs: no system block by default and no tool support.
+  differs: no system block by default and no tool support. Every message's text is ``| trim``-ed,
+  and a tool result is written with ``| tojson`` (a string comes out as a quoted JSON string:
+  ``content is iterable`` holds for strings in Jinja); the ``builtin_tools`` branch is left out.
 - ``chatml``: Qwen/Qwen2.5-7B-Instruct (default system "You are Qwen, created by Alibaba Cloud...",
   Hermes-style ``<tool_call>`` JSON, tool results inside a user turn).
 - ``qwen3``: Qwen/Qwen3-8B (no default system; the last assistant turn after the last user query
@@ -42,7 +44,7 @@ from openft.models.tiny import build_bpe_tokenizer, build_once
 
 VOCAB_SIZE = 1024
 _SEED = 4321
-_FORMAT_VERSION = "2"  # bump when the generated files change: older builds are rebuilt
+_FORMAT_VERSION = "3"  # bump when the generated files change: older builds are rebuilt
 
 LLAMA3_TEMPLATE = """{{- bos_token }}
 {%- if custom_tools is defined %}
@@ -114,7 +116,7 @@ LLAMA3_TEMPLATE = """{{- bos_token }}
         {{- "<|eot_id|>" }}
     {%- elif message.role == "tool" or message.role == "ipython" %}
         {{- "<|start_header_id|>ipython<|end_header_id|>\\n\\n" }}
-        {%- if message.content is mapping or message.content is iterable and message.content is not string %}
+        {%- if message.content is mapping or message.content is iterable %}
             {{- message.content | tojson }}
         {%- else %}
             {{- message.content }}

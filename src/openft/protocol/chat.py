@@ -26,6 +26,7 @@ from openft.protocol.common import OmitUnset, Request, check_depth
 ChatRole = Literal["system", "developer", "user", "assistant", "tool"]
 ImageDetail = Literal["auto", "low", "high"]
 FinishReason = Literal["stop", "length", "tool_calls", "content_filter", "function_call"]
+ReasoningEffort = Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"]
 
 # --------------------------------------------------------------------------- request
 
@@ -78,6 +79,11 @@ class ChatMessage(Request):
     """Assistant messages: the tool calls it made (passed to the chat template as given)."""
     tool_call_id: str | None = None
     """Tool messages: the id of the call this message answers."""
+    # Extension (vLLM / DeepSeek): what a reasoning model's reply carries, so a client that sends
+    # the reply back in the next request keeps it.
+    reasoning_content: str | None = None
+    """Assistant messages of a reasoning model: the reasoning of that reply (rendered as the
+    model's template renders reasoning; Qwen3 keeps it only after the last user message)."""
 
     @model_validator(mode="after")
     def _content_required(self) -> ChatMessage:
@@ -157,7 +163,6 @@ _UNSUPPORTED: tuple[tuple[str, tuple[Any, ...], str], ...] = (
     ("audio", (), "no audio output"),
     ("modalities", (["text"],), "text output only"),
     ("prediction", (), "no predicted outputs"),
-    ("reasoning_effort", (), "the served models have no reasoning-effort control"),
     ("verbosity", (), "the served models have no verbosity control"),
     ("service_tier", ("auto", "default"), "one service tier"),
     ("web_search_options", (), "no web search"),
@@ -234,7 +239,10 @@ class ChatCompletionRequest(Request):
     audio: Any = None
     modalities: Any = None
     prediction: Any = None
-    reasoning_effort: Any = None
+    reasoning_effort: ReasoningEffort | None = None
+    """Reasoning models with a thinking switch (Qwen3's ``enable_thinking``): ``none`` /
+    ``minimal`` turn thinking off, ``medium`` (the default) and above keep it on, ``low`` is
+    refused (the model thinks fully or not at all). Other models accept only ``none``."""
     service_tier: Any = None
     verbosity: Any = None
     web_search_options: Any = None
@@ -365,13 +373,18 @@ class ToolCall(_Response):
 class CompletionMessage(_Response):
     role: Literal["assistant"] = "assistant"
     content: str | None
-    """The generated text (stop sequence excluded); null when the reply is only tool calls."""
+    """The generated text (stop sequence excluded); null when the reply is only tool calls. A
+    reasoning model's thinking block is not part of it (see ``reasoning_content``)."""
     refusal: str | None = None
     """Always null (required by the spec)."""
     tool_calls: list[ToolCall] | None = None
     """The calls parsed from the reply in the model family's tool-call format; left out if none."""
+    # Extension, named as vLLM and DeepSeek's API name it; the spec allows extra keys here.
+    reasoning_content: str | None = None
+    """A reasoning model's thinking (Qwen3's ``<think>`` block, tags and surrounding newlines
+    dropped); left out for models that do not reason or replies without a block."""
 
-    omit_if_none = ("tool_calls",)
+    omit_if_none = ("tool_calls", "reasoning_content")
 
 
 class Choice(_Response):
@@ -453,8 +466,10 @@ class ChunkDelta(_Response):
     """Never sent."""
     tool_calls: list[ChunkToolCall] | None = None
     """Tool-call pieces: id and name first, then the arguments in pieces."""
+    reasoning_content: str | None = None
+    """Extension (as vLLM streams it): the next piece of a reasoning model's thinking."""
 
-    omit_if_none = ("role", "content", "refusal", "tool_calls")
+    omit_if_none = ("role", "content", "refusal", "tool_calls", "reasoning_content")
 
 
 class ChunkChoice(_Response):

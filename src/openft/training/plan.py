@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from openft.errors import InvalidRequest, JobFailed
-from openft.settings import TINY_MODEL
+from openft.settings import TINY_MODEL, TINY_TEXT_MODELS
 from openft.training.config import LoraConfig, TrainConfig
 from openft.training.hparams import DatasetStats, Hyperparameters, advice, base_learning_rate, resolve_hparams
 
@@ -132,9 +132,10 @@ def default_training_type(base_model: str) -> TrainingType:
 
 
 def is_tiny(base_model: str) -> bool:
-    """The built-in random-init model, by catalog name or as a folder of that name."""
-    name = str(base_model).rstrip("/")
-    return name == TINY_MODEL or Path(name).name == TINY_MODEL
+    """A built-in random-init model (the tiny VLM, a tiny text model), by catalog name or as a
+    folder of that name."""
+    name = Path(str(base_model).rstrip("/")).name
+    return name == TINY_MODEL or name in TINY_TEXT_MODELS
 
 
 def plan_training(job: JobFacts, stats: DatasetStats, *, family: str | None) -> TrainingPlan:
@@ -164,13 +165,13 @@ def plan_training(job: JobFacts, stats: DatasetStats, *, family: str | None) -> 
         training_type=training_type,
         method=job.method,
         stats=stats,
-        pretrained=job.base_model != TINY_MODEL,  # a random-init base needs more passes over images
+        pretrained=not is_tiny(job.base_model),  # a random-init base needs more passes over images
     )
     return TrainingPlan(
         training_type=training_type,
         hyperparameters=hp,
         base_learning_rate=job.catalog_learning_rate
-        or base_learning_rate(training_type, family=family, pretrained=job.base_model != TINY_MODEL),
+        or base_learning_rate(training_type, family=family, pretrained=not is_tiny(job.base_model)),
         lora=_lora(job.lora_rank) if training_type == "lora" else None,
         train_vision_tower=job.train_vision_tower,
         train_projector=job.train_projector,

@@ -119,6 +119,29 @@ TEXT_CASES: dict[str, dict[str, Any]] = {
         ],
         "tools": TEXT_TOOLS,
     },
+    # Whitespace at the edges of message text: templates that trim it (Llama 3.1 / Gemma every
+    # message, Mistral replies) must lose it in training renders and prompts alike.
+    "text_whitespace_at_edges": {
+        "messages": [
+            _msg("system", " You name colours.\n"),
+            _msg("user", "  Colour of the sky?\n"),
+            _msg("assistant", "\n blue \n", weight=1),
+            _msg("user", "\tAnd grass? "),
+            _msg("assistant", "green  "),
+        ],
+        "tools": None,
+    },
+    # Reasoning written inline: Qwen3's template keeps it only after the last user query (the
+    # first block is dropped); other formats render it as the text it is.
+    "text_thinking_block": {
+        "messages": [
+            _msg("user", "Colour of the sky?"),
+            _msg("assistant", "<think>\nThe sky is blue.\n</think>\n\nblue"),
+            _msg("user", "And grass?"),
+            _msg("assistant", "<think>\nGrass is green.\n</think>\n\ngreen"),
+        ],
+        "tools": None,
+    },
 }
 
 
@@ -177,12 +200,13 @@ def expected_path(family: str) -> Path:
     return HERE / (f"text_{family}.json" if family in TEXT_FORMATS else f"{family}.json")
 
 
-def main() -> None:
-    for family in (*FAMILIES, *TEXT_FORMATS):
+def main(families: tuple[str, ...] = (*FAMILIES, *TEXT_FORMATS)) -> None:
+    for family in families:
         out = {case: run_case(family, case) for case in cases(family)}
         expected_path(family).write_text(json.dumps(out, indent=1, ensure_ascii=False) + "\n")
         print(f"wrote {expected_path(family)}")
 
 
 if __name__ == "__main__":
-    main()
+    # ``make_golden.py llama3 qwen3``: only those families/formats.
+    main(tuple(sys.argv[1:]) or (*FAMILIES, *TEXT_FORMATS))

@@ -102,7 +102,6 @@ def test_off_values_of_unsupported_parameters_pass() -> None:
         ("audio", {"voice": "alloy", "format": "wav"}),
         ("modalities", ["text", "audio"]),
         ("prediction", {"type": "content", "content": "x"}),
-        ("reasoning_effort", "low"),
         ("verbosity", "low"),
         ("service_tier", "priority"),
         ("web_search_options", {}),
