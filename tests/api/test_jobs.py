@@ -245,3 +245,20 @@ def test_reinforcement_and_integrations_are_refused_clearly(client, train_file):
     with pytest.raises(openai.BadRequestError) as e:
         client.fine_tuning.jobs.create(**base, extra_body={"n_epochs": 3})
     assert e.value.param == "n_epochs" and "Unrecognized request argument" in e.value.message
+
+
+def test_parallelism_is_validated_on_create(client, train_file):
+    """``openft.parallelism`` takes auto, ddp or fsdp; fsdp with LoRA is refused with what to do."""
+    base = {"training_file": train_file.id, "model": "openft-tiny-vlm"}
+    with pytest.raises(openai.BadRequestError) as e:
+        client.fine_tuning.jobs.create(**base, extra_body={"openft": {"parallelism": "zero3"}})
+    assert e.value.status_code == 400 and e.value.param == "openft.parallelism"
+    assert "'auto', 'ddp' or 'fsdp'" in e.value.message
+    with pytest.raises(openai.BadRequestError) as e:
+        client.fine_tuning.jobs.create(
+            **base, extra_body={"openft": {"parallelism": "fsdp", "training_type": "lora"}}
+        )
+    assert e.value.param == "openft.parallelism" and e.value.code == "unsupported_parameter"
+    assert "full fine-tuning only" in e.value.message and "'ddp'" in e.value.message
+    job = client.fine_tuning.jobs.create(**base, extra_body={"openft": {"parallelism": "fsdp"}})
+    assert job.status in ("validating_files", "queued")

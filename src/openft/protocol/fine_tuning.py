@@ -125,6 +125,11 @@ class OpenFTOptions(_Strict):
     max_length: int | None = Field(default=None, ge=16, le=1_048_576)
     """Length limit in tokens (images included): longer examples are truncated from the end.
     Default: the model catalog's ``max_length``, else the model's context length."""
+    parallelism: Literal["auto", "ddp", "fsdp"] = "auto"
+    """How a job on several processes (``openft worker --nproc N``) splits the work: ``ddp`` (every
+    process holds the whole model), ``fsdp`` (FSDP2: weights, gradients and optimizer state split
+    across the processes; full fine-tuning only), ``auto``: FSDP2 for full fine-tuning that does not
+    fit one device, else DDP."""
 
 
 class WandbIntegration(BaseModel):
@@ -166,6 +171,14 @@ class CreateFineTuningJobRequest(Request):
                 "'integrations' are not supported by openft (no Weights & Biases logging); remove them. "
                 "Training metrics are the job's events (type 'metrics') and its result file.",
                 param="integrations",
+                code="unsupported_parameter",
+            )
+        if self.openft.parallelism == "fsdp" and self.openft.training_type == "lora":
+            raise InvalidRequest(
+                "openft.parallelism 'fsdp' is supported for full fine-tuning only; with training_type "
+                "'lora' use parallelism 'ddp' or 'auto' (a LoRA adapter's training state is small), or "
+                "set training_type 'full'.",
+                param="openft.parallelism",
                 code="unsupported_parameter",
             )
         self.refuse_extra(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 
 @dataclass(frozen=True)
@@ -102,6 +103,13 @@ class TrainConfig:
     """Collate the next micro-batches in a background thread (pinned memory on CUDA, copied with
     ``non_blocking=True``) while the current one computes."""
 
+    parallelism: Literal["ddp", "fsdp"] = "ddp"
+    """How a job on several processes splits the work (ignored on one process). ``"ddp"``: every
+    rank holds the whole model, gradients are all-reduced. ``"fsdp"`` (full fine-tuning only):
+    FSDP2 shards weights, gradients and AdamW state over the ranks, for models whose training state
+    does not fit one device; the model is loaded on the CPU and moves to the device shard by shard.
+    The worker sets it from the training plan (``training.plan.plan_parallelism``)."""
+
     # --- validation and crash safety ---------------------------------------------------------
     valid_every: int | None = None
     """Compute ``valid_loss`` / ``valid_mean_token_accuracy`` on a fixed sample of validation
@@ -123,5 +131,7 @@ class TrainConfig:
                 problems.append(f"{name} must be >= 1 or None, got {value}")
         if self.state_every_steps is not None and self.state_every_steps < 0:
             problems.append(f"state_every_steps must be >= 0 or None, got {self.state_every_steps}")
+        if self.parallelism == "fsdp" and self.lora is not None:
+            problems.append("parallelism 'fsdp' is for full fine-tuning (lora must be None)")
         if problems:
             raise ValueError("invalid TrainConfig: " + "; ".join(problems))

@@ -16,8 +16,14 @@ Inside the ranks the recipes stay single-process code with a few calls into this
   averages gradients, the token-weighted shares already sum to one over all ranks), and reduces
   only on the last micro-batch (:func:`accumulating`); :func:`all_sum` makes the reported loss the
   global one;
-- rank 0 alone reports, evaluates and writes state and checkpoints (:func:`is_main`); every rank
-  loads the saved state on resume; a cancel or pause is rank 0's answer, broadcast so all ranks stop
+- fully sharded data parallel (``cfg.parallelism == "fsdp"``, full fine-tuning): :func:`shard` applies
+  FSDP2 (``fully_shard``) per decoder layer, per vision block and at the root, so each rank holds
+  1/N of the weights, gradients and AdamW state; every forward and backward is then a collective, so
+  all ranks run the same number of micro-batches (:func:`rank_micro_batches` pads with weight-0
+  stand-ins), evaluate together, and gather the full weights for rank 0 to write
+  (:func:`full_state`);
+- rank 0 alone reports, evaluates (all ranks under FSDP) and writes state and checkpoints
+  (:func:`is_main`); every rank loads the saved state on resume; a cancel or pause is rank 0's answer, broadcast so all ranks stop
   at the same step boundary;
 - a rank that dies without a word (SIGKILL, segfault) takes the others down with it; the launcher
   then restarts all N from the last saved state, up to :data:`MAX_RESTARTS` times (torchrun's
@@ -37,13 +43,15 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from multiprocessing.connection import Connection, wait
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import torch
 import torch.distributed as dist
 
 from openft.errors import JobCancelled
+from openft.training.collate import micro_batches
 from openft.training.reporter import Reporter
+from openft.training.trainable import part_of
 
 log = logging.getLogger("openft.training")
 
@@ -53,6 +61,7 @@ SURVIVOR_GRACE_SECONDS = 5.0
 """After one rank dies, the others get this long to notice (their collectives fail) before SIGKILL."""
 
 T = TypeVar("T")
+Parallelism = Literal["ddp", "fsdp"]
 
 
 class RanksLost(RuntimeError):
@@ -80,15 +89,103 @@ def share(batch_ids: Sequence[int]) -> list[int]:
     return list(batch_ids[rank() :: world_size()])
 
 
+def rank_micro_batches(
+    batch_ids: Sequence[int], size: int | None, *, lockstep: bool
+) -> list[tuple[list[int], bool]]:
+    """This rank's :func:`share` of a global batch cut into micro-batches of ``size``, each with
+    whether it counts. A rank with no share runs one stand-in example (``False``: weight 0) so it
+    still joins the gradient reduction. ``lockstep`` (FSDP, where every forward and backward
+    gathers weights collectively): every rank runs as many micro-batches as rank 0, whose strided
+    share is the longest, padding with stand-ins."""
+    mine = share(batch_ids)
+    stand_in = (list(batch_ids[:1]), False)
+    chunks = [(c, True) for c in micro_batches(mine, size)] if mine else [stand_in]
+    if lockstep:
+        most = len(micro_batches(batch_ids[:: world_size()], size))
+        chunks += [stand_in] * (most - len(chunks))
+    return chunks
+
+
+def sharded(model: Any) -> bool:
+    """``model`` is FSDP2-sharded (its forward, backward and state gathers are collectives)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def shard(model: torch.nn.Module, device: torch.device, *, vision_blocks: bool, bf16: bool) -> torch.nn.Module:
+    """FSDP2 over ``model`` in place when there are several ranks: ``fully_shard`` on every
+    transformer block (the classes transformers lists in ``_no_split_modules``: decoder layers and
+    vision blocks), then on the root (embeddings, head, norms, projector and whatever is left).
+    Each block's weights are gathered just before it runs and freed after, its gradients
+    reduce-scattered as soon as its backward ends, and the optimizer, built afterwards, sees only
+    this rank's shards (DTensors). The model moves to ``device`` shard by shard.
+
+    ``vision_blocks``: shard the vision tower's blocks too. Only when every example has an image:
+    a block's weights are gathered when it runs, so a rank whose micro-batch has no image would
+    skip a gather its peers wait in. Otherwise the tower joins the root group, gathered by every
+    rank at each forward; its unused gradients are reduced as zeros (``reduce_scatter_unused_params``,
+    DDP's ``find_unused_parameters``). ``bf16`` (CUDA): weights gathered and computed in bf16,
+    gradients reduced in fp32, fp32 master shards for AdamW.
+    """
+    if world_size() == 1:
+        return model
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mesh = init_device_mesh(device.type, (world_size(),))
+    policy = MixedPrecisionPolicy(
+        param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32 if bf16 else None
+    )
+    block_classes = set(getattr(model, "_no_split_modules", None) or ())
+    blocks: list[tuple[str, torch.nn.Module]] = []
+    for name, module in model.named_modules():
+        if type(module).__name__ not in block_classes or any(name.startswith(f"{b}.") for b, _ in blocks):
+            continue  # not a block, or inside one already taken
+        if part_of(name) == "language_model" or vision_blocks:
+            blocks.append((name, module))
+    for _, module in blocks:
+        fully_shard(module, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+    model.set_reduce_scatter_unused_params(True)  # type: ignore[operator]
+    log.info("FSDP2 over %d ranks: %d blocks sharded, plus the root", world_size(), len(blocks))
+    return model
+
+
+def full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Gather a sharded model's full weights (and ``optimizer``'s full state, keyed by parameter
+    name) onto rank 0's CPU; other ranks get empty dicts. A collective: every rank must call it."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    weights = get_model_state_dict(model, options=options)
+    optim = get_optimizer_state_dict(model, optimizer, options=options) if optimizer is not None else {}
+    return weights, optim
+
+
+def agree(flag: bool) -> bool:
+    """Rank 0's ``flag`` on every rank (a decision that gates a collective, e.g. a timed save)."""
+    if world_size() == 1:
+        return flag
+    t = torch.tensor([int(flag)], device=_collective_device())
+    dist.broadcast(t, src=0)
+    return bool(t.item())
+
+
 def wrap(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """DDP over ``model`` when there are several ranks (else ``model`` itself). Call it for the
-    forward/backward only: saving and evaluating keep using the bare model (same names as one process).
+    """DDP over ``model`` when there are several ranks (else ``model`` itself, as is a model
+    already :func:`shard`-ed). Call it for the forward/backward only: saving and evaluating keep
+    using the bare model (same names as one process).
 
     ``find_unused_parameters``: a text-only batch leaves the vision tower without gradients, on some
     ranks but not others. ``forward_sync_buffers=False`` (buffers are synced once, at wrapping):
     ranks run different numbers of micro-batches, so no collective may hide in a forward.
     """
-    if world_size() == 1:
+    if world_size() == 1 or sharded(model):
         return model
     from torch.nn.parallel import DistributedDataParallel
 
@@ -104,7 +201,9 @@ def wrap(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
 
 @contextlib.contextmanager
 def accumulating(model: torch.nn.Module, *, last: bool) -> Iterator[None]:
-    """Backward without DDP's gradient all-reduce unless this is the rank's ``last`` micro-batch."""
+    """Backward without DDP's gradient all-reduce unless this is the rank's ``last`` micro-batch.
+    FSDP reduce-scatters after every micro-batch instead: accumulating unsharded gradients would
+    hold a full copy of them, the memory sharding exists to save."""
     no_sync = getattr(model, "no_sync", None)
     with no_sync() if (no_sync is not None and not last) else contextlib.nullcontext():
         yield

@@ -41,8 +41,8 @@ class MemoryEstimate:
     total: int
     """Predicted peak bytes of one optimizer step on the training device."""
     breakdown: dict[str, int]
-    """Bytes per part: weights, gradients, optimizer, activations, vision_activations, logits,
-    reference_model (DPO without LoRA)."""
+    """Bytes per part: weights, gathered_weights (FSDP), gradients, optimizer, activations,
+    vision_activations, logits, reference_model (DPO without LoRA)."""
 
     def describe(self) -> str:
         parts = sorted(self.breakdown.items(), key=lambda kv: -kv[1])
@@ -66,6 +66,7 @@ def estimate_peak_bytes(
     intermediate_size: int | None = None,
     vision_hidden_size: int | None = None,
     vision_layers: int | None = None,
+    shards: int = 1,
 ) -> MemoryEstimate:
     """Peak bytes of one training step (forward, backward, AdamW step) for one micro-batch.
 
@@ -75,7 +76,10 @@ def estimate_peak_bytes(
     base weights are frozen (``n_trainable`` counts the adapters plus anything saved with them)
     and a DPO reference is the same model with adapters disabled; without LoRA, DPO keeps a
     frozen reference copy. ``intermediate_size`` defaults to ``4*hidden_size``, the vision sizes
-    to the text ones.
+    to the text ones. ``shards`` > 1 (FSDP over that many ranks): weights, gradients and optimizer
+    state are split evenly, plus the whole weights FSDP gathers at a time: the root group
+    (embeddings and head, kept gathered through the step) and two decoder layers (the one running
+    and the one prefetched).
     """
     inter = intermediate_size if intermediate_size is not None else 4 * hidden_size
     v_hidden = vision_hidden_size if vision_hidden_size is not None else hidden_size
@@ -83,6 +87,7 @@ def estimate_peak_bytes(
     rows = batch_size * (2 if dpo else 1)
     tokens = rows * seq_len
 
+    block = 4 * hidden_size * hidden_size + 3 * hidden_size * inter  # one decoder layer's weights
     per_layer = ACT_HIDDEN_FACTOR * hidden_size + ACT_INTERMEDIATE_FACTOR * inter  # elements/token
     if gradient_checkpointing:
         act_elems = tokens * (n_layers * hidden_size + per_layer)
@@ -96,13 +101,16 @@ def estimate_peak_bytes(
         v_elems = v_tokens * v_layers * v_per_layer
 
     breakdown = {
-        "weights": n_params * dtype_bytes,
-        "gradients": n_trainable * dtype_bytes,
-        "optimizer": n_trainable * ADAMW_STATE_BYTES,
+        "weights": n_params * dtype_bytes // shards,
+        "gathered_weights": min(n_params, 2 * vocab_size * hidden_size + 2 * block) * dtype_bytes
+        if shards > 1
+        else 0,
+        "gradients": n_trainable * dtype_bytes // shards,
+        "optimizer": n_trainable * ADAMW_STATE_BYTES // shards,
         "activations": act_elems * dtype_bytes,
         "vision_activations": v_elems * dtype_bytes,
         "logits": tokens * vocab_size * (dtype_bytes + 4 * LOGITS_FP32_COPIES),
-        "reference_model": n_params * dtype_bytes if dpo and not lora else 0,
+        "reference_model": n_params * dtype_bytes // shards if dpo and not lora else 0,
     }
     return MemoryEstimate(total=sum(breakdown.values()), breakdown=breakdown)
 
@@ -221,9 +229,10 @@ def plan_for_model(
     dpo: bool,
     gradient_checkpointing: bool,
     available: int,
+    shards: int = 1,
 ) -> tuple[int, int, MemoryEstimate]:
     """Micro-batch and accumulation steps that fit ``available`` bytes for this (meta) model and
-    the longest example; plus the estimate at the chosen micro-batch."""
+    the longest example; plus the estimate at the chosen micro-batch. ``shards``: FSDP ranks."""
     facts = model_facts(model)
     if lora_rank is not None:
         facts = replace(facts, n_trainable=lora_rank * lora_trainable_params(model, lora_targets))
@@ -237,6 +246,7 @@ def plan_for_model(
             gradient_checkpointing=gradient_checkpointing,
             lora=lora_rank is not None,
             dpo=dpo,
+            shards=shards,
         )
 
     micro, accum = plan_batch(estimate, batch_size=batch_size, available_bytes=available)

@@ -11,9 +11,10 @@ statistics and the base model's family in, a :class:`TrainingPlan` out. It decid
 - **base learning rate**: by training type, family, and whether the base is pretrained.
 
 :func:`plan_memory` then fits the batch into the device's memory (micro-batches with gradient
-accumulation, or a clear failure) from the base model's shapes. The worker only orchestrates:
-it gathers the facts, calls these two, announces the plan and runs the recipe with
-:meth:`TrainingPlan.train_config`.
+accumulation, or a clear failure) from the base model's shapes, and :func:`plan_parallelism`
+decides how a job on several processes splits the work (DDP or FSDP2, see there) with the memory
+plan that goes with it. The worker only orchestrates: it gathers the facts, calls these, announces
+the plan and runs the recipe with :meth:`TrainingPlan.train_config`.
 """
 
 from __future__ import annotations
@@ -29,8 +30,19 @@ from openft.training.config import LoraConfig, TrainConfig
 from openft.training.hparams import DatasetStats, Hyperparameters, advice, base_learning_rate, resolve_hparams
 
 TrainingType = Literal["lora", "full"]
+Parallelism = Literal["single", "ddp", "fsdp"]
 
-__all__ = ["DatasetStats", "JobFacts", "MemoryPlan", "TrainingPlan", "plan_memory", "plan_training"]
+__all__ = [
+    "DatasetStats",
+    "JobFacts",
+    "MemoryPlan",
+    "ParallelPlan",
+    "TrainingPlan",
+    "choose_parallelism",
+    "plan_memory",
+    "plan_parallelism",
+    "plan_training",
+]
 
 
 @dataclass(frozen=True)
@@ -104,6 +116,7 @@ class TrainingPlan:
         init_weights: Path | None,
         micro_batch_size: int | None,
         gradient_checkpointing: bool = False,
+        parallelism: Parallelism = "single",
     ) -> TrainConfig:
         """The recipe's configuration: this plan on a resolved base folder, device and work dir."""
         return TrainConfig(
@@ -122,6 +135,7 @@ class TrainingPlan:
             train_projector=self.train_projector,
             max_length=self.max_length,
             bf16=self.bf16,
+            parallelism="fsdp" if parallelism == "fsdp" else "ddp",
         )
 
 
@@ -231,13 +245,15 @@ def plan_memory(
     dpo: bool,
     device: str,
     limit_bytes: int | None,
+    shards: int = 1,
 ) -> MemoryPlan:
     """Predict peak memory for ``model`` (shapes only: a meta-device model is enough) before
     spending any compute: split the batch into micro-batches with gradient accumulation when it
     would not fit in ``limit_bytes`` (default: what ``device`` has free), or fail with advice.
 
     Gradient checkpointing (~20-30% slower steps) is chosen only when it is needed: when not even
-    a micro-batch of one fits without it. Accumulating more micro-batches costs no extra FLOPs."""
+    a micro-batch of one fits without it. Accumulating more micro-batches costs no extra FLOPs.
+    ``shards``: the FSDP ranks that split weights, gradients and optimizer state (1: none)."""
     from openft.training.memory import available_bytes, plan_for_model
 
     available = limit_bytes or available_bytes(device)
@@ -254,6 +270,7 @@ def plan_memory(
             dpo=dpo,
             gradient_checkpointing=checkpointing,
             available=available,
+            shards=shards,
         )
 
     checkpointing = False
@@ -279,3 +296,110 @@ def plan_memory(
         batch_size=batch_size,
         gradient_checkpointing=checkpointing,
     )
+
+
+@dataclass(frozen=True)
+class ParallelPlan:
+    parallelism: Parallelism
+    memory: MemoryPlan
+    """The memory plan for one rank under ``parallelism``."""
+    nproc: int
+    requested: Literal["auto", "ddp", "fsdp"] = "auto"
+
+    def announcement(self) -> str:
+        if self.parallelism == "single":
+            message = "Training on 1 process."
+            if self.requested != "auto":
+                message += (
+                    f" parallelism '{self.requested}' has no effect here: this worker runs each job on "
+                    "one process (start it with --nproc N to use N processes)."
+                )
+            return message
+        if self.parallelism == "ddp":
+            return (
+                f"Training on {self.nproc} processes with DDP: every process holds the whole model and "
+                "takes its share of each batch."
+            )
+        return (
+            f"Training on {self.nproc} processes with FSDP2 (fully_shard per transformer block): "
+            f"weights, gradients and optimizer state are split {self.nproc} ways"
+            + (" because they do not fit one device." if self.requested == "auto" else ".")
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"parallelism": self.parallelism, "nproc": self.nproc}
+
+
+def choose_parallelism(
+    requested: Literal["auto", "ddp", "fsdp"],
+    *,
+    training_type: TrainingType,
+    nproc: int,
+    fits_one_device: bool,
+) -> Parallelism:
+    """How a job on ``nproc`` processes splits the work; raises ``JobFailed`` for a refusal.
+
+    - one process: ``"single"`` (nothing to split; the announcement says so when something was asked);
+    - ``requested`` ``"ddp"`` / ``"fsdp"`` (the job's ``openft.parallelism``): honoured, except FSDP
+      with LoRA, refused (the adapter's save, the DPO reference with the adapter disabled and the
+      frozen base's dtype all assume an unsharded model; a LoRA's training state is small, so
+      DDP's replicas cost little);
+    - ``"auto"``: DDP for LoRA; for full fine-tuning, FSDP2 only when the training state does not
+      fit one device without gradient checkpointing (``fits_one_device``, from the memory planner),
+      else DDP. Not "always FSDP for full": when the model fits, DDP moves less data (one gradient
+      all-reduce per step, against FSDP's weight all-gather in forward and again in backward plus a
+      gradient reduce-scatter per micro-batch, about 1.5x the bytes) and overlaps it with the
+      backward more simply, so it is the faster of the two; sharding pays only when it is the
+      difference between fitting and not (or having to recompute activations).
+    """
+    if requested == "fsdp" and training_type == "lora":  # refused on any worker, one process or not
+        raise JobFailed(
+            "parallelism 'fsdp' is supported for full fine-tuning only, and this job trains a LoRA "
+            "adapter; use parallelism 'ddp' (or 'auto'), or training_type 'full'.",
+            code="unsupported_parameter",
+            param="openft.parallelism",
+        )
+    if nproc <= 1:
+        return "single"
+    if requested != "auto":
+        return requested
+    return "fsdp" if training_type == "full" and not fits_one_device else "ddp"
+
+
+def plan_parallelism(
+    model: Any,
+    plan: TrainingPlan,
+    stats: DatasetStats,
+    *,
+    requested: Literal["auto", "ddp", "fsdp"],
+    nproc: int,
+    dpo: bool,
+    device: str,
+    limit_bytes: int | None,
+) -> ParallelPlan:
+    """:func:`choose_parallelism` with the memory plan that goes with it: the one-device plan
+    decides whether the model fits; under FSDP the batch is planned again with the training state
+    split ``nproc`` ways. A job that fits neither way fails with the one-device plan's advice."""
+    try:
+        single: MemoryPlan | None = plan_memory(
+            model, plan, stats, dpo=dpo, device=device, limit_bytes=limit_bytes
+        )
+        too_big: JobFailed | None = None
+    except JobFailed as exc:
+        single, too_big = None, exc
+    parallelism = choose_parallelism(
+        requested,
+        training_type=plan.training_type,
+        nproc=nproc,
+        fits_one_device=single is not None and not single.gradient_checkpointing,
+    )
+    if parallelism == "fsdp":
+        memory = plan_memory(
+            model, plan, stats, dpo=dpo, device=device, limit_bytes=limit_bytes, shards=nproc
+        )
+    elif single is not None:
+        memory = single
+    else:
+        assert too_big is not None
+        raise too_big
+    return ParallelPlan(parallelism=parallelism, memory=memory, nproc=nproc, requested=requested)

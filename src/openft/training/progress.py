@@ -181,13 +181,18 @@ class Progress:
             else max(1, math.ceil(STATE_FRACTION * self.total_steps))
         )
         min_seconds = STATE_MIN_SECONDS if self.cfg.state_every_steps is None else 0.0
-        if self.step - self._saved_step >= every and time.monotonic() - self._saved_at >= min_seconds:
+        due = self.step - self._saved_step >= every and time.monotonic() - self._saved_at >= min_seconds
+        if distributed.sharded(self.model):  # every rank gathers: rank 0's clock decides for all
+            due = distributed.agree(due)
+        if due:
             self._save(epoch, next_batch)
 
     def end_epoch(self, epoch: int, processor: Any) -> None:
         """Write the epoch's servable checkpoint, save the state after it, then announce it."""
+        # A sharded model's full weights are gathered by every rank, for rank 0 to write.
+        weights = distributed.full_state(self.model)[0] if distributed.sharded(self.model) else None
         if distributed.is_main():
-            self.checkpoints.append(_save_checkpoint(self.model, processor, self.cfg, self.step))
+            self.checkpoints.append(_save_checkpoint(self.model, processor, self.cfg, self.step, weights))
         else:  # other ranks only keep track of it (rank 0 writes every file)
             self.checkpoints.append(_checkpoint_dir(self.cfg, self.step))
         self._save(epoch + 1, 0)
@@ -205,6 +210,7 @@ class Progress:
         )
 
     def _save(self, epoch: int, batch_in_epoch: int) -> None:
+        gathered = distributed.full_state(self.model, self.optimizer) if distributed.sharded(self.model) else None
         if not distributed.is_main():  # rank 0 saves; every rank loads it on resume
             return
         save_state(
@@ -221,6 +227,7 @@ class Progress:
                 "trained_tokens": self.trained_tokens,
                 "metrics": self.metrics,
             },
+            gathered=gathered,
         )
         self._saved_step, self._saved_at = self.step, time.monotonic()
 
@@ -251,8 +258,12 @@ def _checkpoint_dir(cfg: TrainConfig, step: int) -> Path:
     return Path(cfg.output_dir) / f"step-{step}"
 
 
-def _save_checkpoint(model: Any, processor: Any, cfg: TrainConfig, step: int) -> Path:
-    """Write a servable folder (weights + processor + openft.json) atomically as ``step-<N>``."""
+def _save_checkpoint(
+    model: Any, processor: Any, cfg: TrainConfig, step: int, weights: dict[str, torch.Tensor] | None = None
+) -> Path:
+    """Write a servable folder (weights + processor + openft.json) atomically as ``step-<N>``.
+    ``weights``: a sharded model's gathered full weights (the folder is the same ordinary
+    Hugging Face one a single process writes)."""
     target = _checkpoint_dir(cfg, step)
     tmp = Path(cfg.output_dir) / f".step-{step}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -260,6 +271,9 @@ def _save_checkpoint(model: Any, processor: Any, cfg: TrainConfig, step: int) ->
     if cfg.lora is not None:
         save_adapter(model, tmp)
         kind = "adapter"
+    elif weights is not None:
+        model.save_pretrained(tmp, state_dict=weights)
+        kind = "full"
     else:
         model.save_pretrained(tmp)
         kind = "full"

@@ -23,6 +23,7 @@ import torch
 from openft.adapters import apply_lora, merge
 from openft.models.loader import load_model, resolve_device, weights_kind
 from openft.models.render import Rendered
+from openft.training import distributed
 from openft.training.collate import collate_packed, collate_sft
 from openft.training.config import TrainConfig
 from openft.training.loss import predicting_positions, shifted_targets
@@ -198,10 +199,12 @@ def _build_model(
     weight in fp32; full fine-tuning keeps fp32 master weights and relies on autocast.
     """
     dtype = torch.bfloat16 if bf16 and cfg.lora is not None else None
+    # FSDP: the whole model would not fit the device; ``distributed.shard`` moves it there in shards.
+    fsdp = cfg.parallelism == "fsdp" and distributed.world_size() > 1
     model, processor = load_model(
         cfg.base_model,
         cfg.init_weights,
-        device=cfg.device,
+        device="cpu" if fsdp else cfg.device,
         dtype=dtype,
         trainable=True,
         attn_implementation=attn_implementation,

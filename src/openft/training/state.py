@@ -5,11 +5,21 @@ A state folder holds
 - ``trainable.safetensors``: every parameter with ``requires_grad`` (LoRA adapters and
   ``modules_to_save``, or all trained weights for full fine-tuning), by name. Frozen weights are
   not saved: they come back from the base model (and ``init_weights``) as before.
-- ``optimizer.pt``, ``scheduler.pt``: their ``state_dict()``.
+- ``optimizer.pt``, ``scheduler.pt``: their ``state_dict()``. The optimizer's per-parameter state
+  is keyed by position (one process, DDP) or by parameter name (FSDP's full state dict);
+  :func:`load_state` converts between the two, so a job saved under one parallelism resumes under
+  the other (another worker may take it over with another ``--nproc``).
 - ``rng.pt``: Python ``random``, torch CPU and (when used) CUDA generator states.
 - ``state.json``: position (``step``, ``epoch``, ``batch_in_epoch`` = the next batch to run), the
   names of the saved parameters, and whatever ``extra`` the recipe adds (cumulative tokens,
   last metrics, a fingerprint of the config and data). Written last.
+
+An FSDP-sharded model is saved the same way: its full trainable weights and optimizer state are
+gathered onto rank 0 first (``distributed.full_state``) and passed in, and :func:`load_state`
+hands each rank's shards to ``torch.distributed.checkpoint.state_dict.set_state_dict``. One
+folder format for every parallelism keeps resume, inspection and takeover unchanged; the price is
+that rank 0's host memory holds the full trained state while it writes (see the docstring of
+``distributed.full_state``).
 
 Writes are atomic: the folder is built as a hidden sibling and renamed into place; the previous
 state is renamed aside first and removed after, and :func:`find_state` falls back to it if a
@@ -73,15 +83,25 @@ def save_state(
     batch_in_epoch: int,
     rng_states: dict[str, Any],
     extra: dict[str, Any] | None = None,
+    gathered: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None,
 ) -> Path:
-    """Write the state atomically to ``directory`` (replacing an older one) and return it."""
+    """Write the state atomically to ``directory`` (replacing an older one) and return it.
+    ``gathered``: a sharded model's full weights and optimizer state (``distributed.full_state``),
+    written instead of reading ``model`` and ``optimizer``."""
     directory = Path(directory)
     tmp, old = _siblings(directory)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    trainable = {n: p.detach().to("cpu").contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    if gathered is not None:
+        weights, optimizer_state = gathered
+        trainable = {n: weights[n].contiguous() for n in names}
+    else:
+        params = dict(model.named_parameters())
+        trainable = {n: params[n].detach().to("cpu").contiguous() for n in names}
+        optimizer_state = optimizer.state_dict()
     save_file(trainable, str(tmp / "trainable.safetensors"))
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(optimizer_state, tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     torch.save(rng_states, tmp / "rng.pt")
     meta = {
@@ -124,7 +144,8 @@ def load_state(
     """Load trainable weights, optimizer and scheduler state in place; return position and RNG.
 
     ``model`` must have the same trainable parameters (same names) as the one that was saved, and
-    ``optimizer`` must have been built over them in ``named_parameters()`` order.
+    ``optimizer`` must have been built over them in ``named_parameters()`` order. An FSDP-sharded
+    ``model`` takes its shards of the full tensors on every rank (each rank reads the folder).
     """
     directory = Path(directory)
     meta = json.loads((directory / STATE_FILE).read_text())
@@ -135,10 +156,24 @@ def load_state(
         missing = sorted(set(meta["trainable"]) ^ set(params))[:5]
         raise ValueError(f"training state in {directory} was saved for other trainable weights: {missing}")
     tensors = load_file(str(directory / "trainable.safetensors"))
-    with torch.no_grad():
-        for name, p in params.items():
-            p.copy_(tensors[name].to(device=p.device, dtype=p.dtype))
-    optimizer.load_state_dict(torch.load(directory / "optimizer.pt", map_location="cpu", weights_only=True))
+    optimizer_state = torch.load(directory / "optimizer.pt", map_location="cpu", weights_only=True)
+    from torch.distributed.fsdp import FSDPModule
+
+    if isinstance(model, FSDPModule):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+        set_state_dict(
+            model,
+            optimizer,
+            model_state_dict=tensors,
+            optim_state_dict=_optimizer_keyed(optimizer_state, list(params), by_name=True),
+            options=StateDictOptions(full_state_dict=True, strict=False),
+        )
+    else:
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(tensors[name].to(device=p.device, dtype=p.dtype))
+        optimizer.load_state_dict(_optimizer_keyed(optimizer_state, list(params), by_name=False))
     scheduler.load_state_dict(torch.load(directory / "scheduler.pt", map_location="cpu", weights_only=True))
     rng = torch.load(directory / "rng.pt", map_location="cpu", weights_only=True)
     return TrainState(
@@ -148,6 +183,23 @@ def load_state(
         rng_states=rng,
         extra=dict(meta["extra"]),
     )
+
+
+def _optimizer_keyed(state: dict[str, Any], names: list[str], *, by_name: bool) -> dict[str, Any]:
+    """``state`` (an optimizer ``state_dict``) with its parameters named by position (what
+    ``Optimizer.load_state_dict`` wants) or by name (what FSDP's full state dict holds). ``names``:
+    the trainable parameters in ``named_parameters()`` order, the optimizer's own order."""
+    index = {n: i for i, n in enumerate(names)}
+
+    def key(k: Any) -> Any:
+        if by_name:
+            return names[k] if isinstance(k, int) else k
+        return index[k] if isinstance(k, str) else k
+
+    return {
+        "state": {key(k): v for k, v in state["state"].items()},
+        "param_groups": [{**g, "params": [key(k) for k in g["params"]]} for g in state["param_groups"]],
+    }
 
 
 def remove_state(directory: Path) -> None:

@@ -28,7 +28,7 @@ from openft.storage import repo
 from openft.storage.blobs import BlobStore
 from openft.storage.db import Database
 from openft.storage.tables import Job
-from openft.training.plan import DatasetStats, JobFacts, plan_memory, plan_training
+from openft.training.plan import DatasetStats, JobFacts, plan_parallelism, plan_training
 from openft.worker.events import JobReporter
 from openft.worker.queue import JobLease
 
@@ -287,14 +287,26 @@ def _run(ctx: WorkerContext, job: Job, lease: JobLease) -> None:
     )
     _event(ctx, job, plan.announcement(), data=plan.to_dict(), once="started")
 
-    # Predict peak memory from the validation statistics before spending any compute.
-    memory = plan_memory(
+    # Predict peak memory from the validation statistics before spending any compute, and with it
+    # how the job's processes split the work (FSDP2 when full training does not fit one device).
+    parallel = plan_parallelism(
         load_empty_model(base),
         plan,
         stats,
+        requested=options.parallelism,
+        nproc=settings.nproc,
         dpo=job.method_type == "dpo",
         device=resolve_device(settings.device),
         limit_bytes=settings.memory_limit_bytes,
+    )
+    memory = parallel.memory
+    _event(
+        ctx,
+        job,
+        parallel.announcement(),
+        level="warn" if parallel.parallelism == "single" and options.parallelism != "auto" else "info",
+        data=parallel.to_dict(),
+        once="parallelism",
     )
     _event(ctx, job, memory.announcement(), data=memory.to_dict(), once="memory-estimate")
 
@@ -311,6 +323,7 @@ def _run(ctx: WorkerContext, job: Job, lease: JobLease) -> None:
         init_weights=Path(init_weights) if init_weights else None,
         micro_batch_size=memory.micro_batch_size,
         gradient_checkpointing=memory.gradient_checkpointing,
+        parallelism=parallel.parallelism,
     )
     reporter = JobReporter(
         ctx.db, ctx.blobs, job=job, model_name=model_name, lease=lease, keep_checkpoints=cfg.keep_checkpoints

@@ -52,3 +52,30 @@ def test_config_reports_every_problem(tmp_path) -> None:
         None,
         None,
     )
+
+
+@pytest.mark.parametrize(
+    ("world", "batch", "size", "lockstep", "expected"),
+    [
+        # 3 examples on 2 ranks in micro-batches of 1: rank 1 has one fewer; FSDP pads it.
+        (2, [7, 8, 9], 1, False, [[([7], True), ([9], True)], [([8], True)]]),
+        (2, [7, 8, 9], 1, True, [[([7], True), ([9], True)], [([8], True), ([7], False)]]),
+        # One example on 2 ranks: the idle rank runs a weight-0 stand-in either way.
+        (2, [7], None, False, [[([7], True)], [([7], False)]]),
+        (3, [1, 2, 3, 4, 5], 2, True, [[([1, 4], True)], [([2, 5], True)], [([3], True)]]),
+    ],
+)
+def test_rank_micro_batches_keep_ranks_in_step(monkeypatch, world, batch, size, lockstep, expected) -> None:
+    """Each rank's micro-batches of a global batch; under FSDP every rank runs as many as rank 0,
+    and the chunks that count cover the batch exactly once."""
+    from openft.training import distributed
+
+    got = []
+    for r in range(world):
+        monkeypatch.setattr(distributed, "rank", lambda r=r: r)
+        monkeypatch.setattr(distributed, "world_size", lambda: world)
+        got.append(distributed.rank_micro_batches(batch, size, lockstep=lockstep))
+    assert got == expected
+    assert sorted(i for chunks in got for c, counts in chunks if counts for i in c) == sorted(batch)
+    if lockstep:
+        assert len({len(chunks) for chunks in got}) == 1

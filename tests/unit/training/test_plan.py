@@ -115,3 +115,67 @@ def test_gradient_checkpointing_only_when_one_example_does_not_fit_without_it(tm
         gradient_checkpointing=squeezed.gradient_checkpointing,
     )
     assert cfg.gradient_checkpointing is True
+
+
+def test_parallelism_fsdp_only_for_full_training_that_does_not_fit_unless_asked() -> None:
+    """auto: DDP for LoRA and for a full fine-tune that fits one device, FSDP2 when it does not;
+    an explicit choice is honoured, except fsdp with LoRA (refused on any worker)."""
+    from openft.training.plan import choose_parallelism
+
+    def choose(requested: str, kind: str, nproc: int = 2, fits: bool = True) -> str:
+        return choose_parallelism(requested, training_type=kind, nproc=nproc, fits_one_device=fits)  # type: ignore[arg-type]
+
+    assert choose("auto", "full", nproc=1, fits=False) == "single"
+    assert choose("fsdp", "full", nproc=1) == "single"
+    assert choose("auto", "full") == "ddp"
+    assert choose("auto", "full", fits=False) == "fsdp"
+    assert choose("auto", "lora", fits=False) == "ddp"
+    assert choose("fsdp", "full") == "fsdp"
+    assert choose("ddp", "full", fits=False) == "ddp"
+    for nproc in (1, 2):
+        with pytest.raises(JobFailed) as e:
+            choose("fsdp", "lora", nproc=nproc)
+        assert e.value.param == "openft.parallelism" and "full fine-tuning only" in e.value.message
+
+
+def test_plan_parallelism_shards_the_training_state_when_it_does_not_fit() -> None:
+    """With a device too small for a full fine-tune's training state, ``auto`` on 2 processes picks
+    FSDP2 and plans the batch with weights, gradients and AdamW state split in two; on one process
+    the same job fails with the memory advice; with room, DDP."""
+    from accelerate import init_empty_weights
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from openft.training.plan import plan_memory, plan_parallelism
+
+    config = Qwen2Config(
+        hidden_size=512, intermediate_size=1408, num_hidden_layers=16, num_attention_heads=8,
+        num_key_value_heads=8, vocab_size=2048,
+    )
+    with init_empty_weights():
+        model = Qwen2ForCausalLM(config)  # ~52M parameters, ~830 MB of fp32 training state
+    stats = DatasetStats(examples=8, tokens_mean=30.0, tokens_p95=32, tokens_max=32)
+    full = plan_training(
+        JobFacts(base_model="some/base", method="supervised", training_type="full", requested={"batch_size": 1}),
+        stats,
+        family=None,
+    )
+    kw = dict(dpo=False, device="cuda:0")
+    one = plan_memory(model, full, stats, limit_bytes=10**12, **kw).estimate_bytes
+    sharded = plan_memory(model, full, stats, limit_bytes=10**12, shards=2, **kw).estimate_bytes
+    assert sharded < 0.6 * one
+    limit = (one + sharded) // 2
+    two = plan_parallelism(model, full, stats, requested="auto", nproc=2, limit_bytes=limit, **kw)
+    assert two.parallelism == "fsdp" and not two.memory.gradient_checkpointing
+    assert "FSDP2" in two.announcement() and "do not fit one device" in two.announcement()
+    with pytest.raises(JobFailed) as e:  # one process: not even checkpointing makes it fit
+        plan_parallelism(model, full, stats, requested="auto", nproc=1, limit_bytes=limit, **kw)
+    assert e.value.code == "insufficient_memory"
+    roomy = plan_parallelism(model, full, stats, requested="auto", nproc=2, limit_bytes=10**12, **kw)
+    assert roomy.parallelism == "ddp" and "DDP" in roomy.announcement()
+    asked = plan_parallelism(model, full, stats, requested="fsdp", nproc=1, limit_bytes=10**12, **kw)
+    assert asked.parallelism == "single" and "has no effect" in asked.announcement()
+    cfg = full.train_config(
+        base_model="b", output_dir=Path("/nonexistent"), seed=0, device="cpu", init_weights=None,
+        micro_batch_size=None, parallelism=two.parallelism,
+    )
+    assert cfg.parallelism == "fsdp"

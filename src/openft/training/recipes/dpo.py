@@ -56,7 +56,7 @@ from openft.errors import InvalidRequest
 from openft.models.loader import weights_kind
 from openft.models.render import Rendered, render_chat
 from openft.training import distributed
-from openft.training.collate import collate_preference, epoch_batches, micro_batches
+from openft.training.collate import collate_preference, epoch_batches
 from openft.training.config import TrainConfig
 from openft.training.loss import dpo_loss, dpo_metrics, row_logprobs
 from openft.training.progress import Progress, TrainResult, optimizer_and_schedule, resumable_state
@@ -116,6 +116,9 @@ def run(
     valid = [
         _render_pair(processor, ex, cfg.max_length, "validation_file line") for ex in valid_examples or ()
     ]
+    if cfg.parallelism == "fsdp":  # before scoring the reference and building the optimizer
+        distributed.shard(model, device, vision_blocks=all(c.vision for c, _ in pairs), bf16=bf16)
+    lockstep = distributed.sharded(model)  # every forward/backward is a collective: ranks keep pace
     # Both sides share one padded batch, so the longer side sets a pair's cost.
     widths = [max(len(c.input_ids), len(r.input_ids)) for c, r in pairs]
     tokens = [len(c.input_ids) + len(r.input_ids) for c, r in pairs]  # what count_tokens bills
@@ -171,15 +174,14 @@ def run(
             # weighted by its share of the batch's pairs and the summed gradient is the batch's. On
             # N processes each rank takes its part (as in ``sft``: an idle rank joins at weight 0).
             # Sums stay on the device; the metrics below read them back in two host syncs per step.
-            mine = distributed.share(batch_ids)
-            chunks = micro_batches(mine or batch_ids[:1], cfg.micro_batch_size)
+            chunks = distributed.rank_micro_batches(batch_ids, cfg.micro_batch_size, lockstep=lockstep)
             sums, rewards_c, rewards_r = torch.zeros(3, device=device), [], []
-            for k, ids in enumerate(chunks):
-                weight = len(ids) / len(batch_ids) if mine else 0.0
+            for k, (ids, counts) in enumerate(chunks):
+                weight = len(ids) / len(batch_ids) if counts else 0.0
                 with distributed.accumulating(ddp, last=k == len(chunks) - 1):
                     out = score(train_scorer, [pairs[i] for i in ids], ref_table, ids)
                     (out.loss * weight * distributed.world_size()).backward()
-                if mine:
+                if counts:
                     sums += torch.stack([out.loss.detach() * len(ids), out.correct, out.labelled])
                     rewards_c.append(out.rewards_chosen)
                     rewards_r.append(out.rewards_rejected)
@@ -196,7 +198,7 @@ def run(
                 **dpo_metrics(distributed.gather(rewards_c), distributed.gather(rewards_r)),
             }
             epoch_done = b == len(batches) - 1
-            evaluating = valid and distributed.is_main()  # only rank 0 reports
+            evaluating = valid and (distributed.is_main() or lockstep)  # only rank 0 reports
             if evaluating and (step % eval_every == 0 or epoch_done):
                 metrics |= _prefixed("valid_", evaluate(scorer, valid, valid_sample, valid_ref, chunk))
             if evaluating and epoch_done:

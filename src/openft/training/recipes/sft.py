@@ -36,7 +36,7 @@ from openft.datasets.formats import ChatExample
 from openft.errors import InvalidRequest
 from openft.models.render import Rendered, render_chat
 from openft.training import distributed
-from openft.training.collate import epoch_batches, micro_batches, prefetched, target_tokens
+from openft.training.collate import epoch_batches, prefetched, target_tokens
 from openft.training.config import TrainConfig
 from openft.training.loss import token_loss
 from openft.training.progress import Progress, TrainResult, optimizer_and_schedule, resumable_state
@@ -76,6 +76,9 @@ def run(
     valid = [_render(processor, ex, cfg.max_length, what="validation file ") for ex in valid_examples or ()]
     valid_sample = fixed_sample(valid, VALID_SAMPLE_EXAMPLES, cfg.seed)
     lengths = [len(r.input_ids) for r in rendered]
+    if cfg.parallelism == "fsdp":  # before the optimizer, which must see the shards
+        distributed.shard(model, device, vision_blocks=all(r.vision for r in rendered), bf16=bf16)
+    lockstep = distributed.sharded(model)  # every forward/backward is a collective: ranks keep pace
 
     steps_per_epoch = math.ceil(len(rendered) / cfg.batch_size)
     total_steps = steps_per_epoch * cfg.n_epochs
@@ -101,8 +104,9 @@ def run(
     for epoch in range(progress.start_epoch, cfg.n_epochs + 1):
         batches = epoch_batches(lengths, cfg.batch_size, seed=cfg.seed, epoch=epoch)
         todo = progress.batches(epoch, len(batches))
-        mine = {b: distributed.share(batches[b]) for b in todo}  # this rank's part of each batch
-        chunks = [c for b in todo for c in micro_batches(mine[b] or batches[b][:1], cfg.micro_batch_size)]
+        # This rank's part of each batch, in micro-batches (weight-0 stand-ins where it has none).
+        mine = {b: distributed.rank_micro_batches(batches[b], cfg.micro_batch_size, lockstep=lockstep) for b in todo}
+        chunks = [c for b in todo for c, _ in mine[b]]
         feed = prefetched(lambda c: feeder.collate([rendered[i] for i in c]), chunks, ahead=ahead)
         with contextlib.closing(feed):
             for b in todo:
@@ -112,14 +116,13 @@ def run(
                 # Gradient accumulation: each micro-batch's mean loss is weighted by its share of the
                 # batch's target tokens, so the summed gradient equals the full batch's. On N
                 # processes each rank takes its part of the batch (an idle rank runs one example at
-                # weight 0 to join the all-reduce) and scales by N, since DDP averages what the
-                # shares already sum. Sums stay on the device: one host sync per step, for the metrics.
+                # weight 0 to join the reduction) and scales by N, since DDP and FSDP average what
+                # the shares already sum. Sums stay on the device: one host sync per step, for the metrics.
                 n_targets = max(1, sum(target_tokens(rendered[i]) for i in batch_ids))
-                rank_chunks = micro_batches(mine[b] or batch_ids[:1], cfg.micro_batch_size)
                 sums = torch.zeros(2, device=device)
-                for k, chunk in enumerate(rank_chunks):
-                    share = sum(target_tokens(rendered[i]) for i in chunk) / n_targets if mine[b] else 0.0
-                    with distributed.accumulating(ddp, last=k == len(rank_chunks) - 1):
+                for k, (chunk, counts) in enumerate(mine[b]):
+                    share = sum(target_tokens(rendered[i]) for i in chunk) / n_targets if counts else 0.0
+                    with distributed.accumulating(ddp, last=k == len(mine[b]) - 1):
                         loss, accuracy = token_loss(*feeder.forward(ddp, next(feed))[:2])
                         (loss * share * distributed.world_size()).backward()
                     sums += torch.stack([loss.detach(), accuracy]) * share
@@ -135,7 +138,7 @@ def run(
                     "train_loss": loss_sum,
                     "train_mean_token_accuracy": correct,
                 }
-                evaluating = valid and distributed.is_main()  # only rank 0 reports
+                evaluating = valid and (distributed.is_main() or lockstep)  # only rank 0 reports
                 if evaluating and (step % eval_every == 0 or epoch_done):
                     v_loss, v_acc = _evaluate(model, valid_sample, feeder, eval_batch)
                     metrics |= {"valid_loss": v_loss, "valid_mean_token_accuracy": v_acc}
