@@ -7,6 +7,7 @@ import functools
 import io
 import os
 import signal
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,8 @@ ENV = {"OPENFT_TORCH_THREADS": "1", "OPENFT_LEASE_SECONDS": "5"}
 N_EXAMPLES, N_EPOCHS, BATCH = 40, 3, 3  # 14 steps an epoch (the last batch has 1 example: one rank idles)
 STEPS = 14 * N_EPOCHS
 RTOL = 2e-3
+HP = {"n_epochs": N_EPOCHS, "batch_size": BATCH, "learning_rate_multiplier": 2.0}
+TRAIN = to_jsonl(colour_examples(N_EXAMPLES, seed=3))
 
 
 def _children(pid: int) -> list[int]:
@@ -65,150 +68,176 @@ def _close(a: list[float], b: list[float]) -> None:
     assert worst < RTOL, (worst, a, b)
 
 
-def test_two_processes_match_one_and_survive_a_killed_rank(tmp_path: Path) -> None:
-    """Through the real worker: the same SFT job on 1 process, then on 2 (gloo) with one rank
-    SIGKILLed after the first epoch. The 2-process job restarts both ranks from its saved state,
-    finishes with every step's metrics exactly once, and its per-step losses equal the 1-process
-    job's within 2e-3 relative."""
-    home = tmp_path / "home"
-    body = to_jsonl(colour_examples(N_EXAMPLES, seed=3))
-    hp = {"n_epochs": N_EPOCHS, "batch_size": BATCH, "learning_rate_multiplier": 2.0}
+@dataclass
+class Trained:
+    """What a job run through a real server left behind."""
 
-    one = start_server(home, "--workers", "1", env=ENV)
-    try:
-        c = one.client("dist")
-        f = c.files.create(file=("t.jsonl", io.BytesIO(body)), purpose="fine-tune")
-        single = wait_for(
-            c,
-            c.fine_tuning.jobs.create(
-                training_file=f.id, model="openft-tiny-vlm", hyperparameters=hp, seed=5
-            ).id,
-        )
-        assert single.status == "succeeded", single.error
-        expected = _losses(c, single)
-    finally:
-        one.stop()
+    losses: list[float]
+    """``train_loss`` of every step, from the job's result file."""
+    csv_steps: list[int]
+    metric_steps: list[int]
+    """Steps of the job's ``metrics`` events, sorted."""
+    messages: list[str]
+    reply: str | None
+    """The fine-tuned model's chat answer."""
 
-    two = start_server(home, "--workers", "1", "--nproc", "2", env=ENV, new_session=True)
+
+def _train(
+    home: Path, *, nproc: int = 1, openft: dict | None = None, kill_a_rank_at: int | None = None
+) -> Trained:
+    """The same SFT job (``HP``, seed 5, the colour task) through ``openft serve --nproc N``; with
+    ``kill_a_rank_at``, the youngest rank is SIGKILLed once that step's metrics are recorded. The job
+    must succeed, its ranks exit with it, and its model must answer chat."""
+    extra = ("--nproc", str(nproc)) if nproc > 1 else ()
+    server = start_server(home, "--workers", "1", *extra, env=ENV, new_session=nproc > 1)
     try:
-        c2 = two.client("dist")
-        job = c2.fine_tuning.jobs.create(
-            training_file=f.id, model="openft-tiny-vlm", hyperparameters=hp, seed=5
+        c = server.client("dist")
+        f = c.files.create(file=("t.jsonl", io.BytesIO(TRAIN)), purpose="fine-tune")
+        job = c.fine_tuning.jobs.create(
+            training_file=f.id,
+            model="openft-tiny-vlm",
+            hyperparameters=HP,
+            seed=5,
+            extra_body={"openft": openft} if openft else None,
         )
-        # Past the first epoch's saved state, so the restart resumes mid-run and re-runs steps
-        # whose metrics were already recorded.
-        wait_until(lambda: last_step(c2, job.id) >= 16)
-        ranks = _ranks(two.proc.pid)
-        assert len(ranks) == 2, ranks
-        os.kill(ranks[-1], signal.SIGKILL)
-        done = wait_for(c2, job.id)
+        if kill_a_rank_at is not None:
+            wait_until(lambda: last_step(c, job.id) >= kill_a_rank_at)
+            ranks = _ranks(server.proc.pid)
+            assert len(ranks) == nproc, ranks
+            os.kill(ranks[-1], signal.SIGKILL)
+        done = wait_for(c, job.id)
         assert done.status == "succeeded", done.error
-        events = c2.fine_tuning.jobs.list_events(job.id, limit=1000).data
-        messages = [e.message for e in events]
-        assert sorted(e.data["step"] for e in events if e.type == "metrics") == list(range(1, STEPS + 1))
-        assert [int(r["step"]) for r in csv_rows(c2, done)] == list(range(1, STEPS + 1))
-        assert sum("restarting all 2 processes from the last saved state" in m for m in messages) == 1, (
-            messages
-        )
-        assert sum(m.startswith("Job resumed at step") for m in messages) == 1
-        assert sum(m.startswith("training on 40 examples") for m in messages) == 1  # rank 0 only
-        _close(expected, _losses(c2, done))
-        # The model trained on two processes answers chat like any other.
-        reply = c2.chat.completions.create(
+        events = c.fine_tuning.jobs.list_events(job.id, limit=1000).data
+        reply = c.chat.completions.create(
             model=done.fine_tuned_model, messages=[{"role": "user", "content": "hi"}], max_tokens=2
         )
-        assert reply.choices[0].message.content is not None
-        assert not _ranks(two.proc.pid)  # the ranks exited with their job
+        assert not _ranks(server.proc.pid)  # the ranks exited with their job
+        return Trained(
+            losses=_losses(c, done),
+            csv_steps=[int(r["step"]) for r in csv_rows(c, done)],
+            metric_steps=sorted(e.data["step"] for e in events if e.type == "metrics"),
+            messages=[e.message for e in events],
+            reply=reply.choices[0].message.content,
+        )
     finally:
-        two.stop()
+        server.stop()
 
 
-def test_dpo_on_two_processes_matches_one(tmp_path: Path) -> None:
-    """The DPO recipe launched on 2 ranks (the worker's launcher, in-process reporter) reports the
-    same per-step losses as on one process."""
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory: pytest.TempPathFactory) -> Trained:
+    """The job on one process: the losses every multi-process run must reproduce."""
+    return _train(tmp_path_factory.mktemp("one") / "home")
+
+
+@pytest.mark.parametrize("parallelism", ["ddp", "fsdp"])
+def test_two_processes_match_one_and_survive_a_killed_rank(
+    tmp_path: Path, one_process: Trained, parallelism: str
+) -> None:
+    """Through the real worker: the job on 2 processes (gloo), DDP or FSDP2 (``openft.parallelism``),
+    with one rank SIGKILLed after the first epoch. The job restarts both ranks from its saved state,
+    finishes with every step's metrics exactly once and events from rank 0 only, its per-step
+    losses equal the 1-process job's within 2e-3 relative, and its model answers chat."""
+    two = _train(tmp_path / "home", nproc=2, openft={"parallelism": parallelism}, kill_a_rank_at=16)
+    # Killed past the first epoch's saved state: the restart resumes mid-run and re-runs steps whose
+    # metrics were already recorded, yet each step is reported once.
+    assert two.metric_steps == two.csv_steps == list(range(1, STEPS + 1))
+    assert sum("restarting all 2 processes from the last saved state" in m for m in two.messages) == 1
+    assert sum(m.startswith("Job resumed at step") for m in two.messages) == 1
+    assert sum(m.startswith("training on 40 examples") for m in two.messages) == 1  # rank 0 only
+    how = {"ddp": "with DDP", "fsdp": "with FSDP2"}[parallelism]
+    assert sum(m.startswith(f"Training on 2 processes {how}") for m in two.messages) == 1
+    _close(one_process.losses, two.losses)
+    assert two.reply is not None
+
+
+def _config(tmp_path: Path, name: str, **overrides: object):  # type: ignore[no-untyped-def]
+    """The tiny model's recipe configuration for the direct (no server) launches below."""
+    from openft.models.loader import resolve_base
+    from openft.training.config import TrainConfig
+
+    settings: dict = dict(n_epochs=2, batch_size=4, learning_rate=1e-3, seed=0, device="cpu")
+    return TrainConfig(
+        base_model=resolve_base("openft-tiny-vlm", model_cache()),
+        output_dir=tmp_path / name,
+        **(settings | overrides),
+    )
+
+
+def _rel(a: list[float], b: list[float]) -> float:
+    assert len(a) == len(b), (a, b)
+    return max(abs(x - y) / abs(x) for x, y in zip(a, b, strict=True))
+
+
+@pytest.mark.parametrize("parallelism", ["ddp", "fsdp"])
+def test_dpo_on_two_processes_matches_one(tmp_path: Path, parallelism: str) -> None:
+    """The DPO recipe (full fine-tuning, precomputed reference) launched on 2 ranks, DDP or FSDP2,
+    reports the same per-step losses as on one process."""
     from openft.datasets.validate import validate_file
     from openft.models.loader import load_processor, resolve_base
     from openft.models.validation import model_validation_options
     from openft.training import distributed
-    from openft.training.config import TrainConfig
     from openft.training.recipes import dpo
     from openft.training.reporter import ListReporter
 
-    base = resolve_base("openft-tiny-vlm", model_cache())
-    options = model_validation_options(load_processor(base))
+    options = model_validation_options(load_processor(resolve_base("openft-tiny-vlm", model_cache())))
     examples = validate_file(
         io.BufferedReader(io.BytesIO(preference_jsonl(15, seed=2))), method="dpo", options=options
     ).examples
 
-    def cfg(name: str) -> TrainConfig:
-        return TrainConfig(
-            base_model=base,
-            output_dir=tmp_path / name,
-            n_epochs=2,
-            batch_size=4,
-            learning_rate=1e-3,
-            seed=0,
-            device="cpu",
-        )
-
     one = ListReporter()
-    dpo.run(cfg("one"), examples, one, beta=0.1)
+    dpo.run(_config(tmp_path, "one"), examples, one, beta=0.1)
     two = ListReporter()
-    distributed.launch(functools.partial(dpo.run, cfg("two"), examples, beta=0.1), two, nproc=2, threads=1)
+    cfg = _config(tmp_path, "two", parallelism=parallelism)
+    distributed.launch(functools.partial(dpo.run, cfg, examples, beta=0.1), two, nproc=2, threads=1)
     a, b = [s["train_loss"] for s in one.steps], [s["train_loss"] for s in two.steps]
-    assert len(a) == len(b) == 8
-    assert max(abs(x - y) / abs(x) for x, y in zip(a, b, strict=True)) < RTOL, (a, b)
+    assert len(a) == 8 and _rel(a, b) < RTOL, (a, b)
     assert [s["step"] for s in two.steps] == list(range(1, 9))
     assert two.checkpoints and two.checkpoints[-1]["weights_dir"].exists()
 
 
-def test_a_pause_stops_every_rank_and_they_resume_where_it_left(tmp_path: Path) -> None:
+@pytest.mark.parametrize("parallelism", ["ddp", "fsdp"])
+def test_a_pause_stops_every_rank_and_they_resume_where_it_left(tmp_path: Path, parallelism: str) -> None:
     """A stop asked of rank 0 (pause, cancel, worker shutdown) stops both ranks at one step
     boundary with the state saved; a second launch resumes there (every rank loads it) and ends
-    with the 1-process run's losses."""
+    with the 1-process run's losses. Under FSDP2 the state and the checkpoints are gathered from the
+    shards: each checkpoint is an ordinary Hugging Face folder (the architecture's own class name)
+    holding the 1-process run's weights."""
+    import json
     import random
 
+    from safetensors.torch import load_file
+
     from openft.errors import JobCancelled
-    from openft.models.loader import resolve_base
     from openft.training import distributed
-    from openft.training.config import TrainConfig
     from openft.training.recipes import sft
     from openft.training.reporter import ListReporter
     from tests.integration.test_sft_recipe import _example, _prompt
 
     rng = random.Random(1)
     train = [_example(i + 1, *_prompt(rng)) for i in range(20)]
-    base = resolve_base("openft-tiny-vlm", model_cache())
-
-    def cfg(name: str) -> TrainConfig:
-        return TrainConfig(
-            base_model=base,
-            output_dir=tmp_path / name,
-            n_epochs=2,
-            batch_size=4,
-            learning_rate=1e-3,
-            seed=0,
-            device="cpu",
-            micro_batch_size=1,
-        )
-
     one = ListReporter()
-    sft.run(cfg("one"), train, one)
+    sft.run(_config(tmp_path, "one", micro_batch_size=1), train, one)
+    cfg = _config(tmp_path, "two", micro_batch_size=1, parallelism=parallelism)
     paused = ListReporter(stop_after=3)
     with pytest.raises(JobCancelled, match="stopped at step 3 of 10"):
-        distributed.launch(
-            functools.partial(sft.run, cfg("two"), train, resume=True), paused, nproc=2, threads=1
-        )
+        distributed.launch(functools.partial(sft.run, cfg, train, resume=True), paused, nproc=2, threads=1)
     assert [s["step"] for s in paused.steps] == [1, 2, 3]
     resumed = ListReporter()
-    distributed.launch(
-        functools.partial(sft.run, cfg("two"), train, resume=True), resumed, nproc=2, threads=1
-    )
+    distributed.launch(functools.partial(sft.run, cfg, train, resume=True), resumed, nproc=2, threads=1)
     assert [m for _, m in resumed.messages if m.startswith("Job resumed")] == [
         "Job resumed at step 3 of 10 (epoch 1, batch 4)"
     ]
     steps = paused.steps + resumed.steps
     assert [s["step"] for s in steps] == list(range(1, 11))
     a, b = [s["train_loss"] for s in one.steps], [s["train_loss"] for s in steps]
-    assert max(abs(x - y) / abs(x) for x, y in zip(a, b, strict=True)) < RTOL, (a, b)
+    assert _rel(a, b) < RTOL, (a, b)
     assert [c["step"] for c in resumed.checkpoints] == [5, 10]
+    final = resumed.checkpoints[-1]["weights_dir"]
+    single = one.checkpoints[-1]["weights_dir"]
+    assert json.loads((final / "config.json").read_text())["architectures"] == [
+        "Qwen2VLForConditionalGeneration"
+    ]
+    mine, theirs = load_file(final / "model.safetensors"), load_file(single / "model.safetensors")
+    assert mine.keys() == theirs.keys()
+    for name, t in theirs.items():
+        assert (mine[name] - t).abs().max() <= 1e-3 * max(1.0, t.abs().max().item()), name

@@ -113,7 +113,9 @@ def sharded(model: Any) -> bool:
     return isinstance(model, FSDPModule)
 
 
-def shard(model: torch.nn.Module, device: torch.device, *, vision_blocks: bool, bf16: bool) -> torch.nn.Module:
+def shard(
+    model: torch.nn.Module, device: torch.device, *, vision_blocks: bool, bf16: bool
+) -> torch.nn.Module:
     """FSDP2 over ``model`` in place when there are several ranks: ``fully_shard`` on every
     transformer block (the classes transformers lists in ``_no_split_modules``: decoder layers and
     vision blocks), then on the root (embeddings, head, norms, projector and whatever is left).
@@ -152,7 +154,9 @@ def shard(model: torch.nn.Module, device: torch.device, *, vision_blocks: bool, 
     return model
 
 
-def full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def full_state(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Gather a sharded model's full weights (and ``optimizer``'s full state, keyed by parameter
     name) onto rank 0's CPU; other ranks get empty dicts. A collective: every rank must call it."""
     from torch.distributed.checkpoint.state_dict import (

@@ -210,7 +210,9 @@ class Progress:
         )
 
     def _save(self, epoch: int, batch_in_epoch: int) -> None:
-        gathered = distributed.full_state(self.model, self.optimizer) if distributed.sharded(self.model) else None
+        gathered = (
+            distributed.full_state(self.model, self.optimizer) if distributed.sharded(self.model) else None
+        )
         if not distributed.is_main():  # rank 0 saves; every rank loads it on resume
             return
         save_state(

@@ -148,14 +148,20 @@ def test_plan_parallelism_shards_the_training_state_when_it_does_not_fit() -> No
     from openft.training.plan import plan_memory, plan_parallelism
 
     config = Qwen2Config(
-        hidden_size=512, intermediate_size=1408, num_hidden_layers=16, num_attention_heads=8,
-        num_key_value_heads=8, vocab_size=2048,
+        hidden_size=512,
+        intermediate_size=1408,
+        num_hidden_layers=16,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        vocab_size=2048,
     )
     with init_empty_weights():
         model = Qwen2ForCausalLM(config)  # ~52M parameters, ~830 MB of fp32 training state
     stats = DatasetStats(examples=8, tokens_mean=30.0, tokens_p95=32, tokens_max=32)
     full = plan_training(
-        JobFacts(base_model="some/base", method="supervised", training_type="full", requested={"batch_size": 1}),
+        JobFacts(
+            base_model="some/base", method="supervised", training_type="full", requested={"batch_size": 1}
+        ),
         stats,
         family=None,
     )
@@ -175,7 +181,12 @@ def test_plan_parallelism_shards_the_training_state_when_it_does_not_fit() -> No
     asked = plan_parallelism(model, full, stats, requested="fsdp", nproc=1, limit_bytes=10**12, **kw)
     assert asked.parallelism == "single" and "has no effect" in asked.announcement()
     cfg = full.train_config(
-        base_model="b", output_dir=Path("/nonexistent"), seed=0, device="cpu", init_weights=None,
-        micro_batch_size=None, parallelism=two.parallelism,
+        base_model="b",
+        output_dir=Path("/nonexistent"),
+        seed=0,
+        device="cpu",
+        init_weights=None,
+        micro_batch_size=None,
+        parallelism=two.parallelism,
     )
     assert cfg.parallelism == "fsdp"

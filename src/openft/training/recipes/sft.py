@@ -105,7 +105,10 @@ def run(
         batches = epoch_batches(lengths, cfg.batch_size, seed=cfg.seed, epoch=epoch)
         todo = progress.batches(epoch, len(batches))
         # This rank's part of each batch, in micro-batches (weight-0 stand-ins where it has none).
-        mine = {b: distributed.rank_micro_batches(batches[b], cfg.micro_batch_size, lockstep=lockstep) for b in todo}
+        mine = {
+            b: distributed.rank_micro_batches(batches[b], cfg.micro_batch_size, lockstep=lockstep)
+            for b in todo
+        }
         chunks = [c for b in todo for c, _ in mine[b]]
         feed = prefetched(lambda c: feeder.collate([rendered[i] for i in c]), chunks, ahead=ahead)
         with contextlib.closing(feed):
