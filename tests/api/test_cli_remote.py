@@ -112,6 +112,17 @@ def test_upload_limit_refusal_names_the_param(cli, tmp_path):
 # ---------------------------------------------------------------- jobs
 
 
+def test_jobs_create_sends_parallelism(cli, train_file):
+    """``--parallelism`` reaches the server, which refuses fsdp with LoRA and says what to use."""
+    line = failed(
+        cli(
+            "jobs", "create", "--training-file", train_file, "--model", "openft-tiny-vlm",
+            "--training-type", "lora", "--parallelism", "fsdp",
+        )  # fmt: skip
+    )
+    assert "full fine-tuning only" in line and line.endswith("(param: openft.parallelism)")
+
+
 def test_jobs_create_list_get_pause_cancel(cli, train_file):
     job_id = ok(
         cli(

@@ -69,6 +69,13 @@ def create(
             "--train-projector", help="Also train the vision-language projector.", rich_help_panel=_EXT
         ),
     ] = False,
+    parallelism: Annotated[
+        Literal["auto", "ddp", "fsdp"] | None,
+        typer.Option(
+            help="On a worker with --nproc N: ddp, or fsdp to shard a full fine-tune (default: auto).",
+            rich_help_panel=_EXT,
+        ),
+    ] = None,
     json_out: JsonOption = False,
     base_url: BaseUrlOption = DEFAULT_BASE_URL,
     api_key: ApiKeyOption = None,
@@ -93,6 +100,8 @@ def create(
         options["train_vision_tower"] = True
     if train_projector:
         options["train_projector"] = True
+    if parallelism is not None:
+        options["parallelism"] = parallelism
     optional = {
         k: v
         for k, v in {"validation_file": validation_file, "suffix": suffix, "seed": seed}.items()

@@ -154,6 +154,17 @@ def shard(
     return model
 
 
+def reshard(model: torch.nn.Module) -> None:
+    """Put a sharded model's parameters back to their shards. A forward without backward (evaluation,
+    DPO's reference scoring) leaves the root group gathered, its modules holding the full tensors:
+    the optimizer must be built over (and states read from) the shards."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
 def full_state(
     model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -166,6 +177,7 @@ def full_state(
     )
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    reshard(model)
     weights = get_model_state_dict(model, options=options)
     optim = get_optimizer_state_dict(model, optimizer, options=options) if optimizer is not None else {}
     return weights, optim

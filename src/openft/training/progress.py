@@ -76,6 +76,8 @@ def optimizer_and_schedule(
 ) -> tuple[list[torch.nn.Parameter], torch.optim.Optimizer, Any]:
     """AdamW over the trainable parameters, and linear warm-up then decay (``warmup_then_linear``).
     On CUDA the fused kernel (``cfg.fused_optimizer``; same update, one launch for all tensors)."""
+    if distributed.sharded(model):
+        distributed.reshard(model)  # the shards, not weights a forward left gathered
     params = [p for _, p in model.named_parameters() if p.requires_grad]
     on_cuda = bool(params) and params[0].is_cuda
     fused = (cfg.fused_optimizer if cfg.fused_optimizer is not None else on_cuda) or None

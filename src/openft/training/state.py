@@ -162,6 +162,10 @@ def load_state(
     if isinstance(model, FSDPModule):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
+        for module in model.modules():  # into the shards, not weights a forward left gathered
+            if isinstance(module, FSDPModule):
+                module.reshard()
+
         set_state_dict(
             model,
             optimizer,

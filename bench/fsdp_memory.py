@@ -1,0 +1,185 @@
+"""Per-rank memory of full fine-tuning on 1 process vs N FSDP2 ranks (gloo on CPU, or CUDA).
+
+    python bench/fsdp_memory.py [--nproc 2] [--layers 12] [--hidden 768] [--vocab 8192] [--steps 2]
+
+A random-init Qwen2 text model (~98M parameters, ~390 MB of fp32 weights at the defaults, most of
+them in decoder layers as in real LLMs, whose embeddings are a few percent of the weights; the
+full training state, weights + gradients + AdamW's two moments, is 16 bytes per parameter) trains a
+few AdamW steps on random tokens, launched by openft's own launcher (``distributed.launch``) and
+sharded by openft's own ``distributed.shard`` (FSDP2 per decoder layer, then the root). Each rank
+builds the model on the meta device and materialises only its shards (``to_empty`` after
+``fully_shard``), so its memory is the sharded training state, not a full copy it then drops.
+
+Printed per rank: the bytes of the tensors it holds after a step (local shards of weights, their
+gradients and AdamW state: exact), its peak RSS above the RSS before the model was built (sampled
+every 5 ms, so what FSDP gathers for a moment is in it), CUDA's peak allocation on GPUs, the mean
+step time, and the machine's load average (on a shared CPU the times are noise; the bytes are not).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class _PeakRss:
+    """The highest RSS seen while active (a sampling thread: ``ru_maxrss`` cannot be reset)."""
+
+    def __init__(self) -> None:
+        self.peak = _rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    def _watch(self) -> None:
+        while not self._stop.wait(0.005):
+            self.peak = max(self.peak, _rss())
+
+    def __enter__(self) -> _PeakRss:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss())
+
+
+def _local_bytes(t: Any) -> int:
+    t = t.to_local() if hasattr(t, "to_local") else t
+    return t.numel() * t.element_size()
+
+
+def train(
+    *, layers: int, hidden: int, vocab: int, steps: int, seq: int, batch: int, reporter: Any
+) -> dict[str, Any]:
+    """One rank's run; returns every rank's figures (gathered on rank 0)."""
+    import torch
+    import torch.distributed as dist
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from openft.training import distributed
+
+    cuda = torch.cuda.is_available() and dist.get_backend() == "nccl"
+    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    config = Qwen2Config(
+        hidden_size=hidden,
+        intermediate_size=hidden * 8 // 3 // 64 * 64,
+        num_hidden_layers=layers,
+        num_attention_heads=hidden // 64,
+        num_key_value_heads=hidden // 64,
+        vocab_size=vocab,
+        tie_word_embeddings=False,
+        attn_implementation="sdpa",
+    )
+    base_rss = _rss()
+    with _PeakRss() as rss:
+        with torch.device("meta"):
+            model = Qwen2ForCausalLM(config)
+        n_params = sum(p.numel() for p in model.parameters())
+        distributed.shard(model, device, vision_blocks=False, bf16=cuda)  # nothing to do on 1 rank
+        model.to_empty(device=device)
+        torch.manual_seed(distributed.rank())
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                local = p.to_local() if hasattr(p, "to_local") else p
+                local.fill_(1.0) if "norm" in name else local.normal_(0.0, 0.02)
+            for name, buf in model.named_buffers():  # rotary inverse frequencies
+                if name.endswith("inv_freq"):
+                    dim = config.hidden_size // config.num_attention_heads
+                    buf.copy_(1.0 / (config.rope_parameters["rope_theta"] ** (torch.arange(0, dim, 2) / dim)))
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        gen = torch.Generator().manual_seed(0)
+        times = []
+        for _ in range(steps):
+            ids = torch.randint(0, config.vocab_size, (batch, seq), generator=gen).to(device)
+            t0 = time.perf_counter()
+            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+            loss.backward()
+            optimizer.step()
+            if cuda:
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+            held = {
+                "weights": sum(_local_bytes(p) for p in model.parameters()),
+                "gradients": sum(_local_bytes(p.grad) for p in model.parameters() if p.grad is not None),
+                "optimizer": sum(
+                    _local_bytes(v) for s in optimizer.state.values() for v in s.values() if v.dim() > 0
+                ),
+            }
+            optimizer.zero_grad(set_to_none=True)
+    mine = {
+        "rank": distributed.rank(),
+        "n_params": n_params,
+        "held": held,
+        "peak_rss_above_start": rss.peak - base_rss,
+        "cuda_peak": torch.cuda.max_memory_allocated() if cuda else None,
+        "step_s": sum(times[1:]) / max(1, len(times) - 1) if len(times) > 1 else times[0],
+        "loss": float(loss.detach().float().item()),
+    }
+    everyone: list[Any] = [None] * distributed.world_size()
+    if distributed.world_size() > 1:
+        dist.all_gather_object(everyone, mine)
+    else:
+        everyone = [mine]
+    return {"ranks": everyone}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--nproc", type=int, default=2)
+    parser.add_argument("--layers", type=int, default=12)
+    parser.add_argument("--hidden", type=int, default=768)
+    parser.add_argument("--vocab", type=int, default=8192)
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--seq", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=2)
+    args = parser.parse_args()
+
+    import torch
+
+    from openft.training import distributed
+    from openft.training.reporter import ListReporter
+
+    cuda = torch.cuda.is_available() and torch.cuda.device_count() >= args.nproc
+    mib = 2**20
+    fn = functools.partial(
+        train,
+        layers=args.layers,
+        hidden=args.hidden,
+        vocab=args.vocab,
+        steps=args.steps,
+        seq=args.seq,
+        batch=args.batch,
+    )
+    print(f"device: {torch.cuda.get_device_name(0) if cuda else 'cpu (gloo), 1 torch thread per rank'}")
+    for nproc in (1, args.nproc):
+        result = distributed.launch(fn, ListReporter(), nproc=nproc, threads=1, cuda=cuda, max_restarts=0)
+        for r in result["ranks"]:
+            held = r["held"]
+            total = sum(held.values())
+            print(
+                f"nproc={nproc} rank {r['rank']}: {r['n_params'] / 1e6:.0f}M params; holds "
+                f"{total / mib:.0f} MiB (weights {held['weights'] / mib:.0f}, gradients "
+                f"{held['gradients'] / mib:.0f}, AdamW {held['optimizer'] / mib:.0f}); peak RSS "
+                f"+{r['peak_rss_above_start'] / mib:.0f} MiB"
+                + (f"; CUDA peak {r['cuda_peak'] / mib:.0f} MiB" if r["cuda_peak"] is not None else "")
+                + f"; step {r['step_s']:.2f} s; loss {r['loss']:.3f}"
+            )
+    print("load average (1, 5, 15 min): {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
+
+
+if __name__ == "__main__":
+    main()
