@@ -112,3 +112,37 @@ def test_other_trainable_weights_are_refused(tmp_path: Path) -> None:
     model[0].weight.requires_grad_(True)
     with pytest.raises(ValueError, match="other trainable weights"):
         load_state(tmp_path / "s", model=model, optimizer=opt, scheduler=sched)
+
+
+def test_a_state_gathered_from_fsdp_shards_resumes_on_one_process(tmp_path: Path) -> None:
+    """FSDP writes its gathered weights and an optimizer state keyed by parameter name (what
+    ``get_optimizer_state_dict`` returns); a job taken over by a one-process worker loads it and
+    continues exactly as the uninterrupted run."""
+    from openft.training.state import _optimizer_keyed
+
+    model, opt, sched = _setup()
+    for _ in range(2):
+        _step(model, opt, sched)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    by_name = _optimizer_keyed(opt.state_dict(), names, by_name=True)
+    assert set(by_name["state"]) == set(names) == set(by_name["param_groups"][0]["params"])
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    save_state(
+        tmp_path / "state",
+        model=model,
+        optimizer=opt,
+        scheduler=sched,
+        step=2,
+        epoch=1,
+        batch_in_epoch=2,
+        rng_states=capture_rng(),
+        extra={},
+        gathered=(weights, by_name),
+    )
+    torch.manual_seed(7)
+    want = [_step(model, opt, sched) for _ in range(2)]
+
+    fresh, fresh_opt, fresh_sched = _setup()  # untrained: the same frozen weights only
+    load_state(tmp_path / "state", model=fresh, optimizer=fresh_opt, scheduler=fresh_sched)
+    torch.manual_seed(7)
+    assert [_step(fresh, fresh_opt, fresh_sched) for _ in range(2)] == want
