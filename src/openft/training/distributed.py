@@ -169,7 +169,13 @@ def full_state(
     model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Gather a sharded model's full weights (and ``optimizer``'s full state, keyed by parameter
-    name) onto rank 0's CPU; other ranks get empty dicts. A collective: every rank must call it."""
+    name) onto rank 0's CPU; other ranks get empty dicts. A collective: every rank must call it.
+
+    Why a full gather rather than ``torch.distributed.checkpoint``'s sharded save: the state folder
+    stays the one format every parallelism reads (a job resumes under another ``--nproc``, on
+    another worker, or on one process), and the servable checkpoint must be whole anyway. The cost:
+    rank 0's host RAM holds the full trained weights and AdamW state (16 bytes per parameter, ~112 GB
+    for a 7B model) while it writes, and the write is as slow as one process's."""
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
         get_model_state_dict,
