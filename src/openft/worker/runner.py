@@ -300,14 +300,15 @@ def _run(ctx: WorkerContext, job: Job, lease: JobLease) -> None:
         limit_bytes=settings.memory_limit_bytes,
     )
     memory = parallel.memory
-    _event(
-        ctx,
-        job,
-        parallel.announcement(),
-        level="warn" if parallel.parallelism == "single" and options.parallelism != "auto" else "info",
-        data=parallel.to_dict(),
-        once="parallelism",
-    )
+    if settings.nproc > 1 or options.parallelism != "auto":  # a plain one-process job needs no word
+        _event(
+            ctx,
+            job,
+            parallel.announcement(),
+            level="warn" if parallel.parallelism == "single" else "info",
+            data=parallel.to_dict(),
+            once="parallelism",
+        )
     _event(ctx, job, memory.announcement(), data=memory.to_dict(), once="memory-estimate")
 
     with ctx.db.session() as s:
