@@ -127,17 +127,9 @@ def test_a_state_gathered_from_fsdp_shards_resumes_on_one_process(tmp_path: Path
     by_name = _optimizer_keyed(opt.state_dict(), names, by_name=True)
     assert set(by_name["state"]) == set(names) == set(by_name["param_groups"][0]["params"])
     weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    where = dict(step=2, epoch=1, batch_in_epoch=2, rng_states={})
     save_state(
-        tmp_path / "state",
-        model=model,
-        optimizer=opt,
-        scheduler=sched,
-        step=2,
-        epoch=1,
-        batch_in_epoch=2,
-        rng_states=capture_rng(),
-        extra={},
-        gathered=(weights, by_name),
+        tmp_path / "state", model=model, optimizer=opt, scheduler=sched, gathered=(weights, by_name), **where
     )
     torch.manual_seed(7)
     want = [_step(model, opt, sched) for _ in range(2)]
