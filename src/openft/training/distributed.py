@@ -49,6 +49,7 @@ import torch
 import torch.distributed as dist
 
 from openft.errors import JobCancelled
+from openft.models.families import find_family
 from openft.training.collate import micro_batches
 from openft.training.reporter import Reporter
 from openft.training.trainable import part_of
@@ -140,11 +141,12 @@ def shard(
         param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32 if bf16 else None
     )
     block_classes = set(getattr(model, "_no_split_modules", None) or ())
+    family = find_family(model)
     blocks: list[tuple[str, torch.nn.Module]] = []
     for name, module in model.named_modules():
         if type(module).__name__ not in block_classes or any(name.startswith(f"{b}.") for b, _ in blocks):
             continue  # not a block, or inside one already taken
-        if part_of(name) == "language_model" or vision_blocks:
+        if part_of(name, family) == "language_model" or vision_blocks:
             blocks.append((name, module))
     for _, module in blocks:
         fully_shard(module, mesh=mesh, mp_policy=policy)
