@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from openft.errors import InvalidRequest
+from openft.models.families import find_family
 
 ADAMW_STATE_BYTES = 8
 """Two fp32 states (exp_avg, exp_avg_sq) per trainable parameter."""
@@ -223,8 +224,14 @@ def plan_for_model(
     available: int,
 ) -> tuple[int, int, MemoryEstimate]:
     """Micro-batch and accumulation steps that fit ``available`` bytes for this (meta) model and
-    the longest example; plus the estimate at the chosen micro-batch."""
+    the longest example; plus the estimate at the chosen micro-batch. ``image_tokens`` counts the
+    decoder's image tokens per example; the model's family says how many encoder patches each is."""
     facts = model_facts(model)
+    # Image tokens in, encoder patches out: the vision tower sees more patches than the decoder
+    # sees tokens where the projector merges or pools them (Gemma 3: 16 patches per token).
+    family = find_family(model)
+    if family is not None and image_tokens:
+        image_tokens *= family.patches_per_token(model.config)
     if lora_rank is not None:
         facts = replace(facts, n_trainable=lora_rank * lora_trainable_params(model, lora_targets))
 
