@@ -300,12 +300,10 @@ def assert_decode_loop_matches_generate(loaded: LoadedModel, image_loader, image
     request = ChatCompletionRequest.model_validate(
         {"model": "m", "messages": [{"role": "user", "content": content}]}
     )
-    assert_decode_loop_matches_generate(loaded, build_prompt(loaded, request, image_loader=image_loader)[0])
+    assert_prompt_decodes_as_generate(loaded, build_prompt(loaded, request, image_loader=image_loader)[0])
 
 
-def assert_decode_loop_matches_generate(
-    loaded: LoadedModel, prompt: Prompt, max_new_tokens: int = 12
-) -> None:
+def assert_prompt_decodes_as_generate(loaded: LoadedModel, prompt: Prompt, max_new_tokens: int = 12) -> None:
     """Greedy tokens of our prefill/decode loop are ``generate``'s (up to its end-of-sequence)."""
     from openft.inference.engine import _model_vision_inputs
 

@@ -16,7 +16,7 @@ from openft.inference.engine import SamplingParams, _model_vision_inputs, genera
 from openft.inference.registry import LoadedModel, ModelRef, Registry
 from openft.models.loader import load_model
 from openft.protocol.chat import ChatCompletionRequest
-from tests.unit.inference.test_batcher import ask, assert_decode_loop_matches_generate, concurrently
+from tests.unit.inference.test_batcher import ask, assert_prompt_decodes_as_generate, concurrently
 from tests.unit.models.tiny_gemma3 import TOKENS_PER_IMAGE, build_tiny_gemma3
 
 
@@ -105,7 +105,7 @@ def test_the_decode_loop_matches_transformers_generate(base, image_loader, png_u
             {"model": "m", "messages": [{"role": "user", "content": content}]}
         )
     prompt, _ = build_prompt(base, request, image_loader=image_loader)
-    assert_decode_loop_matches_generate(base, prompt, max_new_tokens=10)
+    assert_prompt_decodes_as_generate(base, prompt, max_new_tokens=10)
 
 
 def test_base_and_lora_fine_tune_answer_images_together_as_alone(

@@ -22,7 +22,6 @@ from PIL import Image
 
 from openft.datasets.formats import ImagePart, Message, TextPart
 from openft.errors import InvalidRequest
-from openft.errors import InvalidRequest
 from openft.models.families import family_of, tool_format_of
 from openft.models.loader import load_model
 from openft.models.render import IGNORE_INDEX, TOKEN_ALIGNED_KEYS, render_chat

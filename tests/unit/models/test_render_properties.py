@@ -180,7 +180,9 @@ def gemma3_config():
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
-def fam(request, tiny, llava_processor, llava_config, qwen_vl_dirs, gemma3_processor, gemma3_config) -> tuple[str, Any, Any]:
+def fam(
+    request, tiny, llava_processor, llava_config, qwen_vl_dirs, gemma3_processor, gemma3_config
+) -> tuple[str, Any, Any]:
     """(family, processor, model config)."""
     if request.param == "qwen2_vl":
         tiny = request.getfixturevalue("tiny")
