@@ -2,9 +2,12 @@
 tower, average-pooling projector, Gemma 3 decoder with bidirectional attention over each image's
 tokens), built offline for testing the ``gemma3`` family through openft's one code path.
 
-Real facts it reproduces (checked against google/gemma-3-4b-it's ``config.json``,
-``tokenizer_config.json``, ``processor_config.json`` / ``chat_template.json``, and the same
-template in google/gemma-3-1b-it and the gemma-3-270m GGUF export):
+Real facts it reproduces, checked against published copies of google/gemma-3-4b-it's
+``config.json`` (boi 255999, eoi 256000, image 262144, ``eos_token_id: [1, 106]``,
+``mm_tokens_per_image: 256``, SigLIP 896 px / 14 px patches), the Gemma 3 chat template as shipped
+with the gemma-3-270m GGUF export (``{{ bos_token }}`` ... ``first_user_prefix``), and transformers
+5.24's ``Gemma3Processor`` / ``Gemma3ImageProcessorPil`` (pan-and-scan defaults) — no model hub
+here, so not against the google/* repositories themselves:
 
 - special tokens ``<pad>`` (id 0 there), ``<eos>`` (1), ``<bos>`` (2), ``<unk>`` (3),
   ``<start_of_turn>`` (105), ``<end_of_turn>`` (106), ``<start_of_image>`` (boi, 255999),
@@ -64,7 +67,7 @@ a random one instead makes the tiny model start, as a real one does, with image 
 reach the decoder, so a frozen-tower fine-tune learns colours in a few epochs."""
 SEED = 4321
 
-# google/gemma-3-4b-it chat_template (identical in gemma-3-1b-it/12b-it/27b-it), verbatim.
+# The Gemma 3 instruct chat template, verbatim (roles user/model, images as <start_of_image>).
 CHAT_TEMPLATE = """{{ bos_token }}
 {%- if messages[0]['role'] == 'system' -%}
     {%- if messages[0]['content'] is string -%}
