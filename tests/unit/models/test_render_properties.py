@@ -160,6 +160,7 @@ def qwen_vl_dirs(tmp_path_factory: pytest.TempPathFactory):
     return get
 
 
+@pytest.fixture(scope="module")
 def gemma3_processor():
     return tiny_gemma3.build_processor()
 
