@@ -17,6 +17,7 @@ import pytest
 from PIL import Image
 
 from tests.conftest import Server, start_server
+from tests.integration.test_qwen_vl_e2e import accuracy
 from tests.integration.test_service_e2e import wait_for
 from tests.tasks import SHAPE_COLOURS, data_url, picture_examples, picture_jsonl, picture_message
 from tests.unit.models.tiny_gemma3 import TOKENS_PER_IMAGE, build_tiny_gemma3
@@ -41,15 +42,6 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     )
     yield srv
     srv.stop()
-
-
-def answer(c, model: str, png: bytes) -> str:
-    out = c.chat.completions.create(model=model, messages=[picture_message(png)], temperature=0, max_tokens=4)
-    return (out.choices[0].message.content or "").strip()
-
-
-def accuracy(c, model: str, pairs: list[tuple[bytes, str]]) -> float:
-    return sum(answer(c, model, png) == colour for png, colour in pairs) / len(pairs)
 
 
 @pytest.fixture(scope="module")
