@@ -27,7 +27,6 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from openft.errors import InvalidRequest
-from openft.models.families import find_family
 
 ADAMW_STATE_BYTES = 8
 """Two fp32 states (exp_avg, exp_avg_sq) per trainable parameter."""
@@ -229,6 +228,8 @@ def plan_for_model(
     facts = model_facts(model)
     # Image tokens in, encoder patches out: the vision tower sees more patches than the decoder
     # sees tokens where the projector merges or pools them (Gemma 3: 16 patches per token).
+    from openft.models.families import find_family
+
     family = find_family(model)
     if family is not None and image_tokens:
         image_tokens *= family.patches_per_token(model.config)

@@ -225,6 +225,8 @@ def test_plan_batch_with_the_real_estimate() -> None:
 def test_gemma3_vision_memory_counts_encoder_patches_not_pooled_tokens() -> None:
     """Gemma 3 pools 64x64 SigLIP patches into 256 tokens: the vision tower's activations are
     those of 4,096 patches per image, 16x what its image tokens would suggest."""
+    import dataclasses
+
     from accelerate import init_empty_weights
     from transformers import Gemma3Config, Gemma3ForConditionalGeneration
 
@@ -253,6 +255,6 @@ def test_gemma3_vision_memory_counts_encoder_patches_not_pooled_tokens() -> None
     kw = dict(batch_size=2, seq_len=300, lora_rank=None, dpo=False, gradient_checkpointing=False)
     _, _, planned = plan_for_model(model, image_tokens=256, available=10**15, **kw)
     patches = estimate_peak_bytes(
-        **model_facts(model), image_tokens=4096, lora=False, **{k: kw[k] for k in kw if k != "lora_rank"}
+        **dataclasses.asdict(model_facts(model)), image_tokens=4096, lora=False, **{k: kw[k] for k in kw if k != "lora_rank"}
     )
     assert planned.breakdown["vision_activations"] == patches.breakdown["vision_activations"] > 0
