@@ -255,6 +255,9 @@ def test_gemma3_vision_memory_counts_encoder_patches_not_pooled_tokens() -> None
     kw = dict(batch_size=2, seq_len=300, lora_rank=None, dpo=False, gradient_checkpointing=False)
     _, _, planned = plan_for_model(model, image_tokens=256, available=10**15, **kw)
     patches = estimate_peak_bytes(
-        **dataclasses.asdict(model_facts(model)), image_tokens=4096, lora=False, **{k: kw[k] for k in kw if k != "lora_rank"}
+        **dataclasses.asdict(model_facts(model)),
+        image_tokens=4096,
+        lora=False,
+        **{k: kw[k] for k in kw if k != "lora_rank"},
     )
     assert planned.breakdown["vision_activations"] == patches.breakdown["vision_activations"] > 0
