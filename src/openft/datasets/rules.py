@@ -43,6 +43,9 @@ DEFAULT_CONTROL_TOKENS: tuple[str, ...] = (
     "<start_of_turn>",
     "<end_of_turn>",
     "<image>",
+    "<start_of_image>",  # Gemma 3
+    "<image_soft_token>",
+    "<end_of_image>",
     "<|fim_prefix|>",
     "<|fim_middle|>",
     "<|fim_suffix|>",

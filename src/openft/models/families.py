@@ -14,8 +14,9 @@ architectures is a handful of facts, kept here in one small registry:
 
 Families are looked up by ``config.model_type`` (a model, a config, or a peft wrapper) or by the
 processor's class (rendering only sees the processor). Supported: Qwen2-VL / Qwen2.5-VL (the
-built-in ``openft-tiny-vlm`` is a Qwen2-VL), Qwen3-VL, and LLaVA-1.5-style models (CLIP-like
-vision tower, MLP projector, any causal LM).
+built-in ``openft-tiny-vlm`` is a Qwen2-VL), Qwen3-VL, LLaVA-1.5-style models (CLIP-like vision
+tower, MLP projector, any causal LM) and Gemma 3 (SigLIP tower, average-pooling projector, Gemma 3
+decoder attending bidirectionally within each image).
 """
 
 from __future__ import annotations
@@ -55,6 +56,32 @@ def _pixel_budget_detail(image_processor: Any, detail: str) -> dict[str, Any]:
     return {"size": {"shortest_edge": size["shortest_edge"], "longest_edge": low}}
 
 
+def _pan_and_scan_detail(image_processor: Any, detail: str) -> dict[str, Any]:
+    """Gemma 3: ``high`` adds pan-and-scan crops, ``low`` never does, ``auto`` keeps the
+    checkpoint's processor setting (off in Google's published configs)."""
+    if detail == "high":
+        return {"do_pan_and_scan": True}
+    if detail == "low":
+        return {"do_pan_and_scan": False}
+    return {}
+
+
+def _one_patch_per_token(config: Any) -> int:
+    return 1
+
+
+def _merged_patches(config: Any) -> int:
+    """Qwen2-VL: the merger folds ``spatial_merge_size``^2 patches into one token."""
+    return int(getattr(config.vision_config, "spatial_merge_size", 1)) ** 2
+
+
+def _pooled_patches(config: Any) -> int:
+    """Gemma 3: (image_size / patch_size)^2 patches are average-pooled into ``mm_tokens_per_image``
+    tokens (4096 -> 256 in the published models)."""
+    vc = config.vision_config
+    return max(1, (vc.image_size // vc.patch_size) ** 2 // config.mm_tokens_per_image)
+
+
 @dataclass(frozen=True)
 class Family:
     name: str
@@ -82,8 +109,19 @@ class Family:
     language_model_prefixes: tuple[str, ...]
     """Parameter-name prefixes of the text decoder (embeddings included, output head excluded)."""
     lm_head_prefixes: tuple[str, ...] = ("lm_head.",)
+    feature_token: str | None = None
+    """The token the processor repeats once per vision feature, when it is not ``image_token``
+    (Gemma 3: the template emits ``<start_of_image>``, the processor expands it to
+    ``\\n\\n<start_of_image>`` + N x ``<image_soft_token>`` + ``<end_of_image>\\n\\n``)."""
+    token_types_key: str = "mm_token_type_ids"
+    """The model's keyword for the per-token modality ids (1 on image features) when its processor
+    returns them: Qwen2-VL's M-RoPE reads ``mm_token_type_ids``, Gemma 3's bidirectional image
+    attention ``token_type_ids``."""
     detail_kwargs: Callable[[Any, str], dict[str, Any]] = _no_detail
     """``(image_processor, detail) -> processor kwargs`` for one image."""
+    patches_per_token: Callable[[Any], int] = _one_patch_per_token
+    """``(model config) -> vision-encoder patches behind one image token``: what the memory plan
+    multiplies image tokens by to size the vision tower's activations."""
     detail_rule: str = ""
     """The ``detail`` rule in words (for docs and error messages)."""
     tool_format: str | None = None
@@ -151,6 +189,7 @@ QWEN2_VL = Family(
     language_model_prefixes=("model.language_model.",),
     detail_kwargs=_pixel_budget_detail,
     pixel_budget=True,
+    patches_per_token=_merged_patches,
     tool_format="hermes",
     detail_rule=(
         "image tokens follow the pixel budget (one token per 28x28 pixels): 'low' caps it at "
@@ -179,6 +218,7 @@ QWEN3_VL = Family(
     language_model_prefixes=("model.language_model.",),
     detail_kwargs=_pixel_budget_detail,
     pixel_budget=True,
+    patches_per_token=_merged_patches,
     tool_format="hermes",
     detail_rule=(
         "image tokens follow the pixel budget (one token per 32x32 pixels): 'low' caps it at "
@@ -205,7 +245,34 @@ LLAVA = Family(
     ),
 )
 
-FAMILIES: tuple[Family, ...] = (QWEN2_VL, QWEN3_VL, LLAVA)
+GEMMA3 = Family(
+    name="gemma3",
+    model_types=("gemma3",),
+    processor_classes=("Gemma3Processor",),
+    image_processor_classes=("Gemma3ImageProcessor",),
+    image_token="<start_of_image>",
+    feature_token="<image_soft_token>",
+    placeholder_tokens=("<start_of_image>", "<image_soft_token>", "<end_of_image>"),
+    end_of_turn_candidates=("<end_of_turn>",),
+    vision_tower_prefixes=("model.vision_tower.",),
+    projector_prefixes=("model.multi_modal_projector.",),
+    language_model_prefixes=("model.language_model.",),
+    token_types_key="token_type_ids",
+    detail_kwargs=_pan_and_scan_detail,
+    patches_per_token=_pooled_patches,
+    tool_format=None,  # the published template has no tools; see chat format "gemma"
+    detail_rule=(
+        "every image (or crop) is resized to the vision tower's square input and pooled to "
+        "mm_tokens_per_image tokens (256 in the published models); 'low' is that one image; "
+        "'high' adds pan-and-scan crops: an image whose aspect ratio is at least 1.2 and whose "
+        "crops would be at least 256 px gets 2-4 crops of that cost each, plus a short text "
+        "('Here is the original image ... and here are some crops ...'); 'auto' keeps the "
+        "checkpoint's processor setting, which Google's published configs leave off (pan-and-scan "
+        "is an inference-time option in the Gemma 3 report), so it costs what 'low' costs"
+    ),
+)
+
+FAMILIES: tuple[Family, ...] = (QWEN2_VL, QWEN3_VL, LLAVA, GEMMA3)
 
 
 @dataclass(frozen=True)

@@ -58,8 +58,12 @@ LOW_DETAIL_MAX_SIDE = 512
 """``detail="low"``: the image is first shrunk (aspect kept) to fit within 512x512 ..."""
 # ... then the family's rule applies (``Family.detail_kwargs``; Qwen2-VL caps the pixel budget at
 # ``min(LOW_DETAIL_MAX_PIXELS, max_pixels // 4)``).
+TOKEN_ALIGNED_KEYS = frozenset({"mm_token_type_ids", "token_type_ids"})
+"""Vision-side tensors with one entry per input id (the per-token modality ids a model takes under
+``Family.token_types_key``): padded with the ids when batched, never concatenated over images."""
 __all__ = [
     "IGNORE_INDEX",
+    "TOKEN_ALIGNED_KEYS",
     "LOW_DETAIL_MAX_PIXELS",
     "Rendered",
     "count_tokens",
@@ -78,10 +82,15 @@ class Rendered:
     input_ids: list[int]
     labels: list[int]  # token id where trained, -100 elsewhere
     vision: dict[str, torch.Tensor] = field(default_factory=dict)
-    """The processor's vision tensors (Qwen2-VL: ``pixel_values``, ``image_grid_thw``; LLaVA:
-    ``pixel_values``) and, for models that take it, the per-token ``mm_token_type_ids`` (same length
-    as ``input_ids``) when the conversation has images; empty otherwise."""
+    """The processor's vision tensors (Qwen2-VL: ``pixel_values``, ``image_grid_thw``; LLaVA, Gemma 3:
+    ``pixel_values``) and, for models that take them, the per-token modality ids (same length as
+    ``input_ids``; Qwen2-VL: ``mm_token_type_ids``, Gemma 3: ``token_type_ids``, see
+    :data:`TOKEN_ALIGNED_KEYS`) when the conversation has images; empty otherwise."""
     n_image_tokens: int = 0
+    """Tokens that stand for vision features (as many as the vision encoder produces)."""
+    image_spans: list[tuple[int, int]] = field(default_factory=list)
+    """Token ``[start, end)`` of each image's expansion (features plus any structure around them,
+    such as Gemma 3's begin/end-of-image tokens): never cut by truncation."""
 
     @property
     def n_label_tokens(self) -> int:
@@ -145,7 +154,7 @@ def render_chat(
     if (
         chat_format is not None
         and chat_format.tool_format is None
-        and find_family(processor) is None
+        and getattr(find_family(processor), "tool_format", None) is None
         and any(m.tool_calls or m.role == "tool" for m in messages)
     ):
         raise InvalidRequest(
@@ -284,21 +293,24 @@ def render_chat(
         kept = sum(1 for _, e in image_spans if e <= cut)
         image_spans, per_image = image_spans[:kept], per_image[:kept]
 
+    # The span of an image may hold more than its features (Gemma 3: newlines, begin/end-of-image
+    # tokens, pan-and-scan text): count the feature tokens themselves.
+    feature = _feature_id(processor, tokenizer, family)
+    n_image_tokens = sum(
+        sum(1 for t in ids[s_:e_] if feature is None or t == feature) for s_, e_ in image_spans
+    )
+
     vision: dict[str, torch.Tensor] = {}
     if per_image:
         for key in per_image[0]:
             vision[key] = torch.cat([v[key] for v in per_image], dim=0)
-        # Only for models that take it (Qwen2-VL's M-RoPE): the processor says so. LLaVA's
-        # ``generate`` rejects the unknown keyword.
+        # Only for models that take them (Qwen2-VL's M-RoPE, Gemma 3's bidirectional image
+        # attention): the processor says so. LLaVA's ``generate`` rejects the unknown keyword.
         if getattr(processor, "return_mm_token_type_ids", False):
-            vision["mm_token_type_ids"] = torch.tensor(
-                processor.create_mm_token_type_ids([ids])[0], dtype=torch.long
-            )
+            key = family.token_types_key if family else "mm_token_type_ids"
+            vision[key] = torch.tensor(processor.create_mm_token_type_ids([ids])[0], dtype=torch.long)
     return Rendered(
-        input_ids=ids,
-        labels=labels,
-        vision=vision,
-        n_image_tokens=sum(e - s for s, e in image_spans),
+        input_ids=ids, labels=labels, vision=vision, n_image_tokens=n_image_tokens, image_spans=image_spans
     )
 
 
@@ -452,7 +464,7 @@ def _encode_structure(
                 {
                     k2: v
                     for k2, v in enc.items()
-                    if k2 not in ("input_ids", "attention_mask", "mm_token_type_ids")
+                    if k2 not in ("input_ids", "attention_mask", *TOKEN_ALIGNED_KEYS)
                 }
             )
             out += new
@@ -566,6 +578,14 @@ def _kept_edges(
 
 def _one_side(with_wrap: bool, without: bool) -> bool | None:
     return with_wrap if with_wrap != without else None
+
+
+def _feature_id(processor: Any, tokenizer: Any, family: Family | None) -> int | None:
+    """The id of the per-feature vision token; None: every token of an image span is one."""
+    token = family.feature_token if family else None
+    if token is None:
+        return None
+    return tokenizer.convert_tokens_to_ids(token)
 
 
 def _end_of_turn(tokenizer: Any) -> str | None:

@@ -11,7 +11,7 @@ from typing import TypeVar
 
 import torch
 
-from openft.models.render import IGNORE_INDEX, Rendered
+from openft.models.render import IGNORE_INDEX, TOKEN_ALIGNED_KEYS, Rendered
 
 T = TypeVar("T")
 U = TypeVar("U")
@@ -54,7 +54,8 @@ def target_tokens(item: Rendered) -> int:
 
 def collate_sft(items: Sequence[Rendered], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad a batch: ``input_ids``, ``attention_mask``, ``labels`` (-100 on padding) and, when
-    any item has images, the concatenated vision tensors plus a padded ``mm_token_type_ids``."""
+    any item has images, the concatenated vision tensors plus the per-token modality ids the items
+    carry (``mm_token_type_ids`` or ``token_type_ids``), padded with 0 (text) for every row."""
     width = max(len(r.input_ids) for r in items)
     ids = torch.full((len(items), width), pad_id, dtype=torch.long)
     labels = torch.full((len(items), width), IGNORE_INDEX, dtype=torch.long)
@@ -67,14 +68,15 @@ def collate_sft(items: Sequence[Rendered], pad_id: int) -> dict[str, torch.Tenso
     batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
     with_vision = [r for r in items if r.vision]
     if with_vision:
-        tt = torch.zeros((len(items), width), dtype=torch.long)
-        for row, r in enumerate(items):
-            if "mm_token_type_ids" in r.vision:
-                tt[row, : len(r.input_ids)] = r.vision["mm_token_type_ids"]
         for key in with_vision[0].vision:
-            if key != "mm_token_type_ids":
+            if key not in TOKEN_ALIGNED_KEYS:
                 batch[key] = torch.cat([r.vision[key] for r in with_vision], dim=0)
-        batch["mm_token_type_ids"] = tt
+        for key in sorted(TOKEN_ALIGNED_KEYS.intersection(*(r.vision for r in with_vision))):
+            tt = torch.zeros((len(items), width), dtype=torch.long)
+            for row, r in enumerate(items):
+                if key in r.vision:
+                    tt[row, : len(r.input_ids)] = r.vision[key]
+            batch[key] = tt
     return batch
 
 

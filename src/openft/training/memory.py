@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from openft.errors import InvalidRequest
+from openft.models.families import find_family
 
 ADAMW_STATE_BYTES = 8
 """Two fp32 states (exp_avg, exp_avg_sq) per trainable parameter."""
@@ -203,7 +204,6 @@ def available_bytes(device: str) -> int:
 def lora_trainable_params(model: Any, target_modules: Sequence[str]) -> int:
     """Parameters LoRA of rank 1 adds on the language model's target linears (scale by ``r``):
     the layers ``trainable.lora_plan`` puts adapters on without ``train_vision_tower``."""
-    from openft.models.families import find_family
     from openft.training.trainable import part_of  # the family registry's answer, as lora_plan asks
 
     family = find_family(model)
@@ -232,8 +232,15 @@ def plan_for_model(
     shards: int = 1,
 ) -> tuple[int, int, MemoryEstimate]:
     """Micro-batch and accumulation steps that fit ``available`` bytes for this (meta) model and
-    the longest example; plus the estimate at the chosen micro-batch. ``shards``: FSDP ranks."""
+    the longest example; plus the estimate at the chosen micro-batch. ``shards``: FSDP ranks.
+    ``image_tokens`` counts the decoder's image tokens per example; the model's family says how
+    many encoder patches each is."""
     facts = model_facts(model)
+    # Image tokens in, encoder patches out: the vision tower sees more patches than the decoder
+    # sees tokens where the projector merges or pools them (Gemma 3: 16 patches per token).
+    family = find_family(model)
+    if family is not None and image_tokens:
+        image_tokens *= family.patches_per_token(model.config)
     if lora_rank is not None:
         facts = replace(facts, n_trainable=lora_rank * lora_trainable_params(model, lora_targets))
 

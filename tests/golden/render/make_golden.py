@@ -27,7 +27,7 @@ if str(ROOT) not in sys.path:  # run as a script: make `tests.` importable
 from openft.datasets.formats import ImagePart, Message, TextPart  # noqa: E402
 from openft.models.render import IGNORE_INDEX, render_chat  # noqa: E402
 
-FAMILIES = ("qwen2_vl", "llava", "qwen2_5_vl", "qwen3_vl")
+FAMILIES = ("qwen2_vl", "llava", "qwen2_5_vl", "qwen3_vl", "gemma3")
 TEXT_FORMATS = ("llama3", "chatml", "qwen3", "gemma", "mistral", "phi3")
 """Text-only chat formats (``openft.models.tiny_text``): golden files ``text_<format>.json``."""
 
@@ -169,6 +169,10 @@ def processor(family: str) -> Any:
         from tests.unit.models import tiny_qwen_vl
 
         return tiny_qwen_vl.build_processor(family)
+    if family == "gemma3":
+        from tests.unit.models.tiny_gemma3 import build_processor as build_gemma3
+
+        return build_gemma3()
     raise ValueError(family)
 
 
@@ -187,10 +191,16 @@ def run_case(family: str, case: str, proc: Any | None = None) -> dict[str, Any]:
         return {"error": exc.message}
     tok = getattr(proc, "tokenizer", proc)
     mask = [int(lab != IGNORE_INDEX) for lab in r.labels]
-    return {
+    out: dict[str, Any] = {
         "input_ids": r.input_ids,
         "trained_mask": "".join(map(str, mask)),
         "n_image_tokens": r.n_image_tokens,
+    }
+    # Gemma 3's bidirectional image attention reads token_type_ids: pin them where rendered.
+    if "token_type_ids" in r.vision:
+        out["token_type_ids"] = "".join(map(str, r.vision["token_type_ids"].tolist()))
+    return {
+        **out,
         "tokens": tok.convert_ids_to_tokens(r.input_ids),
         "trained_text": tok.decode([i for i, m in zip(r.input_ids, mask, strict=True) if m]),
     }

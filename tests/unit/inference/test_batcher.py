@@ -290,7 +290,6 @@ def test_the_decode_loop_matches_transformers_generate(loaded, image_loader, png
 def assert_decode_loop_matches_generate(loaded: LoadedModel, image_loader, image_url: str | None) -> None:
     """Greedy tokens of openft's decode loop == ``model.generate``'s for one (image) prompt."""
     from openft.inference.chat import build_prompt
-    from openft.inference.engine import _model_vision_inputs
 
     content: object = LOOSE[1]
     if image_url is not None:
@@ -301,9 +300,16 @@ def assert_decode_loop_matches_generate(loaded: LoadedModel, image_loader, image
     request = ChatCompletionRequest.model_validate(
         {"model": "m", "messages": [{"role": "user", "content": content}]}
     )
-    prompt, _ = build_prompt(loaded, request, image_loader=image_loader)
+    assert_prompt_decodes_as_generate(loaded, build_prompt(loaded, request, image_loader=image_loader)[0])
+
+
+def assert_prompt_decodes_as_generate(loaded: LoadedModel, prompt: Prompt, max_new_tokens: int = 12) -> None:
+    """Greedy tokens of our prefill/decode loop are ``generate``'s (up to its end-of-sequence)."""
+    from openft.inference.engine import _model_vision_inputs
+
     ours: list[int] = []
-    for ev in generate(loaded, prompt, SamplingParams(max_new_tokens=12, temperature=0, logprobs=True)):
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0, logprobs=True)
+    for ev in generate(loaded, prompt, params):
         ours += [lp.token_id for lp in ev.logprobs]
     ids = torch.tensor([prompt.input_ids])
     with loaded.batcher.lock, torch.inference_mode():
@@ -311,7 +317,7 @@ def assert_decode_loop_matches_generate(loaded: LoadedModel, image_loader, image
             input_ids=ids,
             attention_mask=torch.ones_like(ids),
             **_model_vision_inputs(prompt, loaded),
-            max_new_tokens=12,
+            max_new_tokens=max_new_tokens,
             do_sample=False,
             repetition_penalty=1.0,
             eos_token_id=sorted(loaded.eos_token_ids),

@@ -21,6 +21,14 @@ def tiny(tiny_path: Path):
 
 
 @pytest.fixture(scope="session")
+def gemma3(tmp_path_factory: pytest.TempPathFactory):
+    """(model, processor) of the tiny Gemma 3 (``tiny_gemma3.py``) on CPU."""
+    from tests.unit.models.tiny_gemma3 import build_tiny_gemma3
+
+    return load_model(str(build_tiny_gemma3(tmp_path_factory.mktemp("gemma3") / "tiny-gemma3")), device="cpu")
+
+
+@pytest.fixture(scope="session")
 def processor(tiny):
     return tiny[1]
 

@@ -26,13 +26,15 @@ from PIL import Image
 
 from openft.datasets.formats import ImagePart, Message, TextPart
 from openft.errors import InvalidRequest
+from openft.models.families import family_of
 from openft.models.loader import load_model
-from openft.models.render import IGNORE_INDEX, Rendered, render_chat
+from openft.models.render import IGNORE_INDEX, TOKEN_ALIGNED_KEYS, Rendered, render_chat
+from tests.unit.models import tiny_gemma3
 from tests.unit.models.tiny_llava import build_processor, build_tiny_llava
 from tests.unit.models.tiny_qwen_vl import build_processor as build_qwen_processor
 from tests.unit.models.tiny_qwen_vl import build_tiny_qwen_vl
 
-FAMILIES = ["qwen2_vl", "llava", "qwen2_5_vl", "qwen3_vl"]
+FAMILIES = ["qwen2_vl", "llava", "qwen2_5_vl", "qwen3_vl", "gemma3"]
 PIXEL_BUDGET = {"qwen2_vl", "qwen2_5_vl", "qwen3_vl"}
 """Families whose images are a grid of merged patches (``image_grid_thw``), each its own run of
 placeholders between ``<|vision_start|>`` and ``<|vision_end|>``."""
@@ -64,7 +66,8 @@ images = st.builds(
     lambda w, h, shade, detail: ImagePart(
         url="data:image/png;base64,...", data=_png(w, h, shade), detail=detail
     ),
-    st.integers(8, 300),
+    # Sometimes large enough for Gemma 3's pan-and-scan crops (at least 256 px each) at "high".
+    st.one_of(st.integers(8, 300), st.sampled_from([540, 800])),
     st.integers(8, 300),
     st.integers(0, 255),
     st.sampled_from(["low", "high", "auto"]),
@@ -119,6 +122,8 @@ def encoder_tokens(family: str, config: Any, vision: dict[str, torch.Tensor]) ->
     if family in PIXEL_BUDGET:
         merge = config.vision_config.spatial_merge_size
         return [int(t) // merge**2 for t in vision["image_grid_thw"].prod(-1)]
+    if family == "gemma3":  # one pooled square per image or pan-and-scan crop
+        return [config.mm_tokens_per_image] * vision["pixel_values"].shape[0]
     vc = config.vision_config
     per_image = (vc.image_size // vc.patch_size) ** 2 + (
         0 if config.vision_feature_select_strategy == "default" else 1
@@ -155,13 +160,38 @@ def qwen_vl_dirs(tmp_path_factory: pytest.TempPathFactory):
     return get
 
 
+@pytest.fixture(scope="module")
+def gemma3_processor():
+    return tiny_gemma3.build_processor()
+
+
+@pytest.fixture(scope="module")
+def gemma3_config():
+    from transformers import AutoConfig  # noqa: PLC0415
+
+    return AutoConfig.for_model(
+        "gemma3",
+        vision_config={
+            "model_type": "siglip_vision_model",
+            "image_size": tiny_gemma3.IMAGE_SIZE,
+            "patch_size": 14,
+        },
+        mm_tokens_per_image=tiny_gemma3.TOKENS_PER_IMAGE,
+    )
+
+
 @pytest.fixture(scope="module", params=FAMILIES)
-def fam(request, tiny, llava_processor, llava_config, qwen_vl_dirs) -> tuple[str, Any, Any]:
+def fam(
+    request, tiny, llava_processor, llava_config, qwen_vl_dirs, gemma3_processor, gemma3_config
+) -> tuple[str, Any, Any]:
     """(family, processor, model config)."""
     if request.param == "qwen2_vl":
+        tiny = request.getfixturevalue("tiny")
         return "qwen2_vl", tiny[1], tiny[0].config
     if request.param == "llava":
         return "llava", llava_processor, llava_config
+    if request.param == "gemma3":
+        return "gemma3", gemma3_processor, gemma3_config
     from transformers import AutoConfig  # noqa: PLC0415
 
     path = qwen_vl_dirs(request.param)
@@ -179,14 +209,26 @@ def _image_runs(ids: list[int], image_id: int) -> list[int]:
     return runs
 
 
+def feature_id(proc: Any) -> int:
+    """The token that stands for one vision feature (Gemma 3: ``<image_soft_token>``, not the
+    ``<start_of_image>`` its template emits)."""
+    fam = family_of(proc)
+    return proc.tokenizer.convert_tokens_to_ids(fam.feature_token or proc.image_token)
+
+
 def check_images(family: str, proc: Any, config: Any, r: Rendered) -> None:
-    image_id = proc.tokenizer.convert_tokens_to_ids(proc.image_token)
+    image_id = feature_id(proc)
     expected = encoder_tokens(family, config, r.vision)
     assert r.input_ids.count(image_id) == r.n_image_tokens == sum(expected)
-    if family in PIXEL_BUDGET:  # each image is its own run between <|vision_start|> and <|vision_end|>
+    if family in PIXEL_BUDGET or family == "gemma3":  # each image (crop) is its own run of features
         assert _image_runs(r.input_ids, image_id) == expected
-    if "mm_token_type_ids" in r.vision:
-        assert r.vision["mm_token_type_ids"].tolist() == [int(i == image_id) for i in r.input_ids]
+    # Every feature token lies inside an image span, and the spans do not overlap.
+    spans = sorted(r.image_spans)
+    assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:], strict=False))
+    inside = {p for s_, e_ in spans for p in range(s_, e_)}
+    assert {p for p, i in enumerate(r.input_ids) if i == image_id} <= inside
+    for key in TOKEN_ALIGNED_KEYS & set(r.vision):
+        assert r.vision[key].tolist() == [int(i == image_id) for i in r.input_ids]
 
 
 @settings(PROFILE, max_examples=150)
@@ -196,7 +238,11 @@ def test_image_tokens_match_features_and_truncation_is_clean(fam, msgs, max_leng
     full = render_chat(proc, msgs)
     check_images(family, proc, config, full)
     n_images = sum(len(m.images) for m in msgs)
-    assert len(encoder_tokens(family, config, full.vision)) == n_images
+    assert len(full.image_spans) == n_images
+    if family != "gemma3":
+        assert len(encoder_tokens(family, config, full.vision)) == n_images
+    elif len(encoder_tokens(family, config, full.vision)) > n_images:
+        event("pan-and-scan crops")  # Gemma 3 encodes each crop as an image of its own
 
     try:
         r = render_chat(proc, msgs, max_length=max_length)
@@ -206,11 +252,9 @@ def test_image_tokens_match_features_and_truncation_is_clean(fam, msgs, max_leng
         assert len(full.input_ids) > max_length
         # Right to refuse: no trained token before the limit (or before the image it would cut).
         cut = max_length
-        for image_id in image_token_ids(proc):
-            while (
-                0 < cut < len(full.input_ids) and full.input_ids[cut - 1] == image_id == full.input_ids[cut]
-            ):
-                cut -= 1
+        for s_, e_ in full.image_spans:
+            if s_ < cut < e_:
+                cut = s_
         assert all(lab == IGNORE_INDEX for lab in full.labels[:cut])
         return
     check_images(family, proc, config, r)
@@ -223,21 +267,18 @@ def test_image_tokens_match_features_and_truncation_is_clean(fam, msgs, max_leng
     event("truncated, with images dropped" if r.n_image_tokens < full.n_image_tokens else "truncated")
     assert n <= max_length
     assert r.input_ids == full.input_ids[:n] and r.labels == full.labels[:n]
-    if n < max_length:
-        assert full.input_ids[n] in image_token_ids(proc)  # the cut fell inside an image: dropped whole
+    if n < max_length:  # the cut fell inside an image: dropped whole
+        assert any(s_ == n < max_length < e_ for s_, e_ in full.image_spans)
+    assert r.image_spans == [sp for sp in full.image_spans if sp[1] <= n]
     assert any(lab != IGNORE_INDEX for lab in r.labels)
     # Only complete images: their vision tensors are the first k of the full render's.
     k = len(encoder_tokens(family, config, r.vision))
     for key, value in r.vision.items():
-        if key != "mm_token_type_ids":
+        if key not in TOKEN_ALIGNED_KEYS:
             full_value = full.vision[key]
             rows = value.shape[0]
             assert torch.equal(value, full_value[:rows])
     assert sum(encoder_tokens(family, config, full.vision)[:k]) == r.n_image_tokens
-
-
-def image_token_ids(proc) -> set[int]:
-    return {proc.tokenizer.convert_tokens_to_ids(proc.image_token)}
 
 
 # --- the real vision encoder, on a few cases -----------------------------------------------------
@@ -252,6 +293,8 @@ def llava_model(tmp_path_factory: pytest.TempPathFactory):
 def fam_model(request, tiny, llava_model, qwen_vl_dirs) -> tuple[str, Any, Any]:
     if request.param in ("qwen2_vl", "llava"):
         model, proc = tiny if request.param == "qwen2_vl" else llava_model
+    elif request.param == "gemma3":
+        model, proc = request.getfixturevalue("gemma3")
     else:
         model, proc = load_model(str(qwen_vl_dirs(request.param)), device="cpu")
     return request.param, model, proc
@@ -265,7 +308,7 @@ def test_vision_encoder_agrees(fam_model, msgs) -> None:
     check_images(family, proc, model.config, r)
     if not r.vision:
         return
-    kwargs = {k: v for k, v in r.vision.items() if k != "mm_token_type_ids"}
+    kwargs = {k: v for k, v in r.vision.items() if k not in TOKEN_ALIGNED_KEYS}
     with torch.no_grad():
         feats = model.model.get_image_features(**kwargs).pooler_output
         assert [f.shape[0] for f in feats] == encoder_tokens(family, model.config, r.vision)
@@ -275,6 +318,6 @@ def test_vision_encoder_agrees(fam_model, msgs) -> None:
             assert [f.shape[0] for f in layer] == encoder_tokens(family, model.config, r.vision)
         # The full forward also checks that placeholders and features line up (it raises if not).
         inputs = {"input_ids": torch.tensor([r.input_ids]), **kwargs}
-        if "mm_token_type_ids" in r.vision:
-            inputs["mm_token_type_ids"] = r.vision["mm_token_type_ids"][None]
+        for key in TOKEN_ALIGNED_KEYS & set(r.vision):
+            inputs[key] = r.vision[key][None]
         assert model(**inputs).logits.shape[1] == len(r.input_ids)

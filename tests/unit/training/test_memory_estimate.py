@@ -220,3 +220,44 @@ def test_plan_batch_with_the_real_estimate() -> None:
     fits_4 = _est(batch_size=4).total
     micro, steps = plan_batch(lambda m: _est(batch_size=m), batch_size=16, available_bytes=fits_4)
     assert (micro, steps) == (4, 4)
+
+
+def test_gemma3_vision_memory_counts_encoder_patches_not_pooled_tokens() -> None:
+    """Gemma 3 pools 64x64 SigLIP patches into 256 tokens: the vision tower's activations are
+    those of 4,096 patches per image, 16x what its image tokens would suggest."""
+    import dataclasses
+
+    from accelerate import init_empty_weights
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    from openft.training.memory import model_facts, plan_for_model
+
+    config = Gemma3Config(  # google/gemma-3-4b-it's vision side, a small decoder
+        vision_config={
+            "model_type": "siglip_vision_model",
+            "image_size": 896,
+            "patch_size": 14,
+            "hidden_size": 1152,
+            "intermediate_size": 4304,
+            "num_hidden_layers": 27,
+            "num_attention_heads": 16,
+        },
+        text_config={
+            "hidden_size": 256,
+            "intermediate_size": 512,
+            "num_hidden_layers": 2,
+            "vocab_size": 1024,
+        },
+        mm_tokens_per_image=256,
+    )
+    with init_empty_weights():
+        model = Gemma3ForConditionalGeneration(config)
+    kw = dict(batch_size=2, seq_len=300, lora_rank=None, dpo=False, gradient_checkpointing=False)
+    _, _, planned = plan_for_model(model, image_tokens=256, available=10**15, **kw)
+    patches = estimate_peak_bytes(
+        **dataclasses.asdict(model_facts(model)),
+        image_tokens=4096,
+        lora=False,
+        **{k: kw[k] for k in kw if k != "lora_rank"},
+    )
+    assert planned.breakdown["vision_activations"] == patches.breakdown["vision_activations"] > 0

@@ -48,3 +48,20 @@ def test_length_grouped_batches_cover_every_index_once_and_group_lengths() -> No
     assert sum(spread) / len(spread) < 100  # random batches would spread ~400
     assert batches == length_grouped_batches(lengths, 8, random.Random(0))
     assert batches != length_grouped_batches(lengths, 8, random.Random(1))
+
+
+def test_token_type_ids_are_padded_under_the_key_the_items_carry() -> None:
+    """Gemma 3 takes ``token_type_ids`` (its bidirectional image attention reads them): they are
+    padded per row like ``mm_token_type_ids``, not concatenated like pixels, and no
+    ``mm_token_type_ids`` (which Gemma 3 would silently ignore) is invented."""
+    a = Rendered(
+        input_ids=[1, 9, 9, 2],
+        labels=[IGNORE_INDEX] * 4,
+        vision={"pixel_values": torch.ones(1, 3, 4, 4), "token_type_ids": torch.tensor([0, 1, 1, 0])},
+        n_image_tokens=2,
+    )
+    text_only = Rendered(input_ids=[1, 2], labels=[1, 2])
+    batch = collate_sft([a, text_only], pad_id=0)
+    assert set(batch) == {"input_ids", "attention_mask", "labels", "pixel_values", "token_type_ids"}
+    assert batch["token_type_ids"].tolist() == [[0, 1, 1, 0], [0, 0, 0, 0]]
+    assert batch["pixel_values"].shape == (1, 3, 4, 4)
