@@ -49,6 +49,11 @@ DEFAULT_CONTROL_TOKENS: tuple[str, ...] = (
     "<|fim_prefix|>",
     "<|fim_middle|>",
     "<|fim_suffix|>",
+    # Idefics3 / SmolVLM: turn end and the image expansion's markers (tiles up to 6x6).
+    "<end_of_utterance>",
+    "<fake_token_around_image>",
+    "<global-img>",
+    *(f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7)),
 )
 
 # ---------------------------------------------------------------------------- structure

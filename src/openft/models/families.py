@@ -15,8 +15,10 @@ architectures is a handful of facts, kept here in one small registry:
 Families are looked up by ``config.model_type`` (a model, a config, or a peft wrapper) or by the
 processor's class (rendering only sees the processor). Supported: Qwen2-VL / Qwen2.5-VL (the
 built-in ``openft-tiny-vlm`` is a Qwen2-VL), Qwen3-VL, LLaVA-1.5-style models (CLIP-like vision
-tower, MLP projector, any causal LM) and Gemma 3 (SigLIP tower, average-pooling projector, Gemma 3
-decoder attending bidirectionally within each image).
+tower, MLP projector, any causal LM), Gemma 3 (SigLIP tower, average-pooling projector, Gemma 3
+decoder attending bidirectionally within each image) and Idefics3 / SmolVLM / SmolVLM2 (SigLIP
+vision tower, pixel-shuffle connector, Llama-style decoder; images split into tiles plus a
+global image).
 """
 
 from __future__ import annotations
@@ -272,7 +274,58 @@ GEMMA3 = Family(
     ),
 )
 
-FAMILIES: tuple[Family, ...] = (QWEN2_VL, QWEN3_VL, LLAVA, GEMMA3)
+
+def _tile_split_detail(image_processor: Any, detail: str) -> dict[str, Any]:
+    """Idefics3 / SmolVLM: ``low`` turns image splitting off (one global image)."""
+    return {"do_image_splitting": False} if detail == "low" else {}
+
+
+# Checked against HuggingFaceTB/SmolVLM2-2.2B-Instruct and SmolVLM2-500M-Video-Instruct
+# (tokenizer_config.json, processor_config.json, preprocessor_config.json, config.json, as quoted in
+# public code; the chat template as transformers 5.24 ships it in processing_smolvlm):
+# <end_of_utterance> 49279 is eos and ends every turn, <|im_start|> (bos) opens the conversation,
+# <|im_end|> pads; <fake_token_around_image> 49189, <image> 49190, <global-img> 49152,
+# <row_R_col_C> 49153.. for R, C in 1..6; 512 px tiles of 16 px patches, pixel shuffle 4 -> 64
+# image tokens per tile; size.longest_edge 2048. HuggingFaceTB/SmolVLM-Instruct (v1) has the same
+# template without the video branch; HuggingFaceM4/Idefics3-8B-Llama3 opens with <|begin_of_text|>
+# (Llama 3 tokenizer), 364 px tiles, 169 tokens per tile, same markers.
+SMOLVLM = Family(
+    name="smolvlm",
+    model_types=("idefics3", "smolvlm"),
+    processor_classes=("Idefics3Processor", "SmolVLMProcessor"),
+    image_processor_classes=("Idefics3ImageProcessor", "SmolVLMImageProcessor"),
+    image_token="<image>",
+    # Every token the processor's image expansion writes. The row/column tokens of grids larger
+    # than 6x6 do not exist in the published tokenizers (their ``size``/``max_image_size`` give
+    # at most 4x4 tiles), so 6x6 covers them.
+    placeholder_tokens=(
+        "<image>",
+        "<fake_token_around_image>",
+        "<global-img>",
+        *(f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7)),
+    ),
+    end_of_turn_candidates=("<end_of_utterance>",),
+    vision_tower_prefixes=("model.vision_model.",),
+    projector_prefixes=("model.connector.",),
+    language_model_prefixes=("model.text_model.",),
+    detail_kwargs=_tile_split_detail,
+    detail_rule=(
+        "'low': no splitting, the image is resized to one tile (max_image_size) and costs one tile "
+        "of tokens; 'high' and 'auto': the processor's splitting, the longest edge resized to its "
+        "size (2048 px on the published checkpoints) and cut into max_image_size tiles (512 px: up "
+        "to 4x4) plus one global image, each tile costing image_seq_len tokens (64 on SmolVLM2, "
+        "169 on Idefics3-8B) plus its <row_R_col_C> and <fake_token_around_image> markers. "
+        "'auto' is 'high' because the published checkpoints split by default (do_image_splitting) "
+        "and were trained that way"
+    ),
+    # The published templates have no tool calls or tool schemas: conversations with tool calls
+    # are refused at render time (tool_calls_not_supported), whatever the tokenizer's ChatML tokens.
+    tool_format=None,
+    # The pixel shuffle folds scale_factor**2 encoder patches into one token (16 on SmolVLM2).
+    patches_per_token=lambda config: int(getattr(config, "scale_factor", 1)) ** 2,
+)
+
+FAMILIES: tuple[Family, ...] = (QWEN2_VL, QWEN3_VL, LLAVA, GEMMA3, SMOLVLM)
 
 
 @dataclass(frozen=True)

@@ -66,6 +66,7 @@ __all__ = [
     "TOKEN_ALIGNED_KEYS",
     "LOW_DETAIL_MAX_PIXELS",
     "Rendered",
+    "cat_vision",
     "count_tokens",
     "fold_system",
     "load_image",
@@ -207,6 +208,14 @@ def render_chat(
             param="messages",
             code="tool_calls_not_supported",
         )
+    if tools_t and not any(marker in full for marker in sent.tool_markers):
+        # The template ignores tool schemas (SmolVLM's, Idefics3's): the model would never see them.
+        raise InvalidRequest(
+            "the base model's chat template does not render tools, so the model would never see them; "
+            "use a base model whose template supports tools, or remove tools",
+            param="tools",
+            code="tools_not_supported",
+        )
     family = find_family(processor)
     if family is not None:
         eot = family.end_of_turn(tokenizer)
@@ -303,7 +312,7 @@ def render_chat(
     vision: dict[str, torch.Tensor] = {}
     if per_image:
         for key in per_image[0]:
-            vision[key] = torch.cat([v[key] for v in per_image], dim=0)
+            vision[key] = cat_vision([v[key] for v in per_image])
         # Only for models that take them (Qwen2-VL's M-RoPE, Gemma 3's bidirectional image
         # attention): the processor says so. LLaVA's ``generate`` rejects the unknown keyword.
         if getattr(processor, "return_mm_token_type_ids", False):
@@ -312,6 +321,26 @@ def render_chat(
     return Rendered(
         input_ids=ids, labels=labels, vision=vision, n_image_tokens=n_image_tokens, image_spans=image_spans
     )
+
+
+def cat_vision(values: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Per-image (or per-example) vision tensors joined along dim 0, the images' order.
+
+    Processors that split an image into a varying number of tiles (Idefics3 / SmolVLM:
+    ``pixel_values`` ``[1, tiles, C, H, W]``, ``pixel_attention_mask`` ``[1, tiles, H, W]``) give
+    shapes that differ after dim 0; those are zero-padded to the largest, which is how the
+    processors pad a batch themselves (the model drops all-zero tiles). Equal shapes (Qwen2-VL's
+    flat patches, LLaVA's fixed crops) are simply concatenated.
+    """
+    shape = tuple(max(v.shape[d] for v in values) for d in range(1, values[0].dim()))
+    padded = []
+    for v in values:
+        if tuple(v.shape[1:]) != shape:
+            grown = v.new_zeros((v.shape[0], *shape))
+            grown[(slice(None), *(slice(0, n) for n in v.shape[1:]))] = v
+            v = grown
+        padded.append(v)
+    return torch.cat(padded, dim=0)
 
 
 @_one_at_a_time
@@ -623,6 +652,8 @@ class _Sentinels:
         self.text_marks: list[int] = []
         """Indexes of the values that are message text handed to the template as a string
         (content, reasoning): the template may trim them."""
+        self.tool_markers: list[str] = []
+        """The markers of the tool schemas' strings: a template that renders tools shows some."""
 
     def _mark(self, replacement: str) -> str:
         self.values.append(replacement)
@@ -646,6 +677,10 @@ class _Sentinels:
                 {"type": "text", "text": self._mark(p.text)} if isinstance(p, TextPart) else {"type": "image"}
                 for p in m.content
             ]
+            if not content and not m.tool_calls:
+                # An empty reply (a weight-0 placeholder turn) as one empty text part: SmolVLM's and
+                # Idefics3's templates read ``content[0]`` and fail on an empty list.
+                content = [{"type": "text", "text": self._mark("")}]
         else:
             text = m.text
             if self._reasoning and m.role == "assistant":
@@ -678,7 +713,10 @@ class _Sentinels:
     def tools(self, tools: Sequence[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
         if not tools:
             return None
-        return [self._json_values(t) for t in tools]
+        first = len(self.values)
+        out = [self._json_values(t) for t in tools]
+        self.tool_markers = [f"{self._prefix}{i}E" for i in range(first, len(self.values))]
+        return out
 
     def _json_values(self, obj: Any, key: str | None = None, *, keys: bool = False) -> Any:
         # String values become markers whose replacement is their JSON-escaped form, as `tojson`

@@ -281,6 +281,8 @@ def build_bpe_tokenizer(
     bos_token: str | None = None,
     plain_added_tokens: tuple[str, ...] = (),
     model_max_length: int = 4096,
+    unk_token: str | None = None,
+    extra_special_tokens: dict[str, str] | None = None,
 ) -> PreTrainedTokenizerFast:
     """A byte-level BPE trained here on :func:`_corpus` (deterministic, no files, no network).
 
@@ -312,11 +314,12 @@ def build_bpe_tokenizer(
         tokenizer_object=tok,
         eos_token=eos_token,
         pad_token=pad_token,
-        unk_token=None,
+        unk_token=unk_token,
         bos_token=bos_token,
         padding_side="right",
         model_max_length=model_max_length,
         clean_up_tokenization_spaces=False,
+        **({"extra_special_tokens": extra_special_tokens} if extra_special_tokens else {}),
     )
 
 

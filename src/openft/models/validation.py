@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from openft.datasets.validate import ValidationOptions
+from openft.models.families import find_family
 from openft.models.render import count_tokens
 
 # transformers uses a huge sentinel (int(1e30)) when a tokenizer has no known context length.
@@ -70,6 +71,13 @@ def model_validation_options(
     limit = max_length if max_length is not None else context_length(processor)
     specials = [t for t in getattr(tokenizer, "all_special_tokens", []) if t]
     extra = [t for t in getattr(tokenizer, "additional_special_tokens", None) or [] if t not in specials]
+    # The family's vision-structure tokens too, special or not (SmolVLM's <row_1_col_1>, <global-img>
+    # are plain added tokens to transformers): user text that contains one is flagged.
+    family = find_family(processor)
+    vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
+    extra += [
+        t for t in (family.placeholder_tokens if family else ()) if t in vocab and t not in specials + extra
+    ]
     return ValidationOptions(
         token_counter=functools.partial(count_tokens, processor, max_length=limit),
         max_tokens=limit,

@@ -11,7 +11,7 @@ from typing import TypeVar
 
 import torch
 
-from openft.models.render import IGNORE_INDEX, TOKEN_ALIGNED_KEYS, Rendered
+from openft.models.render import IGNORE_INDEX, TOKEN_ALIGNED_KEYS, Rendered, cat_vision
 
 T = TypeVar("T")
 U = TypeVar("U")
@@ -70,7 +70,7 @@ def collate_sft(items: Sequence[Rendered], pad_id: int) -> dict[str, torch.Tenso
     if with_vision:
         for key in with_vision[0].vision:
             if key not in TOKEN_ALIGNED_KEYS:
-                batch[key] = torch.cat([r.vision[key] for r in with_vision], dim=0)
+                batch[key] = cat_vision([r.vision[key] for r in with_vision])
         for key in sorted(TOKEN_ALIGNED_KEYS.intersection(*(r.vision for r in with_vision))):
             tt = torch.zeros((len(items), width), dtype=torch.long)
             for row, r in enumerate(items):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 from functools import cache
 from typing import Any
 
@@ -30,11 +31,13 @@ from openft.models.families import family_of
 from openft.models.loader import load_model
 from openft.models.render import IGNORE_INDEX, TOKEN_ALIGNED_KEYS, Rendered, render_chat
 from tests.unit.models import tiny_gemma3
+from tests.unit.models.tiny_smolvlm import build_processor as build_smolvlm_processor
+from tests.unit.models.tiny_smolvlm import build_tiny_smolvlm
 from tests.unit.models.tiny_llava import build_processor, build_tiny_llava
 from tests.unit.models.tiny_qwen_vl import build_processor as build_qwen_processor
 from tests.unit.models.tiny_qwen_vl import build_tiny_qwen_vl
 
-FAMILIES = ["qwen2_vl", "llava", "qwen2_5_vl", "qwen3_vl", "gemma3"]
+FAMILIES = ["qwen2_vl", "llava", "qwen2_5_vl", "qwen3_vl", "gemma3", "smolvlm"]
 PIXEL_BUDGET = {"qwen2_vl", "qwen2_5_vl", "qwen3_vl"}
 """Families whose images are a grid of merged patches (``image_grid_thw``), each its own run of
 placeholders between ``<|vision_start|>`` and ``<|vision_end|>``."""
@@ -122,6 +125,11 @@ def encoder_tokens(family: str, config: Any, vision: dict[str, torch.Tensor]) ->
     if family in PIXEL_BUDGET:
         merge = config.vision_config.spatial_merge_size
         return [int(t) // merge**2 for t in vision["image_grid_thw"].prod(-1)]
+    if family == "smolvlm":  # per image: its real (not all-zero padding) tiles, each pixel-shuffled
+        svc = config.vision_config
+        per_tile = (svc.image_size // svc.patch_size) ** 2 // config.scale_factor**2
+        tiles = (vision["pixel_values"] != 0).flatten(2).any(-1).sum(-1)
+        return [int(t) * per_tile for t in tiles]
     if family == "gemma3":  # one pooled square per image or pan-and-scan crop
         return [config.mm_tokens_per_image] * vision["pixel_values"].shape[0]
     vc = config.vision_config
@@ -161,6 +169,17 @@ def qwen_vl_dirs(tmp_path_factory: pytest.TempPathFactory):
 
 
 @pytest.fixture(scope="module")
+def smolvlm_config():
+    from transformers import AutoConfig  # noqa: PLC0415
+
+    from tests.unit.models.tiny_smolvlm import PATCH_SIZE, SCALE_FACTOR, TILE  # noqa: PLC0415
+
+    return AutoConfig.for_model(
+        "smolvlm", vision_config={"image_size": TILE, "patch_size": PATCH_SIZE}, scale_factor=SCALE_FACTOR
+    )
+
+
+@pytest.fixture(scope="module")
 def gemma3_processor():
     return tiny_gemma3.build_processor()
 
@@ -192,6 +211,8 @@ def fam(
         return "llava", llava_processor, llava_config
     if request.param == "gemma3":
         return "gemma3", gemma3_processor, gemma3_config
+    if request.param == "smolvlm":
+        return "smolvlm", build_smolvlm_processor(), request.getfixturevalue("smolvlm_config")
     from transformers import AutoConfig  # noqa: PLC0415
 
     path = qwen_vl_dirs(request.param)
@@ -219,7 +240,11 @@ def feature_id(proc: Any) -> int:
 def check_images(family: str, proc: Any, config: Any, r: Rendered) -> None:
     image_id = feature_id(proc)
     expected = encoder_tokens(family, config, r.vision)
-    assert r.input_ids.count(image_id) == r.n_image_tokens == sum(expected)
+    if family == "smolvlm":  # its image span also holds the tile markers: more tokens than features
+        assert r.input_ids.count(image_id) == sum(expected) <= r.n_image_tokens
+        check_tile_structure(proc, r, expected)
+    else:
+        assert r.input_ids.count(image_id) == r.n_image_tokens == sum(expected)
     if family in PIXEL_BUDGET or family == "gemma3":  # each image (crop) is its own run of features
         assert _image_runs(r.input_ids, image_id) == expected
     # Every feature token lies inside an image span, and the spans do not overlap.
@@ -277,8 +302,43 @@ def test_image_tokens_match_features_and_truncation_is_clean(fam, msgs, max_leng
         if key not in TOKEN_ALIGNED_KEYS:
             full_value = full.vision[key]
             rows = value.shape[0]
-            assert torch.equal(value, full_value[:rows])
-    assert sum(encoder_tokens(family, config, full.vision)[:k]) == r.n_image_tokens
+            # Tile-splitting families pad to the most tiles of the images kept: compare unpadded.
+            inner = tuple(slice(0, d) for d in value.shape)
+            assert torch.equal(value, full_value[inner])
+            padding = full_value[:rows].clone()
+            padding[inner] = 0
+            assert not padding.any()
+    assert sum(encoder_tokens(family, config, full.vision)[:k]) == r.input_ids.count(feature_id(proc))
+
+
+def check_tile_structure(proc: Any, r: Rendered, expected: list[int]) -> None:
+    """SmolVLM: each image is exactly the processor's expansion for its tiles, whole and in order:
+    a full rows x cols grid of ``<fake><row_R_col_C><image>*n`` with a newline after each row,
+    then ``\n<fake><global-img><image>*n<fake>`` (only the global part when it is not split),
+    and no vision-structure token anywhere else."""
+    n = proc.image_seq_len
+    fake, glob, img = (
+        re.escape(t) for t in (proc.fake_image_token, proc.global_image_token, proc.image_token)
+    )
+    tail = f"{fake}{glob}(?:{img}){{{n}}}{fake}"
+    span = re.compile(f"((?:(?:{fake}<row_\\d+_col_\\d+>(?:{img}){{{n}}})+\n)+\n)?{tail}")
+    text = proc.tokenizer.decode(r.input_ids)
+    matches = list(span.finditer(text))
+    tiles = []
+    for m in matches:
+        grid = [tuple(map(int, rc)) for rc in re.findall(r"<row_(\d+)_col_(\d+)>", m.group(1) or "")]
+        if grid:  # a full grid, row by row
+            rows, cols = max(g[0] for g in grid), max(g[1] for g in grid)
+            assert grid == [(rr, cc) for rr in range(1, rows + 1) for cc in range(1, cols + 1)]
+        tiles.append(len(grid) + 1)
+    assert [t * n for t in tiles] == expected
+    # Marker ids only where the processor put them (user text typing a marker stays plain text):
+    # one <fake> per tile plus one closing each image, one <global-img> and a row marker per tile.
+    ids, vocab = r.input_ids, proc.tokenizer.get_vocab()
+    assert ids.count(vocab[proc.fake_image_token]) == sum(t + 1 for t in tiles)
+    assert ids.count(vocab[proc.global_image_token]) == len(tiles)
+    rows = {vocab[t] for t in vocab if re.fullmatch(r"<row_\d+_col_\d+>", t)}
+    assert sum(i in rows for i in ids) == sum(t - 1 for t in tiles)
 
 
 # --- the real vision encoder, on a few cases -----------------------------------------------------
@@ -295,6 +355,11 @@ def fam_model(request, tiny, llava_model, qwen_vl_dirs) -> tuple[str, Any, Any]:
         model, proc = tiny if request.param == "qwen2_vl" else llava_model
     elif request.param == "gemma3":
         model, proc = request.getfixturevalue("gemma3")
+    elif request.param == "smolvlm":
+        model, proc = load_model(
+            str(build_tiny_smolvlm(request.getfixturevalue("tmp_path_factory").mktemp("smolvlm") / "m")),
+            device="cpu",
+        )
     else:
         model, proc = load_model(str(qwen_vl_dirs(request.param)), device="cpu")
     return request.param, model, proc
@@ -312,7 +377,7 @@ def test_vision_encoder_agrees(fam_model, msgs) -> None:
     with torch.no_grad():
         feats = model.model.get_image_features(**kwargs).pooler_output
         assert [f.shape[0] for f in feats] == encoder_tokens(family, model.config, r.vision)
-        assert sum(f.shape[0] for f in feats) == r.n_image_tokens
+        assert sum(f.shape[0] for f in feats) == r.input_ids.count(feature_id(proc)) <= r.n_image_tokens
         # Qwen3-VL's DeepStack: every inner-layer feature set matches the image tokens as well.
         for layer in getattr(model.model.get_image_features(**kwargs), "deepstack_features", None) or []:
             assert [f.shape[0] for f in layer] == encoder_tokens(family, model.config, r.vision)
