@@ -9,6 +9,7 @@ how to load it.
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import logging
 from pathlib import Path
@@ -142,11 +143,28 @@ def image_only_processor(cls: type) -> type:
     same name, same behaviour for text and images, saved and loaded like ``cls`` (its
     ``processor_class`` stays ``cls.__name__``), constructible without torchvision."""
 
-    def __init__(
-        self: Any, image_processor: Any = None, tokenizer: Any = None, chat_template: Any = None, **kw: Any
-    ):
-        # ProcessorMixin takes its sub-processors from this signature: image processor and tokenizer.
-        cls.__init__(self, image_processor, tokenizer, None, chat_template=chat_template, **kw)
+    # ProcessorMixin takes its sub-processors from the signature (image processor and tokenizer only)
+    # and keeps, saves and reloads only the settings named there (``__code__``, not ``__signature__``):
+    # so the new ``__init__`` is written with ``cls``'s own settings (SmolVLM's ``image_seq_len``).
+    extra = [
+        p
+        for name, p in inspect.signature(cls.__init__).parameters.items()
+        if name not in ("self", "image_processor", "tokenizer", "video_processor", "chat_template")
+        and p.kind is p.POSITIONAL_OR_KEYWORD
+    ]
+    names = [p.name for p in extra]
+    source = (
+        "def __init__(self, image_processor=None, tokenizer=None"
+        + "".join(f", {n}=_default_{n}" for n in names)
+        + ", chat_template=None, **kw):\n"
+        + "    _init(self, image_processor, tokenizer, None"
+        + "".join(f", {n}={n}" for n in names)
+        + ", chat_template=chat_template, **kw)\n"
+    )
+    namespace: dict[str, Any] = {"_init": cls.__init__}
+    namespace |= {f"_default_{p.name}": None if p.default is p.empty else p.default for p in extra}
+    exec(source, namespace)  # noqa: S102 - parameter names come from a transformers class
+    __init__ = namespace["__init__"]
 
     return type(cls.__name__, (cls,), {"__init__": __init__, "__module__": __name__, "__doc__": cls.__doc__})
 

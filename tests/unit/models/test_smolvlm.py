@@ -15,7 +15,7 @@ from openft.datasets.validate import validate_file
 from openft.models.families import SMOLVLM, family_of, find_family
 from openft.models.loader import load_empty_model, load_processor
 from openft.models.validation import model_validation_options
-from tests.unit.models.tiny_smolvlm import build_tiny_smolvlm
+from tests.unit.models.tiny_smolvlm import TILE, TOKENS_PER_TILE, build_tiny_smolvlm
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +37,10 @@ def test_checkpoint_loads_without_torchvision_and_saves_as_smolvlm(folder: Path,
         "SmolVLMProcessor"
     )
     again = load_processor(str(tmp_path / "copy"))
-    assert again.image_seq_len == proc.image_seq_len and again.chat_template == proc.chat_template
+    # The checkpoint's settings survive (image_seq_len is not among the default's)
+    assert proc.image_seq_len == again.image_seq_len == TOKENS_PER_TILE != 169
+    assert again.chat_template == proc.chat_template
+    assert again.image_processor.max_image_size == {"longest_edge": TILE}
 
 
 def test_family_lookup_and_parts(folder: Path) -> None:
