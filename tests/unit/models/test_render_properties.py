@@ -31,11 +31,11 @@ from openft.models.families import family_of
 from openft.models.loader import load_model
 from openft.models.render import IGNORE_INDEX, TOKEN_ALIGNED_KEYS, Rendered, render_chat
 from tests.unit.models import tiny_gemma3
-from tests.unit.models.tiny_smolvlm import build_processor as build_smolvlm_processor
-from tests.unit.models.tiny_smolvlm import build_tiny_smolvlm
 from tests.unit.models.tiny_llava import build_processor, build_tiny_llava
 from tests.unit.models.tiny_qwen_vl import build_processor as build_qwen_processor
 from tests.unit.models.tiny_qwen_vl import build_tiny_qwen_vl
+from tests.unit.models.tiny_smolvlm import build_processor as build_smolvlm_processor
+from tests.unit.models.tiny_smolvlm import build_tiny_smolvlm
 
 FAMILIES = ["qwen2_vl", "llava", "qwen2_5_vl", "qwen3_vl", "gemma3", "smolvlm"]
 PIXEL_BUDGET = {"qwen2_vl", "qwen2_5_vl", "qwen3_vl"}
