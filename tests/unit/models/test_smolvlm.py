@@ -72,7 +72,6 @@ def test_validation_against_the_model_flags_every_vision_marker(folder: Path) ->
 def test_memory_plan_counts_the_patches_behind_each_image_token(folder: Path) -> None:
     """SmolVLM's connector folds scale_factor**2 encoder patches into one image token, so the
     vision tower's activations are planned for that many patches per token."""
-    from openft.training.memory import plan_for_model
     from openft.training.plan import JobFacts, plan_memory, plan_training
 
     model = load_empty_model(str(folder))
@@ -82,13 +81,29 @@ def test_memory_plan_counts_the_patches_behind_each_image_token(folder: Path) ->
     with_images = plan_memory(model, plan, _stats(images=64), dpo=False, device="cpu", limit_bytes=10**12)
     text_only = plan_memory(model, plan, _stats(images=0), dpo=False, device="cpu", limit_bytes=10**12)
 
-    lora = dict(lora_rank=plan.lora.r, lora_targets=plan.lora.target_modules) if plan.lora else {}
-    kw = dict(batch_size=plan.hyperparameters.batch_size, seq_len=512, dpo=False, **lora)
-    kw |= dict(gradient_checkpointing=False, available=10**15)
-    per_token = plan_for_model(model, image_tokens=512, **kw)[2].total
-    per_patch = plan_for_model(model, image_tokens=512 * model.config.scale_factor**2, **kw)[2].total
-    assert per_patch > per_token
-    assert with_images.estimate_bytes == per_patch and text_only.estimate_bytes < per_token
+    # The vision tower's share, from the pure estimator: 16x (scale_factor**2) the patches of a
+    # one-patch-per-token family.
+    from dataclasses import asdict
+
+    from openft.training.memory import estimate_peak_bytes, model_facts
+
+    assert SMOLVLM.patches_per_token(model.config) == model.config.scale_factor**2 == 4
+    facts = asdict(model_facts(model))
+    assert facts.get("vision_layers")
+
+    def vision_bytes(patches: int) -> int:
+        kw = dict(
+            seq_len=512,
+            batch_size=1,
+            image_tokens=patches,
+            gradient_checkpointing=False,
+            lora=False,
+            dpo=False,
+        )
+        return estimate_peak_bytes(**facts, **kw).breakdown["vision_activations"]
+
+    assert vision_bytes(512 * 4) == 4 * vision_bytes(512) > 0
+    assert with_images.estimate_bytes > text_only.estimate_bytes
 
 
 def _stats(*, images: int):
