@@ -229,6 +229,7 @@ def _pasted_faces(share: float) -> list[Image.Image]:
     return out
 
 
+@pytest.mark.slow  # 102 pasted-face pictures through both detectors: a recall benchmark
 @pytest.mark.parametrize("share", [1 / 8, 1 / 10, 1 / 12])
 def test_small_faces_mtcnn_finds_at_least_what_haar_found(share: float) -> None:
     """Recall by face size: MTCNN on its 160-px copy against the Haar passes on a 240-px copy.

@@ -43,7 +43,7 @@ from openft.models.families import find_chat_format
 from openft.models.render import IGNORE_INDEX, fold_system, render_chat
 from openft.models.thinking import split_thinking
 from openft.models.tiny_text import FORMATS, ensure_tiny_text
-from tests.unit.models.test_render_properties import PROFILE
+from tests.unit.models.test_render_properties import PROFILE, examples
 
 # Every format's structure tokens, Qwen's plain added tokens, and openft's placeholder syntax.
 CONTROL = sorted({t for f in FORMATS.values() for t in (*f.special_tokens, *f.plain_added_tokens)}) + [
@@ -184,7 +184,7 @@ def fmt(request) -> str:
     return request.param
 
 
-@settings(PROFILE, max_examples=40)
+@settings(PROFILE, max_examples=examples(40))
 @given(data=st.data(), max_length=st.integers(1, 400))
 def test_text_render_is_safe_and_the_templates_own(fmt: str, data: st.DataObject, max_length: int) -> None:
     tok = tokenizer(fmt)
