@@ -5,8 +5,8 @@
 
 Default mode: the built-in ``openft-tiny-vlm`` (random weights, CPU) answers through
 ``inference.chat.create_completion`` (the same path as ``POST /v1/chat/completions``) in three
-variants: free decoding, ``response_format`` strict ``json_schema``, and ``tool_choice:
-"required"`` with two tools. Runs are interleaved (free, schema, tools, free, ...) so machine noise
+variants: free decoding, ``response_format`` strict ``json_schema``, ``tool_choice:
+"required"`` with two tools, and ``tool_choice: "auto"`` with a strict tool (the lazy grammar). Runs are interleaved (free, schema, tools, free, ...) so machine noise
 hits every variant alike; each run is ``--requests`` requests at temperature 1 with different
 seeds, and its figure is completion tokens / wall time. min / median / max over runs, plus the
 load average before and after, are printed.
@@ -86,6 +86,9 @@ def chat_bench(args: argparse.Namespace) -> None:
             }
         },
         "tool_required": {"tools": TOOLS, "tool_choice": "required"},
+        # A strict tool under "auto": the lazy grammar (free text or schema-true calls) masks
+        # every token, text included.
+        "tool_auto_strict": {"tools": TOOLS, "tool_choice": "auto"},
     }
 
     def one_run(extra: dict[str, Any], run: int) -> tuple[float, int]:
@@ -116,12 +119,12 @@ def chat_bench(args: argparse.Namespace) -> None:
     print(
         f"torch threads {os.environ.get('OMP_NUM_THREADS', 'default')}; load average before {before}, after {_load()}"
     )
-    print(f"{'variant':<14} {'tokens':>7} {'tok/s min':>10} {'median':>8} {'max':>8}   vs free (median)")
+    print(f"{'variant':<16} {'tokens':>7} {'tok/s min':>10} {'median':>8} {'max':>8}   vs free (median)")
     free = statistics.median(rates["free"])
     for name, values in rates.items():
         med = statistics.median(values)
         print(
-            f"{name:<14} {counts[name]:>7} {min(values):>10.1f} {med:>8.1f} {max(values):>8.1f}   {med / free:>6.2f}x"
+            f"{name:<16} {counts[name]:>7} {min(values):>10.1f} {med:>8.1f} {max(values):>8.1f}   {med / free:>6.2f}x"
         )
 
 

@@ -36,6 +36,7 @@ TOOLS = [
     {"type": "function", "function": {"name": "get_weather", "parameters": WEATHER, "strict": True}},
     {"type": "function", "function": {"name": "add", "parameters": ADD}},
 ]
+ASK_JSON = [{"role": "system", "content": "Reply in JSON."}, *ASK]
 SCHEMAS = {"get_weather": WEATHER, "add": ADD}
 ANSWER = {
     "type": "object",
@@ -57,10 +58,10 @@ def client(api_server):
     return api_server.client("chat-tools")
 
 
-def _sample(client, seed: int, **kw: Any) -> Any:
+def _sample(client, seed: int, messages: list[dict[str, Any]] = ASK, **kw: Any) -> Any:
     """One reply sampled at temperature 1 from the untrained model, with room to finish."""
     return client.chat.completions.create(
-        model=MODEL, messages=ASK, temperature=1, max_completion_tokens=CAP, seed=seed, **kw
+        model=MODEL, messages=messages, temperature=1, max_completion_tokens=CAP, seed=seed, **kw
     )
 
 
@@ -115,13 +116,29 @@ def test_json_object_replies_are_objects(client) -> None:
     # OpenAI's would); every reply that ended on its own must be a JSON object.
     ended = 0
     for seed in range(6):
-        out = _sample(client, seed, response_format={"type": "json_object"})
+        out = _sample(client, seed, ASK_JSON, response_format={"type": "json_object"})
         choice = out.choices[0]
         assert choice.message.content.startswith("{")
         if choice.finish_reason == "stop":
             ended += 1
             assert isinstance(json.loads(choice.message.content), dict)
     assert ended >= 3
+
+
+def test_json_object_needs_the_word_json_in_the_messages(client) -> None:
+    # OpenAI's rule, with its words: the word may be in any message, in any case, in a text part.
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=MODEL, messages=ASK, response_format={"type": "json_object"})
+    assert e.value.param == "messages" and e.value.type == "invalid_request_error"
+    assert e.value.body["message"] == (
+        "'messages' must contain the word 'json' in some form, to use 'response_format' of type "
+        "'json_object'."
+    )
+    parts = [{"role": "user", "content": [{"type": "text", "text": "Answer as Json please"}]}]
+    out = client.chat.completions.create(
+        model=MODEL, messages=parts, response_format={"type": "json_object"}, max_completion_tokens=2
+    )
+    assert out.choices[0].message.content.startswith("{")
 
 
 @pytest.mark.slow  # samples a reply of up to 1,500 constrained tokens twice
@@ -137,6 +154,7 @@ def test_streamed_tool_calls_match_the_whole_reply(client) -> None:
     )
     whole = client.chat.completions.create(**args).choices[0]
     calls: dict[int, dict[str, str]] = {}
+    pieces = 0
     finish = None
     for chunk in client.chat.completions.create(**args, stream=True):
         for c in chunk.choices:
@@ -149,7 +167,9 @@ def test_streamed_tool_calls_match_the_whole_reply(client) -> None:
                 else:
                     assert d.id is None and d.function.name is None
                     calls[d.index]["arguments"] += d.function.arguments
+                    pieces += 1
     assert finish == "tool_calls"
+    assert pieces >= 3 * len(calls)  # arguments come as they are generated, not whole at the end
     assert [calls[i] for i in sorted(calls)] == [
         {"name": c.function.name, "arguments": c.function.arguments} for c in whole.message.tool_calls
     ]

@@ -2,23 +2,35 @@
 ``tool_calls`` through the openai SDK, and streaming gives the same calls as non-streaming.
 
 The task: a keyword hidden among filler words picks the tool (the weather for a city, the lamp
-for a colour) and is its argument; held-out prompts use filler arrangements never seen in training.
-Calls are asked for as the issue's user did (``tool_choice: "required"``): the grammar fixes the
-format, the fine-tuned model chooses the function and writes the arguments.
+for a colour) and is its argument, so the arguments are derivable from the prompt alone;
+held-out prompts use filler arrangements never seen in training. Calls are asked for as the
+issue's user did (``tool_choice: "required"``): the grammar fixes the format, the fine-tuned
+model chooses the function and writes the arguments.
+
+The model is the tiny ChatML (Qwen2.5 layout) text model: the tool definitions are in its
+prompt as Qwen's template puts them, and ``<tool_call>`` is one added token, as in Qwen's
+tokenizers, which the grammar lets the model write as it was trained to.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import os
 import random
+from collections.abc import Iterator
 
 import pytest
 
+from openft.models.tiny_text import ensure_tiny_text
+from tests.conftest import Server, model_cache, start_server
 from tests.integration.test_service_e2e import wait_for
 from tests.tasks import FILLER
 
 pytestmark = pytest.mark.slow
+
+MODEL = "tiny-chatml"
+SEED = int(os.environ.get("OPENFT_TOOL_E2E_SEED", "5"))  # to measure the spread over seeds
 
 CITIES = ("Paris", "Tokyo", "Lima", "Oslo")
 COLOURS = ("red", "green", "blue", "white")
@@ -70,10 +82,25 @@ def _jsonl(cases: list[tuple[str, str, dict[str, str]]]) -> bytes:
     return ("\n".join(lines) + "\n").encode()
 
 
-def test_fine_tuned_tool_calls_are_parsed_and_stream_equal(full_server) -> None:
-    c = full_server.client("tool-calling")
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    source = ensure_tiny_text("chatml", model_cache() / "text")
+    # A random-init base learns in full fine-tuning at a random-init rate (as the catalog says).
+    catalog = {MODEL: {"source": str(source), "training_type": "full", "learning_rate": 2e-3}}
+    srv = start_server(
+        tmp_path_factory.mktemp("tools") / "home",
+        "--workers",
+        "1",
+        env={"OPENFT_BASE_MODELS": json.dumps(catalog)},
+    )
+    yield srv
+    srv.stop()
+
+
+def test_fine_tuned_tool_calls_are_parsed_and_stream_equal(server: Server) -> None:
+    c = server.client("tool-calling")
     rng = random.Random(1)
-    train = [_case(rng, i) for i in range(120)]
+    train = [_case(rng, i) for i in range(240)]
     seen = {p for p, _, _ in train}
     rng = random.Random(99)
     held_out = []
@@ -84,46 +111,52 @@ def test_fine_tuned_tool_calls_are_parsed_and_stream_equal(full_server) -> None:
     f = c.files.create(file=("tools.jsonl", io.BytesIO(_jsonl(train))), purpose="fine-tune")
     job = c.fine_tuning.jobs.create(
         training_file=f.id,
-        model="openft-tiny-vlm",
-        seed=5,
-        method={
-            "type": "supervised",
-            "supervised": {
-                "hyperparameters": {"n_epochs": 6, "batch_size": 8, "learning_rate_multiplier": 1.0}
-            },
-        },
+        model=MODEL,
+        seed=SEED,
+        method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 24, "batch_size": 8}}},
     )
-    job = wait_for(c, job.id)
+    job = wait_for(c, job.id, timeout=3600)
     assert job.status == "succeeded", job.error
 
-    right_names = right_calls = 0
-    for prompt, name, args in held_out:
-        request = dict(
-            model=job.fine_tuned_model,
+    def request(model: str, prompt: str) -> dict:
+        return dict(
+            model=model,
             messages=[{"role": "user", "content": prompt}],
             tools=TOOLS,
             tool_choice="required",
             temperature=0,
             max_completion_tokens=48,
         )
-        out = c.chat.completions.create(**request).choices[0]
+
+    # The base model, under the same grammar, writes calls too, but not the right ones.
+    base = 0
+    for prompt, name, args in held_out:
+        out = c.chat.completions.create(**request(MODEL, prompt)).choices[0]
+        calls = out.message.tool_calls or []
+        base += out.finish_reason == "tool_calls" and [
+            (t.function.name, json.loads(t.function.arguments)) for t in calls
+        ] == [(name, args)]
+    assert base <= 2, base
+
+    right_names = right_calls = 0
+    for prompt, name, args in held_out:
+        out = c.chat.completions.create(**request(job.fine_tuned_model, prompt)).choices[0]
         assert out.finish_reason == "tool_calls" and out.message.content is None
-        calls = [(t.function.name, json.loads(t.function.arguments)) for t in out.message.tool_calls]
+        raw = [(t.function.name, t.function.arguments) for t in out.message.tool_calls]
+        calls = [(n, json.loads(a)) for n, a in raw]
         assert len(calls) == 1 and set(calls[0][1]) == {"city" if calls[0][0] == "get_weather" else "colour"}
         right_names += calls[0][0] == name
         right_calls += calls == [(name, args)]
         streamed: dict[int, list[str]] = {}
         finish = None
-        for chunk in c.chat.completions.create(**request, stream=True):
+        for chunk in c.chat.completions.create(**request(job.fine_tuned_model, prompt), stream=True):
             for choice in chunk.choices:
                 finish = choice.finish_reason or finish
                 for d in choice.delta.tool_calls or ():
                     entry = streamed.setdefault(d.index, [d.function.name or "", ""])
                     entry[1] += d.function.arguments or ""
         assert finish == out.finish_reason
-        assert [(n, json.loads(a)) for n, a in streamed.values()] == calls
-    # Measured with this seed and budget: names 8/8, whole calls (name and argument) 3/8; the
-    # issue's bar of >= 6/8 whole calls is not reached by this tiny model yet (see the report).
-    assert right_names >= 6, (
-        f"{right_names}/8 held-out prompts called the right function ({right_calls}/8 whole calls)"
-    )
+        assert [tuple(v) for v in streamed.values()] == raw  # the same name and argument bytes
+    print(f"seed {SEED}: base {base}/8, fine-tuned {right_calls}/8 whole calls, {right_names}/8 functions")
+    # The issue's bar: the right function with the right arguments on >= 6 of 8 held-out prompts.
+    assert right_calls >= 6, f"{right_calls}/8 whole calls right ({right_names}/8 right functions)"

@@ -165,16 +165,16 @@ def create_completion(
     choices = []
     for i in range(n):
         reasoning, answer = split_reply(texts[i], opened=opened) if opened is not None else (None, texts[i])
-        reply = tools.read_reply(tool_plan, answer)
-        calls = tools.message_calls(reply)
+        reason = finished[i].finish_reason
+        reply = tools.read_reply(tool_plan, answer, truncated=reason == "length")
         choices.append(
             Choice(
                 index=i,
                 message=CompletionMessage(
-                    content=reply.content, tool_calls=calls, reasoning_content=reasoning
+                    content=reply.content, tool_calls=tools.message_calls(reply), reasoning_content=reasoning
                 ),
                 logprobs=_logprobs(loaded, logprobs[i]) if params.logprobs else None,
-                finish_reason="tool_calls" if calls else finished[i].finish_reason,
+                finish_reason=tools.finish_reason(reply, reason),
             )
         )
     return ChatCompletionResponse(
@@ -257,30 +257,32 @@ def _stream(
             held[i].extend(event.logprobs)
             if isinstance(event, TextDelta):
                 thought, answer = thoughts[i].feed(event.text) if i in thoughts else ("", event.text)
-                text = gates[i].feed(answer) if answer else ""
+                text, calls = gates[i].feed(answer) if answer else ("", [])
                 if thought or text:
                     delta = ChunkDelta(content=text or None, reasoning_content=thought or None)
                     yield chunk([ChunkChoice(index=i, delta=delta, logprobs=lp(tuple(held[i])))])
                     held[i].clear()
+                for call in calls:  # one delta per chunk, as OpenAI streams them
+                    yield chunk([ChunkChoice(index=i, delta=ChunkDelta(tool_calls=[call]))])
             else:
                 finished.append(event)
                 thought, answer = thoughts[i].finish() if i in thoughts else ("", "")
-                early = gates[i].feed(answer) if answer else ""
-                rest, reply = gates[i].finish()
+                early, calls = gates[i].feed(answer) if answer else ("", [])
+                rest, more, reply = gates[i].finish(truncated=event.finish_reason == "length")
                 text = early + rest
                 if thought or text:
                     delta = ChunkDelta(content=text or None, reasoning_content=thought or None)
                     yield chunk([ChunkChoice(index=i, delta=delta)])
-                for calls in tools.call_deltas(reply):
-                    yield chunk([ChunkChoice(index=i, delta=ChunkDelta(tool_calls=calls))])
-                # Tokens not tied to any sent text (a stop string's, a held tool call's) still get
+                for call in [*calls, *more]:  # one delta per chunk, as OpenAI streams them
+                    yield chunk([ChunkChoice(index=i, delta=ChunkDelta(tool_calls=[call]))])
+                # Tokens not tied to any sent text (a stop string's, a tool call's) still get
                 # their logprobs reported.
                 logprobs = lp(tuple(held[i])) if held[i] else None
                 choice = ChunkChoice(
                     index=i,
                     delta=ChunkDelta(),
                     logprobs=logprobs,
-                    finish_reason="tool_calls" if reply.calls else event.finish_reason,
+                    finish_reason=tools.finish_reason(reply, event.finish_reason),
                 )
                 yield chunk([choice])
     finally:

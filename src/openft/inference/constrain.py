@@ -17,9 +17,10 @@ the grammar is complete the only allowed token is end-of-turn.
 from __future__ import annotations
 
 import json
+import re
 import threading
 import weakref
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import llguidance
@@ -27,7 +28,7 @@ import llguidance.hf
 import torch
 
 from openft.errors import InvalidRequest
-from openft.models.tool_calls import ToolCallFormat
+from openft.models.tool_calls import MistralArgsFormat, PythonicFormat, ToolCallFormat
 
 # Chat templates serialise JSON with Jinja's ``tojson`` (", " and ": ", no newlines); forced
 # output uses the same layout, so what is served looks like what was trained.
@@ -66,36 +67,111 @@ def tool_grammar(
     tools: Sequence[tuple[str, dict[str, Any] | None, bool]],
     *,
     parallel: bool,
-    marker_token_id: int | None,
+    tokens: Mapping[str, tuple[int, bool]],
+    lazy: bool = False,
+    content_schema: dict[str, Any] | None = None,
     param: str,
 ) -> str:
-    """A grammar for a reply that is only tool calls in ``fmt``, one of ``tools`` each.
+    """A grammar for tool calls in ``fmt``, one of ``tools`` each.
 
     ``tools`` holds (name, parameters schema, strict) per allowed function; every call's
-    arguments match its function's schema. ``marker_token_id``: the format's marker when it is
-    one special token (Mistral's ``[TOOL_CALLS]``), written by id since it has no text.
+    arguments match its function's schema (keywords a non-strict schema uses that the engine
+    cannot enforce are skipped). ``tokens``: the tokenizer's added tokens, text -> (id, special):
+    format text that is one added token (Qwen's ``<tool_call>``, Mistral's ``[TOOL_CALLS]``) may
+    be written as that token, which is how a fine-tuned model writes it; a special token can only
+    be written so. ``lazy`` (``tool_choice: "auto"``): the reply is free text or calls, and only
+    calls are constrained; ``content_schema``: the free text must be JSON of that schema
+    (``response_format`` next to ``auto``).
     """
+    if isinstance(fmt, PythonicFormat):
+        raise InvalidRequest(
+            "this model writes tool calls as Python code (the pythonic format); openft cannot "
+            "constrain those yet: use tool_choice 'auto' without strict tools",
+            param="tool_choice",
+            code="unsupported_for_model",
+        )
+
+    def lit(text: str) -> str:
+        return _lit_tokens(text, tokens)
+
     # One Lark alternative per function, each with its own arguments schema: the name decides
     # which schema the arguments follow (a JSON-schema anyOf over whole call objects would let
     # the engine merge the branches). The object's layout is tojson's, as templates render it.
+    # ``tail``: a call after its format's marker, where each call starts with the marker.
     strict = any(s for _, _, s in tools)
-    rules = []
-    for name, parameters, _ in tools:
-        head = fmt.call_json(name, 0)[: -len("0}")]  # '{"name": "f", "arguments": '
-        args = "%json " + json.dumps(_with_layout(parameters or _EMPTY_OBJECT, strict))
-        body = f'{_lit(head)} {args} "}}"'
-        if fmt.call_open or fmt.call_close:
-            body = f"{_lit(fmt.call_open)} {body} {_lit(fmt.call_close)}".strip()
-        rules.append(body)
+    marker = fmt.marker
+    calls_start_with_marker = bool(marker) and not fmt.array
+    rules, tails = [], []
+    for name, parameters, tool_strict in tools:
+        args = "%json " + json.dumps(_with_layout(parameters or _EMPTY_OBJECT, tool_strict))
+        if isinstance(fmt, MistralArgsFormat):
+            tail = f"{lit(name)} {lit(fmt.args_marker)} {args}"
+        else:
+            head = fmt.call_json(name, 0)[: -len("0}")]  # '{"name": "f", "arguments": '
+            tail = f"{lit(fmt.call_open[len(marker) :] if calls_start_with_marker else fmt.call_open)} "
+            tail += f'{lit(head)} {args} "}}" {lit(fmt.call_close)}'
+        tails.append(tail)
+        rules.append(f"{lit(marker)} {tail}" if calls_start_with_marker else tail)
     call = " | ".join(f"({r})" for r in rules)
-    sep = _lit(", " if fmt.array else fmt.separator)
-    calls = f"call ({sep} call)*" if parallel else "call"
-    body = f'"[" {calls} "]"' if fmt.array else calls
-    marker = (
-        f"<[{marker_token_id}]>" if marker_token_id is not None else _lit(fmt.marker) if fmt.array else ""
-    )
-    lark = f"start: {marker} {body}\ncall: {call}\n"
+    sep = _lit(", ") if fmt.array else lit(fmt.separator)
+    more = f"({sep} call)*" if parallel else ""
+    if fmt.array:  # marker [call, call]
+        after_marker = f'"[" call {more} "]"'
+        section = f"{lit(marker)} after_marker"
+    elif marker:  # marker+call marker+call
+        after_marker = f"({' | '.join(f'({t})' for t in tails)}) {more}"
+        section = f"call {more}"
+    else:  # the reply is the calls
+        after_marker, section = "", f"call {more}"
+    lark = f"section: {section}\ncall: {call}\n"
+    if after_marker:
+        lark += f"after_marker: {after_marker}\n"
+    if not lazy:
+        lark = "start: section\n" + lark
+    elif content_schema is not None:  # JSON content or calls
+        if not marker:
+            raise InvalidRequest(
+                "response_format with strict tools and tool_choice 'auto' needs a model whose tool "
+                "calls start with a marker; this model's calls are bare JSON too, so a reply could "
+                "be read either way: set tool_choice to 'none' or 'required', or drop strict",
+                param="response_format",
+            )
+        lark = (
+            f"start: content | section\ncontent: %json {json.dumps(_with_layout(content_schema, strict))}\n"
+            + lark
+        )
+    elif marker:
+        # Text that never spells the marker, or text up to the marker and calls after it. The
+        # text ends at the marker by a stop string: a lexer does not backtrack out of free text.
+        # A marker that is one added token ends text unambiguously (text is bytes, never tokens).
+        starts = ["TEXT", "before_marker after_marker"]
+        if marker in tokens:
+            token_id, special = tokens[marker]
+            starts.append(f"TEXT? <[{token_id}]> after_marker")
+        lark = (
+            f"start: {' | '.join(starts)}\n"
+            f"TEXT: /(.|\\n)+/ & ~/(.|\\n)*{re.escape(marker)}(.|\\n)*/\n"
+            f"before_marker[stop={json.dumps(marker)}]: /(.|\\n)*/\n" + lark
+        )
+    else:
+        lark = f"start: TEXT? | section\nTEXT: /\\s*[^\\s{re.escape(fmt.opening)}](.|\\n)*/\n" + lark
     return _checked(llguidance.LLMatcher.grammar_from_lark(lark), strict, param)
+
+
+def _lit_tokens(text: str, tokens: Mapping[str, tuple[int, bool]]) -> str:
+    """``text`` as a Lark expression, each added token in it also (special: only) as itself."""
+    found = [t for t in tokens if t and t in text]
+    if not found:
+        return _lit(text)
+    pieces = re.split("(" + "|".join(re.escape(t) for t in sorted(found, key=len, reverse=True)) + ")", text)
+    out = []
+    for piece in pieces:
+        if piece in tokens:
+            token_id, special = tokens[piece]
+            out.append(f"<[{token_id}]>" if special else f"(<[{token_id}]> | {_lit(piece)})")
+        elif piece:
+            out.append(_lit(piece))
+    return " ".join(out)
 
 
 def _lit(text: str) -> str:
@@ -112,6 +188,8 @@ def _with_layout(schema: dict[str, Any] | None, strict: bool) -> dict[str, Any]:
 
 def _checked(grammar: str, strict: bool, param: str) -> str:
     is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar)
+    # Token ids (<[id]>) come from the model's own vocabulary; checked with the tokenizer later.
+    messages = [m for m in messages if not m.startswith("no tokenizer")]
     if is_error or (strict and messages):
         detail = "; ".join(messages) or "invalid schema"
         raise InvalidRequest(

@@ -20,16 +20,27 @@ Registry keys (``Family.tool_format`` names one of them):
     Mistral (v3 tokenizer templates: Mistral 7B v0.3, Nemo, Small): ``[TOOL_CALLS]`` then a JSON
     array ``[{"name": "f", "arguments": {...}}, ...]``. ``[TOOL_CALLS]`` is a control token in
     real Mistral tokenizers (kept in the decoded text for parsing; see ``marker_tokens``).
+``mistral_v11``
+    Mistral tekken v11+ (Mistral Small 3.1/3.2, Magistral, Devstral): ``[TOOL_CALLS]f[ARGS]{...}``
+    per call (see :class:`MistralArgsFormat`).
 ``phi4_mini``
     Phi-4-mini: ``functools[{"name": "f", "arguments": {...}}, ...]``.
+``pythonic``
+    ``[f(a=1, b="x"), g()]`` (Llama 3.2 / Llama 4 pythonic tool calling; see
+    :class:`PythonicFormat`).
 
 Arguments are JSON objects in the text; they are returned to clients as that text (a JSON
-string, as OpenAI sends ``arguments``), exactly as the model wrote it.
+string, as OpenAI sends ``arguments``), exactly as the model wrote it (``pythonic``: the JSON
+object of the Python literals). :meth:`ToolCallFormat.scan` reads a reply that is still being
+generated, so calls can be streamed as they are written; :meth:`ToolCallFormat.parse` is the
+same reading of the whole reply.
 """
 
 from __future__ import annotations
 
+import ast
 import json
+import re
 import secrets
 import string
 from collections.abc import Sequence
@@ -59,12 +70,37 @@ def new_call_id() -> str:
 
 
 @dataclass(frozen=True)
+class PartialCall:
+    """A call as far as a reply has written it: the name is whole, the arguments may not be."""
+
+    name: str
+    arguments: str
+    """The arguments text so far. JSON formats: a prefix of the final arguments, so it can be
+    streamed as it grows; ``pythonic``: empty until the call is closed, then the whole object."""
+    complete: bool
+
+
+@dataclass(frozen=True)
+class Scan:
+    """What a reply (or the part of it generated so far) holds."""
+
+    start: int
+    """Where the call section starts; ``text[:start]`` is content."""
+    calls: tuple[PartialCall, ...]
+    complete: bool
+    """The section ends where the text ends and every call in it is closed."""
+
+
+_INCOMPLETE = -1  # a scanner's answer: the text ends before the thing being read does
+
+
+@dataclass(frozen=True)
 class ToolCallFormat:
     name: str
     """Registry key (``hermes``, ``llama3_json``, ...)."""
     marker: str
     """Text that starts the tool-call part of a reply; text before it is ``content``. Empty: the
-    reply must *be* the calls (Llama 3 JSON)."""
+    reply must *be* the calls (Llama 3 JSON, pythonic)."""
     array: bool
     """True: after ``marker`` comes one JSON array of call objects (Mistral, Phi-4-mini).
     False: call objects one after the other, each wrapped in ``call_open``/``call_close`` and
@@ -79,6 +115,8 @@ class ToolCallFormat:
     optional_prefixes: tuple[str, ...] = ()
     """Text the model may put before the calls that carries no meaning (Llama's ``<|python_tag|>``)."""
 
+    # ------------------------------------------------------------------ writing
+
     def render(self, calls: Sequence[ParsedCall]) -> str:
         """The assistant text for ``calls``, as the family's chat template writes them."""
         objs = [self.call_json(c.name, json.loads(c.arguments)) for c in calls]
@@ -90,75 +128,173 @@ class ToolCallFormat:
         """One call object, serialised as Jinja's ``tojson`` does in chat templates."""
         return json.dumps({"name": name, self.arguments_key: arguments}, ensure_ascii=False)
 
+    # ------------------------------------------------------------------ reading
+
     def parse(self, text: str) -> ParsedReply:
         """Split ``text`` into content and calls. Text that is not a well-formed call section
         stays content, whole: nothing a model wrote is dropped."""
-        plain = ParsedReply(content=text, calls=())
+        found = self.scan(text)
+        if found is None or not found.complete or not found.calls:
+            return ParsedReply(content=text, calls=())
+        calls = tuple(ParsedCall(c.name, c.arguments) for c in found.calls)
+        return ParsedReply(content=text[: found.start].rstrip() or None, calls=calls)
+
+    def scan(self, text: str) -> Scan | None:
+        """The call section of ``text`` read as far as it goes (``text`` may be a reply still
+        being generated). None: there is no call section, or what is there cannot become one."""
+        start = self.section_start(text)
+        if start is None:
+            return None
+        read = self._scan_section(text, start)
+        if read is None:
+            return None
+        calls, complete = read
+        return Scan(start=start, calls=tuple(calls), complete=complete)
+
+    def section_start(self, text: str) -> int | None:
+        """Where the call section starts, or None if ``text`` has none (yet)."""
         if self.marker:
             at = text.find(self.marker)
-            if at < 0:
-                return plain
-            head = text[:at]
-            # Wrapped calls keep the marker (it is each call's opening); an array skips it.
-            rest = text[at + len(self.marker) :] if self.array else text[at:]
+            return at if at >= 0 else None
+        at = _skip_ws(text, 0)
+        rest = text[at:]
+        if rest.startswith(self.opening) or any(rest.startswith(p) for p in self.optional_prefixes):
+            return at
+        return None
+
+    @property
+    def opening(self) -> str:
+        """What a markerless reply that is a call starts with."""
+        return "{"
+
+    def may_start_section(self, text: str) -> bool:
+        """Markerless formats: ``text`` (all of the reply so far) may still turn into calls."""
+        head = text.lstrip()
+        return not head or any(
+            p.startswith(head) or head.startswith(p) for p in (self.opening, *self.optional_prefixes)
+        )
+
+    def _scan_section(self, text: str, pos: int) -> tuple[list[PartialCall], bool] | None:
+        if self.marker:
+            if self.array:
+                pos += len(self.marker)
         else:
-            head, rest = "", text.lstrip()
             for prefix in self.optional_prefixes:
-                if rest.startswith(prefix):
-                    rest = rest[len(prefix) :]
-        calls = self._parse_array(rest) if self.array else self._parse_sequence(rest)
-        if not calls:
-            return plain
-        return ParsedReply(content=head.rstrip() or None, calls=calls)
+                if text.startswith(prefix, pos):
+                    pos = _skip_ws(text, pos + len(prefix))
+        if self.array:
+            return self._scan_calls(text, pos, open_="", close="", sep=",", begin="[", end="]")
+        return self._scan_calls(
+            text,
+            pos,
+            open_=self.call_open.strip(),
+            close=self.call_close.strip(),
+            sep=self.separator.strip(),
+            begin="",
+            end="",
+        )
 
-    def _parse_array(self, rest: str) -> tuple[ParsedCall, ...]:
-        pos = _skip_ws(rest, 0)
-        if not rest.startswith("[", pos):
-            return ()
-        calls, pos = self._calls(rest, pos + 1, open_="", close="", sep=",", end="]")
-        return calls if calls and rest.startswith("]", pos) and not rest[pos + 1 :].strip() else ()
-
-    def _parse_sequence(self, rest: str) -> tuple[ParsedCall, ...]:
-        open_, close, sep = self.call_open.strip(), self.call_close.strip(), self.separator.strip()
-        calls, pos = self._calls(rest, 0, open_=open_, close=close, sep=sep, end="")
-        return calls if pos >= len(rest) else ()
-
-    def _calls(
-        self, rest: str, pos: int, *, open_: str, close: str, sep: str, end: str
-    ) -> tuple[tuple[ParsedCall, ...], int]:
-        """Calls from ``pos`` on, each ``open_ {...} close``, ``sep`` between them, until ``end``
-        (or the end of the text); ``()`` if anything else is in the way."""
-        calls: list[ParsedCall] = []
-        pos = _skip_ws(rest, pos)
-        while pos < len(rest) and not (end and rest.startswith(end, pos)):
+    def _scan_calls(
+        self, text: str, pos: int, *, open_: str, close: str, sep: str, begin: str, end: str
+    ) -> tuple[list[PartialCall], bool] | None:
+        """Calls ``begin open_ {...} close sep open_ {...} close ... end``, read as far as the
+        text goes; None when something else is in the way."""
+        calls: list[PartialCall] = []
+        pos = _skip_ws(text, pos)
+        if begin:
+            pos = _expect(text, pos, begin)
+            if pos is None or pos == _INCOMPLETE:
+                return None if pos is None else (calls, False)
+        while True:
+            pos = _skip_ws(text, pos)
+            if pos >= len(text):
+                return calls, bool(calls) and not end
+            if end and calls and text.startswith(end, pos):
+                pos = _skip_ws(text, pos + len(end))
+                return (calls, True) if pos >= len(text) else None
             for token in (sep if calls else "", open_):
                 if token:
-                    if not rest.startswith(token, pos):
-                        return (), pos
-                    pos = _skip_ws(rest, pos + len(token))
-            found = self._call_at(rest, pos)
+                    pos = _expect(text, pos, token)
+                    if pos is None or pos == _INCOMPLETE:
+                        return None if pos is None else (calls, False)
+                    pos = _skip_ws(text, pos)
+            found = self._scan_object(text, pos)
             if found is None:
-                return (), pos
-            call, pos = found
-            calls.append(call)
-            pos = _skip_ws(rest, pos)
+                return None
+            call, obj_end = found
+            if call is not None:
+                calls.append(call)
+            if obj_end == _INCOMPLETE:
+                return calls, False
+            if call is None:
+                return None
+            pos = _skip_ws(text, obj_end)
             if close:
-                if not rest.startswith(close, pos):
-                    return (), pos
-                pos = _skip_ws(rest, pos + len(close))
-        return tuple(calls), pos
+                pos = _expect(text, pos, close)
+                if pos is None or pos == _INCOMPLETE:
+                    return None if pos is None else (calls, False)
 
-    def _call_at(self, text: str, pos: int) -> tuple[ParsedCall, int] | None:
-        """The call object starting at ``pos`` and where it ends. ``arguments`` is the model's own
-        text of the arguments object (valid JSON, kept byte for byte: re-serialising would turn
-        ``1e999`` into ``Infinity``, which is not JSON)."""
-        members = _object_members(text, pos)
-        if members is None:
+    def _scan_object(self, text: str, pos: int) -> tuple[PartialCall | None, int] | None:
+        """The call object at ``pos``: the call (None until its name is read) and where the object
+        ends (``_INCOMPLETE`` if it goes past the text). None: not a call object. ``arguments``
+        is the model's own text of the arguments object (valid JSON, kept byte for byte:
+        re-serialising would turn ``1e999`` into ``Infinity``, which is not JSON)."""
+        if pos >= len(text):
+            return None, _INCOMPLETE
+        if text[pos] != "{":
             return None
-        fields, end = members
+        keys = (self.arguments_key, "arguments", "parameters")
+        fields: dict[str, tuple[Any, str]] = {}
+        partial_args = ""
+        pos = _skip_ws(text, pos + 1)
+        ended = False
+        while pos < len(text):
+            if text[pos] == "}":
+                ended = True
+                pos += 1
+                break
+            if fields:
+                pos = _expect(text, pos, ",")
+                if pos is None or pos == _INCOMPLETE:
+                    if pos is None:
+                        return None
+                    break
+                pos = _skip_ws(text, pos)
+            if pos >= len(text):
+                break
+            if text[pos] != '"':
+                return None
+            key_end = _value_end(text, pos)
+            if key_end == _INCOMPLETE:
+                break
+            key = json.loads(text[pos:key_end])
+            pos = _expect(text, _skip_ws(text, key_end), ":")
+            if pos is None:
+                return None
+            start = _skip_ws(text, pos) if pos != _INCOMPLETE else len(text)
+            value_end = _value_end(text, start)
+            if value_end is None:
+                return None
+            if value_end == _INCOMPLETE:
+                if key in keys and text.startswith("{", start):
+                    partial_args = text[start:]
+                break
+            try:
+                value, stop = _STRICT.raw_decode(text, start)
+            except ValueError:  # JSONDecodeError and rejected constants
+                return None
+            if stop != value_end:
+                return None
+            fields[key] = (value, text[start:stop])
+            pos = _skip_ws(text, stop)
         name = fields.get("name")
-        args = fields.get(self.arguments_key) or fields.get("arguments") or fields.get("parameters")
-        if name is None or not isinstance(name[0], str) or args is None:
+        if name is not None and not isinstance(name[0], str):
+            return None
+        args = next((fields[k] for k in keys if k in fields), None)
+        if not ended:
+            call = PartialCall(name[0], args[1] if args else partial_args, False) if name else None
+            return call, _INCOMPLETE
+        if name is None or args is None:
             return None
         value, raw = args
         if isinstance(value, str):  # some models write the arguments as a JSON string
@@ -168,7 +304,219 @@ class ToolCallFormat:
                 return None
         if not isinstance(value, dict):
             return None
-        return ParsedCall(name=name[0], arguments=raw), end
+        return PartialCall(name[0], raw, True), pos
+
+
+@dataclass(frozen=True)
+class MistralArgsFormat(ToolCallFormat):
+    """Mistral's tekken v11+ layout (Mistral Small 3.1/3.2, Magistral, Devstral, Ministral):
+    each call is ``[TOOL_CALLS]name[ARGS]{...}``, parallel calls one after the other. Small 3.2
+    writes ``[TOOL_CALLS]name[CALL_ID]id[ARGS]{...}``; the id is read and dropped (openft gives
+    calls its own ids). All three markers are control tokens in the real tokenizers."""
+
+    args_marker: str = "[ARGS]"
+    id_marker: str = "[CALL_ID]"
+
+    def render(self, calls: Sequence[ParsedCall]) -> str:
+        return "".join(
+            self.marker + c.name + self.args_marker + json.dumps(json.loads(c.arguments), ensure_ascii=False)
+            for c in calls
+        )
+
+    def _scan_section(self, text: str, pos: int) -> tuple[list[PartialCall], bool] | None:
+        calls: list[PartialCall] = []
+        while True:
+            pos = _skip_ws(text, pos)
+            if pos >= len(text):
+                return calls, bool(calls)
+            pos = _expect(text, pos, self.marker)
+            if pos is None or pos == _INCOMPLETE:
+                return None if pos is None else (calls, False)
+            head = _NAME.match(text, pos)
+            pos = head.end()
+            name = head.group()
+            if pos >= len(text) or any(m.startswith(text[pos:]) for m in (self.args_marker, self.id_marker)):
+                return calls, False  # the name (or the marker after it) is still being written
+            if text.startswith(self.id_marker, pos):
+                id_end = text.find(self.args_marker, pos)
+                if id_end < 0:
+                    return (calls, False) if name else None
+                pos = id_end
+            if not name or not text.startswith(self.args_marker, pos):
+                return None
+            start = pos + len(self.args_marker)
+            if start < len(text) and text[start] != "{":
+                return None
+            end = _value_end(text, start)
+            if end is None:
+                return None
+            if end == _INCOMPLETE:
+                calls.append(PartialCall(name, text[start:], False))
+                return calls, False
+            try:
+                value = _strict_loads(text[start:end])
+            except ValueError:
+                return None
+            if not isinstance(value, dict):
+                return None
+            calls.append(PartialCall(name, text[start:end], True))
+            pos = end
+
+
+@dataclass(frozen=True)
+class PythonicFormat(ToolCallFormat):
+    """Python call syntax, ``[get_weather(city="Paris", days=2), add(a=1, b=2)]`` (Llama 3.2 and
+    Llama 4 "pythonic" tool calling, vLLM's ``pythonic`` parser): the reply is one list of calls
+    with keyword arguments whose values are Python literals. Arguments are returned as the JSON
+    object of those values; they are not JSON text in the reply, so each call's arguments come
+    whole once its ``)`` is written."""
+
+    def render(self, calls: Sequence[ParsedCall]) -> str:
+        items = []
+        for c in calls:
+            args = json.loads(c.arguments)
+            items.append(c.name + "(" + ", ".join(f"{k}={_py(v)}" for k, v in args.items()) + ")")
+        return "[" + ", ".join(items) + "]"
+
+    @property
+    def opening(self) -> str:
+        return "["
+
+    def _scan_section(self, text: str, pos: int) -> tuple[list[PartialCall], bool] | None:
+        for prefix in self.optional_prefixes:
+            if text.startswith(prefix, pos):
+                pos = _skip_ws(text, pos + len(prefix))
+        calls: list[PartialCall] = []
+        pos = _expect(text, pos, "[")
+        if pos is None or pos == _INCOMPLETE:
+            return None if pos is None else (calls, False)
+        while True:
+            pos = _skip_ws(text, pos)
+            if pos >= len(text):
+                return calls, False
+            if calls and text[pos] == "]":
+                return (calls, True) if not text[pos + 1 :].strip() else None
+            if calls:
+                pos = _expect(text, pos, ",")
+                if pos is None:
+                    return None
+                pos = _skip_ws(text, pos)
+            head = _NAME.match(text, pos)
+            name, pos = head.group(), head.end()
+            if pos >= len(text):
+                return calls, False
+            if not name or text[pos] != "(":
+                return None
+            end = _py_call_end(text, pos)
+            if end is None:
+                return None
+            if end == _INCOMPLETE:
+                calls.append(PartialCall(name, "", False))
+                return calls, False
+            args = _py_kwargs(text[pos:end])
+            if args is None:
+                return None
+            calls.append(PartialCall(name, args, True))
+            pos = end
+
+
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]*|")
+
+
+def _py(value: Any) -> str:
+    """A JSON value as a Python literal."""
+    if value is None or isinstance(value, bool):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, list):
+        return "[" + ", ".join(_py(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{_py(str(k))}: {_py(v)}" for k, v in value.items()) + "}"
+    return json.dumps(value)
+
+
+def _py_call_end(text: str, pos: int) -> int | None:
+    """End of the parenthesised argument list at ``pos`` (Python strings and brackets aware)."""
+    end = _balanced_end(text, pos, "\"'")
+    return end if end == _INCOMPLETE or text[end - 1] == ")" else None
+
+
+def _balanced_end(text: str, pos: int, quotes: str) -> int:
+    """After the bracket that closes the one at ``pos``, skipping strings in ``quotes``;
+    ``_INCOMPLETE`` if the text ends first. Which bracket closes is checked by the caller's
+    parser afterwards. Jumps from one structural character to the next (a streamed reply is
+    re-read at every token, so this must not walk character by character in Python)."""
+    depth, quote, skip = 0, "", pos
+    for m in (_STRUCTURE_PY if "'" in quotes else _STRUCTURE_JSON).finditer(text, pos):
+        at, ch = m.start(), m.group()
+        if at < skip:
+            continue
+        if quote:
+            if ch == "\\":
+                skip = at + 2
+            elif ch == quote:
+                quote = ""
+        elif ch in quotes:
+            quote = ch
+        elif ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            depth -= 1
+            if depth == 0:
+                return at + 1
+    return _INCOMPLETE
+
+
+_STRUCTURE_JSON = re.compile(r'[\[\]{}()"\\]')
+_STRUCTURE_PY = re.compile(r"[\[\]{}()\"'\\]")
+
+
+def _py_kwargs(args: str) -> str | None:
+    """``(a=1, b="x")`` as the JSON object ``{"a": 1, "b": "x"}``; None unless every argument is
+    a keyword with a literal value that JSON can hold."""
+    try:
+        call = ast.parse("f" + args, mode="eval").body
+    except (SyntaxError, ValueError):
+        return None
+    if not isinstance(call, ast.Call) or call.args or any(k.arg is None for k in call.keywords):
+        return None
+    try:
+        values = {k.arg: ast.literal_eval(k.value) for k in call.keywords}
+        return json.dumps(values, ensure_ascii=False, allow_nan=False)
+    except (ValueError, TypeError, SyntaxError):  # not a literal, or not JSON (a set, NaN...)
+        return None
+
+
+def _expect(text: str, pos: int, token: str) -> int | None:
+    """After ``token`` at ``pos``; ``_INCOMPLETE`` if the text ends inside it; None if absent."""
+    if text.startswith(token, pos):
+        return pos + len(token)
+    if token.startswith(text[pos:]):
+        return _INCOMPLETE
+    return None
+
+
+def _value_end(text: str, pos: int) -> int | None:
+    """End of the JSON value at ``pos`` by its structure (strings, brackets), ``_INCOMPLETE`` if
+    the text ends first (a number or literal at the very end may go on), None if no value can
+    start there. The value's validity is checked by the JSON decoder afterwards."""
+    if pos >= len(text):
+        return _INCOMPLETE
+    ch = text[pos]
+    if ch == '"':
+        m = _JSON_STRING.match(text, pos)
+        return m.end() if m else _INCOMPLETE
+    if ch in "{[":
+        return _balanced_end(text, pos, '"')
+    m = _SCALAR.match(text, pos)
+    if not m.group():
+        return None
+    return _INCOMPLETE if m.end() >= len(text) else m.end()
+
+
+_SCALAR = re.compile(r"[-+0-9.eEa-zA-Z]*")
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.S)
 
 
 def _strict_loads(text: str) -> Any:
@@ -180,31 +528,6 @@ def _reject_constant(name: str) -> Any:
 
 
 _STRICT = json.JSONDecoder(parse_constant=_reject_constant)
-
-
-def _object_members(text: str, pos: int) -> tuple[dict[str, tuple[Any, str]], int] | None:
-    """Parse the JSON object at ``pos``: key -> (value, the value's source text), and its end."""
-    if not text.startswith("{", pos):
-        return None
-    out: dict[str, tuple[Any, str]] = {}
-    pos = _skip_ws(text, pos + 1)
-    try:
-        while not text.startswith("}", pos):
-            if out:
-                if not text.startswith(",", pos):
-                    return None
-                pos = _skip_ws(text, pos + 1)
-            key, pos = _STRICT.raw_decode(text, pos)
-            pos = _skip_ws(text, pos)
-            if not isinstance(key, str) or not text.startswith(":", pos):
-                return None
-            start = _skip_ws(text, pos + 1)
-            value, pos = _STRICT.raw_decode(text, start)
-            out[key] = (value, text[start:pos])
-            pos = _skip_ws(text, pos)
-    except ValueError:  # JSONDecodeError and rejected constants
-        return None
-    return out, pos + 1
 
 
 def _skip_ws(text: str, pos: int) -> int:
@@ -232,8 +555,17 @@ LLAMA3_JSON = ToolCallFormat(
 )
 MISTRAL = ToolCallFormat(name="mistral", marker="[TOOL_CALLS]", array=True, marker_tokens=("[TOOL_CALLS]",))
 PHI4_MINI = ToolCallFormat(name="phi4_mini", marker="functools", array=True)
+MISTRAL_V11 = MistralArgsFormat(
+    name="mistral_v11",
+    marker="[TOOL_CALLS]",
+    array=False,
+    marker_tokens=("[TOOL_CALLS]", "[ARGS]", "[CALL_ID]"),
+)
+PYTHONIC = PythonicFormat(name="pythonic", marker="", array=False)
 
-FORMATS: dict[str, ToolCallFormat] = {f.name: f for f in (HERMES, LLAMA3_JSON, MISTRAL, PHI4_MINI)}
+FORMATS: dict[str, ToolCallFormat] = {
+    f.name: f for f in (HERMES, LLAMA3_JSON, MISTRAL, MISTRAL_V11, PHI4_MINI, PYTHONIC)
+}
 
 
 def get_format(name: str) -> ToolCallFormat:
@@ -245,6 +577,7 @@ def get_format(name: str) -> ToolCallFormat:
 
 # What a chat template's source says about the format it writes (checked in this order).
 _TEMPLATE_SIGNS: tuple[tuple[str, str], ...] = (
+    ("[ARGS]", "mistral_v11"),
     ("[TOOL_CALLS]", "mistral"),
     ("functools", "phi4_mini"),
     ("<tool_call>", "hermes"),

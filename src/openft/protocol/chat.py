@@ -93,6 +93,12 @@ class ChatMessage(Request):
             raise ValueError("a tool message needs 'tool_call_id'")
         return self
 
+    def texts(self) -> list[str]:
+        """The message's text: its string content or its text parts."""
+        if isinstance(self.content, str):
+            return [self.content]
+        return [p.text for p in self.content or () if isinstance(p, TextContentPart)]
+
 
 class StreamOptions(Request):
     include_usage: bool | None = None
@@ -304,6 +310,16 @@ class ChatCompletionRequest(Request):
         self.refuse_extra(hint=hint)
         for i, m in enumerate(self.messages):
             m.refuse_extra(f"messages[{i}].", hint)
+        if isinstance(self.response_format, JsonObjectFormat) and not any(
+            "json" in text.lower() for m in self.messages for text in m.texts()
+        ):
+            # OpenAI's rule and words: a model told nothing about JSON may write whitespace until
+            # the token limit inside a JSON grammar.
+            raise InvalidRequest(
+                "'messages' must contain the word 'json' in some form, to use 'response_format' of "
+                "type 'json_object'.",
+                param="messages",
+            )
 
     # Small conversions the engine needs, so the rules live next to the fields.
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -32,17 +33,36 @@ def _replies(fmt: str) -> list[str]:
     ]
 
 
-def _stream(plan: ToolPlan, text: str, cuts: list[int]) -> tuple[str, list[ParsedCall]]:
+def _stream(
+    plan: ToolPlan, text: str, cuts: list[int], *, truncated: bool = False
+) -> tuple[str, list[ParsedCall], int]:
+    """(content, calls as the deltas assemble them, how many argument pieces came)."""
     gate = ContentGate(plan)
     sent = ""
+    calls: list[list[str]] = []
+    pieces = 0
     edges = sorted({0, len(text), *(c % (len(text) + 1) for c in cuts)})
+
+    def take(content: str, deltas: list) -> None:
+        nonlocal sent, pieces
+        sent += content
+        for d in deltas:
+            if d.id is not None:  # a call's first delta: index, id, type, name, empty arguments
+                assert d.index == len(calls) and d.type == "function" and d.function.arguments == ""
+                calls.append([d.function.name, ""])
+            else:
+                assert d.function.name is None and d.function.arguments
+                calls[d.index][1] += d.function.arguments
+                pieces += 1
+
     for a, b in zip(edges, edges[1:], strict=False):
-        sent += gate.feed(text[a:b])
-    tail, reply = gate.finish()
-    return sent + tail, list(reply.calls)
+        take(*gate.feed(text[a:b]))
+    content, deltas, _ = gate.finish(truncated=truncated)
+    take(content, deltas)
+    return sent, [ParsedCall(n, a) for n, a in calls], pieces
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=80, deadline=None)
 @given(
     fmt=st.sampled_from(sorted(FORMATS)),
     which=st.integers(0, 6),
@@ -51,10 +71,33 @@ def _stream(plan: ToolPlan, text: str, cuts: list[int]) -> tuple[str, list[Parse
 def test_stream_equals_whole_reply(fmt: str, which: int, cuts: list[int]) -> None:
     plan = _plan(fmt)
     text = _replies(fmt)[which]
-    whole = read_reply(plan, text)
-    content, calls = _stream(plan, text, cuts)
+    truncated = which == 4  # the half call: the token cap cut it
+    whole = read_reply(plan, text, truncated=truncated)
+    content, calls, _ = _stream(plan, text, cuts, truncated=truncated)
     assert content == (whole.content or "")
     assert calls == list(whole.calls)
+
+
+def test_a_call_cut_by_the_token_limit_comes_back_cut_as_openai_returns_it() -> None:
+    text = FORMATS["hermes"].render([CALL])
+    cut = text[: text.index("Paris") + 2]
+    reply = read_reply(_plan("hermes"), cut, truncated=True)
+    assert reply.content is None and reply.calls == (ParsedCall("get_weather", '{"city": "Pa'),)
+    assert read_reply(_plan("hermes"), cut).calls == ()  # ended on its own: it is not a call
+
+
+@pytest.mark.parametrize("fmt", sorted(f for f in FORMATS if f != "pythonic"))
+def test_arguments_stream_in_pieces_token_by_token(fmt: str) -> None:
+    text = FORMATS[fmt].render([CALL, ParsedCall("add", '{"a": 1, "b": [2, 3]}')])
+    content, calls, pieces = _stream(_plan(fmt), text, list(range(0, len(text), 3)))
+    assert calls == list(read_reply(_plan(fmt), text).calls) and not content
+    assert pieces >= 8  # several pieces per call, not one piece at the end
+
+
+def test_pythonic_arguments_come_whole_per_call() -> None:
+    text = FORMATS["pythonic"].render([CALL, ParsedCall("add", '{"a": 1}')])
+    _, calls, pieces = _stream(_plan("pythonic"), text, list(range(len(text))))
+    assert calls == list(read_reply(_plan("pythonic"), text).calls) and pieces == 2
 
 
 def test_parallel_false_keeps_the_first_call_and_none_parses_nothing() -> None:

@@ -22,6 +22,7 @@ from openft.errors import InvalidRequest
 from openft.models.families import find_chat_format, tool_format_of
 from openft.models.render import IGNORE_INDEX, render_chat
 from openft.models.tiny_text import FORMATS, ensure_tiny_text
+from openft.models.tool_calls import FORMATS as TOOL_FORMATS
 from openft.training.collate import collate_sft
 
 GOLDEN = Path(__file__).resolve().parents[2] / "golden" / "render"
@@ -162,6 +163,12 @@ def test_tool_calls_render_in_the_formats_own_layout(fmt) -> None:
     r = render_chat(tok, spec["messages"], tools=spec["tools"])
     first = tok.decode(trained_runs(r)[0])
     assert first.startswith(expected) and first.endswith(FORMATS[name].end_of_turn)
+    # What the published template trains is what serving parses back: the same call.
+    fmt_name = TOOL_CALL_TEXT[name][1]
+    assert tool_format_of(tok) == fmt_name
+    reply = TOOL_FORMATS[fmt_name].parse(first.removesuffix(FORMATS[name].end_of_turn))
+    assert reply.content is None
+    assert [(c.name, json.loads(c.arguments)) for c in reply.calls] == [("get_colour", {"thing": "sky"})]
     assert "get_colour" in tok.decode(
         r.input_ids[: r.labels.index(next(x for x in r.labels if x != IGNORE_INDEX))]
     )

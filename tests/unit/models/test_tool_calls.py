@@ -97,3 +97,60 @@ def test_tiny_template_trains_the_call_it_serves(processor) -> None:
     assert reply.content is None and len(reply.calls) == 1
     # Trained in the layout constrained decoding produces (tojson: ", " and ": ").
     assert reply.calls[0] == ParsedCall("get_weather", '{"city": "Paris", "days": 2}')
+
+
+@pytest.mark.parametrize("name", sorted(FORMATS))
+@pytest.mark.parametrize("n", [1, 2])
+def test_every_prefix_scans_to_a_prefix_of_the_calls(name: str, n: int) -> None:
+    """What streaming relies on: read character by character, the calls seen so far only ever
+    grow (names whole, arguments a prefix of the final text, for JSON formats), and the whole
+    reply reads as exactly the parsed calls."""
+    fmt = FORMATS[name]
+    text = "Let me check." + fmt.render(CALLS[:n]) if fmt.marker else fmt.render(CALLS[:n])
+    final = fmt.parse(text).calls
+    assert fmt.scan(text).complete
+    assert [c.name for c in final] == [c.name for c in CALLS[:n]]
+    grew = 0
+    previous: tuple = ()
+    for end in range(len(text) + 1):
+        found = fmt.scan(text[:end])
+        calls = found.calls if found else ()
+        assert found is None or not found.complete or all(c.complete for c in found.calls)
+        assert len(calls) >= len(previous)
+        for seen, done in zip(calls, final, strict=False):
+            assert seen.name == done.name and done.arguments.startswith(seen.arguments)
+        grew += calls != previous and len(calls) == len(previous)
+        previous = calls
+    if name != "pythonic":  # JSON arguments grow with the text; pythonic ones come whole
+        assert grew > 10
+
+
+def test_mistral_v11_layout() -> None:
+    fmt = FORMATS["mistral_v11"]
+    text = fmt.render(CALLS)
+    assert text == (
+        '[TOOL_CALLS]get_weather[ARGS]{"city": "Zürich", "days": 3, "units": ["c", "f"]}'
+        '[TOOL_CALLS]add[ARGS]{"a": 1.5, "b": {"nested": [true, null]}}'
+    )
+    # Mistral Small 3.2 writes a call id between the name and the arguments; it is dropped.
+    reply = fmt.parse('Sure.[TOOL_CALLS]add[CALL_ID]a1B2c3D4e[ARGS]{"a": 1}')
+    assert reply.content == "Sure." and reply.calls == (ParsedCall("add", '{"a": 1}'),)
+    for bad in ('[TOOL_CALLS][ARGS]{"a": 1}', '[TOOL_CALLS]add[ARGS]["a"]', "[TOOL_CALLS]add{}"):
+        assert fmt.parse(bad).calls == ()
+    assert format_for(None, "{{- '[TOOL_CALLS]' + name + '[ARGS]' }}").name == "mistral_v11"
+
+
+def test_pythonic_layout() -> None:
+    fmt = FORMATS["pythonic"]
+    text = fmt.render(CALLS)
+    assert (
+        text
+        == '[get_weather(city="Zürich", days=3, units=["c", "f"]), add(a=1.5, b={"nested": [True, None]})]'
+    )
+    reply = fmt.parse("[f(q='it''s', n=-2, x=None), g()]")
+    assert [(c.name, json.loads(c.arguments)) for c in reply.calls] == [
+        ("f", {"q": "its", "n": -2, "x": None}),
+        ("g", {}),
+    ]
+    for bad in ("[f(1)]", "[f(a=b)]", "[f(a=1)] and more", "[f(**k)]", "[f(a={1, 2})]", "[]", "f(a=1)"):
+        assert fmt.parse(bad).calls == () and fmt.parse(bad).content == bad
