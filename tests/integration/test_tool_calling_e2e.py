@@ -113,7 +113,7 @@ def test_fine_tuned_tool_calls_are_parsed_and_stream_equal(server: Server) -> No
         training_file=f.id,
         model=MODEL,
         seed=SEED,
-        method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 24, "batch_size": 8}}},
+        method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 32, "batch_size": 8}}},
     )
     job = wait_for(c, job.id, timeout=3600)
     assert job.status == "succeeded", job.error
