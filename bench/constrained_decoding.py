@@ -69,12 +69,13 @@ def chat_bench(args: argparse.Namespace) -> None:
     from openft.datasets.images import load_image_url
     from openft.inference.chat import create_completion
     from openft.inference.registry import ModelRef, Registry
-    from openft.models.tiny import TINY_NAME, ensure_tiny_vlm
+    from openft.models.tiny import ensure_tiny_vlm
     from openft.protocol.chat import ChatCompletionRequest
+    from openft.settings import TINY_MODEL
 
     base = ensure_tiny_vlm(ROOT / ".openft" / "test-models")
     loaded = Registry(device="cpu", max_loaded=1).get(
-        ModelRef(id=TINY_NAME, base=str(base), weights_dir=None)
+        ModelRef(id=TINY_MODEL, base=str(base), weights_dir=None)
     )
     ask = [{"role": "user", "content": "Weather in Paris for three days, please."}]
     variants: dict[str, dict[str, Any]] = {
@@ -96,7 +97,7 @@ def chat_bench(args: argparse.Namespace) -> None:
         for i in range(args.requests):
             req = ChatCompletionRequest.model_validate(
                 {
-                    "model": TINY_NAME,
+                    "model": TINY_MODEL,
                     "messages": ask,
                     "temperature": 1,
                     "seed": run * 1000 + i,
