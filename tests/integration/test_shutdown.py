@@ -12,6 +12,7 @@ import io
 import os
 import re
 import signal
+import sqlite3
 
 import pytest
 
@@ -67,8 +68,14 @@ def test_second_ctrl_c_says_what_is_lost_and_stops_at_once(tmp_path) -> None:  #
         _, job = start_training(server, "ctrl-c", seed=22)
         (worker,) = worker_pids(server)
         os.kill(worker, signal.SIGSTOP)  # a worker slow to save its state (a big model would be)
+        # ...and stopped in the middle of a write: it holds SQLite's write lock. The server must
+        # still name the job at once (a writer session there waited 30 s and named none).
+        lock = sqlite3.connect(tmp_path / "home" / "openft.db", timeout=60)
+        lock.execute("BEGIN IMMEDIATE")
         os.killpg(server.proc.pid, signal.SIGINT)  # Ctrl-C in a terminal reaches the whole group
         first = wait_until(lambda: re.search(r"openft: SIGINT: stopping: .*", server.log.read_text()))
+        lock.rollback()
+        lock.close()
         assert f"saving the state of job {job.id}" in first[0] and "Press Ctrl-C again" in first[0]
         os.killpg(server.proc.pid, signal.SIGINT)
         server.proc.wait(timeout=300)  # at once: the stopped worker is killed, not waited for

@@ -205,7 +205,9 @@ class _Stopper:
             return {}
         db = Database(self.settings.resolved_database_url)
         try:
-            with db.session() as s:
+            # Read-only: a worker stopped mid-write (SIGSTOP, a debugger, a slow disk) holds
+            # SQLite's write lock, and a writer session here would wait it out and report nothing.
+            with db.session(readonly=True) as s:
                 host = socket.gethostname()
                 return {pid: repo.jobs_held_by(s, worker_prefixes=[f"{host}:{pid}:"]) for pid in alive}
         except Exception:  # the message is a courtesy: never let it block stopping
