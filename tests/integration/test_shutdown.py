@@ -67,11 +67,13 @@ def test_second_ctrl_c_says_what_is_lost_and_stops_at_once(tmp_path) -> None:  #
     try:
         _, job = start_training(server, "ctrl-c", seed=22)
         (worker,) = worker_pids(server)
-        os.kill(worker, signal.SIGSTOP)  # a worker slow to save its state (a big model would be)
-        # ...and stopped in the middle of a write: it holds SQLite's write lock. The server must
-        # still name the job at once (a writer session there waited 30 s and named none).
+        # A worker stopped in the middle of a write holds SQLite's write lock; the server must still
+        # name its job at once (a writer session there waited 30 s and named none). The test takes
+        # the lock itself first (waiting for the worker's write in progress to end), so the case is
+        # certain rather than a matter of where the SIGSTOP lands.
         lock = sqlite3.connect(tmp_path / "home" / "openft.db", timeout=60)
         lock.execute("BEGIN IMMEDIATE")
+        os.kill(worker, signal.SIGSTOP)  # a worker slow to save its state (a big model would be)
         os.killpg(server.proc.pid, signal.SIGINT)  # Ctrl-C in a terminal reaches the whole group
         first = wait_until(lambda: re.search(r"openft: SIGINT: stopping: .*", server.log.read_text()))
         lock.rollback()
