@@ -125,6 +125,7 @@ def test_people_photos_are_flagged_at_real_sizes(moderator: OpenCVModerator, nam
     assert {"faces", "people"} <= moderator.moderate(photo(name).resize((side, side), Image.BICUBIC)).flagged
 
 
+@pytest.mark.slow  # 49 pictures at 448-1,024 px through each moderator: a false-positive benchmark
 def test_no_false_positives_on_people_free_pictures_at_real_sizes(moderator: OpenCVModerator) -> None:
     """Generated shapes, blurred colour blobs, gradients, smooth noise, bar charts and text, and
     crops of the people-free photos, all 448-1,024 px: none flagged (measured 0/60 and 0/38)."""

@@ -58,11 +58,11 @@ settings.register_profile(
 PROFILE = settings.get_profile("openft-render-ci" if os.environ.get("CI") else "openft-render-dev")
 DEEP = bool(os.environ.get("CI") or os.environ.get("OPENFT_DEEP_PROPERTIES"))
 """CI (``make test``) draws the full number of examples; the local fast lane (``make unit``) a
-third of it, so it stays under two minutes with six families (the properties are the same)."""
+fifth of it, so it stays under two minutes with six families (the properties are the same)."""
 
 
 def examples(n: int) -> int:
-    return n if DEEP else max(5, n // 3)
+    return n if DEEP else max(5, n // 5)
 
 
 @cache
