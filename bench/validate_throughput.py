@@ -5,7 +5,8 @@ carries one distinct 448-1,024 px image (sides drawn at random), of one kind per
 
 - ``synthetic``: generated people-free pictures (coloured shapes, blurred colour blobs,
   gradients, smooth noise, bar charts, text), PNG;
-- ``photos``: random crops of scikit-image's people-free photos, resized, JPEG (quality 90).
+- ``photos``: random crops of scikit-image's people-free photos, resized, JPEG (quality 90);
+- ``mixed``: the two in turn (half each).
 
 Each file is validated ``--repeats`` times per moderator in a fresh subprocess (so peak RSS and the
 verdict cache are its own) with the streaming API (``iter_validate``), the runs of all files and
@@ -47,10 +48,15 @@ sys.path.insert(0, str(REPO))  # tests.pictures: the same pictures the moderatio
 def write_image_file(path: str, kind: str, n: int, seed: int) -> None:
     from tests.pictures import chat_line, encoded, people_free, photo_variants
 
-    pictures = people_free(n, seed=seed) if kind == "synthetic" else photo_variants(n, seed=seed)
-    fmt = "PNG" if kind == "synthetic" else "JPEG"
+    if kind == "mixed":  # generated PNGs and photo JPEGs in turn
+        pairs = zip(people_free(n // 2, seed=seed), photo_variants(n // 2, seed=seed), strict=True)
+        pictures = [(im, fmt) for pair in pairs for im, fmt in zip(pair, ("PNG", "JPEG"), strict=True)]
+    elif kind == "synthetic":
+        pictures = [(im, "PNG") for im in people_free(n, seed=seed)]
+    else:
+        pictures = [(im, "JPEG") for im in photo_variants(n, seed=seed)]
     with open(path, "w") as f:
-        for i, im in enumerate(pictures):
+        for i, (im, fmt) in enumerate(pictures):
             f.write(
                 chat_line(f"What is in picture {i}?", f"Picture {i}.", encoded(im, fmt), fmt.lower()) + "\n"
             )
@@ -137,7 +143,12 @@ def run_child(path: str, mode: str, moderator: str) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", type=int, default=200, help="images per kind (448-1,024 px each)")
-    ap.add_argument("--kinds", nargs="+", default=["synthetic", "photos"], choices=["synthetic", "photos"])
+    ap.add_argument(
+        "--kinds",
+        nargs="+",
+        default=["mixed", "synthetic", "photos"],
+        choices=["mixed", "synthetic", "photos"],
+    )
     ap.add_argument("--repeats", type=int, default=3, help="runs per file, interleaved")
     ap.add_argument("--text-sizes", type=int, nargs="*", default=[], help="e.g. 10000 50000 (part 2)")
     ap.add_argument(
