@@ -393,3 +393,28 @@ def test_float32_pyramid_finds_what_the_package_finds() -> None:
         assert a == b
         found += len(a)
     assert found >= 2  # the astronaut and the cameraman
+
+
+class NoopRecorder(NoopModerator):
+    def __init__(self) -> None:
+        self.sizes: list[tuple[int, int]] = []
+
+    def moderate(self, image: Image.Image) -> ModerationResult:
+        self.sizes.append(image.size)
+        return super().moderate(image)
+
+
+def test_without_moderation_jpegs_decode_at_the_smallest_scale() -> None:
+    """No moderator looks at the pixels: a 1,024 x 768 JPEG decodes at 1/8 scale (all its data
+    still read), then shrinks within 64 x 64 pixels; the example keeps the full-size bytes."""
+    big = photo("coffee").convert("RGB").resize((1024, 768), Image.BICUBIC)
+    jpeg = encoded(big, "JPEG")
+    recorder = NoopRecorder()
+    result = validate_file(
+        io.BytesIO((chat_line("What is this?", "A photo.", jpeg, "jpeg") + "\n").encode()),
+        method="supervised",
+        options=ValidationOptions(moderator=recorder, min_examples=1),
+    )
+    assert result.report.summary.usable_examples == 1
+    assert recorder.sizes == [(64, 48)]
+    assert result.examples[0].images[0].data == jpeg
