@@ -93,7 +93,8 @@ def child(path: str, mode: str, moderator: str) -> None:
 
     class Hog320Moderator(MTCNNModerator):
         """Not offered: HOG on a 320-px copy with a 1.25 pyramid step (people >= 40% of the longer
-        side), to show what a cheaper whole-body search would cost; its recall is unmeasured."""
+        side), to show what a cheaper whole-body search would cost; it lost the few whole-body
+        people the default's HOG finds (bench/README.md)."""
 
         hog_max_side, hog_scale_step = 320, 1.25
 
