@@ -50,7 +50,7 @@ _CHUNK = 32  # lines per image-resolution batch: bounds memory, keeps the pool b
 _FETCH_THREADS = 8  # fetches wait on the network; decoding and OpenCV release the GIL
 # Decoding and moderation are CPU-bound: at most one image per core is judged at a time (the other
 # pool threads wait on the network or here). Eight at once on 2 cores cost 10-25% more CPU per
-# image (cache and hyperthread contention; bench/README.md).
+# image (measured; bench/README.md).
 # When one example has images failing for several reasons, the first of these is reported.
 _MODERATION_ORDER = ("children", "faces", "people", "captcha")
 
