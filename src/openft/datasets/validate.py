@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -41,11 +42,15 @@ from openft.datasets.report import Issue, Report, Severity, Summary
 from openft.datasets.rules import DEFAULT_CONTROL_TOKENS, LineCheck, check_chat, check_preference
 from openft.datasets.tokens import TokenStats, estimate_tokens
 from openft.errors import InvalidRequest
+from openft.threads import available_cores
 
 MAX_IMAGES_PER_EXAMPLE = 10
 MAX_IMAGE_EXAMPLES = 50_000
 _CHUNK = 32  # lines per image-resolution batch: bounds memory, keeps the pool busy
 _FETCH_THREADS = 8  # fetches wait on the network; decoding and OpenCV release the GIL
+# Decoding and moderation are CPU-bound: at most one image per core is judged at a time (the other
+# pool threads wait on the network or here). Eight at once on 2 cores cost 10-25% more CPU per
+# image (measured; bench/README.md).
 # When one example has images failing for several reasons, the first of these is reported.
 _MODERATION_ORDER = ("children", "faces", "people", "captcha")
 
@@ -143,6 +148,7 @@ class _Validator:
         )
         self.sunk: set[str] = set()
         self.legacy_warned = False
+        self.judging = threading.BoundedSemaphore(available_cores())
 
     # -- the loop
 
@@ -265,7 +271,8 @@ class _Validator:
             digest = hashlib.sha256(data).hexdigest()
             verdict = self.verdicts.get(digest)
             if verdict is None:
-                verdict = self._judge(data)
+                with self.judging:
+                    verdict = self._judge(data)
                 self.verdicts.put(digest, verdict)
             if isinstance(verdict, ImageRejected):
                 return verdict

