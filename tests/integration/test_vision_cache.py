@@ -230,7 +230,13 @@ def test_auto_declines_when_the_features_train(models: Callable[[str], str], tmp
     train = _examples(1, 2)
     rep = ListReporter()
     cfg = TrainConfig(
-        base_model=base, output_dir=tmp_path / "a", n_epochs=1, batch_size=2, learning_rate=1e-3, seed=0, device="cpu"
+        base_model=base,
+        output_dir=tmp_path / "a",
+        n_epochs=1,
+        batch_size=2,
+        learning_rate=1e-3,
+        seed=0,
+        device="cpu",
     )
     sft.run(cfg, train, rep)
     assert any("not cached: the vision tower or projector trains" in m for _, m in rep.messages)
@@ -240,3 +246,31 @@ def test_auto_declines_when_the_features_train(models: Callable[[str], str], tmp
             train,
             ListReporter(),
         )
+
+
+def test_two_ddp_processes_with_the_cache_match_them_without(
+    models: Callable[[str], str], tmp_path: Path
+) -> None:
+    """Under DDP each rank keeps its own cache (no collective depends on it): 2 processes give the
+    losses they give without the cache, an idle rank's weight-0 stand-in included (7 examples in
+    batches of 2), and the 1-process losses up to reduction order."""
+    import functools
+
+    from openft.training import distributed
+
+    base = models("qwen2_vl")
+    train, valid = _examples(6, 7), _examples(7, 2)
+    runs = {}
+    for cache in ("on", "off"):
+        rep = ListReporter()
+        cfg = _cfg(base, tmp_path / cache, cache)
+        distributed.launch(
+            functools.partial(sft.run, cfg, train, valid_examples=valid), rep, nproc=2, threads=1
+        )
+        runs[cache] = rep
+    one = ListReporter()
+    sft.run(_cfg(base, tmp_path / "one", "off"), train, one, valid_examples=valid)
+    assert len(runs["on"].steps) == 8
+    assert _losses(runs["on"]) == pytest.approx(_losses(runs["off"]), abs=1e-6, rel=0)
+    assert _losses(runs["on"]) == pytest.approx(_losses(one), rel=2e-3)
+    assert any("computed once and cached" in m for _, m in runs["on"].messages)

@@ -153,7 +153,9 @@ class Feeder:
             batch = collate_sft(items, self.pad_id)
         return self.pinned(self.tag_vision(batch, items))
 
-    def tag_vision(self, batch: dict[str, torch.Tensor], items: Sequence[Rendered]) -> dict[str, torch.Tensor]:
+    def tag_vision(
+        self, batch: dict[str, torch.Tensor], items: Sequence[Rendered]
+    ) -> dict[str, torch.Tensor]:
         """``batch`` (collated from ``items``, rows in order) with its examples' vision-cache slots."""
         return self.vision.tag(batch, items) if self.vision is not None else batch
 
@@ -169,7 +171,9 @@ class Feeder:
         labels = batch.pop("labels")
         keep = predicting_positions(labels)
         targets, rows = shifted_targets(labels, keep)
-        served = self.vision.serving(batch, slots) if self.vision is not None else contextlib.nullcontext(batch)
+        served = (
+            self.vision.serving(batch, slots) if self.vision is not None else contextlib.nullcontext(batch)
+        )
         with self.autocast(), served as inputs:
             if self.labelled_logits:
                 logits = model(**inputs, use_cache=False, logits_to_keep=keep).logits

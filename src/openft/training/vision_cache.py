@@ -87,7 +87,9 @@ class VisionCache:
         self._token_id = int(config.image_token_id)
         text = config.get_text_config() if hasattr(config, "get_text_config") else config
         self._hidden = int(text.hidden_size)
-        self._layers = 1 + len(getattr(getattr(config, "vision_config", None), "deepstack_visual_indexes", ()) or ())
+        self._layers = 1 + len(
+            getattr(getattr(config, "vision_config", None), "deepstack_visual_indexes", ()) or ()
+        )
         self._eval_modules = list(eval_modules)
         self._inner = _feature_module(model)
         self._original = self._inner.get_image_features
@@ -198,7 +200,9 @@ class VisionCache:
             return t.to(self.device, non_blocking=True)
 
         pooled = [up(e.pooler) for e in entries]
-        out = BaseModelOutputWithPooling(pooler_output=torch.cat(pooled) if self._pooler_is_tensor else tuple(pooled))
+        out = BaseModelOutputWithPooling(
+            pooler_output=torch.cat(pooled) if self._pooler_is_tensor else tuple(pooled)
+        )
         if entries[0].deepstack is not None:
             out["deepstack_features"] = [
                 tuple(up(e.deepstack[k]) for e in entries)  # type: ignore[index]
@@ -266,7 +270,8 @@ def _feature_module(model: nn.Module) -> nn.Module:
     found = [
         m
         for m in model.modules()
-        if hasattr(m, "get_image_features") and "mm_encoder_outputs" in inspect.signature(m.forward).parameters
+        if hasattr(m, "get_image_features")
+        and "mm_encoder_outputs" in inspect.signature(m.forward).parameters
     ]
     if not found:
         raise LookupError(f"{type(model).__name__} takes no precomputed image features")
@@ -289,13 +294,17 @@ def vision_cache_for(
     if mode == "off" or family is None:
         return None
     vision = [
-        (name, m) for name, m in model.named_modules() if name and family.component(name) in ("vision_tower", "projector")
+        (name, m)
+        for name, m in model.named_modules()
+        if name and family.component(name) in ("vision_tower", "projector")
     ]
     if not vision:
         return None
     why_not = None
     trains = any(
-        p.requires_grad for name, p in model.named_parameters() if family.component(name) in ("vision_tower", "projector")
+        p.requires_grad
+        for name, p in model.named_parameters()
+        if family.component(name) in ("vision_tower", "projector")
     )
     dropout = _active_dropout(model, [m for _, m in vision])
     if trains:
@@ -311,7 +320,9 @@ def vision_cache_for(
         why_not = f"the frozen vision tower has active dropout ({dropout}); set cache_vision_features 'on' to run it without"
     if why_not is not None:
         if mode == "on":
-            raise InvalidRequest(f"cache_vision_features 'on' is not possible: {why_not}", param="cache_vision_features")
+            raise InvalidRequest(
+                f"cache_vision_features 'on' is not possible: {why_not}", param="cache_vision_features"
+            )
         reporter.on_message(f"vision features are not cached: {why_not}", once="vision-cache")
         return None
     return VisionCache(model, device, mode=mode, dtype_bytes=dtype_bytes, eval_modules=[m for _, m in vision])
