@@ -321,7 +321,7 @@ def vision_cache_for(
     if why_not is not None:
         if mode == "on":
             raise InvalidRequest(
-                f"cache_vision_features 'on' is not possible: {why_not}", param="cache_vision_features"
+                f"cache_vision_features 'on' is not possible: {why_not}", param="openft.cache_vision_features"
             )
         reporter.on_message(f"vision features are not cached: {why_not}", once="vision-cache")
         return None

@@ -83,7 +83,7 @@ def test_features_that_train_are_not_cached(tiny: tuple[Any, Any]) -> None:
     assert any("projector trains" in m for _, m in rep.messages)
     with pytest.raises(InvalidRequest, match="not possible") as e:
         vision_cache.vision_cache_for(model, torch.device("cpu"), "on", rep, dtype_bytes=4)
-    assert e.value.param == "cache_vision_features"
+    assert e.value.param == "openft.cache_vision_features"
 
 
 def test_fsdp_and_off_do_not_cache(tiny: tuple[Any, Any]) -> None:
