@@ -92,7 +92,11 @@ def main() -> None:
         args.model_dir = prepare_model(tmp / "models", args.image_size)
 
         def command(variant: str, json_out: Path) -> list[str]:
-            passed = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in ("child", "json_out")]
+            passed = [
+                f"--{k.replace('_', '-')}={v}"
+                for k, v in vars(args).items()
+                if k not in ("child", "json_out")
+            ]
             return [sys.executable, __file__, *passed, f"--child={variant}", f"--json-out={json_out}"]
 
         runs, errors = run_interleaved(["on", "off"], command, args.repeats, tmp)
