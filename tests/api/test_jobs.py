@@ -262,3 +262,23 @@ def test_parallelism_is_validated_on_create(client, train_file):
     assert "full fine-tuning only" in e.value.message and "'ddp'" in e.value.message
     job = client.fine_tuning.jobs.create(**base, extra_body={"openft": {"parallelism": "fsdp"}})
     assert job.status in ("validating_files", "queued")
+
+
+def test_cache_vision_features_is_validated_on_create(client, train_file):
+    """``openft.cache_vision_features`` takes auto, on or off; 'on' with trained image features is
+    refused with what to do."""
+    base = {"training_file": train_file.id, "model": "openft-tiny-vlm"}
+    with pytest.raises(openai.BadRequestError) as e:
+        client.fine_tuning.jobs.create(**base, extra_body={"openft": {"cache_vision_features": "yes"}})
+    assert e.value.status_code == 400 and e.value.param == "openft.cache_vision_features"
+    for trained in ({"training_type": "full"}, {"training_type": "lora", "train_projector": True}):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.fine_tuning.jobs.create(
+                **base, extra_body={"openft": {"cache_vision_features": "on", **trained}}
+            )
+        assert e.value.param == "openft.cache_vision_features" and e.value.code == "unsupported_parameter"
+        assert "needs frozen image features" in e.value.message
+    job = client.fine_tuning.jobs.create(
+        **base, extra_body={"openft": {"cache_vision_features": "on", "training_type": "lora"}}
+    )
+    assert job.status in ("validating_files", "queued")

@@ -130,6 +130,12 @@ class OpenFTOptions(_Strict):
     process holds the whole model), ``fsdp`` (FSDP2: weights, gradients and optimizer state split
     across the processes; full fine-tuning only), ``auto``: FSDP2 for full fine-tuning that does not
     fit one device, else DDP."""
+    cache_vision_features: Literal["auto", "on", "off"] = "auto"
+    """Compute each image's features once and reuse them every epoch and in validation, when the
+    vision tower and projector are both frozen (LoRA without ``train_vision_tower`` /
+    ``train_projector``): the same losses, no vision-tower pass after an image's first. ``auto``: on
+    when they are frozen and the features fit a quarter of the host's free memory; ``on``: also
+    beyond that budget (refused when the features train); ``off``: never."""
 
 
 class WandbIntegration(BaseModel):
@@ -179,6 +185,22 @@ class CreateFineTuningJobRequest(Request):
                 "'lora' use parallelism 'ddp' or 'auto' (a LoRA adapter's training state is small), or "
                 "set training_type 'full'.",
                 param="openft.parallelism",
+                code="unsupported_parameter",
+            )
+        trained = [
+            what
+            for what, on in (
+                ("training_type 'full' (it trains the projector)", self.openft.training_type == "full"),
+                ("train_vision_tower", self.openft.train_vision_tower),
+                ("train_projector", self.openft.train_projector),
+            )
+            if on
+        ]
+        if self.openft.cache_vision_features == "on" and trained:
+            raise InvalidRequest(
+                "openft.cache_vision_features 'on' needs frozen image features, but this job trains them "
+                f"({', '.join(trained)}); use 'auto' or 'off', or train a LoRA adapter without them.",
+                param="openft.cache_vision_features",
                 code="unsupported_parameter",
             )
         self.refuse_extra(

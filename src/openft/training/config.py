@@ -103,6 +103,15 @@ class TrainConfig:
     """Collate the next micro-batches in a background thread (pinned memory on CUDA, copied with
     ``non_blocking=True``) while the current one computes."""
 
+    cache_vision_features: Literal["auto", "on", "off"] = "auto"
+    """Compute each image's features once and reuse them every epoch and in validation, when the
+    vision tower and projector are both frozen (the default LoRA plan; see
+    ``training.vision_cache``): same losses, no vision-tower forward after an image's first.
+    ``"auto"``: on when the features are frozen, the tower has no active dropout, the job is not
+    FSDP-sharded and the cache fits a quarter of the host's available memory (else off, the reason
+    logged). ``"on"``: also when the tower has dropout (it then runs in eval mode) or the cache
+    exceeds that budget; refused (``InvalidRequest``) when the features train. ``"off"``: never."""
+
     parallelism: Literal["ddp", "fsdp"] = "ddp"
     """How a job on several processes splits the work (ignored on one process). ``"ddp"``: every
     rank holds the whole model, gradients are all-reduced. ``"fsdp"`` (full fine-tuning only):

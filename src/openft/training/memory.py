@@ -258,3 +258,11 @@ def plan_for_model(
 
     micro, accum = plan_batch(estimate, batch_size=batch_size, available_bytes=available)
     return micro, accum, estimate(micro)
+
+
+def vision_cache_bytes(*, image_tokens: int, hidden_size: int, layers: int = 1, dtype_bytes: int) -> int:
+    """Host memory to keep the projected image features of a run (``training.vision_cache``): one
+    ``hidden_size`` row per image token of every distinct image set, times ``layers`` (Qwen3-VL's
+    DeepStack keeps one more row per DeepStack layer), in the compute dtype. A 448-px image on
+    Qwen2-VL-2B is 256 tokens x 1536 x 2 bytes = 0.75 MiB (against 4.6 MB of fp32 pixels)."""
+    return image_tokens * hidden_size * layers * dtype_bytes

@@ -57,6 +57,7 @@ class JobFacts:
     training_type: Literal["auto", "lora", "full"] = "auto"
     train_vision_tower: bool = False
     train_projector: bool = False
+    cache_vision_features: Literal["auto", "on", "off"] = "auto"
     init_model: str | None = None
     """The ``ft:`` model the job continues from, if any."""
     parent_kind: Literal["adapter", "full"] | None = None
@@ -84,6 +85,7 @@ class TrainingPlan:
     train_projector: bool = False
     max_length: int = 2048
     bf16: bool | None = None
+    cache_vision_features: Literal["auto", "on", "off"] = "auto"
 
     @property
     def learning_rate(self) -> float:
@@ -136,6 +138,7 @@ class TrainingPlan:
             max_length=self.max_length,
             bf16=self.bf16,
             parallelism="fsdp" if parallelism == "fsdp" else "ddp",
+            cache_vision_features=self.cache_vision_features,
         )
 
 
@@ -173,6 +176,14 @@ def plan_training(job: JobFacts, stats: DatasetStats, *, family: str | None) -> 
         )
     else:
         training_type = job.training_type
+    if job.cache_vision_features == "on" and training_type == "full":
+        raise JobFailed(
+            "openft.cache_vision_features 'on' needs frozen image features, but this job is full "
+            "fine-tuning (training_type 'auto' chose it), which trains the projector; use 'auto' or "
+            "'off', or training_type 'lora'.",
+            code="unsupported_parameter",
+            param="openft.cache_vision_features",
+        )
     hp = resolve_hparams(
         dict(job.requested),
         n_examples=stats.examples,
@@ -191,6 +202,7 @@ def plan_training(job: JobFacts, stats: DatasetStats, *, family: str | None) -> 
         train_projector=job.train_projector,
         max_length=job.max_length,
         bf16=job.bf16,
+        cache_vision_features=job.cache_vision_features,
     )
 
 

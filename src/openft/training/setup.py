@@ -8,6 +8,7 @@ fingerprint of what must not change between a run and its resumption.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import importlib.util
@@ -29,6 +30,7 @@ from openft.training.config import TrainConfig
 from openft.training.loss import predicting_positions, shifted_targets
 from openft.training.reporter import Reporter
 from openft.training.trainable import describe_trainable, lora_plan, set_full_trainable
+from openft.training.vision_cache import SLOTS_KEY, VisionCache, vision_cache_for
 
 MAX_GRAD_NORM = 1.0
 """Gradients are clipped to this global norm before every optimizer step."""
@@ -70,6 +72,14 @@ def setup(cfg: TrainConfig, reporter: Reporter) -> Setup:
             f"padding-free packing is not supported for {model.config.model_type} models; batches are padded",
             once="no-packing",
         )
+    vision = vision_cache_for(
+        model,
+        device,
+        cfg.cache_vision_features,
+        reporter,
+        dtype_bytes=2 if bf16 else 4,
+        sharded=cfg.parallelism == "fsdp" and distributed.world_size() > 1,
+    )
     feeder = Feeder(
         device=device,
         pad_id=pad_id,
@@ -77,6 +87,7 @@ def setup(cfg: TrainConfig, reporter: Reporter) -> Setup:
         mrope=pack == "mrope",
         labelled_logits=cfg.labelled_logits,
         autocast=autocast,
+        vision=vision,
     )
     return Setup(model, processor, device, pad_id, bf16, checkpointing, autocast, feeder)
 
@@ -131,27 +142,43 @@ class Feeder:
     mrope: bool
     labelled_logits: bool
     autocast: Callable[[], Any]
+    vision: VisionCache | None = None
+    """Frozen image features computed once (``cfg.cache_vision_features``); None: the tower runs
+    at every forward."""
 
     def collate(self, items: Sequence[Rendered]) -> dict[str, torch.Tensor]:
         if self.packing and not any(r.vision for r in items):
             batch = collate_packed(items, mrope=self.mrope)
         else:
             batch = collate_sft(items, self.pad_id)
+        return self.pinned(self.tag_vision(batch, items))
+
+    def tag_vision(
+        self, batch: dict[str, torch.Tensor], items: Sequence[Rendered]
+    ) -> dict[str, torch.Tensor]:
+        """``batch`` (collated from ``items``, rows in order) with its examples' vision-cache slots."""
+        return self.vision.tag(batch, items) if self.vision is not None else batch
+
+    def pinned(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if self.device.type == "cuda":
             batch = {k: v.pin_memory() for k, v in batch.items()}
         return batch
 
     def forward(self, model: Any, batch: dict[str, torch.Tensor]) -> Scores:
         """Labelled-position logits ``(n, V)``, their targets and rows, and the batch's row count."""
-        batch = to_device(batch, self.device)
+        slots = batch.get(SLOTS_KEY)
+        batch = to_device({k: v for k, v in batch.items() if k != SLOTS_KEY}, self.device)
         labels = batch.pop("labels")
         keep = predicting_positions(labels)
         targets, rows = shifted_targets(labels, keep)
-        with self.autocast():
+        served = (
+            self.vision.serving(batch, slots) if self.vision is not None else contextlib.nullcontext(batch)
+        )
+        with self.autocast(), served as inputs:
             if self.labelled_logits:
-                logits = model(**batch, use_cache=False, logits_to_keep=keep).logits
+                logits = model(**inputs, use_cache=False, logits_to_keep=keep).logits
             else:
-                logits = model(**batch, use_cache=False).logits[keep]
+                logits = model(**inputs, use_cache=False).logits[keep]
         return Scores(logits, targets, rows, labels.shape[0])
 
 

@@ -266,6 +266,7 @@ def _run(ctx: WorkerContext, job: Job, lease: JobLease) -> None:
         training_type=options.training_type,
         train_vision_tower=options.train_vision_tower,
         train_projector=options.train_projector,
+        cache_vision_features=options.cache_vision_features,
         init_model=job.init_model,
         parent_kind=weights_kind(init_weights) if init_weights else None,  # type: ignore[arg-type]
         max_length=limit.tokens,

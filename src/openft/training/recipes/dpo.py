@@ -116,6 +116,8 @@ def run(
     valid = [
         _render_pair(processor, ex, cfg.max_length, "validation_file line") for ex in valid_examples or ()
     ]
+    if feeder.vision is not None:  # size the frozen-feature cache (both sides share their images)
+        feeder.vision.admit([r for p in (*pairs, *valid) for r in p], reporter)
     if cfg.parallelism == "fsdp":  # before scoring the reference and building the optimizer
         distributed.shard(model, device, vision_blocks=all(c.vision for c, _ in pairs), bf16=bf16)
     lockstep = distributed.sharded(model)  # every forward/backward is a collective: ranks keep pace
@@ -247,6 +249,12 @@ def reference_is_disabled_adapter(cfg: TrainConfig) -> bool:
     return cfg.init_weights is None or weights_kind(cfg.init_weights) != "adapter"
 
 
+def _collate(scorer: Scorer, pairs: Sequence[Pair]) -> dict[str, torch.Tensor]:
+    """One stacked batch of ``pairs`` (chosen rows, then rejected), tagged for the vision cache."""
+    chosen, rejected = zip(*pairs, strict=True)
+    return scorer.feeder.tag_vision(collate_preference(chosen, rejected, scorer.pad_id), [*chosen, *rejected])
+
+
 def reference_logps(scorer: Scorer, pairs: Sequence[Pair], chunk: int) -> torch.Tensor:
     """Score every pair with the model as it is now: ``(len(pairs), 2)`` summed reply log-probs on
     the CPU, column 0 the preferred reply, column 1 the non-preferred one. Eval mode, no gradients."""
@@ -258,7 +266,7 @@ def reference_logps(scorer: Scorer, pairs: Sequence[Pair], chunk: int) -> torch.
         with torch.no_grad():
             for m in range(0, len(pairs), chunk):
                 part = pairs[m : m + chunk]
-                logps = _forward(scorer, collate_preference(*zip(*part, strict=True), scorer.pad_id))[0]
+                logps = _forward(scorer, _collate(scorer, part))[0]
                 out.append(torch.stack([logps[: len(part)], logps[len(part) :]], dim=1).cpu())
     finally:
         model.train(was_training)
@@ -283,7 +291,7 @@ def score(
     """DPO loss and rewards for ``chunk`` (pairs ``ids``): both replies in one stacked forward pass;
     the reference from ``ref_table`` rows ``ids``, or the same model with its adapter disabled."""
     n = len(chunk)
-    batch = collate_preference(*zip(*chunk, strict=True), scorer.pad_id)
+    batch = _collate(scorer, chunk)
     if ref_table is not None:
         ref = ref_table[list(ids)].to(scorer.device)
         ref_c, ref_r = ref[:, 0], ref[:, 1]

@@ -75,6 +75,8 @@ def run(
         )
     valid = [_render(processor, ex, cfg.max_length, what="validation file ") for ex in valid_examples or ()]
     valid_sample = fixed_sample(valid, VALID_SAMPLE_EXAMPLES, cfg.seed)
+    if feeder.vision is not None:  # size the frozen-feature cache for every image the run will see
+        feeder.vision.admit([*rendered, *valid], reporter)
     lengths = [len(r.input_ids) for r in rendered]
     if cfg.parallelism == "fsdp":  # before the optimizer, which must see the shards
         distributed.shard(model, device, vision_blocks=all(r.vision for r in rendered), bf16=bf16)
