@@ -27,11 +27,11 @@ from openft.datasets.moderation import (
     OpenCVModerator,
     PedestrianSSDModerator,
     VerdictCache,
+    _pedestrian_ssd_graph,
     captcha_score,
     default_moderator,
     load_moderator,
 )
-from openft.datasets.moderation import _pedestrian_ssd_graph
 from openft.datasets.validate import ValidationOptions, validate_file
 from openft.threads import available_cores
 from tests.pictures import KINDS, NO_PEOPLE, PEOPLE, chat_line, encoded, people_free, photo, photo_variants
