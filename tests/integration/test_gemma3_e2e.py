@@ -9,14 +9,13 @@ batcher next to its base, and ``detail`` changes the prompt's cost the way the f
 from __future__ import annotations
 
 import io
-import json
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from PIL import Image
 
-from tests.conftest import Server, start_server
+from tests.conftest import Server, catalog_server
 from tests.integration.test_qwen_vl_e2e import accuracy
 from tests.integration.test_service_e2e import wait_for
 from tests.tasks import SHAPE_COLOURS, data_url, picture_examples, picture_jsonl, picture_message
@@ -32,16 +31,8 @@ SEED = 3
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     folder = build_tiny_gemma3(tmp_path_factory.mktemp("models") / "tiny-gemma3")
-    # A random-init base learns only in full fine-tuning at a random-init rate: the catalog says so.
-    catalog = {MODEL: {"source": str(folder), "training_type": "full", "learning_rate": 2e-3}}
-    srv = start_server(
-        tmp_path_factory.mktemp("gemma3") / "home",
-        "--workers",
-        "1",
-        env={"OPENFT_BASE_MODELS": json.dumps(catalog)},
-    )
-    yield srv
-    srv.stop()
+    with catalog_server(tmp_path_factory, {MODEL: folder}) as srv:
+        yield srv
 
 
 @pytest.fixture(scope="module")

@@ -19,15 +19,13 @@ import pytest
 from PIL import Image
 
 from openft.models.tiny import build_once
-from tests.conftest import Server, model_cache, start_server
+from tests.conftest import Server, catalog_server, model_cache
 from tests.integration.test_service_e2e import wait_for
 from tests.tasks import SHAPE_COLOURS, data_url, picture_examples, picture_jsonl, picture_message
 from tests.unit.models.tiny_qwen_vl import FAMILIES, FORMAT_VERSION, build_tiny_qwen_vl
 
 pytestmark = pytest.mark.slow
 
-# Random-init bases learn only in full fine-tuning at a random-init rate: the catalog says so.
-TINY_OPTIONS = {"training_type": "full", "learning_rate": 1e-3}
 SEEDS = {"qwen2_5_vl": 3, "qwen3_vl": 3}
 """Job seeds; held-out accuracy over seeds 1-5 is in the report of the issue."""
 
@@ -44,15 +42,9 @@ def tiny_folder(family: str) -> Path:
 
 @pytest.fixture(scope="module")
 def qwen_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    catalog = {f"tiny-{f}": {"source": str(tiny_folder(f)), **TINY_OPTIONS} for f in FAMILIES}
-    server = start_server(
-        tmp_path_factory.mktemp("qwen-vl") / "home",
-        "--workers",
-        "1",
-        env={"OPENFT_BASE_MODELS": json.dumps(catalog)},
-    )
-    yield server
-    server.stop()
+    models = {f"tiny-{f}": tiny_folder(f) for f in FAMILIES}
+    with catalog_server(tmp_path_factory, models, learning_rate=1e-3) as server:
+        yield server
 
 
 def answer(c, model: str, png: bytes) -> str:

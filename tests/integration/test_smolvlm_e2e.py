@@ -11,13 +11,12 @@ into tiles plus a global image.
 from __future__ import annotations
 
 import io
-import json
 from collections.abc import Iterator
 
 import pytest
 from PIL import Image
 
-from tests.conftest import Server, start_server
+from tests.conftest import Server, catalog_server
 from tests.integration.test_service_e2e import wait_for
 from tests.tasks import SHAPE_COLOURS, data_url, picture_examples, picture_jsonl, picture_message
 from tests.unit.models.tiny_smolvlm import TOKENS_PER_TILE, build_tiny_smolvlm
@@ -31,16 +30,8 @@ SEED = 3
 @pytest.fixture(scope="module")
 def smol_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     folder = build_tiny_smolvlm(tmp_path_factory.mktemp("smolvlm") / "tiny-smolvlm")
-    # A random-init base learns only in full fine-tuning at a random-init rate: the catalog says so.
-    catalog = {MODEL: {"source": str(folder), "training_type": "full", "learning_rate": 2e-3}}
-    server = start_server(
-        tmp_path_factory.mktemp("smol") / "home",
-        "--workers",
-        "1",
-        env={"OPENFT_BASE_MODELS": json.dumps(catalog)},
-    )
-    yield server
-    server.stop()
+    with catalog_server(tmp_path_factory, {MODEL: folder}) as server:
+        yield server
 
 
 def answer(c, model: str, png: bytes, detail: str = "auto") -> str:

@@ -29,6 +29,7 @@ import torch
 from transformers import (
     AutoProcessor,
     PretrainedConfig,
+    PreTrainedModel,
     PreTrainedTokenizerFast,
     ProcessorMixin,
     Qwen2VLConfig,
@@ -223,12 +224,24 @@ def _build(out: Path) -> None:
         torch.manual_seed(_SEED)
         model = Qwen2VLForConditionalGeneration(config)
         _edge_filters(model.model.visual.patch_embed.proj.weight)
-    model.generation_config.eos_token_id = ids["<|im_end|>"]
-    model.generation_config.pad_token_id = ids["<|endoftext|>"]
-    model.generation_config.bos_token_id = ids["<|endoftext|>"]
+    save_tiny(
+        model, processor, out, eos=ids["<|im_end|>"], pad=ids["<|endoftext|>"], bos=ids["<|endoftext|>"]
+    )
+    (out / "openft-tiny.json").write_text(json.dumps({"name": TINY_MODEL, "format_version": _FORMAT_VERSION}))
+
+
+def save_tiny(
+    model: PreTrainedModel, processor: ProcessorMixin, out: Path, *, eos: int | list[int], pad: int, bos: int
+) -> Path:
+    """Write a tiny model and its processor to ``out``; generation stops at ``eos`` (a random
+    model's own config would not say which token ends a turn)."""
+    model.generation_config.eos_token_id = eos
+    model.generation_config.pad_token_id = pad
+    model.generation_config.bos_token_id = bos
+    out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     processor.save_pretrained(out)
-    (out / "openft-tiny.json").write_text(json.dumps({"name": TINY_MODEL, "format_version": _FORMAT_VERSION}))
+    return out
 
 
 def _edge_filters(weight: torch.Tensor) -> None:

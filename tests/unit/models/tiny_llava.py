@@ -21,7 +21,7 @@ from transformers import (
 )
 from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 
-from openft.models.tiny import _corpus
+from openft.models.tiny import _corpus, save_tiny
 
 SPECIAL_TOKENS = (
     "<|end_of_text|>",  # pad
@@ -130,10 +130,6 @@ def build_tiny_llava(out: Path) -> Path:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(4321)
         model = LlavaForConditionalGeneration(config)
-    model.generation_config.eos_token_id = ids["<|eot_id|>"]
-    model.generation_config.pad_token_id = ids["<|end_of_text|>"]
-    model.generation_config.bos_token_id = ids["<|begin_of_text|>"]
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
-    return out
+    return save_tiny(
+        model, processor, out, eos=ids["<|eot_id|>"], pad=ids["<|end_of_text|>"], bos=ids["<|begin_of_text|>"]
+    )

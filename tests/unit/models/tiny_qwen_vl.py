@@ -50,7 +50,7 @@ from transformers import (
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from openft.models.loader import image_only_processor
-from openft.models.tiny import _edge_filters, build_bpe_tokenizer
+from openft.models.tiny import _edge_filters, build_bpe_tokenizer, save_tiny
 
 FAMILIES = ("qwen2_5_vl", "qwen3_vl")
 FORMAT_VERSION = "2"
@@ -357,10 +357,5 @@ def build_tiny_qwen_vl(family: str, out: Path) -> Path:
         # Colour and edge filters in the patch embedding, as openft-tiny-vlm has (random ones
         # pass colour on but hardly shape).
         _edge_filters(model.model.visual.patch_embed.proj.weight)
-    model.generation_config.eos_token_id = ids["<|im_end|>"]
-    model.generation_config.pad_token_id = ids["<|endoftext|>"]
-    model.generation_config.bos_token_id = ids["<|endoftext|>"]
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
-    return out
+    end, pad = ids["<|im_end|>"], ids["<|endoftext|>"]
+    return save_tiny(model, processor, out, eos=end, pad=pad, bos=pad)
