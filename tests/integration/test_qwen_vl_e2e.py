@@ -20,8 +20,8 @@ from PIL import Image
 
 from openft.models.tiny import build_once
 from tests.conftest import Server, catalog_server, model_cache
-from tests.integration.test_service_e2e import wait_for
-from tests.tasks import SHAPE_COLOURS, data_url, picture_examples, picture_jsonl, picture_message
+from tests.integration.pictures import accuracy, picture_job
+from tests.tasks import SHAPE_COLOURS, data_url, picture_examples, picture_message
 from tests.unit.models.tiny_qwen_vl import FAMILIES, FORMAT_VERSION, build_tiny_qwen_vl
 
 pytestmark = pytest.mark.slow
@@ -47,15 +47,6 @@ def qwen_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         yield server
 
 
-def answer(c, model: str, png: bytes) -> str:
-    out = c.chat.completions.create(model=model, messages=[picture_message(png)], temperature=0, max_tokens=3)
-    return (out.choices[0].message.content or "").strip()
-
-
-def accuracy(c, model: str, pairs: list[tuple[bytes, str]]) -> float:
-    return sum(answer(c, model, png) == colour for png, colour in pairs) / len(pairs)
-
-
 def large_picture_message(detail: str) -> list[dict]:
     png = picture_examples(1, seed=6)[0][0]
     big = io.BytesIO()
@@ -68,14 +59,10 @@ def large_picture_message(detail: str) -> list[dict]:
 def test_fine_tuned_model_names_colours_of_unseen_pictures(qwen_server: Server, family: str) -> None:
     c = qwen_server.client(f"learn-{family}")
     base = f"tiny-{family}"
-    f = c.files.create(
-        file=("pictures.jsonl", io.BytesIO(picture_jsonl(picture_examples(180, seed=21)))),
-        purpose="fine-tune",
+    hyperparameters = {"n_epochs": 6, "batch_size": 8}
+    job = picture_job(
+        c, base, examples=180, data_seed=21, seed=SEEDS[family], hyperparameters=hyperparameters
     )
-    job = c.fine_tuning.jobs.create(
-        training_file=f.id, model=base, seed=SEEDS[family], hyperparameters={"n_epochs": 6, "batch_size": 8}
-    )
-    job = wait_for(c, job.id)
     assert job.status == "succeeded", job.error
     assert job.fine_tuned_model.startswith(f"ft:{base}:")
     held_out = picture_examples(60, seed=4242)
@@ -102,16 +89,7 @@ def test_lora_fine_tune_with_vision_tower_serves_image_chat(qwen_server: Server,
     same prompt), with the same prompt as the base's."""
     c = qwen_server.client(f"lora-{family}")
     base = f"tiny-{family}"
-    f = c.files.create(
-        file=("p.jsonl", io.BytesIO(picture_jsonl(picture_examples(24, seed=41)))), purpose="fine-tune"
-    )
-    job = c.fine_tuning.jobs.create(
-        training_file=f.id,
-        model=base,
-        hyperparameters={"n_epochs": 1},
-        extra_body={"openft": {"training_type": "lora", "train_vision_tower": True}},
-    )
-    job = wait_for(c, job.id)
+    job = picture_job(c, base, examples=24, data_seed=41, hyperparameters={"n_epochs": 1}, lora=True)
     assert job.status == "succeeded", job.error
     exported = qwen_server.home.parent / f"lora-{family}"  # the export shows what the job trained
     out = qwen_server.cli("export", job.fine_tuned_model, "--to", str(exported))
