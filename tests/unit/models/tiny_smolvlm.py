@@ -28,7 +28,6 @@ from typing import Any
 
 import torch
 from transformers import (
-    LlamaConfig,
     PreTrainedTokenizerFast,
     SmolVLMConfig,
     SmolVLMForConditionalGeneration,
@@ -41,6 +40,7 @@ from transformers.models.smolvlm.video_processing_smolvlm import SmolVLMVideoPro
 
 from openft.models.loader import image_only_processor
 from openft.models.tiny import build_bpe_tokenizer, save_tiny
+from tests.unit.models.tiny_llava import llama_text_config
 
 GRID = 6
 """``<row_R_col_C>`` tokens for R, C in 1..6, as in the published tokenizer."""
@@ -168,19 +168,7 @@ def _model(
             image_size=TILE,
             patch_size=PATCH_SIZE,
         ),
-        text_config=LlamaConfig(
-            vocab_size=VOCAB_SIZE,
-            hidden_size=128,
-            intermediate_size=256,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=2048,
-            bos_token_id=ids[bos],
-            eos_token_id=ids["<end_of_utterance>"],
-            pad_token_id=pad,
-            tie_word_embeddings=False,
-        ),
+        text_config=llama_text_config(vocab=VOCAB_SIZE, bos=ids[bos], eos=ids["<end_of_utterance>"], pad=pad),
         image_token_id=ids["<image>"],
         scale_factor=SCALE_FACTOR,
         pad_token_id=pad,
