@@ -24,6 +24,7 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import (
@@ -187,20 +188,9 @@ def _build(out: Path) -> None:
 
     ids = {tok: tokenizer.convert_tokens_to_ids(tok) for tok in SPECIAL_TOKENS}
     config = Qwen2VLConfig(
-        text_config={
-            "vocab_size": VOCAB_SIZE,
-            "hidden_size": 128,
-            "intermediate_size": 256,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "max_position_embeddings": 4096,
-            "rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "mrope_section": [4, 6, 6]},
-            "bos_token_id": ids["<|endoftext|>"],
-            "eos_token_id": ids["<|im_end|>"],
-            "pad_token_id": ids["<|endoftext|>"],
-            "tie_word_embeddings": False,
-        },
+        text_config=qwen_text_config(
+            VOCAB_SIZE, ids, {"rope_type": "default", "rope_theta": 1e4, "mrope_section": [4, 6, 6]}
+        ),
         vision_config={
             "depth": 2,
             "embed_dim": 64,
@@ -228,6 +218,25 @@ def _build(out: Path) -> None:
         model, processor, out, eos=ids["<|im_end|>"], pad=ids["<|endoftext|>"], bos=ids["<|endoftext|>"]
     )
     (out / "openft-tiny.json").write_text(json.dumps({"name": TINY_MODEL, "format_version": _FORMAT_VERSION}))
+
+
+def qwen_text_config(vocab: int, ids: dict[str, int], rope: dict[str, Any]) -> dict[str, Any]:
+    """The tiny Qwen-VL text stack (this model's, and the tests' Qwen2.5-VL and Qwen3-VL ones):
+    ``ids`` names the ChatML special tokens' ids, ``rope`` is the family's M-RoPE."""
+    return {
+        "vocab_size": vocab,
+        "hidden_size": 128,
+        "intermediate_size": 256,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 4096,
+        "rope_parameters": rope,
+        "bos_token_id": ids["<|endoftext|>"],
+        "eos_token_id": ids["<|im_end|>"],
+        "pad_token_id": ids["<|endoftext|>"],
+        "tie_word_embeddings": False,
+    }
 
 
 def save_tiny(
