@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,6 +100,34 @@ def start_server(
         time.sleep(0.1)
     proc.kill()
     raise RuntimeError(f"server did not start:\n{log.read_text()}")
+
+
+@contextmanager
+def catalog_server(
+    tmp_path_factory: pytest.TempPathFactory,
+    models: Mapping[str, Path],
+    *,
+    learning_rate: float = 2e-3,
+    options: Mapping[str, dict[str, object]] | None = None,
+) -> Iterator[Server]:
+    """``openft serve`` with one worker whose catalog (``OPENFT_BASE_MODELS``) names ``models``
+    (name -> model folder), each with ``options[name]`` added. Random-init bases learn only in
+    full fine-tuning at a random-init rate: the catalog says so for each."""
+    catalog = {
+        name: {"source": str(folder), "training_type": "full", "learning_rate": learning_rate}
+        | dict((options or {}).get(name, {}))
+        for name, folder in models.items()
+    }
+    server = start_server(
+        tmp_path_factory.mktemp("catalog") / "home",
+        "--workers",
+        "1",
+        env={"OPENFT_BASE_MODELS": json.dumps(catalog)},
+    )
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 def model_cache() -> Path:

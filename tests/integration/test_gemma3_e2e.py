@@ -9,17 +9,15 @@ batcher next to its base, and ``detail`` changes the prompt's cost the way the f
 from __future__ import annotations
 
 import io
-import json
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from PIL import Image
 
-from tests.conftest import Server, start_server
-from tests.integration.test_qwen_vl_e2e import accuracy
-from tests.integration.test_service_e2e import wait_for
-from tests.tasks import SHAPE_COLOURS, data_url, picture_examples, picture_jsonl, picture_message
+from tests.conftest import Server, catalog_server
+from tests.integration.pictures import accuracy, picture_job
+from tests.tasks import SHAPE_COLOURS, data_url, picture_examples, picture_message
 from tests.unit.models.tiny_gemma3 import TOKENS_PER_IMAGE, build_tiny_gemma3
 
 pytestmark = pytest.mark.slow
@@ -32,29 +30,15 @@ SEED = 3
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     folder = build_tiny_gemma3(tmp_path_factory.mktemp("models") / "tiny-gemma3")
-    # A random-init base learns only in full fine-tuning at a random-init rate: the catalog says so.
-    catalog = {MODEL: {"source": str(folder), "training_type": "full", "learning_rate": 2e-3}}
-    srv = start_server(
-        tmp_path_factory.mktemp("gemma3") / "home",
-        "--workers",
-        "1",
-        env={"OPENFT_BASE_MODELS": json.dumps(catalog)},
-    )
-    yield srv
-    srv.stop()
+    with catalog_server(tmp_path_factory, {MODEL: folder}) as srv:
+        yield srv
 
 
 @pytest.fixture(scope="module")
 def tuned(server: Server):
     c = server.client("gemma3")
-    f = c.files.create(
-        file=("pictures.jsonl", io.BytesIO(picture_jsonl(picture_examples(180, seed=21)))),
-        purpose="fine-tune",
-    )
-    job = c.fine_tuning.jobs.create(
-        training_file=f.id, model=MODEL, seed=SEED, hyperparameters={"n_epochs": 8, "batch_size": 8}
-    )
-    return c, wait_for(c, job.id)
+    hyperparameters = {"n_epochs": 8, "batch_size": 8}
+    return c, picture_job(c, MODEL, examples=180, data_seed=21, seed=SEED, hyperparameters=hyperparameters)
 
 
 def test_fine_tuned_gemma3_reads_pictures_it_never_saw(tuned) -> None:
@@ -72,16 +56,8 @@ def test_lora_fine_tune_and_base_chat_with_images_together(server: Server, tuned
     """A LoRA adapter (language model and vision tower) is served beside its base through the
     continuous batcher: asked together, every model answers as it does alone."""
     c, full = tuned
-    f = c.files.create(
-        file=("p.jsonl", io.BytesIO(picture_jsonl(picture_examples(16, seed=41)))), purpose="fine-tune"
-    )
-    job = c.fine_tuning.jobs.create(
-        training_file=f.id,
-        model=MODEL,
-        hyperparameters={"n_epochs": 3, "batch_size": 4},
-        extra_body={"openft": {"training_type": "lora", "train_vision_tower": True}},
-    )
-    job = wait_for(c, job.id)
+    hyperparameters = {"n_epochs": 3, "batch_size": 4}
+    job = picture_job(c, MODEL, examples=16, data_seed=41, hyperparameters=hyperparameters, lora=True)
     assert job.status == "succeeded", job.error
 
     pictures = [png for png, _ in picture_examples(3, seed=43)]

@@ -19,15 +19,13 @@ import pytest
 from PIL import Image
 
 from openft.models.tiny import build_once
-from tests.conftest import Server, model_cache, start_server
-from tests.integration.test_service_e2e import wait_for
-from tests.tasks import SHAPE_COLOURS, data_url, picture_examples, picture_jsonl, picture_message
+from tests.conftest import Server, catalog_server, model_cache
+from tests.integration.pictures import accuracy, picture_job
+from tests.tasks import SHAPE_COLOURS, data_url, picture_examples, picture_message
 from tests.unit.models.tiny_qwen_vl import FAMILIES, FORMAT_VERSION, build_tiny_qwen_vl
 
 pytestmark = pytest.mark.slow
 
-# Random-init bases learn only in full fine-tuning at a random-init rate: the catalog says so.
-TINY_OPTIONS = {"training_type": "full", "learning_rate": 1e-3}
 SEEDS = {"qwen2_5_vl": 3, "qwen3_vl": 3}
 """Job seeds; held-out accuracy over seeds 1-5 is in the report of the issue."""
 
@@ -44,24 +42,9 @@ def tiny_folder(family: str) -> Path:
 
 @pytest.fixture(scope="module")
 def qwen_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    catalog = {f"tiny-{f}": {"source": str(tiny_folder(f)), **TINY_OPTIONS} for f in FAMILIES}
-    server = start_server(
-        tmp_path_factory.mktemp("qwen-vl") / "home",
-        "--workers",
-        "1",
-        env={"OPENFT_BASE_MODELS": json.dumps(catalog)},
-    )
-    yield server
-    server.stop()
-
-
-def answer(c, model: str, png: bytes) -> str:
-    out = c.chat.completions.create(model=model, messages=[picture_message(png)], temperature=0, max_tokens=3)
-    return (out.choices[0].message.content or "").strip()
-
-
-def accuracy(c, model: str, pairs: list[tuple[bytes, str]]) -> float:
-    return sum(answer(c, model, png) == colour for png, colour in pairs) / len(pairs)
+    models = {f"tiny-{f}": tiny_folder(f) for f in FAMILIES}
+    with catalog_server(tmp_path_factory, models, learning_rate=1e-3) as server:
+        yield server
 
 
 def large_picture_message(detail: str) -> list[dict]:
@@ -76,14 +59,10 @@ def large_picture_message(detail: str) -> list[dict]:
 def test_fine_tuned_model_names_colours_of_unseen_pictures(qwen_server: Server, family: str) -> None:
     c = qwen_server.client(f"learn-{family}")
     base = f"tiny-{family}"
-    f = c.files.create(
-        file=("pictures.jsonl", io.BytesIO(picture_jsonl(picture_examples(180, seed=21)))),
-        purpose="fine-tune",
+    hyperparameters = {"n_epochs": 6, "batch_size": 8}
+    job = picture_job(
+        c, base, examples=180, data_seed=21, seed=SEEDS[family], hyperparameters=hyperparameters
     )
-    job = c.fine_tuning.jobs.create(
-        training_file=f.id, model=base, seed=SEEDS[family], hyperparameters={"n_epochs": 6, "batch_size": 8}
-    )
-    job = wait_for(c, job.id)
     assert job.status == "succeeded", job.error
     assert job.fine_tuned_model.startswith(f"ft:{base}:")
     held_out = picture_examples(60, seed=4242)
@@ -110,16 +89,7 @@ def test_lora_fine_tune_with_vision_tower_serves_image_chat(qwen_server: Server,
     same prompt), with the same prompt as the base's."""
     c = qwen_server.client(f"lora-{family}")
     base = f"tiny-{family}"
-    f = c.files.create(
-        file=("p.jsonl", io.BytesIO(picture_jsonl(picture_examples(24, seed=41)))), purpose="fine-tune"
-    )
-    job = c.fine_tuning.jobs.create(
-        training_file=f.id,
-        model=base,
-        hyperparameters={"n_epochs": 1},
-        extra_body={"openft": {"training_type": "lora", "train_vision_tower": True}},
-    )
-    job = wait_for(c, job.id)
+    job = picture_job(c, base, examples=24, data_seed=41, hyperparameters={"n_epochs": 1}, lora=True)
     assert job.status == "succeeded", job.error
     exported = qwen_server.home.parent / f"lora-{family}"  # the export shows what the job trained
     out = qwen_server.cli("export", job.fine_tuned_model, "--to", str(exported))

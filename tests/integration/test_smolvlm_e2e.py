@@ -11,15 +11,14 @@ into tiles plus a global image.
 from __future__ import annotations
 
 import io
-import json
 from collections.abc import Iterator
 
 import pytest
 from PIL import Image
 
-from tests.conftest import Server, start_server
-from tests.integration.test_service_e2e import wait_for
-from tests.tasks import SHAPE_COLOURS, data_url, picture_examples, picture_jsonl, picture_message
+from tests.conftest import Server, catalog_server
+from tests.integration.pictures import accuracy, answer, picture_job
+from tests.tasks import SHAPE_COLOURS, data_url, picture_examples, picture_message
 from tests.unit.models.tiny_smolvlm import TOKENS_PER_TILE, build_tiny_smolvlm
 
 pytestmark = pytest.mark.slow
@@ -31,44 +30,18 @@ SEED = 3
 @pytest.fixture(scope="module")
 def smol_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     folder = build_tiny_smolvlm(tmp_path_factory.mktemp("smolvlm") / "tiny-smolvlm")
-    # A random-init base learns only in full fine-tuning at a random-init rate: the catalog says so.
-    catalog = {MODEL: {"source": str(folder), "training_type": "full", "learning_rate": 2e-3}}
-    server = start_server(
-        tmp_path_factory.mktemp("smol") / "home",
-        "--workers",
-        "1",
-        env={"OPENFT_BASE_MODELS": json.dumps(catalog)},
-    )
-    yield server
-    server.stop()
-
-
-def answer(c, model: str, png: bytes, detail: str = "auto") -> str:
-    out = c.chat.completions.create(
-        model=model, messages=[picture_message(png, detail=detail)], temperature=0, max_tokens=3
-    )
-    return (out.choices[0].message.content or "").strip()
-
-
-def accuracy(c, model: str, pairs: list[tuple[bytes, str]]) -> float:
-    return sum(answer(c, model, png) == colour for png, colour in pairs) / len(pairs)
+    with catalog_server(tmp_path_factory, {MODEL: folder}) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
 def tuned(smol_server: Server):
     c = smol_server.client("smol")
-    f = c.files.create(
-        file=("pictures.jsonl", io.BytesIO(picture_jsonl(picture_examples(180, seed=21)))),
-        purpose="fine-tune",
+    hyperparameters = {"n_epochs": 8, "batch_size": 8}
+    job = picture_job(
+        c, MODEL, examples=180, data_seed=21, seed=SEED, suffix="smol", hyperparameters=hyperparameters
     )
-    job = c.fine_tuning.jobs.create(
-        training_file=f.id,
-        model=MODEL,
-        suffix="smol",
-        seed=SEED,
-        hyperparameters={"n_epochs": 8, "batch_size": 8},
-    )
-    return c, wait_for(c, job.id)
+    return c, job
 
 
 def test_fine_tuned_smolvlm_reads_pictures_it_never_saw(tuned) -> None:
@@ -113,16 +86,7 @@ def test_lora_fine_tune_chats_with_images_through_the_batcher(smol_server: Serve
     from concurrent.futures import ThreadPoolExecutor
 
     c, full_job = tuned
-    f = c.files.create(
-        file=("p.jsonl", io.BytesIO(picture_jsonl(picture_examples(24, seed=41)))), purpose="fine-tune"
-    )
-    job = c.fine_tuning.jobs.create(
-        training_file=f.id,
-        model=MODEL,
-        hyperparameters={"n_epochs": 1},
-        extra_body={"openft": {"training_type": "lora", "train_vision_tower": True}},
-    )
-    job = wait_for(c, job.id)
+    job = picture_job(c, MODEL, examples=24, data_seed=41, hyperparameters={"n_epochs": 1}, lora=True)
     assert job.status == "succeeded", job.error
     models = [MODEL, job.fine_tuned_model, full_job.fine_tuned_model]
     pictures = [png for png, _ in picture_examples(4, seed=43)]

@@ -18,32 +18,22 @@ from pathlib import Path
 import pytest
 
 from openft.models.tiny_text import FORMATS, ensure_tiny_text
-from tests.conftest import Server, model_cache, start_server
+from tests.conftest import Server, catalog_server, model_cache
 from tests.integration.test_service_e2e import wait_for
 from tests.tasks import COLOURS, colour_examples, function_calling_records, records_jsonl, to_jsonl
 
 pytestmark = pytest.mark.slow
 
 ALIAS = "gpt-4o-mini-2024-07-18"
-# Random-init bases learn only in full fine-tuning at a random-init rate: the catalog says so.
-TINY_OPTIONS = {"training_type": "full", "learning_rate": 2e-3}
 
 
 @pytest.fixture(scope="module")
 def text_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     cache = model_cache() / "text"
-    catalog = {
-        f"tiny-{fmt}": {"source": str(ensure_tiny_text(fmt, cache)), **TINY_OPTIONS} for fmt in FORMATS
-    }
-    catalog[ALIAS] = {"source": str(ensure_tiny_text("chatml", cache)), **TINY_OPTIONS, "max_length": 512}
-    server = start_server(
-        tmp_path_factory.mktemp("text") / "home",
-        "--workers",
-        "1",
-        env={"OPENFT_BASE_MODELS": json.dumps(catalog)},
-    )
-    yield server
-    server.stop()
+    models = {f"tiny-{fmt}": ensure_tiny_text(fmt, cache) for fmt in FORMATS}
+    models[ALIAS] = ensure_tiny_text("chatml", cache)
+    with catalog_server(tmp_path_factory, models, options={ALIAS: {"max_length": 512}}) as server:
+        yield server
 
 
 SYSTEM = "Answer with a colour."

@@ -23,7 +23,7 @@ from collections.abc import Iterator
 import pytest
 
 from openft.models.tiny_text import ensure_tiny_text
-from tests.conftest import Server, model_cache, start_server
+from tests.conftest import Server, catalog_server, model_cache
 from tests.integration.test_service_e2e import wait_for
 from tests.tasks import FILLER
 
@@ -84,17 +84,8 @@ def _jsonl(cases: list[tuple[str, str, dict[str, str]]]) -> bytes:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    source = ensure_tiny_text("chatml", model_cache() / "text")
-    # A random-init base learns in full fine-tuning at a random-init rate (as the catalog says).
-    catalog = {MODEL: {"source": str(source), "training_type": "full", "learning_rate": 2e-3}}
-    srv = start_server(
-        tmp_path_factory.mktemp("tools") / "home",
-        "--workers",
-        "1",
-        env={"OPENFT_BASE_MODELS": json.dumps(catalog)},
-    )
-    yield srv
-    srv.stop()
+    with catalog_server(tmp_path_factory, {MODEL: ensure_tiny_text("chatml", model_cache() / "text")}) as srv:
+        yield srv
 
 
 def test_fine_tuned_tool_calls_are_parsed_and_stream_equal(server: Server) -> None:

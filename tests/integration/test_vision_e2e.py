@@ -8,6 +8,7 @@ import json
 
 import pytest
 
+from tests.integration.pictures import picture_job
 from tests.integration.test_service_e2e import wait_for
 from tests.tasks import (
     SHAPE_COLOURS,
@@ -110,16 +111,9 @@ def test_vision_lora_is_served_and_kept_by_merged_export(full_server, tmp_path):
     from tests.conftest import start_server
 
     c = full_server.client("vision-lora")
-    f = c.files.create(
-        file=("p.jsonl", io.BytesIO(picture_jsonl(picture_examples(24, seed=41)))), purpose="fine-tune"
+    job = picture_job(
+        c, "openft-tiny-vlm", examples=24, data_seed=41, hyperparameters={"n_epochs": 1}, lora=True
     )
-    job = c.fine_tuning.jobs.create(
-        training_file=f.id,
-        model="openft-tiny-vlm",
-        hyperparameters={"n_epochs": 1},
-        extra_body={"openft": {"training_type": "lora", "train_vision_tower": True}},
-    )
-    job = wait_for(c, job.id)
     assert job.status == "succeeded", job.error
 
     adapter, merged = tmp_path / "adapter", tmp_path / "merged"

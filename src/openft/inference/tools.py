@@ -28,6 +28,7 @@ from openft.models.tool_calls import (
     ParsedCall,
     ParsedReply,
     PartialCall,
+    ScanMemo,
     ToolCallFormat,
     format_for,
     new_call_id,
@@ -136,15 +137,18 @@ def constraint_factory(loaded: LoadedModel, tool_plan: ToolPlan) -> Callable[[],
     return functools.partial(constrain.Constraint, tokenizer, tool_plan.grammar, eos)
 
 
-def read_reply(tool_plan: ToolPlan, text: str, *, truncated: bool = False) -> ParsedReply:
+def read_reply(
+    tool_plan: ToolPlan, text: str, *, truncated: bool = False, memo: ScanMemo | None = None
+) -> ParsedReply:
     """The whole reply as content and calls (calls only if the plan parses them). ``truncated``
     (the token limit ended it): a call section cut short gives the calls read so far, arguments
-    cut where the text ends, as OpenAI returns a call cut by ``max_tokens``."""
+    cut where the text ends, as OpenAI returns a call cut by ``max_tokens``. ``memo``: the
+    streamed scans' (see :class:`ScanMemo`)."""
     if not tool_plan.parse:
         return ParsedReply(content=text, calls=())
-    reply = tool_plan.fmt.parse(text)
+    reply = tool_plan.fmt.parse(text, memo)
     if not reply.calls and truncated:
-        found = tool_plan.fmt.scan(text)
+        found = tool_plan.fmt.scan(text, memo)
         if found is not None and found.calls:
             calls = tuple(ParsedCall(c.name, c.arguments) for c in found.calls)
             reply = ParsedReply(content=text[: found.start].rstrip() or None, calls=calls)
@@ -193,6 +197,8 @@ class ContentGate:
     def __init__(self, tool_plan: ToolPlan) -> None:
         self.plan = tool_plan
         self.text = ""
+        self.memo = ScanMemo()
+        """What the scans of this reply read for good: each ``feed`` reads only the new text."""
         self._sent = 0
         self._calls: list[_Sent] = []
         self._not_calls = False  # the reply can no longer be calls: all of it is content
@@ -202,21 +208,23 @@ class ContentGate:
         if not self.plan.parse or self._not_calls:
             return self._send(len(self.text)), []
         fmt, text = self.plan.fmt, self.text
-        found = fmt.scan(text)
+        found = fmt.scan(text, self.memo)
         if found is not None:
-            return self._send(len(text[: found.start].rstrip())), self._deltas(found.calls)
+            return self._send(self._before_space(found.start)), self._deltas(found.calls)
         if self._calls:  # a call went out and the format broke: finish() decides
             return "", []
-        if fmt.section_start(text) is not None or (not fmt.marker and not fmt.may_start_section(text)):
+        if fmt.section_start(text, self.memo) is not None or (
+            not fmt.marker and not fmt.may_start_section(text)
+        ):
             self._not_calls = True
             return self._send(len(text)), []
         if not fmt.marker:
             return "", []
         # Whitespace before a call is not content (the parser strips it), so hold it too.
-        return self._send(len(text[: len(text) - _partial_suffix(text, fmt.marker)].rstrip())), []
+        return self._send(self._before_space(len(text) - _partial_suffix(text, fmt.marker))), []
 
     def finish(self, *, truncated: bool = False) -> tuple[str, list[ChunkToolCall], ParsedReply]:
-        reply = read_reply(self.plan, self.text, truncated=truncated)
+        reply = read_reply(self.plan, self.text, truncated=truncated, memo=self.memo)
         if not reply.calls:
             return self._send(len(self.text)), [], reply
         content = self._send(len(reply.content or ""))
@@ -242,6 +250,13 @@ class ContentGate:
                 sent.arguments = call.arguments
                 out.append(ChunkToolCall(index=i, function=ChunkFunctionCall(arguments=piece)))
         return out
+
+    def _before_space(self, end: int) -> int:
+        """``len(self.text[:end].rstrip())``, or where sending got to if that is further (then
+        nothing more goes out either way): nothing is copied, and the walk stops at what was sent."""
+        while end > self._sent and self.text[end - 1].isspace():
+            end -= 1
+        return end
 
     def _send(self, end: int) -> str:
         if end <= self._sent:

@@ -12,6 +12,7 @@ import functools
 import inspect
 import json
 import logging
+import types
 from pathlib import Path
 from typing import Any, Literal
 
@@ -143,30 +144,32 @@ def image_only_processor(cls: type) -> type:
     same name, same behaviour for text and images, saved and loaded like ``cls`` (its
     ``processor_class`` stays ``cls.__name__``), constructible without torchvision."""
 
-    # ProcessorMixin takes its sub-processors from the signature (image processor and tokenizer only)
-    # and keeps, saves and reloads only the settings named there (``__code__``, not ``__signature__``):
-    # so the new ``__init__`` is written with ``cls``'s own settings (SmolVLM's ``image_seq_len``).
-    extra = [
-        p
-        for name, p in inspect.signature(cls.__init__).parameters.items()
-        if name not in ("self", "image_processor", "tokenizer", "video_processor", "chat_template")
-        and p.kind is p.POSITIONAL_OR_KEYWORD
-    ]
-    names = [p.name for p in extra]
-    source = (
-        "def __init__(self, image_processor=None, tokenizer=None"
-        + "".join(f", {n}=_default_{n}" for n in names)
-        + ", chat_template=None, **kw):\n"
-        + "    _init(self, image_processor, tokenizer, None"
-        + "".join(f", {n}={n}" for n in names)
-        + ", chat_template=chat_template, **kw)\n"
+    # ProcessorMixin takes its sub-processors from ``get_attributes`` (overridden: no video), and
+    # keeps, saves and reloads the settings named by ``__init__``'s signature and ``__code__``. So
+    # the new ``__init__`` is ``cls``'s own function (same code: SmolVLM's ``image_seq_len`` and
+    # every other setting stay), only with ``video_processor=None`` as a default; the ``None``
+    # it passes on is dropped by ProcessorMixin, which pairs positional sub-processors with
+    # ``get_attributes``.
+    init = cls.__init__
+    positional = [p for p in inspect.signature(init).parameters.values() if p.kind is p.POSITIONAL_OR_KEYWORD]
+    names = [p.name for p in positional]
+    defaults = tuple(
+        None if p.default is p.empty else p.default for p in positional[names.index("video_processor") :]
     )
-    namespace: dict[str, Any] = {"_init": cls.__init__}
-    namespace |= {f"_default_{p.name}": None if p.default is p.empty else p.default for p in extra}
-    exec(source, namespace)  # noqa: S102 - parameter names come from a transformers class
-    __init__ = namespace["__init__"]
+    __init__ = types.FunctionType(init.__code__, init.__globals__, init.__name__, defaults, init.__closure__)
+    __init__.__kwdefaults__ = init.__kwdefaults__
+    __init__.__doc__ = init.__doc__
 
-    return type(cls.__name__, (cls,), {"__init__": __init__, "__module__": __name__, "__doc__": cls.__doc__})
+    def get_attributes(klass: type) -> list[str]:
+        return [a for a in cls.get_attributes() if a != "video_processor"]
+
+    namespace = {
+        "__init__": __init__,
+        "get_attributes": classmethod(get_attributes),
+        "__module__": __name__,
+        "__doc__": cls.__doc__,
+    }
+    return type(cls.__name__, (cls,), namespace)
 
 
 def _processor_class(source: str) -> type | None:

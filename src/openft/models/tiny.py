@@ -24,11 +24,13 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import (
     AutoProcessor,
     PretrainedConfig,
+    PreTrainedModel,
     PreTrainedTokenizerFast,
     ProcessorMixin,
     Qwen2VLConfig,
@@ -186,20 +188,9 @@ def _build(out: Path) -> None:
 
     ids = {tok: tokenizer.convert_tokens_to_ids(tok) for tok in SPECIAL_TOKENS}
     config = Qwen2VLConfig(
-        text_config={
-            "vocab_size": VOCAB_SIZE,
-            "hidden_size": 128,
-            "intermediate_size": 256,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "max_position_embeddings": 4096,
-            "rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "mrope_section": [4, 6, 6]},
-            "bos_token_id": ids["<|endoftext|>"],
-            "eos_token_id": ids["<|im_end|>"],
-            "pad_token_id": ids["<|endoftext|>"],
-            "tie_word_embeddings": False,
-        },
+        text_config=qwen_text_config(
+            VOCAB_SIZE, ids, {"rope_type": "default", "rope_theta": 1e4, "mrope_section": [4, 6, 6]}
+        ),
         vision_config={
             "depth": 2,
             "embed_dim": 64,
@@ -223,12 +214,43 @@ def _build(out: Path) -> None:
         torch.manual_seed(_SEED)
         model = Qwen2VLForConditionalGeneration(config)
         _edge_filters(model.model.visual.patch_embed.proj.weight)
-    model.generation_config.eos_token_id = ids["<|im_end|>"]
-    model.generation_config.pad_token_id = ids["<|endoftext|>"]
-    model.generation_config.bos_token_id = ids["<|endoftext|>"]
+    save_tiny(
+        model, processor, out, eos=ids["<|im_end|>"], pad=ids["<|endoftext|>"], bos=ids["<|endoftext|>"]
+    )
+    (out / "openft-tiny.json").write_text(json.dumps({"name": TINY_MODEL, "format_version": _FORMAT_VERSION}))
+
+
+def qwen_text_config(vocab: int, ids: dict[str, int], rope: dict[str, Any]) -> dict[str, Any]:
+    """The tiny Qwen-VL text stack (this model's, and the tests' Qwen2.5-VL and Qwen3-VL ones):
+    ``ids`` names the ChatML special tokens' ids, ``rope`` is the family's M-RoPE."""
+    return {
+        "vocab_size": vocab,
+        "hidden_size": 128,
+        "intermediate_size": 256,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 4096,
+        "rope_parameters": rope,
+        "bos_token_id": ids["<|endoftext|>"],
+        "eos_token_id": ids["<|im_end|>"],
+        "pad_token_id": ids["<|endoftext|>"],
+        "tie_word_embeddings": False,
+    }
+
+
+def save_tiny(
+    model: PreTrainedModel, processor: ProcessorMixin, out: Path, *, eos: int | list[int], pad: int, bos: int
+) -> Path:
+    """Write a tiny model and its processor to ``out``; generation stops at ``eos`` (a random
+    model's own config would not say which token ends a turn)."""
+    model.generation_config.eos_token_id = eos
+    model.generation_config.pad_token_id = pad
+    model.generation_config.bos_token_id = bos
+    out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     processor.save_pretrained(out)
-    (out / "openft-tiny.json").write_text(json.dumps({"name": TINY_MODEL, "format_version": _FORMAT_VERSION}))
+    return out
 
 
 def _edge_filters(weight: torch.Tensor) -> None:

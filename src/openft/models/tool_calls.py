@@ -33,7 +33,9 @@ Arguments are JSON objects in the text; they are returned to clients as that tex
 string, as OpenAI sends ``arguments``), exactly as the model wrote it (``pythonic``: the JSON
 object of the Python literals). :meth:`ToolCallFormat.scan` reads a reply that is still being
 generated, so calls can be streamed as they are written; :meth:`ToolCallFormat.parse` is the
-same reading of the whole reply.
+same reading of the whole reply. A streamed reply is scanned again at every token, so ``scan``
+takes a :class:`ScanMemo` that keeps what earlier scans of the same reply read for good: each
+scan then reads only the new text.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ import re
 import secrets
 import string
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 _ID_ALPHABET = string.ascii_letters + string.digits
@@ -94,6 +96,63 @@ class Scan:
 _INCOMPLETE = -1  # a scanner's answer: the text ends before the thing being read does
 
 
+@dataclass
+class _Walk:
+    """A bracket (or string) walk that stopped where the text ended, ready to go on."""
+
+    at: int
+    """The next character to read."""
+    depth: int = 0
+    quote: str = ""
+    skip: int = 0
+    """A character before this was escaped by a backslash."""
+    end: int = _INCOMPLETE
+
+
+@dataclass
+class _ObjectRead:
+    """A call object read as far as the text went: the fields read whole, where the next starts,
+    and the key whose value has begun but not ended (``pending``: key, where the value starts)."""
+
+    pos: int
+    fields: dict[str, tuple[Any, str]] = field(default_factory=dict)
+    pending: tuple[str, int] | None = None
+    result: tuple[PartialCall | None, int] | None = None
+    done: bool = False
+
+
+@dataclass
+class ScanMemo:
+    """What the scans of one growing reply (a streamed one) have read for good, so the next scan
+    starts where the last one stopped instead of at the start of the reply.
+
+    Sound because the scanners read left to right and decide nothing from where the text ends
+    except "incomplete": whatever they settled on a prefix (where the section starts, a whole
+    call, a whole field, how far a bracket walk got) is what they settle on any longer text that
+    starts with it, and a reply that cannot be calls can never become calls. So a memo must only
+    ever see one reply, each time with more text at its end."""
+
+    scanned: int = 0
+    """Characters read so far by the marker search, the value walks and the JSON decoding (the
+    parts whose cost grows with the reply): a measure of work that does not depend on the clock."""
+    start: int | None = None
+    searched: int = 0
+    """Text before this holds no start of the marker."""
+    broken: bool = False
+    walks: dict[tuple[int, str], _Walk] = field(default_factory=dict)
+    objects: dict[int, _ObjectRead] = field(default_factory=dict)
+    calls: dict[int, tuple[tuple[PartialCall, ...], int]] = field(default_factory=dict)
+    """Per call section: the calls read whole and where the next one starts."""
+
+    def resume(self, section: int) -> tuple[list[PartialCall], int] | None:
+        """The calls of the section at ``section`` that an earlier scan read whole, and where
+        the next one starts; None if it read none whole."""
+        if section not in self.calls:
+            return None
+        whole, pos = self.calls[section]
+        return list(whole), pos
+
+
 @dataclass(frozen=True)
 class ToolCallFormat:
     name: str
@@ -130,37 +189,51 @@ class ToolCallFormat:
 
     # ------------------------------------------------------------------ reading
 
-    def parse(self, text: str) -> ParsedReply:
+    def parse(self, text: str, memo: ScanMemo | None = None) -> ParsedReply:
         """Split ``text`` into content and calls. Text that is not a well-formed call section
         stays content, whole: nothing a model wrote is dropped."""
-        found = self.scan(text)
+        found = self.scan(text, memo)
         if found is None or not found.complete or not found.calls:
             return ParsedReply(content=text, calls=())
         calls = tuple(ParsedCall(c.name, c.arguments) for c in found.calls)
         return ParsedReply(content=text[: found.start].rstrip() or None, calls=calls)
 
-    def scan(self, text: str) -> Scan | None:
+    def scan(self, text: str, memo: ScanMemo | None = None) -> Scan | None:
         """The call section of ``text`` read as far as it goes (``text`` may be a reply still
-        being generated). None: there is no call section, or what is there cannot become one."""
-        start = self.section_start(text)
+        being generated). None: there is no call section, or what is there cannot become one.
+        ``memo``: the one the scans of this reply's shorter prefixes used (streaming); the answer
+        is the same as without it, and only the text they did not read whole is read."""
+        memo = ScanMemo() if memo is None else memo
+        if memo.broken:
+            return None
+        start = self.section_start(text, memo)
         if start is None:
             return None
-        read = self._scan_section(text, start)
+        read = self._scan_section(text, start, memo)
         if read is None:
+            memo.broken = True  # what is in the way stays in the text: never calls
             return None
         calls, complete = read
         return Scan(start=start, calls=tuple(calls), complete=complete)
 
-    def section_start(self, text: str) -> int | None:
+    def section_start(self, text: str, memo: ScanMemo | None = None) -> int | None:
         """Where the call section starts, or None if ``text`` has none (yet)."""
+        if memo is not None and memo.start is not None:
+            return memo.start
+        memo = ScanMemo() if memo is None else memo
         if self.marker:
-            at = text.find(self.marker)
-            return at if at >= 0 else None
-        at = _skip_ws(text, 0)
-        rest = text[at:]
-        if rest.startswith(self.opening) or any(rest.startswith(p) for p in self.optional_prefixes):
-            return at
-        return None
+            at = text.find(self.marker, memo.searched)
+            memo.scanned += len(text) - memo.searched
+            # The next search starts where a marker cut by the end of the text could start.
+            memo.searched = max(memo.searched, len(text) - len(self.marker) + 1)
+            if at < 0:
+                return None
+        else:
+            at = _skip_ws(text, 0)
+            if not any(text.startswith(p, at) for p in (self.opening, *self.optional_prefixes)):
+                return None
+        memo.start = at
+        return at
 
     @property
     def opening(self) -> str:
@@ -174,7 +247,7 @@ class ToolCallFormat:
             p.startswith(head) or head.startswith(p) for p in (self.opening, *self.optional_prefixes)
         )
 
-    def _scan_section(self, text: str, pos: int) -> tuple[list[PartialCall], bool] | None:
+    def _scan_section(self, text: str, pos: int, memo: ScanMemo) -> tuple[list[PartialCall], bool] | None:
         if self.marker:
             if self.array:
                 pos += len(self.marker)
@@ -183,10 +256,11 @@ class ToolCallFormat:
                 if text.startswith(prefix, pos):
                     pos = _skip_ws(text, pos + len(prefix))
         if self.array:
-            return self._scan_calls(text, pos, open_="", close="", sep=",", begin="[", end="]")
+            return self._scan_calls(text, pos, memo, open_="", close="", sep=",", begin="[", end="]")
         return self._scan_calls(
             text,
             pos,
+            memo,
             open_=self.call_open.strip(),
             close=self.call_close.strip(),
             sep=self.separator.strip(),
@@ -195,16 +269,29 @@ class ToolCallFormat:
         )
 
     def _scan_calls(
-        self, text: str, pos: int, *, open_: str, close: str, sep: str, begin: str, end: str
+        self,
+        text: str,
+        pos: int,
+        memo: ScanMemo,
+        *,
+        open_: str,
+        close: str,
+        sep: str,
+        begin: str,
+        end: str,
     ) -> tuple[list[PartialCall], bool] | None:
         """Calls ``begin open_ {...} close sep open_ {...} close ... end``, read as far as the
         text goes; None when something else is in the way."""
-        calls: list[PartialCall] = []
-        pos = _skip_ws(text, pos)
-        if begin:
-            pos = _expect(text, pos, begin)
-            if pos is None or pos == _INCOMPLETE:
-                return None if pos is None else (calls, False)
+        section = pos
+        if resumed := memo.resume(section):
+            calls, pos = resumed
+        else:
+            calls = []
+            pos = _skip_ws(text, pos)
+            if begin:
+                pos = _expect(text, pos, begin)
+                if pos is None or pos == _INCOMPLETE:
+                    return None if pos is None else (calls, False)
         while True:
             pos = _skip_ws(text, pos)
             if pos >= len(text):
@@ -218,7 +305,7 @@ class ToolCallFormat:
                     if pos is None or pos == _INCOMPLETE:
                         return None if pos is None else (calls, False)
                     pos = _skip_ws(text, pos)
-            found = self._scan_object(text, pos)
+            found = self._scan_object(text, pos, memo)
             if found is None:
                 return None
             call, obj_end = found
@@ -233,8 +320,9 @@ class ToolCallFormat:
                 pos = _expect(text, pos, close)
                 if pos is None or pos == _INCOMPLETE:
                     return None if pos is None else (calls, False)
+            memo.calls[section] = (tuple(calls), pos)
 
-    def _scan_object(self, text: str, pos: int) -> tuple[PartialCall | None, int] | None:
+    def _scan_object(self, text: str, pos: int, memo: ScanMemo) -> tuple[PartialCall | None, int] | None:
         """The call object at ``pos``: the call (None until its name is read) and where the object
         ends (``_INCOMPLETE`` if it goes past the text). None: not a call object. ``arguments``
         is the model's own text of the arguments object (valid JSON, kept byte for byte:
@@ -243,36 +331,44 @@ class ToolCallFormat:
             return None, _INCOMPLETE
         if text[pos] != "{":
             return None
+        read = memo.objects.setdefault(pos, _ObjectRead(pos + 1))
+        if read.done:
+            return read.result
         keys = (self.arguments_key, "arguments", "parameters")
-        fields: dict[str, tuple[Any, str]] = {}
+        fields = read.fields  # grows only by fields read whole, which later text cannot change
         partial_args = ""
-        pos = _skip_ws(text, pos + 1)
+        pos = read.pending[1] if read.pending else _skip_ws(text, read.pos)
         ended = False
         while pos < len(text):
-            if text[pos] == "}":
-                ended = True
-                pos += 1
-                break
-            if fields:
-                pos = _expect(text, pos, ",")
-                if pos is None or pos == _INCOMPLETE:
-                    if pos is None:
-                        return None
+            if read.pending:
+                key, start = read.pending
+            else:
+                if text[pos] == "}":
+                    ended = True
+                    pos += 1
                     break
-                pos = _skip_ws(text, pos)
-            if pos >= len(text):
-                break
-            if text[pos] != '"':
-                return None
-            key_end = _value_end(text, pos)
-            if key_end == _INCOMPLETE:
-                break
-            key = json.loads(text[pos:key_end])
-            pos = _expect(text, _skip_ws(text, key_end), ":")
-            if pos is None:
-                return None
-            start = _skip_ws(text, pos) if pos != _INCOMPLETE else len(text)
-            value_end = _value_end(text, start)
+                if fields:
+                    pos = _expect(text, pos, ",")
+                    if pos is None or pos == _INCOMPLETE:
+                        if pos is None:
+                            return None
+                        break
+                    pos = _skip_ws(text, pos)
+                if pos >= len(text):
+                    break
+                if text[pos] != '"':
+                    return None
+                key_end = _value_end(text, pos, memo)
+                if key_end == _INCOMPLETE:
+                    break
+                key = json.loads(text[pos:key_end])
+                pos = _expect(text, _skip_ws(text, key_end), ":")
+                if pos is None:
+                    return None
+                start = _skip_ws(text, pos) if pos != _INCOMPLETE else len(text)
+                if start < len(text):  # the value has begun: later scans go on from it
+                    read.pending = (key, start)
+            value_end = _value_end(text, start, memo)
             if value_end is None:
                 return None
             if value_end == _INCOMPLETE:
@@ -283,9 +379,11 @@ class ToolCallFormat:
                 value, stop = _STRICT.raw_decode(text, start)
             except ValueError:  # JSONDecodeError and rejected constants
                 return None
+            memo.scanned += stop - start
             if stop != value_end:
                 return None
             fields[key] = (value, text[start:stop])
+            read.pending, read.pos = None, stop
             pos = _skip_ws(text, stop)
         name = fields.get("name")
         if name is not None and not isinstance(name[0], str):
@@ -294,17 +392,25 @@ class ToolCallFormat:
         if not ended:
             call = PartialCall(name[0], args[1] if args else partial_args, False) if name else None
             return call, _INCOMPLETE
-        if name is None or args is None:
+        read.done, read.result = True, _whole_call(name, args, pos)
+        return read.result
+
+
+def _whole_call(
+    name: tuple[Any, str] | None, args: tuple[Any, str] | None, end: int
+) -> tuple[PartialCall, int] | None:
+    """A closed call object's call: it needs a name and an arguments object."""
+    if name is None or args is None:
+        return None
+    value, raw = args
+    if isinstance(value, str):  # some models write the arguments as a JSON string
+        try:
+            value, raw = _strict_loads(value), value
+        except ValueError:
             return None
-        value, raw = args
-        if isinstance(value, str):  # some models write the arguments as a JSON string
-            try:
-                value, raw = _strict_loads(value), value
-            except ValueError:
-                return None
-        if not isinstance(value, dict):
-            return None
-        return PartialCall(name[0], raw, True), pos
+    if not isinstance(value, dict):
+        return None
+    return PartialCall(name[0], raw, True), end
 
 
 @dataclass(frozen=True)
@@ -323,8 +429,9 @@ class MistralArgsFormat(ToolCallFormat):
             for c in calls
         )
 
-    def _scan_section(self, text: str, pos: int) -> tuple[list[PartialCall], bool] | None:
-        calls: list[PartialCall] = []
+    def _scan_section(self, text: str, pos: int, memo: ScanMemo) -> tuple[list[PartialCall], bool] | None:
+        section = pos
+        calls, pos = memo.resume(section) or ([], pos)
         while True:
             pos = _skip_ws(text, pos)
             if pos >= len(text):
@@ -339,6 +446,7 @@ class MistralArgsFormat(ToolCallFormat):
                 return calls, False  # the name (or the marker after it) is still being written
             if text.startswith(self.id_marker, pos):
                 id_end = text.find(self.args_marker, pos)
+                memo.scanned += (id_end if id_end >= 0 else len(text)) - pos
                 if id_end < 0:
                     return (calls, False) if name else None
                 pos = id_end
@@ -347,12 +455,13 @@ class MistralArgsFormat(ToolCallFormat):
             start = pos + len(self.args_marker)
             if start < len(text) and text[start] != "{":
                 return None
-            end = _value_end(text, start)
+            end = _value_end(text, start, memo)
             if end is None:
                 return None
             if end == _INCOMPLETE:
                 calls.append(PartialCall(name, text[start:], False))
                 return calls, False
+            memo.scanned += end - start
             try:
                 value = _strict_loads(text[start:end])
             except ValueError:
@@ -361,6 +470,7 @@ class MistralArgsFormat(ToolCallFormat):
                 return None
             calls.append(PartialCall(name, text[start:end], True))
             pos = end
+            memo.calls[section] = (tuple(calls), pos)
 
 
 @dataclass(frozen=True)
@@ -382,14 +492,18 @@ class PythonicFormat(ToolCallFormat):
     def opening(self) -> str:
         return "["
 
-    def _scan_section(self, text: str, pos: int) -> tuple[list[PartialCall], bool] | None:
+    def _scan_section(self, text: str, pos: int, memo: ScanMemo) -> tuple[list[PartialCall], bool] | None:
         for prefix in self.optional_prefixes:
             if text.startswith(prefix, pos):
                 pos = _skip_ws(text, pos + len(prefix))
-        calls: list[PartialCall] = []
-        pos = _expect(text, pos, "[")
-        if pos is None or pos == _INCOMPLETE:
-            return None if pos is None else (calls, False)
+        section = pos
+        if resumed := memo.resume(section):
+            calls, pos = resumed
+        else:
+            calls = []
+            pos = _expect(text, pos, "[")
+            if pos is None or pos == _INCOMPLETE:
+                return None if pos is None else (calls, False)
         while True:
             pos = _skip_ws(text, pos)
             if pos >= len(text):
@@ -407,17 +521,19 @@ class PythonicFormat(ToolCallFormat):
                 return calls, False
             if not name or text[pos] != "(":
                 return None
-            end = _py_call_end(text, pos)
+            end = _py_call_end(text, pos, memo)
             if end is None:
                 return None
             if end == _INCOMPLETE:
                 calls.append(PartialCall(name, "", False))
                 return calls, False
+            memo.scanned += end - pos
             args = _py_kwargs(text[pos:end])
             if args is None:
                 return None
             calls.append(PartialCall(name, args, True))
             pos = end
+            memo.calls[section] = (tuple(calls), pos)
 
 
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]*|")
@@ -436,36 +552,46 @@ def _py(value: Any) -> str:
     return json.dumps(value)
 
 
-def _py_call_end(text: str, pos: int) -> int | None:
+def _py_call_end(text: str, pos: int, memo: ScanMemo) -> int | None:
     """End of the parenthesised argument list at ``pos`` (Python strings and brackets aware)."""
-    end = _balanced_end(text, pos, "\"'")
+    end = _balanced_end(text, pos, "\"'", memo)
     return end if end == _INCOMPLETE or text[end - 1] == ")" else None
 
 
-def _balanced_end(text: str, pos: int, quotes: str) -> int:
-    """After the bracket that closes the one at ``pos``, skipping strings in ``quotes``;
-    ``_INCOMPLETE`` if the text ends first. Which bracket closes is checked by the caller's
-    parser afterwards. Jumps from one structural character to the next (a streamed reply is
-    re-read at every token, so this must not walk character by character in Python)."""
-    depth, quote, skip = 0, "", pos
-    for m in (_STRUCTURE_PY if "'" in quotes else _STRUCTURE_JSON).finditer(text, pos):
+def _balanced_end(text: str, pos: int, quotes: str, memo: ScanMemo) -> int:
+    """After the bracket that closes the one at ``pos`` (or, if a string in ``quotes`` starts at
+    ``pos``, after the quote that closes it), skipping strings in ``quotes``; ``_INCOMPLETE`` if
+    the text ends first. Which bracket closes is checked by the caller's parser afterwards.
+    Jumps from one structural character to the next, and a walk cut by the end of the text goes
+    on from there at the next scan (``memo``): a streamed value is read once, not at every token."""
+    walk = memo.walks.setdefault((pos, quotes), _Walk(pos))
+    if walk.end != _INCOMPLETE:
+        return walk.end
+    for m in (_STRUCTURE_PY if "'" in quotes else _STRUCTURE_JSON).finditer(text, walk.at):
         at, ch = m.start(), m.group()
-        if at < skip:
+        if at < walk.skip:
             continue
-        if quote:
+        if walk.quote:
             if ch == "\\":
-                skip = at + 2
-            elif ch == quote:
-                quote = ""
+                walk.skip = at + 2
+            elif ch == walk.quote:
+                walk.quote = ""
+                if walk.depth == 0:  # the value was this string
+                    walk.end = at + 1
+                    break
         elif ch in quotes:
-            quote = ch
+            walk.quote = ch
         elif ch in "([{":
-            depth += 1
+            walk.depth += 1
         elif ch in ")]}":
-            depth -= 1
-            if depth == 0:
-                return at + 1
-    return _INCOMPLETE
+            walk.depth -= 1
+            if walk.depth == 0:
+                walk.end = at + 1
+                break
+    stop = len(text) if walk.end == _INCOMPLETE else walk.end
+    memo.scanned += stop - walk.at
+    walk.at = stop
+    return walk.end
 
 
 _STRUCTURE_JSON = re.compile(r'[\[\]{}()"\\]')
@@ -497,26 +623,22 @@ def _expect(text: str, pos: int, token: str) -> int | None:
     return None
 
 
-def _value_end(text: str, pos: int) -> int | None:
+def _value_end(text: str, pos: int, memo: ScanMemo) -> int | None:
     """End of the JSON value at ``pos`` by its structure (strings, brackets), ``_INCOMPLETE`` if
     the text ends first (a number or literal at the very end may go on), None if no value can
     start there. The value's validity is checked by the JSON decoder afterwards."""
     if pos >= len(text):
         return _INCOMPLETE
-    ch = text[pos]
-    if ch == '"':
-        m = _JSON_STRING.match(text, pos)
-        return m.end() if m else _INCOMPLETE
-    if ch in "{[":
-        return _balanced_end(text, pos, '"')
+    if text[pos] in '"{[':
+        return _balanced_end(text, pos, '"', memo)
     m = _SCALAR.match(text, pos)
+    memo.scanned += m.end() - pos
     if not m.group():
         return None
     return _INCOMPLETE if m.end() >= len(text) else m.end()
 
 
 _SCALAR = re.compile(r"[-+0-9.eEa-zA-Z]*")
-_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.S)
 
 
 def _strict_loads(text: str) -> Any:

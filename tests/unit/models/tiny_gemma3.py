@@ -42,7 +42,7 @@ from transformers import (
 )
 from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
 
-from openft.models.tiny import build_bpe_tokenizer
+from openft.models.tiny import build_bpe_tokenizer, save_tiny
 
 SPECIAL_TOKENS = (
     "<pad>",
@@ -193,10 +193,5 @@ def build_tiny_gemma3(out: Path) -> Path:
         torch.manual_seed(SEED)
         model = Gemma3ForConditionalGeneration(config)
         torch.nn.init.normal_(model.model.multi_modal_projector.mm_input_projection_weight, std=PROJECTOR_STD)
-    model.generation_config.eos_token_id = [ids["<eos>"], ids["<end_of_turn>"]]
-    model.generation_config.pad_token_id = ids["<pad>"]
-    model.generation_config.bos_token_id = ids["<bos>"]
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
-    return out
+    eos = [ids["<eos>"], ids["<end_of_turn>"]]
+    return save_tiny(model, processor, out, eos=eos, pad=ids["<pad>"], bos=ids["<bos>"])

@@ -21,7 +21,7 @@ from transformers import (
 )
 from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 
-from openft.models.tiny import _corpus
+from openft.models.tiny import _corpus, save_tiny
 
 SPECIAL_TOKENS = (
     "<|end_of_text|>",  # pad
@@ -94,6 +94,23 @@ def build_processor() -> LlavaProcessor:
     )
 
 
+def llama_text_config(*, vocab: int, bos: int, eos: int, pad: int) -> LlamaConfig:
+    """The tiny Llama language model (LLaVA's here, and SmolVLM's, whose text model is a Llama)."""
+    return LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        bos_token_id=bos,
+        eos_token_id=eos,
+        pad_token_id=pad,
+        tie_word_embeddings=False,
+    )
+
+
 def build_tiny_llava(out: Path) -> Path:
     """Write a tiny LLaVA (model + processor) to ``out`` and return it."""
     processor = build_processor()
@@ -109,18 +126,8 @@ def build_tiny_llava(out: Path) -> Path:
             patch_size=PATCH_SIZE,
             projection_dim=64,
         ),
-        text_config=LlamaConfig(
-            vocab_size=VOCAB_SIZE,
-            hidden_size=128,
-            intermediate_size=256,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=2048,
-            bos_token_id=ids["<|begin_of_text|>"],
-            eos_token_id=ids["<|eot_id|>"],
-            pad_token_id=ids["<|end_of_text|>"],
-            tie_word_embeddings=False,
+        text_config=llama_text_config(
+            vocab=VOCAB_SIZE, bos=ids["<|begin_of_text|>"], eos=ids["<|eot_id|>"], pad=ids["<|end_of_text|>"]
         ),
         image_token_id=ids["<image>"],
         vision_feature_select_strategy="default",
@@ -130,10 +137,6 @@ def build_tiny_llava(out: Path) -> Path:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(4321)
         model = LlavaForConditionalGeneration(config)
-    model.generation_config.eos_token_id = ids["<|eot_id|>"]
-    model.generation_config.pad_token_id = ids["<|end_of_text|>"]
-    model.generation_config.bos_token_id = ids["<|begin_of_text|>"]
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
-    return out
+    return save_tiny(
+        model, processor, out, eos=ids["<|eot_id|>"], pad=ids["<|end_of_text|>"], bos=ids["<|begin_of_text|>"]
+    )

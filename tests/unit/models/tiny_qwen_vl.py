@@ -50,7 +50,7 @@ from transformers import (
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from openft.models.loader import image_only_processor
-from openft.models.tiny import _edge_filters, build_bpe_tokenizer
+from openft.models.tiny import _edge_filters, build_bpe_tokenizer, qwen_text_config, save_tiny
 
 FAMILIES = ("qwen2_5_vl", "qwen3_vl")
 FORMAT_VERSION = "2"
@@ -275,23 +275,6 @@ def build_processor(family: str) -> Any:
     )
 
 
-def _text_config(ids: dict[str, int], rope: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "vocab_size": VOCAB_SIZE,
-        "hidden_size": 128,
-        "intermediate_size": 256,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "max_position_embeddings": 4096,
-        "rope_parameters": rope,
-        "bos_token_id": ids["<|endoftext|>"],
-        "eos_token_id": ids["<|im_end|>"],
-        "pad_token_id": ids["<|endoftext|>"],
-        "tie_word_embeddings": False,
-    }
-
-
 def _config(family: str, ids: dict[str, int]) -> Any:
     tokens = {
         "image_token_id": ids["<|image_pad|>"],
@@ -303,8 +286,8 @@ def _config(family: str, ids: dict[str, int]) -> Any:
     if family == "qwen2_5_vl":
         return Qwen2_5_VLConfig(
             # mrope_section sums to head_dim / 2 (32 / 2), as Qwen2.5-VL's [16, 24, 24] does for 128.
-            text_config=_text_config(
-                ids, {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [4, 6, 6]}
+            text_config=qwen_text_config(
+                VOCAB_SIZE, ids, {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [4, 6, 6]}
             ),
             vision_config={
                 "depth": 2,
@@ -320,7 +303,8 @@ def _config(family: str, ids: dict[str, int]) -> Any:
             },
             **tokens,
         )
-    text = _text_config(
+    text = qwen_text_config(
+        VOCAB_SIZE,
         # Qwen3-VL: interleaved M-RoPE ([24, 20, 20] for head_dim 128 in the 8B).
         ids,
         {"rope_type": "default", "rope_theta": 5e6, "mrope_section": [6, 5, 5], "mrope_interleaved": True},
@@ -357,10 +341,5 @@ def build_tiny_qwen_vl(family: str, out: Path) -> Path:
         # Colour and edge filters in the patch embedding, as openft-tiny-vlm has (random ones
         # pass colour on but hardly shape).
         _edge_filters(model.model.visual.patch_embed.proj.weight)
-    model.generation_config.eos_token_id = ids["<|im_end|>"]
-    model.generation_config.pad_token_id = ids["<|endoftext|>"]
-    model.generation_config.bos_token_id = ids["<|endoftext|>"]
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
-    return out
+    end, pad = ids["<|im_end|>"], ids["<|endoftext|>"]
+    return save_tiny(model, processor, out, eos=end, pad=pad, bos=pad)

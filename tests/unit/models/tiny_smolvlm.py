@@ -28,7 +28,6 @@ from typing import Any
 
 import torch
 from transformers import (
-    LlamaConfig,
     PreTrainedTokenizerFast,
     SmolVLMConfig,
     SmolVLMForConditionalGeneration,
@@ -40,7 +39,8 @@ from transformers.models.smolvlm.processing_smolvlm import DEFAULT_CHAT_TEMPLATE
 from transformers.models.smolvlm.video_processing_smolvlm import SmolVLMVideoProcessor
 
 from openft.models.loader import image_only_processor
-from openft.models.tiny import build_bpe_tokenizer
+from openft.models.tiny import build_bpe_tokenizer, save_tiny
+from tests.unit.models.tiny_llava import llama_text_config
 
 GRID = 6
 """``<row_R_col_C>`` tokens for R, C in 1..6, as in the published tokenizer."""
@@ -105,16 +105,14 @@ def build_processor() -> SmolVLMProcessor:
 def build_tiny_smolvlm(out: Path) -> Path:
     """Write a tiny SmolVLM2 (model + processor) to ``out`` and return it."""
     processor = build_processor()
-    model = _model(
+    model, ids = _model(
         SmolVLMConfig,
         SmolVLMVisionConfig,
         SmolVLMForConditionalGeneration,
         processor.tokenizer,
         "<|im_start|>",
     )
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
+    save_tiny(model, processor, out, **ids)
     # A real checkpoint also has the video processor's config: loading must not need it for images.
     SmolVLMVideoProcessor().save_pretrained(out)
     return out
@@ -149,16 +147,16 @@ def build_tiny_idefics3(out: Path) -> Path:
         image_seq_len=TOKENS_PER_TILE,
         chat_template=IDEFICS3_CHAT_TEMPLATE,
     )
-    model = _model(
+    model, ids = _model(
         Idefics3Config, Idefics3VisionConfig, Idefics3ForConditionalGeneration, tokenizer, "<|begin_of_text|>"
     )
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
-    return out
+    return save_tiny(model, processor, out, **ids)
 
 
-def _model(config_cls: Any, vision_cls: Any, model_cls: Any, tok: Any, bos: str) -> Any:
+def _model(
+    config_cls: Any, vision_cls: Any, model_cls: Any, tok: Any, bos: str
+) -> tuple[Any, dict[str, int]]:
+    """The random model and its generation ids (``save_tiny``'s ``eos``, ``pad``, ``bos``)."""
     ids = {t: tok.convert_tokens_to_ids(t) for t in (bos, "<end_of_utterance>", "<image>")}
     pad = tok.pad_token_id
     config = config_cls(
@@ -170,19 +168,7 @@ def _model(config_cls: Any, vision_cls: Any, model_cls: Any, tok: Any, bos: str)
             image_size=TILE,
             patch_size=PATCH_SIZE,
         ),
-        text_config=LlamaConfig(
-            vocab_size=VOCAB_SIZE,
-            hidden_size=128,
-            intermediate_size=256,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=2048,
-            bos_token_id=ids[bos],
-            eos_token_id=ids["<end_of_utterance>"],
-            pad_token_id=pad,
-            tie_word_embeddings=False,
-        ),
+        text_config=llama_text_config(vocab=VOCAB_SIZE, bos=ids[bos], eos=ids["<end_of_utterance>"], pad=pad),
         image_token_id=ids["<image>"],
         scale_factor=SCALE_FACTOR,
         pad_token_id=pad,
@@ -191,7 +177,4 @@ def _model(config_cls: Any, vision_cls: Any, model_cls: Any, tok: Any, bos: str)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(2468)
         model = model_cls(config)
-    model.generation_config.eos_token_id = ids["<end_of_utterance>"]
-    model.generation_config.pad_token_id = pad
-    model.generation_config.bos_token_id = ids[bos]
-    return model
+    return model, {"eos": ids["<end_of_utterance>"], "pad": pad, "bos": ids[bos]}

@@ -31,33 +31,37 @@ from openft.training.setup import Feeder, attention_for, packing_for, wants_pack
 VOCAB = 64
 
 
+_TEXT = {
+    "vocab_size": VOCAB,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+}
+"""The text stack every model here shares."""
+
+
+def _mrope_text(**rope: object) -> dict[str, object]:
+    """``_TEXT`` with M-RoPE over 8-wide heads (sections 2 + 1 + 1 = head_dim / 2)."""
+    rope_parameters = {"rope_type": "default", "rope_theta": 1e4, "mrope_section": [2, 1, 1], **rope}
+    return {**_TEXT, "rope_parameters": rope_parameters}
+
+
+_VISION = {"depth": 1, "hidden_size": 16, "intermediate_size": 32, "num_heads": 2, "out_hidden_size": 32}
+"""Qwen2.5-VL's and Qwen3-VL's one-block vision tower."""
+
+
 def _llama() -> LlamaForCausalLM:
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        attn_implementation="sdpa",
-    )
+    config = LlamaConfig(**_TEXT, max_position_embeddings=128, attn_implementation="sdpa")
     return LlamaForCausalLM(config).eval()
 
 
 def _qwen2_vl() -> Qwen2VLForConditionalGeneration:
     torch.manual_seed(0)
     config = Qwen2VLConfig(
-        text_config={
-            "vocab_size": VOCAB,
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "mrope_section": [2, 1, 1]},
-        },
+        text_config=_mrope_text(),
         vision_config={"depth": 1, "embed_dim": 16, "num_heads": 2, "hidden_size": 32},
         attn_implementation="sdpa",
     )
@@ -67,22 +71,8 @@ def _qwen2_vl() -> Qwen2VLForConditionalGeneration:
 def _qwen2_5_vl() -> Qwen2_5_VLForConditionalGeneration:
     torch.manual_seed(0)
     config = Qwen2_5_VLConfig(
-        text_config={
-            "vocab_size": VOCAB,
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "mrope_section": [2, 1, 1]},
-        },
-        vision_config={
-            "depth": 1,
-            "hidden_size": 16,
-            "intermediate_size": 32,
-            "num_heads": 2,
-            "out_hidden_size": 32,
-        },
+        text_config=_mrope_text(),
+        vision_config=_VISION,
         attn_implementation="sdpa",
     )
     return Qwen2_5_VLForConditionalGeneration(config).eval()
@@ -92,30 +82,8 @@ def _qwen3_vl() -> Qwen3VLForConditionalGeneration:
     """Interleaved M-RoPE; its text model reads a 4-row position tensor's first row as text positions."""
     torch.manual_seed(0)
     config = Qwen3VLConfig(
-        text_config={
-            "vocab_size": VOCAB,
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "head_dim": 8,
-            "rope_parameters": {
-                "rope_type": "default",
-                "rope_theta": 1e4,
-                "mrope_section": [2, 1, 1],
-                "mrope_interleaved": True,
-            },
-        },
-        vision_config={
-            "depth": 1,
-            "hidden_size": 16,
-            "intermediate_size": 32,
-            "num_heads": 2,
-            "out_hidden_size": 32,
-            "num_position_embeddings": 16,
-            "deepstack_visual_indexes": [0],
-        },
+        text_config={**_mrope_text(mrope_interleaved=True), "head_dim": 8},
+        vision_config={**_VISION, "num_position_embeddings": 16, "deepstack_visual_indexes": [0]},
         attn_implementation="sdpa",
     )
     return Qwen3VLForConditionalGeneration(config).eval()
