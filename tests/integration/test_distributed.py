@@ -199,11 +199,14 @@ def test_dpo_on_two_processes_matches_one(tmp_path: Path, parallelism: str) -> N
 def test_a_pause_stops_every_rank_and_they_resume_where_it_left(tmp_path: Path, parallelism: str) -> None:
     """A stop asked of rank 0 (pause, cancel, worker shutdown) stops both ranks at one step
     boundary with the state saved; a second launch resumes there (every rank loads it) and ends
-    with the 1-process run's losses. Under FSDP2 the state and the checkpoints are gathered from the
-    shards: each checkpoint is an ordinary Hugging Face folder (the architecture's own class name)
-    holding the 1-process run's weights."""
+    with the 1-process run's losses. Under FSDP2 each rank writes its own shards of the state (no
+    gathered weights or optimizer file), while each checkpoint is gathered whole: an ordinary
+    Hugging Face folder (the architecture's own class name) holding the 1-process run's weights.
+    The same paused state also resumes under another layout with the same losses: FSDP's 2-rank
+    shards on one process, DDP's full-format state under FSDP2 on 2 ranks."""
     import json
     import random
+    import shutil
 
     from safetensors.torch import load_file
 
@@ -222,6 +225,14 @@ def test_a_pause_stops_every_rank_and_they_resume_where_it_left(tmp_path: Path, 
     with pytest.raises(JobCancelled, match="stopped at step 3 of 10"):
         distributed.launch(functools.partial(sft.run, cfg, train, resume=True), paused, nproc=2, threads=1)
     assert [s["step"] for s in paused.steps] == [1, 2, 3]
+    state = cfg.output_dir / "state"
+    if parallelism == "fsdp":
+        assert sorted(p.name for p in (state / "shards").iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+        assert not (state / "trainable.safetensors").exists() and not (state / "optimizer.pt").exists()
+    else:
+        assert (state / "trainable.safetensors").exists() and not (state / "shards").exists()
+    shutil.copytree(cfg.output_dir, tmp_path / "other")
+
     resumed = ListReporter()
     distributed.launch(functools.partial(sft.run, cfg, train, resume=True), resumed, nproc=2, threads=1)
     assert [m for _, m in resumed.messages if m.startswith("Job resumed")] == [
@@ -241,3 +252,16 @@ def test_a_pause_stops_every_rank_and_they_resume_where_it_left(tmp_path: Path, 
     assert mine.keys() == theirs.keys()
     for name, t in theirs.items():
         assert (mine[name] - t).abs().max() <= 1e-3 * max(1.0, t.abs().max().item()), name
+
+    # The paused state under the other layout: FSDP's shards resharded onto one process, DDP's
+    # full state split into FSDP2 shards.
+    elsewhere = ListReporter()
+    if parallelism == "fsdp":
+        sft.run(_config(tmp_path, "other", micro_batch_size=1), train, elsewhere, resume=True)
+    else:
+        other = _config(tmp_path, "other", micro_batch_size=1, parallelism="fsdp")
+        distributed.launch(functools.partial(sft.run, other, train, resume=True), elsewhere, nproc=2, threads=1)
+    assert [m for _, m in elsewhere.messages if m.startswith("Job resumed")] == [
+        "Job resumed at step 3 of 10 (epoch 1, batch 4)"
+    ]
+    assert _rel(a, [s["train_loss"] for s in paused.steps + elsewhere.steps]) < RTOL
