@@ -227,7 +227,11 @@ def test_a_pause_stops_every_rank_and_they_resume_where_it_left(tmp_path: Path, 
     assert [s["step"] for s in paused.steps] == [1, 2, 3]
     state = cfg.output_dir / "state"
     if parallelism == "fsdp":
-        assert sorted(p.name for p in (state / "shards").iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+        assert sorted(p.name for p in (state / "shards").iterdir()) == [
+            ".metadata",
+            "__0_0.distcp",
+            "__1_0.distcp",
+        ]
         assert not (state / "trainable.safetensors").exists() and not (state / "optimizer.pt").exists()
     else:
         assert (state / "trainable.safetensors").exists() and not (state / "shards").exists()
@@ -260,8 +264,66 @@ def test_a_pause_stops_every_rank_and_they_resume_where_it_left(tmp_path: Path, 
         sft.run(_config(tmp_path, "other", micro_batch_size=1), train, elsewhere, resume=True)
     else:
         other = _config(tmp_path, "other", micro_batch_size=1, parallelism="fsdp")
-        distributed.launch(functools.partial(sft.run, other, train, resume=True), elsewhere, nproc=2, threads=1)
+        distributed.launch(
+            functools.partial(sft.run, other, train, resume=True), elsewhere, nproc=2, threads=1
+        )
     assert [m for _, m in elsewhere.messages if m.startswith("Job resumed")] == [
         "Job resumed at step 3 of 10 (epoch 1, batch 4)"
     ]
     assert _rel(a, [s["train_loss"] for s in paused.steps + elsewhere.steps]) < RTOL
+
+
+def _load_on_ranks(cfg, reporter):  # type: ignore[no-untyped-def]
+    """In each rank: the recipe's own setup and sharding; what each rank held before sharding, and
+    the weights and buffers it ends with (rank 0 returns everyone's)."""
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    from openft.training import distributed
+    from openft.training.setup import setup
+
+    model = setup(cfg, reporter).model
+    before = [t.is_meta for t in [*model.parameters(), *model.buffers()]]
+    distributed.shard(model, torch.device("cpu"), vision_blocks=True, bf16=False)
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    mine = {
+        "meta_before": (all(before), any(before)),
+        "buffers": {n: b.tolist() for n, b in model.named_buffers()},
+        "local_bytes": sum(p.to_local().numel() * p.element_size() for p in model.parameters()),
+    }
+    everyone: list = [None] * distributed.world_size()
+    dist.all_gather_object(everyone, mine)
+    # Plain lists: tensors sent back through the launcher's pipe would travel as shared memory.
+    return {"ranks": everyone, "full": {k: v.tolist() for k, v in full.items()}}
+
+
+def test_fsdp_ranks_other_than_0_never_load_the_weights(tmp_path: Path) -> None:
+    """Under FSDP2 on 2 ranks only rank 0 reads the pretrained weights: rank 1 built every parameter
+    and buffer on the meta device (no memory), then received its shards from rank 0, so it holds
+    about half the weights, the gathered model equals the pretrained one exactly, and its
+    non-persistent buffers (rotary inverse frequencies, in no state dict) equal the loaded ones."""
+    import torch
+
+    from openft.models.loader import load_model
+    from openft.training import distributed
+    from openft.training.reporter import ListReporter
+
+    cfg = _config(tmp_path, "load", parallelism="fsdp")
+    out = distributed.launch(functools.partial(_load_on_ranks, cfg), ListReporter(), nproc=2, threads=1)
+    zero, one = out["ranks"]
+    assert zero["meta_before"] == (False, False)
+    assert one["meta_before"] == (True, True)
+    pretrained, _ = load_model(cfg.base_model, device="cpu")
+    weights = pretrained.state_dict()
+    assert out["full"].keys() == weights.keys()
+    for name, t in weights.items():
+        assert torch.equal(torch.tensor(out["full"][name], dtype=t.dtype), t), name
+    total = sum(p.numel() * p.element_size() for p in pretrained.parameters())
+    assert one["local_bytes"] < 0.6 * total, (one["local_bytes"], total)
+    buffers = dict(pretrained.named_buffers())
+    assert {n for n in buffers if n.endswith("inv_freq")}
+    for rank in (zero, one):
+        assert rank["buffers"].keys() == buffers.keys()
+        for name, b in buffers.items():
+            assert torch.equal(torch.tensor(rank["buffers"][name], dtype=b.dtype), b), name

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -106,8 +107,11 @@ def load_sharded_state(
         missing = sorted(set(meta["trainable"]) ^ set(names))[:5]
         raise ValueError(f"training state in {directory} was saved for other trainable weights: {missing}")
     state = _state_dicts(model, optimizer, names)
-    # Each rank reads the slices it holds; one process (no group) reads everything.
-    dcp.load(state, checkpoint_id=directory / SHARDS_DIR, no_dist=distributed.world_size() == 1)
+    # Each rank reads the slices it holds; one process (no group) reads everything, as it means to.
+    single = not (dist.is_available() and dist.is_initialized())
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+        dcp.load(state, checkpoint_id=directory / SHARDS_DIR, no_dist=single)
     set_state_dict(
         model,
         optimizer,
@@ -130,7 +134,9 @@ def _trainable(model: torch.nn.Module) -> list[str]:
     return sorted(n for n, p in model.named_parameters() if p.requires_grad)
 
 
-def _state_dicts(model: torch.nn.Module, optimizer: torch.optim.Optimizer, names: list[str]) -> dict[str, Any]:
+def _state_dicts(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, names: list[str]
+) -> dict[str, Any]:
     """This rank's view of the trainable weights and the optimizer state, keyed by parameter name:
     DTensor shards under FSDP (which DCP saves and loads slice by slice), whole tensors otherwise.
     A fresh optimizer's state is initialised first (zeros), so a load has tensors to fill."""
