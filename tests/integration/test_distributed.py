@@ -291,6 +291,7 @@ def _load_on_ranks(cfg, reporter):  # type: ignore[no-untyped-def]
         "meta_before": (all(before), any(before)),
         "buffers": {n: b.tolist() for n, b in model.named_buffers()},
         "local_bytes": sum(p.to_local().numel() * p.element_size() for p in model.parameters()),
+        "tied": model.get_output_embeddings().weight is model.get_input_embeddings().weight,
     }
     everyone: list = [None] * distributed.world_size()
     dist.all_gather_object(everyone, mine)
@@ -298,11 +299,18 @@ def _load_on_ranks(cfg, reporter):  # type: ignore[no-untyped-def]
     return {"ranks": everyone, "full": {k: v.tolist() for k, v in full.items()}}
 
 
-def test_fsdp_ranks_other_than_0_never_load_the_weights(tmp_path: Path) -> None:
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied-embeddings"])
+def test_fsdp_ranks_other_than_0_never_load_the_weights(tmp_path: Path, tied: bool) -> None:
     """Under FSDP2 on 2 ranks only rank 0 reads the pretrained weights: rank 1 built every parameter
     and buffer on the meta device (no memory), then received its shards from rank 0, so it holds
     about half the weights, the gathered model equals the pretrained one exactly, and its
-    non-persistent buffers (rotary inverse frequencies, in no state dict) equal the loaded ones."""
+    non-persistent buffers (rotary inverse frequencies, in no state dict) equal the loaded ones.
+    With tied input and output embeddings (the tiny model re-configured) both ranks keep them one
+    parameter."""
+    import dataclasses
+    import json
+    import shutil
+
     import torch
 
     from openft.models.loader import load_model
@@ -310,11 +318,19 @@ def test_fsdp_ranks_other_than_0_never_load_the_weights(tmp_path: Path) -> None:
     from openft.training.reporter import ListReporter
 
     cfg = _config(tmp_path, "load", parallelism="fsdp")
+    if tied:
+        base = shutil.copytree(cfg.base_model, tmp_path / "tied")
+        config = json.loads((base / "config.json").read_text())
+        config["tie_word_embeddings"] = config["text_config"]["tie_word_embeddings"] = True
+        (base / "config.json").write_text(json.dumps(config))
+        cfg = dataclasses.replace(cfg, base_model=str(base))
     out = distributed.launch(functools.partial(_load_on_ranks, cfg), ListReporter(), nproc=2, threads=1)
     zero, one = out["ranks"]
     assert zero["meta_before"] == (False, False)
     assert one["meta_before"] == (True, True)
     pretrained, _ = load_model(cfg.base_model, device="cpu")
+    assert (pretrained.get_output_embeddings().weight is pretrained.get_input_embeddings().weight) is tied
+    assert zero["tied"] is one["tied"] is tied
     weights = pretrained.state_dict()
     assert out["full"].keys() == weights.keys()
     for name, t in weights.items():
