@@ -312,6 +312,7 @@ def test_fsdp_ranks_other_than_0_never_load_the_weights(tmp_path: Path, tied: bo
     import shutil
 
     import torch
+    from safetensors.torch import load_file, save_file
 
     from openft.models.loader import load_model
     from openft.training import distributed
@@ -323,6 +324,9 @@ def test_fsdp_ranks_other_than_0_never_load_the_weights(tmp_path: Path, tied: bo
         config = json.loads((base / "config.json").read_text())
         config["tie_word_embeddings"] = config["text_config"]["tie_word_embeddings"] = True
         (base / "config.json").write_text(json.dumps(config))
+        weights = load_file(base / "model.safetensors")  # a tied checkpoint stores the embeddings once
+        del weights["lm_head.weight"]
+        save_file(weights, base / "model.safetensors", metadata={"format": "pt"})
         cfg = dataclasses.replace(cfg, base_model=str(base))
     out = distributed.launch(functools.partial(_load_on_ranks, cfg), ListReporter(), nproc=2, threads=1)
     zero, one = out["ranks"]
