@@ -30,7 +30,15 @@ import torch
 import torch.distributed as dist
 
 from openft.training import distributed
-from openft.training.state import FORMAT_VERSION, STATE_FILE, TrainState, _fsync, _siblings
+from openft.training.state import (
+    FORMAT_VERSION,
+    STATE_FILE,
+    TrainState,
+    _fsync,
+    _siblings,
+    checked_meta,
+    position,
+)
 
 SHARDS_DIR = "shards"
 
@@ -99,13 +107,8 @@ def load_sharded_state(
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
     directory = Path(directory)
-    meta = json.loads((directory / STATE_FILE).read_text())
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"unsupported training state format {meta.get('format_version')!r} in {directory}")
     names = _trainable(model)
-    if names != meta["trainable"]:
-        missing = sorted(set(meta["trainable"]) ^ set(names))[:5]
-        raise ValueError(f"training state in {directory} was saved for other trainable weights: {missing}")
+    meta = checked_meta(directory, names)
     state = _state_dicts(model, optimizer, names)
     # Each rank reads the slices it holds; one process (no group) reads everything, as it means to.
     single = not (dist.is_available() and dist.is_initialized())
@@ -119,15 +122,7 @@ def load_sharded_state(
         optim_state_dict=state["optimizer"],
         options=StateDictOptions(strict=False),  # frozen weights are not in the state
     )
-    scheduler.load_state_dict(torch.load(directory / "scheduler.pt", map_location="cpu", weights_only=True))
-    rng = torch.load(directory / "rng.pt", map_location="cpu", weights_only=True)
-    return TrainState(
-        step=int(meta["step"]),
-        epoch=int(meta["epoch"]),
-        batch_in_epoch=int(meta["batch_in_epoch"]),
-        rng_states=rng,
-        extra=dict(meta["extra"]),
-    )
+    return position(directory, meta, scheduler)
 
 
 def _trainable(model: torch.nn.Module) -> list[str]:

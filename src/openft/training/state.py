@@ -138,13 +138,8 @@ def load_state(
     ``model`` takes its shards of the full tensors on every rank (each rank reads the folder).
     """
     directory = Path(directory)
-    meta = json.loads((directory / STATE_FILE).read_text())
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"unsupported training state format {meta.get('format_version')!r} in {directory}")
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    if sorted(params) != meta["trainable"]:
-        missing = sorted(set(meta["trainable"]) ^ set(params))[:5]
-        raise ValueError(f"training state in {directory} was saved for other trainable weights: {missing}")
+    meta = checked_meta(directory, list(params))
     tensors = load_file(str(directory / "trainable.safetensors"))
     optimizer_state = torch.load(directory / "optimizer.pt", map_location="cpu", weights_only=True)
     from torch.distributed.fsdp import FSDPModule
@@ -168,6 +163,23 @@ def load_state(
             for name, p in params.items():
                 p.copy_(tensors[name].to(device=p.device, dtype=p.dtype))
         optimizer.load_state_dict(_optimizer_keyed(optimizer_state, list(params), by_name=False))
+    return position(directory, meta, scheduler)
+
+
+def checked_meta(directory: Path, trainable: list[str]) -> dict[str, Any]:
+    """``state.json`` of the state at ``directory``, refused unless its format is this one and it
+    was saved for the ``trainable`` parameter names."""
+    meta: dict[str, Any] = json.loads((directory / STATE_FILE).read_text())
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"unsupported training state format {meta.get('format_version')!r} in {directory}")
+    if sorted(trainable) != meta["trainable"]:
+        missing = sorted(set(meta["trainable"]) ^ set(trainable))[:5]
+        raise ValueError(f"training state in {directory} was saved for other trainable weights: {missing}")
+    return meta
+
+
+def position(directory: Path, meta: dict[str, Any], scheduler: Any) -> TrainState:
+    """Load the scheduler's state in place; the position and RNG states ``meta`` and the folder hold."""
     scheduler.load_state_dict(torch.load(directory / "scheduler.pt", map_location="cpu", weights_only=True))
     rng = torch.load(directory / "rng.pt", map_location="cpu", weights_only=True)
     return TrainState(
