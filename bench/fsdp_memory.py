@@ -1,6 +1,17 @@
-"""Per-rank memory of full fine-tuning on 1 process vs N FSDP2 ranks (gloo on CPU, or CUDA).
+"""Per-rank memory of full fine-tuning on 1 process vs N FSDP2 ranks (gloo on CPU, or CUDA), and
+per-rank peak memory while loading the pretrained weights and saving the resumable state.
 
     python bench/fsdp_memory.py [--nproc 2] [--layers 12] [--hidden 768] [--vocab 8192] [--steps 2]
+    python bench/fsdp_memory.py --io [--runs 3] [--nproc 2]   # load and save, old vs new path
+
+``--io``: the same model, saved once as a pretrained folder, is loaded by N FSDP ranks, trained one
+step and its resumable state saved, through two paths, interleaved ``--runs`` times (old, new, old,
+new...): *old* is what openft did before (every rank reads the whole model into host RAM, then
+shards; the save gathers the full weights and AdamW state onto rank 0, which writes them);
+*new* is openft's path today (only rank 0 reads the weights, the others build on the meta device
+and receive their shards, ``distributed.shard``; every rank writes its own shards,
+``sharded_state.save_sharded_state``). Printed per rank and path: peak RSS above the RSS at the
+start of the load and of the save (min / median / max over the runs), and the load average.
 
 A random-init Qwen2 text model (~98M parameters, ~390 MB of fp32 weights at the defaults, most of
 them in decoder layers as in real LLMs, whose embeddings are a few percent of the weights; the
@@ -145,6 +156,122 @@ def train(
     return {"ranks": everyone}
 
 
+def load_and_save(*, folder: str, old: bool, out: str, reporter: Any) -> list[dict[str, Any]]:
+    """One rank's load (``old``: every rank reads the weights), one step, and one state save
+    (``old``: gathered onto rank 0, which writes it); returns every rank's peak RSS of each phase."""
+    import torch
+    import torch.distributed as dist
+    from safetensors.torch import save_file
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    from openft.models.loader import load_model
+    from openft.training import distributed
+    from openft.training.sharded_state import save_sharded_state
+
+    device = torch.device("cpu")
+    start = _rss()
+    with _PeakRss() as load_rss:
+        model, _ = load_model(folder, device="cpu", trainable=True, weights=old or distributed.is_main())
+        distributed.shard(model, device, vision_blocks=False, bf16=False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    ids = torch.randint(0, model.config.vocab_size, (1, 32), generator=torch.Generator().manual_seed(0))
+    model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    distributed.reshard(model)
+    before_save = _rss()
+    target = Path(out) / ("old" if old else "new")
+    with _PeakRss() as save_rss:
+        if old:  # what distributed.full_state(model, optimizer) + state.save_state did
+            options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            weights = get_model_state_dict(model, options=options)
+            optim = get_optimizer_state_dict(model, optimizer, options=options)
+            if distributed.is_main():
+                target.mkdir(parents=True, exist_ok=True)
+                save_file(
+                    {k: v.contiguous() for k, v in weights.items()}, str(target / "trainable.safetensors")
+                )
+                torch.save(optim, target / "optimizer.pt")
+            del weights, optim
+            dist.barrier()
+        else:
+            save_sharded_state(
+                target,
+                model=model,
+                optimizer=optimizer,
+                scheduler=scheduler,
+                step=1,
+                epoch=1,
+                batch_in_epoch=1,
+                rng_states={},
+            )
+    mine = {
+        "rank": distributed.rank(),
+        "load": load_rss.peak - start,
+        "save": save_rss.peak - before_save,
+    }
+    everyone: list[Any] = [None] * distributed.world_size()
+    dist.all_gather_object(everyone, mine)
+    return everyone
+
+
+def io_main(args: argparse.Namespace) -> None:
+    import statistics
+    import tempfile
+
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from openft.training import distributed
+    from openft.training.reporter import ListReporter
+
+    mib = 2**20
+    with tempfile.TemporaryDirectory() as tmp:
+        config = Qwen2Config(
+            hidden_size=args.hidden,
+            intermediate_size=args.hidden * 8 // 3 // 64 * 64,
+            num_hidden_layers=args.layers,
+            num_attention_heads=args.hidden // 64,
+            num_key_value_heads=args.hidden // 64,
+            vocab_size=args.vocab,
+            tie_word_embeddings=False,
+        )
+        torch.manual_seed(0)
+        model = Qwen2ForCausalLM(config)
+        n_params = sum(p.numel() for p in model.parameters())
+        model.save_pretrained(Path(tmp) / "base")
+        del model
+        print(
+            f"--io: {n_params / 1e6:.0f}M parameters ({n_params * 4 / mib:.0f} MiB fp32 weights, "
+            f"{n_params * 12 / mib:.0f} MiB weights + AdamW state) on {args.nproc} FSDP2 ranks (gloo, "
+            f"1 torch thread each), {args.runs} interleaved runs; peak RSS above each phase's start"
+        )
+        figures: dict[str, list[list[dict[str, Any]]]] = {"old": [], "new": []}
+        loads = []
+        for run in range(args.runs):
+            for path in ("old", "new"):
+                fn = functools.partial(
+                    load_and_save, folder=str(Path(tmp) / "base"), old=path == "old", out=f"{tmp}/{path}{run}"
+                )
+                figures[path].append(
+                    distributed.launch(fn, ListReporter(), nproc=args.nproc, threads=1, max_restarts=0)
+                )
+                loads.append(os.getloadavg()[0])
+        for path in ("old", "new"):
+            for r in range(args.nproc):
+                cells = []
+                for phase in ("load", "save"):
+                    xs = sorted(run[r][phase] / mib for run in figures[path])
+                    cells.append(f"{phase} +{xs[0]:.0f} / +{statistics.median(xs):.0f} / +{xs[-1]:.0f} MiB")
+                print(f"{path} rank {r}: " + "; ".join(cells) + " (min / median / max)")
+        print(f"load average (1 min) after each launch: {' '.join(f'{x:.2f}' for x in loads)}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--nproc", type=int, default=2)
@@ -155,9 +282,14 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=64)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--malloc", choices=["mmap", "default"], default="mmap")
+    parser.add_argument("--io", action="store_true", help="load and save memory, old vs new path")
+    parser.add_argument("--runs", type=int, default=3, help="--io: interleaved runs of each path")
     args = parser.parse_args()
     if args.malloc == "mmap":  # read by glibc when each spawned rank starts (see the docstring)
         os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(2**20))
+    if args.io:
+        io_main(args)
+        return
 
     import torch
 

@@ -199,11 +199,14 @@ def test_dpo_on_two_processes_matches_one(tmp_path: Path, parallelism: str) -> N
 def test_a_pause_stops_every_rank_and_they_resume_where_it_left(tmp_path: Path, parallelism: str) -> None:
     """A stop asked of rank 0 (pause, cancel, worker shutdown) stops both ranks at one step
     boundary with the state saved; a second launch resumes there (every rank loads it) and ends
-    with the 1-process run's losses. Under FSDP2 the state and the checkpoints are gathered from the
-    shards: each checkpoint is an ordinary Hugging Face folder (the architecture's own class name)
-    holding the 1-process run's weights."""
+    with the 1-process run's losses. Under FSDP2 each rank writes its own shards of the state (no
+    gathered weights or optimizer file), while each checkpoint is gathered whole: an ordinary
+    Hugging Face folder (the architecture's own class name) holding the 1-process run's weights.
+    The same paused state also resumes under another layout with the same losses: FSDP's 2-rank
+    shards on one process, DDP's full-format state under FSDP2 on 2 ranks."""
     import json
     import random
+    import shutil
 
     from safetensors.torch import load_file
 
@@ -222,6 +225,18 @@ def test_a_pause_stops_every_rank_and_they_resume_where_it_left(tmp_path: Path, 
     with pytest.raises(JobCancelled, match="stopped at step 3 of 10"):
         distributed.launch(functools.partial(sft.run, cfg, train, resume=True), paused, nproc=2, threads=1)
     assert [s["step"] for s in paused.steps] == [1, 2, 3]
+    state = cfg.output_dir / "state"
+    if parallelism == "fsdp":
+        assert sorted(p.name for p in (state / "shards").iterdir()) == [
+            ".metadata",
+            "__0_0.distcp",
+            "__1_0.distcp",
+        ]
+        assert not (state / "trainable.safetensors").exists() and not (state / "optimizer.pt").exists()
+    else:
+        assert (state / "trainable.safetensors").exists() and not (state / "shards").exists()
+    shutil.copytree(cfg.output_dir, tmp_path / "other")
+
     resumed = ListReporter()
     distributed.launch(functools.partial(sft.run, cfg, train, resume=True), resumed, nproc=2, threads=1)
     assert [m for _, m in resumed.messages if m.startswith("Job resumed")] == [
@@ -241,3 +256,94 @@ def test_a_pause_stops_every_rank_and_they_resume_where_it_left(tmp_path: Path, 
     assert mine.keys() == theirs.keys()
     for name, t in theirs.items():
         assert (mine[name] - t).abs().max() <= 1e-3 * max(1.0, t.abs().max().item()), name
+
+    # The paused state under the other layout: FSDP's shards resharded onto one process, DDP's
+    # full state split into FSDP2 shards.
+    elsewhere = ListReporter()
+    if parallelism == "fsdp":
+        sft.run(_config(tmp_path, "other", micro_batch_size=1), train, elsewhere, resume=True)
+    else:
+        other = _config(tmp_path, "other", micro_batch_size=1, parallelism="fsdp")
+        distributed.launch(
+            functools.partial(sft.run, other, train, resume=True), elsewhere, nproc=2, threads=1
+        )
+    assert [m for _, m in elsewhere.messages if m.startswith("Job resumed")] == [
+        "Job resumed at step 3 of 10 (epoch 1, batch 4)"
+    ]
+    assert _rel(a, [s["train_loss"] for s in paused.steps + elsewhere.steps]) < RTOL
+
+
+def _load_on_ranks(cfg, reporter):  # type: ignore[no-untyped-def]
+    """In each rank: the recipe's own setup and sharding; what each rank held before sharding, and
+    the weights and buffers it ends with (rank 0 returns everyone's)."""
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    from openft.training import distributed
+    from openft.training.setup import setup
+
+    model = setup(cfg, reporter).model
+    before = [t.is_meta for t in [*model.parameters(), *model.buffers()]]
+    distributed.shard(model, torch.device("cpu"), vision_blocks=True, bf16=False)
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    mine = {
+        "meta_before": (all(before), any(before)),
+        "buffers": {n: b.tolist() for n, b in model.named_buffers()},
+        "local_bytes": sum(p.to_local().numel() * p.element_size() for p in model.parameters()),
+        "tied": model.get_output_embeddings().weight is model.get_input_embeddings().weight,
+    }
+    everyone: list = [None] * distributed.world_size()
+    dist.all_gather_object(everyone, mine)
+    # Plain lists: tensors sent back through the launcher's pipe would travel as shared memory.
+    return {"ranks": everyone, "full": {k: v.tolist() for k, v in full.items()}}
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied-embeddings"])
+def test_fsdp_ranks_other_than_0_never_load_the_weights(tmp_path: Path, tied: bool) -> None:
+    """Under FSDP2 on 2 ranks only rank 0 reads the pretrained weights: rank 1 built every parameter
+    and buffer on the meta device (no memory), then received its shards from rank 0, so it holds
+    about half the weights, the gathered model equals the pretrained one exactly, and its
+    non-persistent buffers (rotary inverse frequencies, in no state dict) equal the loaded ones.
+    With tied input and output embeddings (the tiny model re-configured) both ranks keep them one
+    parameter."""
+    import dataclasses
+    import json
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from openft.models.loader import load_model
+    from openft.training import distributed
+    from openft.training.reporter import ListReporter
+
+    cfg = _config(tmp_path, "load", parallelism="fsdp")
+    if tied:
+        base = shutil.copytree(cfg.base_model, tmp_path / "tied")
+        config = json.loads((base / "config.json").read_text())
+        config["tie_word_embeddings"] = config["text_config"]["tie_word_embeddings"] = True
+        (base / "config.json").write_text(json.dumps(config))
+        weights = load_file(base / "model.safetensors")  # a tied checkpoint stores the embeddings once
+        del weights["lm_head.weight"]
+        save_file(weights, base / "model.safetensors", metadata={"format": "pt"})
+        cfg = dataclasses.replace(cfg, base_model=str(base))
+    out = distributed.launch(functools.partial(_load_on_ranks, cfg), ListReporter(), nproc=2, threads=1)
+    zero, one = out["ranks"]
+    assert zero["meta_before"] == (False, False)
+    assert one["meta_before"] == (True, True)
+    pretrained, _ = load_model(cfg.base_model, device="cpu")
+    assert (pretrained.get_output_embeddings().weight is pretrained.get_input_embeddings().weight) is tied
+    assert zero["tied"] is one["tied"] is tied
+    weights = pretrained.state_dict()
+    assert out["full"].keys() == weights.keys()
+    for name, t in weights.items():
+        assert torch.equal(torch.tensor(out["full"][name], dtype=t.dtype), t), name
+    total = sum(p.numel() * p.element_size() for p in pretrained.parameters())
+    assert one["local_bytes"] < 0.6 * total, (one["local_bytes"], total)
+    buffers = dict(pretrained.named_buffers())
+    assert {n for n in buffers if n.endswith("inv_freq")}
+    for rank in (zero, one):
+        assert rank["buffers"].keys() == buffers.keys()
+        for name, b in buffers.items():
+            assert torch.equal(torch.tensor(rank["buffers"][name], dtype=b.dtype), b), name

@@ -76,6 +76,7 @@ def load_model(
     dtype: torch.dtype | None = None,
     trainable: bool = False,
     attn_implementation: str | None = None,
+    weights: bool = True,
 ) -> tuple[Any, Any]:
     """Load ``base`` (a folder or HF id, see :func:`resolve_base`) and its processor.
 
@@ -83,9 +84,18 @@ def load_model(
     ``trainable``). With full weights: those are loaded instead of ``base``. The model is moved to
     ``device`` (``"auto"``: cuda if available, else cpu) and put in eval mode unless ``trainable``.
     ``attn_implementation`` (``"sdpa"``, ``"flash_attention_2"``...): None keeps transformers' default.
+
+    ``weights=False``: the same architecture on the meta device, nothing read or allocated (an FSDP
+    rank other than 0, which receives its shards from rank 0). An adapter is not applied: full
+    fine-tuning merges it into the base, whose structure this already is.
     """
     kind = weights_kind(weights_dir) if weights_dir is not None else None
     source = str(weights_dir) if kind == "full" else base
+    if not weights:
+        with torch.device("meta"):
+            model = _auto_model(source, dtype, attn_implementation, empty=True)
+        model.train(trainable)
+        return model, load_processor(base if kind != "full" else source)
     model = _auto_model(source, dtype, attn_implementation)
     processor_source = base
     if weights_dir is not None and any(
@@ -188,24 +198,42 @@ def _processor_class(source: str) -> type | None:
     return None
 
 
-def _auto_model(source: str, dtype: torch.dtype | None, attn_implementation: str | None = None) -> Any:
+def _auto_model(
+    source: str, dtype: torch.dtype | None, attn_implementation: str | None = None, *, empty: bool = False
+) -> Any:
     kwargs: dict[str, Any] = {} if dtype is None else {"dtype": dtype}
     try:
-        return _from_pretrained(AutoModelForImageTextToText, source, kwargs, attn_implementation)
+        return _from_pretrained(AutoModelForImageTextToText, source, kwargs, attn_implementation, empty)
     except ValueError:  # a text-only base model: still trainable on text-only data
-        return _from_pretrained(AutoModelForCausalLM, source, kwargs, attn_implementation)
+        return _from_pretrained(AutoModelForCausalLM, source, kwargs, attn_implementation, empty)
 
 
-def _from_pretrained(cls: Any, source: str, kwargs: dict[str, Any], attn_implementation: str | None) -> Any:
+def _from_pretrained(
+    cls: Any, source: str, kwargs: dict[str, Any], attn_implementation: str | None, empty: bool = False
+) -> Any:
+    """``cls.from_pretrained(source)``, or with ``empty`` ``cls.from_config`` of its config (the
+    caller puts it on the meta device; the dtypes are aligned with the loaded model's later)."""
+    if empty:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(source)
+
+        def build(**kw: Any) -> Any:
+            return cls.from_config(config, **kw)
+    else:
+
+        def build(**kw: Any) -> Any:
+            return cls.from_pretrained(source, **kw)
+
     if attn_implementation is None:
-        return cls.from_pretrained(source, **kwargs)
+        return build(**kwargs)
     try:
-        return cls.from_pretrained(source, attn_implementation=attn_implementation, **kwargs)
+        return build(attn_implementation=attn_implementation, **kwargs)
     except ValueError as e:
         if "attn_implementation" not in str(e):
             raise
         # The architecture does not offer it (Gemma 2 has no sdpa path): keep its own default.
-        return cls.from_pretrained(source, **kwargs)
+        return build(**kwargs)
 
 
 def set_torch_threads(threads: int, *, purpose: str) -> None:

@@ -20,10 +20,12 @@ Inside the ranks the recipes stay single-process code with a few calls into this
   FSDP2 (``fully_shard``) per decoder layer, per vision block and at the root, so each rank holds
   1/N of the weights, gradients and AdamW state; every forward and backward is then a collective, so
   all ranks run the same number of micro-batches (:func:`rank_micro_batches` pads with weight-0
-  stand-ins), evaluate together, and gather the full weights for rank 0 to write
-  (:func:`full_state`);
-- rank 0 alone reports, evaluates (all ranks under FSDP) and writes state and checkpoints
-  (:func:`is_main`); every rank loads the saved state on resume; a cancel or pause is rank 0's answer, broadcast so all ranks stop
+  stand-ins), evaluate together, write their shards of the resumable state
+  (``training.sharded_state``) and, at each epoch end, gather the full weights for rank 0 to write
+  the servable checkpoint (:func:`full_state`); only rank 0 reads the pretrained weights, the
+  others get their shards from it (:func:`shard`);
+- rank 0 alone reports, evaluates (all ranks under FSDP) and writes state (every rank under FSDP)
+  and checkpoints (:func:`is_main`); every rank loads the saved state on resume; a cancel or pause is rank 0's answer, broadcast so all ranks stop
   at the same step boundary;
 - a rank that dies without a word (SIGKILL, segfault) takes the others down with it; the launcher
   then restarts all N from the last saved state, up to :data:`MAX_RESTARTS` times (torchrun's
@@ -130,11 +132,21 @@ def shard(
     rank at each forward; its unused gradients are reduced as zeros (``reduce_scatter_unused_params``,
     DDP's ``find_unused_parameters``). ``bf16`` (CUDA): weights gathered and computed in bf16,
     gradients reduced in fp32, fp32 master shards for AdamW.
+
+    Only rank 0 needs the weights: the other ranks may pass the architecture on the meta device
+    (``load_model(weights=False)``); after sharding, every rank receives its shards from rank 0's
+    full weights (:func:`_load_from_rank0`), one tensor at a time, so no rank but 0 ever holds
+    the full model.
     """
     if world_size() == 1:
         return model
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    _align_with_rank0(model)
+    # Rank 0's full tensors (references, no copy), kept past ``fully_shard``, which replaces the
+    # parameters with this rank's shards; sent to the other ranks below, then dropped.
+    full = model.state_dict() if is_main() else {}
 
     mesh = init_device_mesh(device.type, (world_size(),))
     policy = MixedPrecisionPolicy(
@@ -152,8 +164,43 @@ def shard(
         fully_shard(module, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
     model.set_reduce_scatter_unused_params(True)  # type: ignore[operator]
+    _load_from_rank0(model, full, device)
+    del full
     log.info("FSDP2 over %d ranks: %d blocks sharded, plus the root", world_size(), len(blocks))
     return model
+
+
+def _align_with_rank0(model: torch.nn.Module) -> None:
+    """Give a meta-device rank's parameters and buffers rank 0's dtypes (``fully_shard`` needs the
+    same on every rank; a config built without weights may not say what the loaded checkpoint holds),
+    and refuse clearly when the two ranks built different architectures."""
+    mine = {n: t.dtype for n, t in [*model.named_parameters(), *model.named_buffers()]}
+    theirs = [mine]
+    dist.broadcast_object_list(theirs, src=0)
+    if theirs[0].keys() != mine.keys():
+        odd = sorted(set(theirs[0]) ^ set(mine))[:5]
+        raise RuntimeError(f"rank {rank()} built another model than rank 0 (differs in {odd})")
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if t.is_meta and t.dtype != theirs[0][name]:
+            t.data = t.data.to(theirs[0][name])  # free on the meta device
+
+
+def _load_from_rank0(model: torch.nn.Module, full: dict[str, torch.Tensor], device: torch.device) -> None:
+    """Every rank's shards from rank 0's ``full`` state dict (``set_model_state_dict`` with
+    ``broadcast_from_rank0``: each full tensor is broadcast in turn and each rank keeps its slice).
+    A meta-device rank first allocates its (sharded) storage with ``to_empty``. Buffers are not
+    sharded and non-persistent ones (rotary ``inv_freq``) are not in any state dict: each is
+    broadcast whole from rank 0, which computed them while loading."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    if any(t.is_meta for t in [*model.parameters(), *model.buffers()]):
+        model.to_empty(device=device)
+    set_model_state_dict(
+        model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    )
+    with torch.no_grad():
+        for _, buf in model.named_buffers():
+            dist.broadcast(buf, src=0)
 
 
 def reshard(model: torch.nn.Module) -> None:
@@ -167,28 +214,18 @@ def reshard(model: torch.nn.Module) -> None:
             module.reshard()
 
 
-def full_state(
-    model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None
-) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Gather a sharded model's full weights (and ``optimizer``'s full state, keyed by parameter
-    name) onto rank 0's CPU; other ranks get empty dicts. A collective: every rank must call it.
+def full_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Gather a sharded model's full weights onto rank 0's CPU (other ranks get an empty dict), one
+    parameter at a time. A collective: every rank must call it.
 
-    Why a full gather rather than ``torch.distributed.checkpoint``'s sharded save: the state folder
-    stays the one format every parallelism reads (a job resumes under another ``--nproc``, on
-    another worker, or on one process), and the servable checkpoint must be whole anyway. The cost:
-    rank 0's host RAM holds the full trained weights and AdamW state (16 bytes per parameter, ~112 GB
-    for a 7B model) while it writes, and the write is as slow as one process's."""
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        get_model_state_dict,
-        get_optimizer_state_dict,
-    )
+    Only for the servable checkpoint at each epoch end, which must be whole (an ordinary Hugging
+    Face folder the API server loads): rank 0's host memory then holds the full trained weights
+    (4 bytes per parameter in fp32, ~28 GB for a 7B model) once per epoch, never the optimizer
+    state. Resumable state is saved sharded (``training.sharded_state``) instead."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     reshard(model)
-    weights = get_model_state_dict(model, options=options)
-    optim = get_optimizer_state_dict(model, optimizer, options=options) if optimizer is not None else {}
-    return weights, optim
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def agree(flag: bool) -> bool:

@@ -29,6 +29,7 @@ from openft.models.loader import write_marker
 from openft.training import distributed
 from openft.training.config import TrainConfig
 from openft.training.reporter import Reporter
+from openft.training.sharded_state import is_sharded, load_sharded_state, save_sharded_state
 from openft.training.state import (
     capture_rng,
     find_state,
@@ -128,7 +129,8 @@ class Progress:
     def resume(self, found: Path | None) -> None:
         """Continue from ``found`` (see :func:`resumable_state`), or start afresh when it is None."""
         if found is not None:
-            saved = load_state(found, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler)
+            load = load_sharded_state if is_sharded(found) else load_state  # either, under any parallelism
+            saved = load(found, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler)
             restore_rng(saved.rng_states)
             self.step, self.start_epoch, self.start_batch = saved.step, saved.epoch, saved.batch_in_epoch
             self.trained_tokens, self.metrics = saved.extra["trained_tokens"], saved.extra["metrics"]
@@ -184,15 +186,16 @@ class Progress:
         )
         min_seconds = STATE_MIN_SECONDS if self.cfg.state_every_steps is None else 0.0
         due = self.step - self._saved_step >= every and time.monotonic() - self._saved_at >= min_seconds
-        if distributed.sharded(self.model):  # every rank gathers: rank 0's clock decides for all
+        if distributed.sharded(self.model):  # every rank writes: rank 0's clock decides for all
             due = distributed.agree(due)
         if due:
             self._save(epoch, next_batch)
 
     def end_epoch(self, epoch: int, processor: Any) -> None:
         """Write the epoch's servable checkpoint, save the state after it, then announce it."""
-        # A sharded model's full weights are gathered by every rank, for rank 0 to write.
-        weights = distributed.full_state(self.model)[0] if distributed.sharded(self.model) else None
+        # A sharded model's full weights are gathered by every rank, for rank 0 to write: the
+        # servable folder is whole. Once per epoch, and weights only (no optimizer state).
+        weights = distributed.full_state(self.model) if distributed.sharded(self.model) else None
         if distributed.is_main():
             self.checkpoints.append(_save_checkpoint(self.model, processor, self.cfg, self.step, weights))
         else:  # other ranks only keep track of it (rank 0 writes every file)
@@ -212,12 +215,12 @@ class Progress:
         )
 
     def _save(self, epoch: int, batch_in_epoch: int) -> None:
-        gathered = (
-            distributed.full_state(self.model, self.optimizer) if distributed.sharded(self.model) else None
-        )
-        if not distributed.is_main():  # rank 0 saves; every rank loads it on resume
+        """Rank 0 saves (one process, DDP); under FSDP every rank writes its shards
+        (``training.sharded_state``). Every rank loads the state on resume."""
+        sharded = distributed.sharded(self.model)
+        if not sharded and not distributed.is_main():
             return
-        save_state(
+        (save_sharded_state if sharded else save_state)(
             self.output_dir / STATE_DIR,
             model=self.model,
             optimizer=self.optimizer,
@@ -231,7 +234,6 @@ class Progress:
                 "trained_tokens": self.trained_tokens,
                 "metrics": self.metrics,
             },
-            gathered=gathered,
         )
         self._saved_step, self._saved_at = self.step, time.monotonic()
 

@@ -227,7 +227,10 @@ def _build_model(
     """
     dtype = torch.bfloat16 if bf16 and cfg.lora is not None else None
     # FSDP: the whole model would not fit the device; ``distributed.shard`` moves it there in shards.
+    # Only rank 0 reads the weights (into host memory); the others build the architecture on the
+    # meta device and receive their shards from rank 0 once sharded.
     fsdp = cfg.parallelism == "fsdp" and distributed.world_size() > 1
+    materialised = not fsdp or distributed.is_main()
     model, processor = load_model(
         cfg.base_model,
         cfg.init_weights,
@@ -235,6 +238,7 @@ def _build_model(
         dtype=dtype,
         trainable=True,
         attn_implementation=attn_implementation,
+        weights=materialised,
     )
     if gradient_checkpointing:
         # Non-reentrant checkpointing needs no input grads, so it works with frozen embeddings.
@@ -245,7 +249,7 @@ def _build_model(
             model, cfg.lora, train_vision_tower=cfg.train_vision_tower, train_projector=cfg.train_projector
         )
         model = apply_lora(model, plan)
-    elif cfg.lora is None and continuing_adapter:
+    elif cfg.lora is None and continuing_adapter and materialised:
         model = merge(model)  # full fine-tuning continues from base + adapter folded together
     if cfg.lora is None:
         set_full_trainable(model, train_vision_tower=cfg.train_vision_tower)

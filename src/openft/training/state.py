@@ -14,12 +14,11 @@ A state folder holds
   names of the saved parameters, and whatever ``extra`` the recipe adds (cumulative tokens,
   last metrics, a fingerprint of the config and data). Written last.
 
-An FSDP-sharded model is saved the same way: its full trainable weights and optimizer state are
-gathered onto rank 0 first (``distributed.full_state``) and passed in, and :func:`load_state`
-hands each rank's shards to ``torch.distributed.checkpoint.state_dict.set_state_dict``. One
-folder format for every parallelism keeps resume, inspection and takeover unchanged; the price is
-that rank 0's host memory holds the full trained state while it writes (see the docstring of
-``distributed.full_state``).
+An FSDP-sharded model saves its weights and optimizer state sharded instead, each rank writing
+its own slices (``training.sharded_state``: same folder, ``shards/`` in place of the two files).
+:func:`load_state` still loads this full format into a sharded model (each rank takes its shards
+through ``torch.distributed.checkpoint.state_dict.set_state_dict``), so a job saved by one
+process or DDP resumes under FSDP, and a sharded state resumes anywhere.
 
 Writes are atomic: the folder is built as a hidden sibling and renamed into place; the previous
 state is renamed aside first and removed after, and :func:`find_state` falls back to it if a
@@ -83,23 +82,14 @@ def save_state(
     batch_in_epoch: int,
     rng_states: dict[str, Any],
     extra: dict[str, Any] | None = None,
-    gathered: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None,
 ) -> Path:
-    """Write the state atomically to ``directory`` (replacing an older one) and return it.
-    ``gathered``: a sharded model's full weights and optimizer state (``distributed.full_state``),
-    written instead of reading ``model`` and ``optimizer``."""
+    """Write the state atomically to ``directory`` (replacing an older one) and return it."""
     directory = Path(directory)
     tmp, old = _siblings(directory)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
-    if gathered is not None:
-        weights, optimizer_state = gathered
-        trainable = {n: weights[n].contiguous() for n in names}
-    else:
-        params = dict(model.named_parameters())
-        trainable = {n: params[n].detach().to("cpu").contiguous() for n in names}
-        optimizer_state = optimizer.state_dict()
+    trainable = {n: p.detach().to("cpu").contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    optimizer_state = optimizer.state_dict()
     save_file(trainable, str(tmp / "trainable.safetensors"))
     torch.save(optimizer_state, tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
@@ -148,13 +138,8 @@ def load_state(
     ``model`` takes its shards of the full tensors on every rank (each rank reads the folder).
     """
     directory = Path(directory)
-    meta = json.loads((directory / STATE_FILE).read_text())
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"unsupported training state format {meta.get('format_version')!r} in {directory}")
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    if sorted(params) != meta["trainable"]:
-        missing = sorted(set(meta["trainable"]) ^ set(params))[:5]
-        raise ValueError(f"training state in {directory} was saved for other trainable weights: {missing}")
+    meta = checked_meta(directory, list(params))
     tensors = load_file(str(directory / "trainable.safetensors"))
     optimizer_state = torch.load(directory / "optimizer.pt", map_location="cpu", weights_only=True)
     from torch.distributed.fsdp import FSDPModule
@@ -178,6 +163,23 @@ def load_state(
             for name, p in params.items():
                 p.copy_(tensors[name].to(device=p.device, dtype=p.dtype))
         optimizer.load_state_dict(_optimizer_keyed(optimizer_state, list(params), by_name=False))
+    return position(directory, meta, scheduler)
+
+
+def checked_meta(directory: Path, trainable: list[str]) -> dict[str, Any]:
+    """``state.json`` of the state at ``directory``, refused unless its format is this one and it
+    was saved for the ``trainable`` parameter names."""
+    meta: dict[str, Any] = json.loads((directory / STATE_FILE).read_text())
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"unsupported training state format {meta.get('format_version')!r} in {directory}")
+    if sorted(trainable) != meta["trainable"]:
+        missing = sorted(set(meta["trainable"]) ^ set(trainable))[:5]
+        raise ValueError(f"training state in {directory} was saved for other trainable weights: {missing}")
+    return meta
+
+
+def position(directory: Path, meta: dict[str, Any], scheduler: Any) -> TrainState:
+    """Load the scheduler's state in place; the position and RNG states ``meta`` and the folder hold."""
     scheduler.load_state_dict(torch.load(directory / "scheduler.pt", map_location="cpu", weights_only=True))
     rng = torch.load(directory / "rng.pt", map_location="cpu", weights_only=True)
     return TrainState(

@@ -115,9 +115,10 @@ def test_other_trainable_weights_are_refused(tmp_path: Path) -> None:
 
 
 def test_a_state_gathered_from_fsdp_shards_resumes_on_one_process(tmp_path: Path) -> None:
-    """FSDP writes its gathered weights and an optimizer state keyed by parameter name (what
-    ``get_optimizer_state_dict`` returns); a job taken over by a one-process worker loads it and
-    continues exactly as the uninterrupted run."""
+    """FSDP used to write its gathered weights and an optimizer state keyed by parameter name (what
+    ``get_optimizer_state_dict`` returns; it now saves sharded, see test_sharded_state.py); a job
+    saved that way and taken over by a one-process worker loads it and continues exactly as the
+    uninterrupted run."""
     from openft.training.state import _optimizer_keyed
 
     model, opt, sched = _setup()
@@ -126,11 +127,9 @@ def test_a_state_gathered_from_fsdp_shards_resumes_on_one_process(tmp_path: Path
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     by_name = _optimizer_keyed(opt.state_dict(), names, by_name=True)
     assert set(by_name["state"]) == set(names) == set(by_name["param_groups"][0]["params"])
-    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
     where = dict(step=2, epoch=1, batch_in_epoch=2, rng_states={})
-    save_state(
-        tmp_path / "state", model=model, optimizer=opt, scheduler=sched, gathered=(weights, by_name), **where
-    )
+    save_state(tmp_path / "state", model=model, optimizer=opt, scheduler=sched, **where)
+    torch.save(by_name, tmp_path / "state" / "optimizer.pt")  # as the gathering FSDP save wrote it
     torch.manual_seed(7)
     want = [_step(model, opt, sched) for _ in range(2)]
 
