@@ -39,6 +39,7 @@ import contextlib
 import logging
 import multiprocessing as mp
 import os
+import pickle
 import signal
 import socket
 import threading
@@ -378,7 +379,7 @@ def _rank_main(env: dict[str, str], conn: Connection, train: Callable[..., Any],
     try:
         reporter = _RankReporter(_PipeReporter(conn) if dist.get_rank() == 0 else None)
         result = train(reporter=reporter)
-        conn.send(("result", result if dist.get_rank() == 0 else None))
+        send_result(conn, result if dist.get_rank() == 0 else None)
     except BaseException as exc:  # noqa: BLE001 - every failure goes back to the worker
         if isinstance(exc, JobCancelled):  # a cancel, pause or shutdown: state is saved
             log.info("rank %s stopped: %s", env["RANK"], exc)
@@ -446,6 +447,12 @@ def launch(
     raise RanksLost(f"{lost}; gave up after {max_restarts} restarts")
 
 
+def send_result(conn: Connection, result: Any) -> None:
+    """Send a rank's result by value (plain pickle). The pipe's own pickler would pass tensors as
+    shared-memory handles served by this process, which exits before the launcher reads them."""
+    conn.send(("result", pickle.dumps(result)))
+
+
 class _Outcome:
     """What the ranks said: rank 0's result, each rank's error, and which ranks are done talking."""
 
@@ -470,7 +477,7 @@ class _Outcome:
             except Exception as exc:  # noqa: BLE001 - the rank re-raises it
                 conn.send(("raise", _picklable(exc)))
         elif msg[0] == "result":
-            self.result = msg[1] if r == 0 else self.result
+            self.result = pickle.loads(msg[1]) if r == 0 else self.result  # noqa: S301 - our own rank
             self.finished.add(r)
         else:
             self.errors[r] = msg[1]
