@@ -394,8 +394,6 @@ def _rank_main(env: dict[str, str], conn: Connection, train: Callable[..., Any],
 
 
 def _picklable(exc: BaseException) -> BaseException:
-    import pickle
-
     try:
         pickle.loads(pickle.dumps(exc))
         return exc
