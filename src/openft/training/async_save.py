@@ -58,6 +58,12 @@ class StateWriter:
                 f"saving the resumable training state ({self._what}) failed: {type(exc).__name__}: {exc}"
             ) from exc
 
+    def check(self) -> None:
+        """Raise a finished write's failure now (cheap, never blocks): the run stops at the next
+        step rather than at the next save."""
+        if self._pending is not None and self._pending.done():
+            self.wait()
+
     def close(self) -> None:
         try:
             self.wait()

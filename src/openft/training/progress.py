@@ -184,6 +184,7 @@ class Progress:
             raise JobCancelled(f"stopped at step {self.step} of {self.total_steps}")
 
     def save_if_due(self, epoch: int, next_batch: int) -> None:
+        self.writer.check()
         every = (
             self.cfg.state_every_steps
             if self.cfg.state_every_steps is not None

@@ -32,6 +32,7 @@ import json
 import os
 import random
 import shutil
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,7 @@ from safetensors.torch import load_file, save_file
 
 STATE_FILE = "state.json"
 FORMAT_VERSION = 1
+HOLD_ENV = "OPENFT_TEST_HOLD_STATE_WRITE"
 
 
 @dataclass
@@ -115,6 +117,7 @@ def save_state(
     (tmp / STATE_FILE).write_text(json.dumps(meta, indent=1))
     for f in tmp.iterdir():
         _fsync(f)
+    _hold_if_asked(step)
     if directory.exists():
         shutil.rmtree(old, ignore_errors=True)
         directory.rename(old)
@@ -214,6 +217,16 @@ def remove_state(directory: Path) -> None:
 
 def _siblings(directory: Path) -> tuple[Path, Path]:
     return directory.with_name(f".{directory.name}.tmp"), directory.with_name(f".{directory.name}.old")
+
+
+def _hold_if_asked(step: int) -> None:
+    """Tests only: with ``OPENFT_TEST_HOLD_STATE_WRITE=<step>:<file>``, the save of that step's
+    state creates ``<file>`` and stops here for good, its files written but not renamed into place,
+    so a test can kill the process mid-write."""
+    asked = os.environ.get(HOLD_ENV, "")
+    if asked.partition(":")[0] == str(step):
+        Path(asked.partition(":")[2]).touch()
+        threading.Event().wait()
 
 
 def _fsync(path: Path) -> None:
