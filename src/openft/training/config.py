@@ -105,7 +105,7 @@ class TrainConfig:
     render_workers: int | None = None
     """Processes for the up-front render of every example (``training.prerender``): same results
     in the same order, on several cores. ``1``: serially in this process; ``None``: the cores this
-    process may use, at most one per 32 examples."""
+    process may use but one, at most one per 32 examples (serial below 2)."""
 
     parallelism: Literal["ddp", "fsdp"] = "ddp"
     """How a job on several processes splits the work (ignored on one process). ``"ddp"``: every

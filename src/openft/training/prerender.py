@@ -48,13 +48,16 @@ _job: Callable[[Any], Any] | None = None
 
 
 def render_workers(setting: int | None, n_items: int) -> int:
-    """Processes for the pre-pass: ``setting`` when given (1 = serial, in this process), else the
-    cores this process may use (shared by the ranks of a multi-process job), but no more than one
-    per :data:`MIN_EXAMPLES_PER_WORKER` examples."""
+    """Processes for the pre-pass: ``setting`` when given (1 = serial, in this process), else one
+    per core this process may use (shared by the ranks of a multi-process job) but one, which is
+    left to this process receiving the results, and no more than one per
+    :data:`MIN_EXAMPLES_PER_WORKER` examples. Fewer than 2 workers means the serial path: on 2
+    cores the copies back cost more than a second worker gains (measured: bench/README.md)."""
     if setting is not None:
         return max(1, setting)
-    cores = max(1, available_cores() // distributed.world_size())
-    return max(1, min(cores, n_items // MIN_EXAMPLES_PER_WORKER))
+    cores = max(1, available_cores() // distributed.world_size() - 1)
+    workers = min(cores, n_items // MIN_EXAMPLES_PER_WORKER)
+    return workers if workers >= 2 else 1
 
 
 def render_all(

@@ -87,8 +87,10 @@ def test_auto_worker_count_is_bounded_by_cores_and_examples(monkeypatch) -> None
     monkeypatch.setattr("openft.training.prerender.available_cores", lambda: 8)
     assert render_workers(None, 10) == 1  # too few examples to pay for a fork
     assert render_workers(None, 3 * MIN_EXAMPLES_PER_WORKER) == 3
-    assert render_workers(None, 100_000) == 8
+    assert render_workers(None, 100_000) == 7  # one core left to the process receiving results
     assert render_workers(1, 100_000) == 1 and render_workers(4, 10) == 4
+    monkeypatch.setattr("openft.training.prerender.available_cores", lambda: 2)
+    assert render_workers(None, 100_000) == 1  # 2 cores: serial (see bench/README.md)
 
 
 def test_pixels_are_stored_in_the_asked_dtype_at_half_the_bytes(processor) -> None:
