@@ -43,6 +43,7 @@ MIN_EXAMPLES_PER_WORKER = 32
 PIXEL_KEYS = frozenset({"pixel_values"})
 """Vision tensors stored in ``pixel_dtype`` (image grids and masks keep their integer types)."""
 
+_POOL_LOCK = threading.Lock()
 _job: Callable[[Any], Any] | None = None
 """The render function of the pool being run; set before forking, so workers inherit it."""
 
@@ -95,17 +96,24 @@ def _compacting(fn: Callable[[T], R], pixel_dtype: torch.dtype | None) -> Callab
 
 def _forked(job: Callable[[T], R], items: list[T], workers: int) -> Iterator[R]:
     global _job
-    _job = job
     chunk = max(1, math.ceil(len(items) / (workers * 8)))  # a few chunks per worker: even finish times
-    try:
-        with multiprocessing.get_context("fork").Pool(workers, initializer=_init_worker) as pool:
-            for kind, payload in pool.imap(_run_one, items, chunksize=chunk):
-                if kind == "error":  # the first failure in file order, as the serial loop raises it
-                    message, param, code = payload
-                    raise InvalidRequest(message, param=param, code=code)
-                yield payload
-    finally:
-        _job = None
+    with _POOL_LOCK:  # one pool at a time: its workers must fork with this call's ``_job``
+        _job = job
+        try:
+            yield from _collect(
+                multiprocessing.get_context("fork").Pool(workers, initializer=_init_worker), items, chunk
+            )
+        finally:
+            _job = None
+
+
+def _collect(pool: Any, items: list[Any], chunk: int) -> Iterator[Any]:
+    with pool:
+        for kind, payload in pool.imap(_run_one, items, chunksize=chunk):
+            if kind == "error":  # the first failure in file order, as the serial loop raises it
+                message, param, code = payload
+                raise InvalidRequest(message, param=param, code=code)
+            yield payload
 
 
 def _init_worker() -> None:
