@@ -81,18 +81,15 @@ def _local_bytes(t: Any) -> int:
     return t.numel() * t.element_size()
 
 
-def train(
-    *, layers: int, hidden: int, vocab: int, steps: int, seq: int, batch: int, reporter: Any
-) -> dict[str, Any]:
-    """One rank's run; returns every rank's figures (gathered on rank 0)."""
+def build_model(*, layers: int, hidden: int, vocab: int, device: Any, bf16: bool = False) -> Any:
+    """A random-init Qwen2 (98M parameters at 12 x 768, vocab 8192), FSDP2-sharded by
+    ``distributed.shard`` on several ranks: built on the meta device, each rank materialises only
+    its shards (on one process, the whole model)."""
     import torch
-    import torch.distributed as dist
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from openft.training import distributed
 
-    cuda = torch.cuda.is_available() and dist.get_backend() == "nccl"
-    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     config = Qwen2Config(
         hidden_size=hidden,
         intermediate_size=hidden * 8 // 3 // 64 * 64,
@@ -103,22 +100,38 @@ def train(
         tie_word_embeddings=False,
         attn_implementation="sdpa",
     )
+    with torch.device("meta"):
+        model = Qwen2ForCausalLM(config)
+    distributed.shard(model, device, vision_blocks=False, bf16=bf16)  # nothing to do on 1 rank
+    model.to_empty(device=device)
+    torch.manual_seed(distributed.rank())
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            local = p.to_local() if hasattr(p, "to_local") else p
+            local.fill_(1.0) if "norm" in name else local.normal_(0.0, 0.02)
+        for name, buf in model.named_buffers():  # rotary inverse frequencies
+            if name.endswith("inv_freq"):
+                dim = config.hidden_size // config.num_attention_heads
+                buf.copy_(1.0 / (config.rope_parameters["rope_theta"] ** (torch.arange(0, dim, 2) / dim)))
+    return model
+
+
+def train(
+    *, layers: int, hidden: int, vocab: int, steps: int, seq: int, batch: int, reporter: Any
+) -> dict[str, Any]:
+    """One rank's run; returns every rank's figures (gathered on rank 0)."""
+    import torch
+    import torch.distributed as dist
+
+    from openft.training import distributed
+
+    cuda = torch.cuda.is_available() and dist.get_backend() == "nccl"
+    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     base_rss = _rss()
     with _PeakRss() as rss:
-        with torch.device("meta"):
-            model = Qwen2ForCausalLM(config)
+        model = build_model(layers=layers, hidden=hidden, vocab=vocab, device=device, bf16=cuda)
+        config = model.config
         n_params = sum(p.numel() for p in model.parameters())
-        distributed.shard(model, device, vision_blocks=False, bf16=cuda)  # nothing to do on 1 rank
-        model.to_empty(device=device)
-        torch.manual_seed(distributed.rank())
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                local = p.to_local() if hasattr(p, "to_local") else p
-                local.fill_(1.0) if "norm" in name else local.normal_(0.0, 0.02)
-            for name, buf in model.named_buffers():  # rotary inverse frequencies
-                if name.endswith("inv_freq"):
-                    dim = config.hidden_size // config.num_attention_heads
-                    buf.copy_(1.0 / (config.rope_parameters["rope_theta"] ** (torch.arange(0, dim, 2) / dim)))
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
         gen = torch.Generator().manual_seed(0)
         times = []

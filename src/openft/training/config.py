@@ -102,6 +102,10 @@ class TrainConfig:
     prefetch: bool = True
     """Collate the next micro-batches in a background thread (pinned memory on CUDA, copied with
     ``non_blocking=True``) while the current one computes."""
+    render_workers: int | None = None
+    """Processes for the up-front render of every example (``training.prerender``): same results
+    in the same order, on several cores. ``1``: serially in this process; ``None``: the cores this
+    process may use but one, at most one per 32 examples (serial below 2)."""
 
     cache_vision_features: Literal["auto", "on", "off"] = "auto"
     """Compute each image's features once and reuse them every epoch and in validation, when the
@@ -128,6 +132,11 @@ class TrainConfig:
     """Write resumable training state (``output_dir/state``) every this many steps, besides every
     epoch end and right before a cancel/pause. ``None``: every ~5% of the run's steps, but at most
     once per 30 s; ``0``: only at epoch ends and stops."""
+    async_state_save: bool = True
+    """Write periodic state saves in a background thread (``training.async_save``): the step only
+    waits for a copy of the state to CPU, not for the disk. At most one write is in flight; it is
+    finished before an epoch's checkpoint, a stop, the end of the run or an error. ``False``: every
+    save writes before training goes on."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -138,6 +147,8 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 problems.append(f"{name} must be >= 1 or None, got {value}")
+        if self.render_workers is not None and self.render_workers < 1:
+            problems.append(f"render_workers must be >= 1 or None, got {self.render_workers}")
         if self.state_every_steps is not None and self.state_every_steps < 0:
             problems.append(f"state_every_steps must be >= 0 or None, got {self.state_every_steps}")
         if self.parallelism == "fsdp" and self.lora is not None:

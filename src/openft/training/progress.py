@@ -7,12 +7,16 @@ owns its resumable state in ``output_dir/state`` (``training.state``) and its ch
 - state is saved every few steps (about 5% of the run, at most every 30 s), right before a cancel
   or pause, and at each epoch end *before* that epoch's checkpoint is announced, so a crash at any
   moment resumes at the exact next batch and never retrains an epoch or loses its checkpoint;
+- the periodic saves are written in the background (``cfg.async_state_save``, see
+  ``training.async_save``) while training goes on; every other save, and the end of the run,
+  first waits for that write, so at most one is in flight and a failed one fails the job;
 - the optimizer, warm-up and decay schedule are built here too, in ``named_parameters()`` order,
   which is the order a saved optimizer state refers to.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import shutil
@@ -27,6 +31,7 @@ from openft.adapters import save_adapter
 from openft.errors import JobCancelled
 from openft.models.loader import write_marker
 from openft.training import distributed
+from openft.training.async_save import StateWriter, snapshot
 from openft.training.config import TrainConfig
 from openft.training.reporter import Reporter
 from openft.training.sharded_state import is_sharded, load_sharded_state, save_sharded_state
@@ -119,6 +124,8 @@ class Progress:
     metrics: dict[str, float | int] = field(default_factory=dict)
     """The last step's metrics (an epoch end's become its checkpoint's)."""
     checkpoints: list[Path] = field(default_factory=list)
+    writer: StateWriter = field(default_factory=StateWriter)
+    """Where periodic saves are written in the background; the recipe closes it however it ends."""
     _saved_step: int = 0
     _saved_at: float = 0.0
 
@@ -179,6 +186,7 @@ class Progress:
             raise JobCancelled(f"stopped at step {self.step} of {self.total_steps}")
 
     def save_if_due(self, epoch: int, next_batch: int) -> None:
+        self.writer.check()
         every = (
             self.cfg.state_every_steps
             if self.cfg.state_every_steps is not None
@@ -189,10 +197,11 @@ class Progress:
         if distributed.sharded(self.model):  # every rank writes: rank 0's clock decides for all
             due = distributed.agree(due)
         if due:
-            self._save(epoch, next_batch)
+            self._save(epoch, next_batch, background=self.cfg.async_state_save)
 
     def end_epoch(self, epoch: int, processor: Any) -> None:
         """Write the epoch's servable checkpoint, save the state after it, then announce it."""
+        self.writer.wait()  # a failed background save fails the job before a checkpoint is written
         # A sharded model's full weights are gathered by every rank, for rank 0 to write: the
         # servable folder is whole. Once per epoch, and weights only (no optimizer state).
         weights = distributed.full_state(self.model) if distributed.sharded(self.model) else None
@@ -205,6 +214,7 @@ class Progress:
 
     def finish(self) -> TrainResult:
         """Done: the last checkpoint is the result; the optimizer state is no longer needed."""
+        self.writer.wait()
         if distributed.is_main():
             remove_state(self.output_dir / STATE_DIR)
         return TrainResult(
@@ -214,27 +224,43 @@ class Progress:
             final_metrics=self.metrics,
         )
 
-    def _save(self, epoch: int, batch_in_epoch: int) -> None:
+    def _save(self, epoch: int, batch_in_epoch: int, *, background: bool = False) -> None:
         """Rank 0 saves (one process, DDP); under FSDP every rank writes its shards
-        (``training.sharded_state``). Every rank loads the state on resume."""
+        (``training.sharded_state``, synchronously). Every rank loads the state on resume.
+        ``background``: copy the state to CPU and write it on ``writer``'s thread; a synchronous
+        save first waits for a background one (never two on one folder)."""
         sharded = distributed.sharded(self.model)
         if not sharded and not distributed.is_main():
             return
-        (save_sharded_state if sharded else save_state)(
-            self.output_dir / STATE_DIR,
-            model=self.model,
-            optimizer=self.optimizer,
-            scheduler=self.scheduler,
-            step=self.step,
-            epoch=epoch,
-            batch_in_epoch=batch_in_epoch,
-            rng_states=capture_rng(self.device),
-            extra={
+        position = {
+            "step": self.step,
+            "epoch": epoch,
+            "batch_in_epoch": batch_in_epoch,
+            "rng_states": capture_rng(self.device),
+            "extra": {
                 "fingerprint": self.fingerprint,
                 "trained_tokens": self.trained_tokens,
-                "metrics": self.metrics,
+                "metrics": dict(self.metrics),
             },
-        )
+        }
+        directory = self.output_dir / STATE_DIR
+        if background and not sharded:
+            copied, scheduler = snapshot(self.model, self.optimizer, self.scheduler)
+            write = functools.partial(
+                save_state,
+                directory,
+                model=self.model,
+                optimizer=self.optimizer,
+                scheduler=scheduler,
+                copied=copied,
+                **position,
+            )
+            self.writer.submit(write, f"step {self.step}")
+        else:
+            self.writer.wait()
+            (save_sharded_state if sharded else save_state)(
+                directory, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler, **position
+            )
         self._saved_step, self._saved_at = self.step, time.monotonic()
 
     def _announce_checkpoint(self, epoch: int) -> None:

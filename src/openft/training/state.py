@@ -31,6 +31,7 @@ import json
 import os
 import random
 import shutil
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,7 @@ from safetensors.torch import load_file, save_file
 
 STATE_FILE = "state.json"
 FORMAT_VERSION = 1
+HOLD_ENV = "OPENFT_TEST_HOLD_STATE_WRITE"
 
 
 @dataclass
@@ -82,14 +84,23 @@ def save_state(
     batch_in_epoch: int,
     rng_states: dict[str, Any],
     extra: dict[str, Any] | None = None,
+    copied: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None,
 ) -> Path:
-    """Write the state atomically to ``directory`` (replacing an older one) and return it."""
+    """Write the state atomically to ``directory`` (replacing an older one) and return it.
+    ``copied``: trainable weights and optimizer state copied to CPU earlier
+    (``async_save.snapshot``), written instead of reading ``model`` and ``optimizer``."""
     directory = Path(directory)
     tmp, old = _siblings(directory)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    trainable = {n: p.detach().to("cpu").contiguous() for n, p in model.named_parameters() if p.requires_grad}
-    optimizer_state = optimizer.state_dict()
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    if copied is not None:
+        weights, optimizer_state = copied
+        trainable = {n: weights[n].contiguous() for n in names}
+    else:
+        params = dict(model.named_parameters())
+        trainable = {n: params[n].detach().to("cpu").contiguous() for n in names}
+        optimizer_state = optimizer.state_dict()
     save_file(trainable, str(tmp / "trainable.safetensors"))
     torch.save(optimizer_state, tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
@@ -105,6 +116,7 @@ def save_state(
     (tmp / STATE_FILE).write_text(json.dumps(meta, indent=1))
     for f in tmp.iterdir():
         _fsync(f)
+    _hold_if_asked(step)
     if directory.exists():
         shutil.rmtree(old, ignore_errors=True)
         directory.rename(old)
@@ -216,6 +228,16 @@ def remove_state(directory: Path) -> None:
 
 def _siblings(directory: Path) -> tuple[Path, Path]:
     return directory.with_name(f".{directory.name}.tmp"), directory.with_name(f".{directory.name}.old")
+
+
+def _hold_if_asked(step: int) -> None:
+    """Tests only: with ``OPENFT_TEST_HOLD_STATE_WRITE=<step>:<file>``, the save of that step's
+    state creates ``<file>`` and stops here for good, its files written but not renamed into place,
+    so a test can kill the process mid-write."""
+    asked = os.environ.get(HOLD_ENV, "")
+    if asked.partition(":")[0] == str(step):
+        Path(asked.partition(":")[2]).touch()
+        threading.Event().wait()
 
 
 def _fsync(path: Path) -> None:

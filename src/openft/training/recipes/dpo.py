@@ -39,6 +39,7 @@ correctly, and the precomputed reference is exactly the SFT model.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import os
@@ -56,9 +57,11 @@ from openft.errors import InvalidRequest
 from openft.models.loader import weights_kind
 from openft.models.render import Rendered, render_chat
 from openft.training import distributed
+from openft.training.async_save import StateWriter
 from openft.training.collate import collate_preference, epoch_batches
 from openft.training.config import TrainConfig
 from openft.training.loss import dpo_loss, dpo_metrics, row_logprobs
+from openft.training.prerender import render_all, render_workers
 from openft.training.progress import Progress, TrainResult, optimizer_and_schedule, resumable_state
 from openft.training.reporter import Reporter
 from openft.training.setup import (
@@ -104,6 +107,22 @@ def run(
     resume: bool = False,
 ) -> TrainResult:
     """Train with DPO; ``resume=True`` continues from ``output_dir/state`` exactly like ``sft.run``."""
+    with StateWriter() as writer:  # as in ``sft.run``: the last background state write finishes first
+        return _train(
+            cfg, examples, reporter, writer, beta=beta, valid_examples=valid_examples, resume=resume
+        )
+
+
+def _train(
+    cfg: TrainConfig,
+    examples: Sequence[PreferenceExample],
+    reporter: Reporter,
+    writer: StateWriter,
+    *,
+    beta: float,
+    valid_examples: Sequence[PreferenceExample] | None,
+    resume: bool,
+) -> TrainResult:
     if not examples:
         raise InvalidRequest("the training file has no examples", param="training_file")
     if not beta > 0:
@@ -112,10 +131,21 @@ def run(
     scorer = Scorer(model=model, pad_id=pad_id, device=device, beta=beta, feeder=feeder)
 
     # Render once: tokenization and image decoding are the slow part on CPU, and they never change.
-    pairs = [_render_pair(processor, ex, cfg.max_length, "line") for ex in examples]
-    valid = [
-        _render_pair(processor, ex, cfg.max_length, "validation_file line") for ex in valid_examples or ()
-    ]
+    # On several processes; pixels kept in the dtype the model will see (bf16 under bf16 autocast).
+    workers = render_workers(cfg.render_workers, len(examples) + len(valid_examples or ()))
+    pixel_dtype = torch.bfloat16 if bf16 else None
+    pairs = render_all(
+        functools.partial(_render_pair, processor, max_length=cfg.max_length, where="line"),
+        examples,
+        workers=workers,
+        pixel_dtype=pixel_dtype,
+    )
+    valid = render_all(
+        functools.partial(_render_pair, processor, max_length=cfg.max_length, where="validation_file line"),
+        valid_examples or (),
+        workers=workers,
+        pixel_dtype=pixel_dtype,
+    )
     if feeder.vision is not None:  # size the frozen-feature cache (both sides share their images)
         feeder.vision.admit([r for p in (*pairs, *valid) for r in p], reporter)
     if cfg.parallelism == "fsdp":  # before scoring the reference and building the optimizer
@@ -162,7 +192,9 @@ def run(
         once="training-plan",
     )
 
-    progress = Progress(cfg, reporter, model, optimizer, scheduler, device, fingerprint, total_steps)
+    progress = Progress(
+        cfg, reporter, model, optimizer, scheduler, device, fingerprint, total_steps, writer=writer
+    )
     progress.resume(found)
     model.train()
     ddp = distributed.wrap(model, device)  # the model itself on one process

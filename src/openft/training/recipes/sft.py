@@ -26,6 +26,7 @@ Along the way:
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -36,9 +37,11 @@ from openft.datasets.formats import ChatExample
 from openft.errors import InvalidRequest
 from openft.models.render import Rendered, render_chat
 from openft.training import distributed
+from openft.training.async_save import StateWriter
 from openft.training.collate import epoch_batches, prefetched, target_tokens
 from openft.training.config import TrainConfig
 from openft.training.loss import token_loss
+from openft.training.prerender import render_all, render_workers
 from openft.training.progress import Progress, TrainResult, optimizer_and_schedule, resumable_state
 from openft.training.reporter import Reporter
 from openft.training.setup import MAX_GRAD_NORM, Feeder, fixed_sample, run_fingerprint, setup, valid_every
@@ -57,12 +60,35 @@ def run(
     valid_examples: Sequence[ChatExample] | None = None,
     resume: bool = False,
 ) -> TrainResult:
+    # However the run ends (done, stopped, crashed), a background state write finishes first: it is
+    # what a restart resumes from, and its failure must fail the job.
+    with StateWriter() as writer:
+        return _train(cfg, examples, reporter, writer, valid_examples=valid_examples, resume=resume)
+
+
+def _train(
+    cfg: TrainConfig,
+    examples: Sequence[ChatExample],
+    reporter: Reporter,
+    writer: StateWriter,
+    *,
+    valid_examples: Sequence[ChatExample] | None,
+    resume: bool,
+) -> TrainResult:
     if not examples:
         raise InvalidRequest("the training file has no examples", param="training_file")
     model, processor, device, _, bf16, checkpointing, _, feeder = setup(cfg, reporter)
 
     # Render once: tokenization and image decoding are the slow part on CPU, and they never change.
-    rendered = [_render(processor, ex, cfg.max_length) for ex in examples]
+    # On several processes; pixels kept in the dtype the model will see (bf16 under bf16 autocast).
+    workers = render_workers(cfg.render_workers, len(examples) + len(valid_examples or ()))
+    pixel_dtype = torch.bfloat16 if bf16 else None
+    rendered = render_all(
+        functools.partial(_render, processor, max_length=cfg.max_length),
+        examples,
+        workers=workers,
+        pixel_dtype=pixel_dtype,
+    )
     empty = sum(1 for r in rendered if r.n_label_tokens == 0)
     if empty == len(rendered):
         raise InvalidRequest(
@@ -73,7 +99,12 @@ def run(
             f"{empty} examples have no trained tokens (weight 0 or truncated); they add context only",
             once="untrained-examples",
         )
-    valid = [_render(processor, ex, cfg.max_length, what="validation file ") for ex in valid_examples or ()]
+    valid = render_all(
+        functools.partial(_render, processor, max_length=cfg.max_length, what="validation file "),
+        valid_examples or (),
+        workers=workers,
+        pixel_dtype=pixel_dtype,
+    )
     valid_sample = fixed_sample(valid, VALID_SAMPLE_EXAMPLES, cfg.seed)
     if feeder.vision is not None:  # size the frozen-feature cache for every image the run will see
         feeder.vision.admit([*rendered, *valid], reporter)
@@ -98,7 +129,9 @@ def run(
     )
 
     fingerprint = run_fingerprint(cfg, lengths)
-    progress = Progress(cfg, reporter, model, optimizer, scheduler, device, fingerprint, total_steps)
+    progress = Progress(
+        cfg, reporter, model, optimizer, scheduler, device, fingerprint, total_steps, writer=writer
+    )
     progress.resume(resumable_state(cfg, reporter, fingerprint, resume=resume))
     model.train()
     ddp = distributed.wrap(model, device)  # the model itself on one process
