@@ -481,3 +481,30 @@ def test_packing_labelled_logits_and_prefetch_give_the_losses_of_the_plain_loop(
     assert fast.steps[-1]["train_loss"] < fast.steps[0]["train_loss"]
     assert any("packed" in m for _, m in fast.messages)
     assert not any("packed" in m for _, m in plain.messages)
+
+
+@pytest.mark.slow
+def test_chunked_loss_gives_the_per_step_losses_of_plain_logits(base: str, tmp_path: Path) -> None:
+    """``loss_kernel`` 'chunked' (what 'auto' picks on CPU: no (n, V) logits) against 'plain', full
+    fine-tuning so the lm_head trains through the chunked backward: the same per-step losses, accuracies and validation losses."""
+    rng = random.Random(12)
+    train = [_example(i + 1, *_prompt(rng)) for i in range(12)]
+    valid = [_example(i + 1, *_prompt(rng)) for i in range(4)]
+    runs = {}
+    for kernel in ("chunked", "plain"):
+        reporter = ListReporter()
+        sft.run(
+            _cfg(base, tmp_path / kernel, n_epochs=2, loss_kernel=kernel),
+            train,
+            reporter,
+            valid_examples=valid,
+        )
+        runs[kernel] = reporter
+    chunked, plain = runs["chunked"].steps, runs["plain"].steps
+    assert len(chunked) == len(plain) == 6
+    for key in ("train_loss", "valid_loss", "full_valid_loss", "train_mean_token_accuracy"):
+        got = [s[key] for s in chunked if key in s]
+        assert got and got == pytest.approx([s[key] for s in plain if key in s], rel=1e-5), key
+    assert chunked[-1]["train_loss"] < chunked[0]["train_loss"]
+    assert any("chunked linear cross-entropy" in m for _, m in runs["chunked"].messages)
+    assert any("chunked loss" in m for _, m in runs["chunked"].messages)  # the training-plan line
