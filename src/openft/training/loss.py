@@ -151,7 +151,7 @@ know how to post-process (:func:`logit_transform`); the installed package is ask
 PLAIN_HEAD_MODEL_TYPES = frozenset(
     {
         "llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava",
-        "gemma", "gemma3_text", "phi3", "idefics3", "smolvlm", "olmo2", "mllama",
+        "phi3", "idefics3", "smolvlm", "olmo2", "mllama",
     }
 )  # fmt: skip
 """Families whose causal-LM forward returns ``lm_head(hidden)`` unchanged (transformers 5.x)."""
@@ -181,7 +181,7 @@ def logit_transform(config: Any) -> tuple[float, float | None] | None:
     family not checked (its logits may be post-processed in ways the chunked loss would miss)."""
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     model_type = getattr(config, "model_type", None)
-    if model_type in ("gemma2", "gemma3"):
+    if model_type in ("gemma", "gemma2", "gemma3", "gemma3_text"):
         return 1.0, getattr(text, "final_logit_softcapping", None)
     if model_type in ("cohere", "cohere2"):
         return float(text.logit_scale), None

@@ -288,7 +288,9 @@ class Feeder:
         if not self._checked and hidden.shape[0] > 0:
             with torch.no_grad(), torch.autocast(device, enabled=dtype is not None, dtype=dtype):
                 probe = head.logits(hidden[:1].detach())
-            if not torch.allclose(out.float(), probe, rtol=1e-3, atol=1e-3):
+            # The model post-processes in the lm_head's dtype (bf16 under autocast), the head in fp32.
+            tol = 1e-5 if dtype is None else 2e-2
+            if not torch.allclose(out.float(), probe, rtol=tol, atol=tol):
                 raise RuntimeError(
                     f"{bare.config.model_type}: the model post-processes its logits in a way the "
                     "chunked loss does not; train with loss_kernel='plain'"

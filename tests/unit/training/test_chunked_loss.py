@@ -135,35 +135,25 @@ def test_chunks_hold_a_bounded_block_of_logits() -> None:
 # --- through Feeder.forward on tiny models ----------------------------------------------------
 
 
+SIZES = {
+    "vocab_size": V,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "attn_implementation": "sdpa",
+}
+
+
 def _qwen2(*, tied: bool) -> Qwen2ForCausalLM:
     torch.manual_seed(0)
-    config = Qwen2Config(
-        vocab_size=V,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=tied,
-        attn_implementation="sdpa",
-    )
-    return Qwen2ForCausalLM(config)
+    return Qwen2ForCausalLM(Qwen2Config(**SIZES, tie_word_embeddings=tied))
 
 
 def _gemma3(softcap: float | None = 3.0) -> Gemma3ForCausalLM:
     torch.manual_seed(0)
-    config = Gemma3TextConfig(
-        vocab_size=V,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        final_logit_softcapping=softcap,
-        attn_implementation="sdpa",
-    )
-    return Gemma3ForCausalLM(config)
+    return Gemma3ForCausalLM(Gemma3TextConfig(**SIZES, head_dim=8, final_logit_softcapping=softcap))
 
 
 def _items() -> list[Rendered]:
