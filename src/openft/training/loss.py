@@ -302,8 +302,10 @@ class _ChunkedLogprobs(torch.autograd.Function):
             dz_c = dz.to(dtype)
             if need_h:
                 grad_h[s : s + rows] = (dz_c @ w).to(hidden.dtype)
-            if need_w:
-                grad_w += dz_c.t() @ h.to(dtype)  # accumulated over chunks in fp32
+            if need_w and dtype == torch.float32:
+                grad_w.addmm_(dz_c.t(), h.to(dtype))  # in place: no (V, H) temporary per chunk
+            elif need_w:
+                grad_w += dz_c.t() @ h.to(dtype)  # a low-precision product, summed in fp32
         return (
             grad_h,
             None if grad_w is None else grad_w.to(weight.dtype),

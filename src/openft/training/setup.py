@@ -272,8 +272,9 @@ class Feeder:
 
         def keep_input(x: torch.Tensor) -> torch.Tensor:
             seen.append(x)
-            with torch.no_grad():
-                return module.__class__.forward(module, x[:1])
+            # With gradients: DDP (find_unused_parameters) walks the output's graph to see which
+            # parameters this step uses; a detached output would mark them all unused.
+            return module.__class__.forward(module, x[:1])
 
         module.forward = keep_input
         try:
@@ -290,7 +291,7 @@ class Feeder:
                 probe = head.logits(hidden[:1].detach())
             # The model post-processes in the lm_head's dtype (bf16 under autocast), the head in fp32.
             tol = 1e-5 if dtype is None else 2e-2
-            if not torch.allclose(out.float(), probe, rtol=tol, atol=tol):
+            if not torch.allclose(out.detach().float(), probe, rtol=tol, atol=tol):
                 raise RuntimeError(
                     f"{bare.config.model_type}: the model post-processes its logits in a way the "
                     "chunked loss does not; train with loss_kernel='plain'"

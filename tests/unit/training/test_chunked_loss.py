@@ -305,3 +305,20 @@ def test_choose_loss_kernel_table(requested, device, installed, model_type, prob
         return
     kernel, why = choose()
     assert kernel == want[0] and want[1] in why
+
+
+def test_a_bf16_matmul_as_under_autocast_stays_close_to_plain_bf16_logits() -> None:
+    """On CUDA the head's matmul runs in autocast's bf16 (``LogitHead.dtype``) like the model's own
+    lm_head would; the weight gradient is still summed over chunks in fp32."""
+    head = _head(bias=True)
+    hidden, targets, _ = _inputs()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want_loss, _ = token_loss(head.logits(hidden), targets)
+    want_loss.backward()
+    want = _grads(hidden, head.weight, head.bias)
+    low = LogitHead(head.weight, head.bias, dtype=torch.bfloat16)
+    (-chunked_logprobs(hidden, low, targets, rows=6)[0].mean()).backward()
+    got = _grads(hidden, head.weight, head.bias)
+    assert [g.dtype for g in got] == [torch.float32] * 3  # the parameters' own dtype
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=2e-2, atol=2e-3)
