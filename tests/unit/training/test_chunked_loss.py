@@ -8,6 +8,8 @@ random models (tied embeddings, Gemma 3's softcapping) and a few AdamW steps, an
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from transformers import Gemma3ForCausalLM, Gemma3TextConfig, Qwen2Config, Qwen2ForCausalLM
@@ -28,6 +30,7 @@ from openft.training.loss import (
     token_loss,
 )
 from openft.training.setup import Feeder, loss_kernel_for
+from tests.unit.training.test_packing import _feeder as padded_feeder
 
 N, H, V = 23, 16, 97
 HEADS = {
@@ -166,15 +169,7 @@ def _items() -> list[Rendered]:
 
 
 def _feeder(kernel: str) -> Feeder:
-    return Feeder(
-        device=torch.device("cpu"),
-        pad_id=0,
-        packing=False,
-        mrope=False,
-        labelled_logits=True,
-        autocast=lambda: torch.autocast("cpu", enabled=False),
-        loss_kernel=kernel,
-    )
+    return dataclasses.replace(padded_feeder(packing=False), loss_kernel=kernel)
 
 
 MODELS = {
