@@ -191,8 +191,15 @@ def run_openft(args: argparse.Namespace, mode: str, packing: bool, rows: list[di
             gradient_checkpointing=False,
             packing=packing,
             attn_implementation=attention(args.device),
+            loss_kernel=args.loss_kernel,
         )
-        rep = TimingReporter()
+
+        class Reporter(TimingReporter):
+            def on_message(self, message: str, level: str = "info", *, once: str | None = None) -> None:
+                if once == "loss-kernel":  # which loss ran, and why (setup's choice)
+                    counted["loss_kernel"] = message
+
+        rep = Reporter()
         rep.watch_model()  # counts trainable parameters; its clock starts once the model is loaded
         sft.run(cfg, examples, rep)
     tokens = [b - a for a, b in zip([0, *rep.cum_tokens], rep.cum_tokens, strict=False)]
@@ -342,6 +349,7 @@ def summarise(
         "peak_mem_gib": res.get("cuda_peak_bytes", res["peak_rss_bytes"]) / 2**30,
         "loss": f"{res['losses'][0]:.2f}->{res['losses'][-1]:.2f}",
         "wall_s": res["wall_s"],
+        "loss_kernel": res.get("loss_kernel", ""),
     }
 
 
@@ -375,6 +383,12 @@ def main() -> None:
     )
     ap.add_argument("--peak-tflops", type=float, default=None, help="MFU denominator; default: measured here")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--loss-kernel",
+        choices=("auto", "chunked", "plain", "liger"),
+        default="auto",
+        help="openft's TrainConfig.loss_kernel (auto: Liger on CUDA when installed, else chunked)",
+    )
     ap.add_argument("--budget-s", type=float, default=480.0, help="skip variants that would end past this")
     ap.add_argument("--model", help=argparse.SUPPRESS)
     ap.add_argument("--model-dir", help=argparse.SUPPRESS)
@@ -463,6 +477,8 @@ def print_table(results: list[dict], args: argparse.Namespace, size: str, elapse
                 f"  {model:<5} {mode:<5} packing {packing:<3}: examples/s x{o['examples_per_s'] / t['examples_per_s']:.2f}, "
                 f"MFU {o['mfu']:.1%} vs {t['mfu']:.1%}, peak memory x{o['peak_mem_gib'] / t['peak_mem_gib']:.2f}"
             )
+    for kernel in sorted({r["loss_kernel"] for r in results if r["loss_kernel"]}):
+        print(f"openft {kernel}")
     mem = "torch.cuda.max_memory_allocated" if args.device.startswith("cuda") else "peak RSS growth"
     print(
         f"peak memory = {mem}; tokens exclude padding, include image tokens; MFU = (6 full | 4 LoRA) x params "
@@ -485,6 +501,7 @@ def _passthrough(args: argparse.Namespace) -> list[str]:
         "--image-size", str(args.image_size),
         "--max-words", str(args.max_words),
         "--seed", str(args.seed),
+        "--loss-kernel", args.loss_kernel,
     ]  # fmt: skip
 
 

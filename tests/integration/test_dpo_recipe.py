@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+import openft.training.loss as loss_module
 from openft.datasets.formats import ChatExample, ImagePart, Message, PreferenceExample, TextPart
 from openft.errors import JobCancelled
 from openft.models.loader import load_model, read_marker, resolve_base
@@ -226,3 +227,25 @@ def test_labelled_only_logits_give_the_losses_of_full_logits(base: str, tmp_path
     for key in ("train_loss", "train_mean_token_accuracy", "reward_margin"):
         assert [s[key] for s in runs["labelled"]] == pytest.approx([s[key] for s in runs["full"]], abs=1e-4)
     assert runs["labelled"][-1]["train_loss"] != runs["labelled"][0]["train_loss"]  # it trained
+
+
+@pytest.mark.slow
+def test_chunked_loss_gives_the_losses_of_plain_logits(
+    base: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DPO's summed reply log-probs from the chunked loss (full fine-tuning: the lm_head
+    trains through the chunked backward; precomputed reference) against plain logits."""
+    # 8 rows a chunk at the tiny model's 2,048-token vocabulary: its batches would otherwise fit
+    # one default chunk, which takes the plain one-chunk path instead of the chunked Function.
+    monkeypatch.setattr(loss_module, "CHUNK_BYTES", 4 * 8 * 2048)
+    rng = random.Random(17)
+    pairs = [_pair(i + 1, *_prompt(rng)) for i in range(8)]
+    runs = {}
+    for kernel in ("chunked", "plain"):
+        reporter = ListReporter()
+        dpo.run(_cfg(base, tmp_path / kernel, n_epochs=2, loss_kernel=kernel), pairs, reporter, beta=0.1)
+        runs[kernel] = reporter.steps
+    for key in ("train_loss", "train_mean_token_accuracy", "reward_margin"):
+        got, want = [s[key] for s in runs["chunked"]], [s[key] for s in runs["plain"]]
+        assert got == pytest.approx(want, rel=1e-5, abs=1e-7), key
+    assert runs["chunked"][-1]["train_loss"] != runs["chunked"][0]["train_loss"]  # it trained

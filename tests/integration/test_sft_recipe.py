@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+import openft.training.loss as loss_module
 from openft.datasets.formats import ChatExample, ImagePart, Message, TextPart
 from openft.models.loader import load_model, read_marker, resolve_base
 from openft.models.render import render_chat
@@ -481,3 +482,35 @@ def test_packing_labelled_logits_and_prefetch_give_the_losses_of_the_plain_loop(
     assert fast.steps[-1]["train_loss"] < fast.steps[0]["train_loss"]
     assert any("packed" in m for _, m in fast.messages)
     assert not any("packed" in m for _, m in plain.messages)
+
+
+@pytest.mark.slow
+def test_chunked_loss_gives_the_per_step_losses_of_plain_logits(
+    base: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``loss_kernel`` 'chunked' (what 'auto' picks on CPU: no (n, V) logits) against 'plain', full
+    fine-tuning so the lm_head trains through the chunked backward: the same per-step losses, accuracies and validation losses."""
+    # 8 rows a chunk at the tiny model's 2,048-token vocabulary: its batches would otherwise fit
+    # one default chunk, which takes the plain one-chunk path instead of the chunked Function.
+    monkeypatch.setattr(loss_module, "CHUNK_BYTES", 4 * 8 * 2048)
+    rng = random.Random(12)
+    train = [_example(i + 1, *_prompt(rng)) for i in range(12)]
+    valid = [_example(i + 1, *_prompt(rng)) for i in range(4)]
+    runs = {}
+    for kernel in ("chunked", "plain"):
+        reporter = ListReporter()
+        sft.run(
+            _cfg(base, tmp_path / kernel, n_epochs=2, loss_kernel=kernel),
+            train,
+            reporter,
+            valid_examples=valid,
+        )
+        runs[kernel] = reporter
+    chunked, plain = runs["chunked"].steps, runs["plain"].steps
+    assert len(chunked) == len(plain) == 6
+    for key in ("train_loss", "valid_loss", "full_valid_loss", "train_mean_token_accuracy"):
+        got = [s[key] for s in chunked if key in s]
+        assert got and got == pytest.approx([s[key] for s in plain if key in s], rel=1e-5), key
+    assert chunked[-1]["train_loss"] < chunked[0]["train_loss"]
+    assert any("chunked linear cross-entropy" in m for _, m in runs["chunked"].messages)
+    assert any("chunked loss" in m for _, m in runs["chunked"].messages)  # the training-plan line

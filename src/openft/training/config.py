@@ -94,6 +94,14 @@ class TrainConfig:
     """Compute the vocabulary projection only at positions that predict a labelled token (the
     ``lm_head`` runs on those hidden states alone), instead of full-vocabulary logits at every
     position: same loss and gradients, a fraction of the logits memory and FLOPs."""
+    loss_kernel: Literal["auto", "chunked", "plain", "liger"] = "auto"
+    """How the loss meets the vocabulary (same loss and gradients up to float error). ``"chunked"``:
+    the lm_head's hidden states go to a chunked linear cross-entropy that never holds more than
+    one block of ~256 MB of fp32 logits, forward and backward (one extra lm_head matmul in the
+    backward). ``"liger"``: Liger's fused linear cross-entropy and its RMSNorm/RoPE/SwiGLU kernels
+    (CUDA, ``pip install 'openft[gpu]'``, supported families). ``"plain"``: ``(n, V)`` logits from
+    the model. ``"auto"``: Liger where it can run, else chunked; plain where the lm_head cannot be
+    taken out of the model (FSDP, ``labelled_logits`` off, a family not checked)."""
     attn_implementation: str | None = None
     """``"sdpa"``, ``"flash_attention_2"``, ``"eager"``... passed to ``from_pretrained``. ``None``:
     flash-attention on CUDA when the ``flash_attn`` package is installed, else ``"sdpa"``."""
@@ -151,6 +159,8 @@ class TrainConfig:
             problems.append(f"render_workers must be >= 1 or None, got {self.render_workers}")
         if self.state_every_steps is not None and self.state_every_steps < 0:
             problems.append(f"state_every_steps must be >= 0 or None, got {self.state_every_steps}")
+        if self.loss_kernel not in ("auto", "chunked", "plain", "liger"):
+            problems.append(f"loss_kernel must be auto, chunked, plain or liger, got {self.loss_kernel!r}")
         if self.parallelism == "fsdp" and self.lora is not None:
             problems.append("parallelism 'fsdp' is for full fine-tuning (lora must be None)")
         if problems:

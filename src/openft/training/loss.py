@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
 import torch
 import torch.nn.functional as F
 
@@ -122,3 +124,298 @@ def dpo_metrics(rewards_chosen: torch.Tensor, rewards_rejected: torch.Tensor) ->
     return dict(
         zip(("rewards_chosen", "rewards_rejected", "reward_margin", "reward_accuracy"), values, strict=True)
     )
+
+
+# --- labelled-position losses without the (n, V) logits --------------------------------------
+#
+# ``Feeder.forward`` can hand back the hidden states that predict a labelled token, ``(n, H)``,
+# with the ``lm_head`` that would turn them into logits (:class:`LogitHead`) instead of the logits
+# themselves. With Qwen's 151,936-token vocabulary, 4k labelled tokens make 2.5 GB of fp32 logits
+# plus as much again for their gradient; chunked, only one ``(chunk, V)`` block exists at a time,
+# in the forward and in the backward (which recomputes each block's logits: one extra
+# ``chunk x H x V`` matmul per block, traded for the memory).
+
+LOSS_KERNELS = ("auto", "chunked", "plain", "liger")
+"""``TrainConfig.loss_kernel`` values (see :func:`choose_loss_kernel`)."""
+CHUNK_BYTES = 256 * 2**20
+"""fp32 logits per chunk: rows = this // (4 * V) (441 rows at V=151,936), at least 1."""
+LIGER_MODEL_TYPES = frozenset(
+    {
+        "llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen2_vl", "qwen2_5_vl", "qwen3_vl",
+        "gemma", "gemma2", "gemma3", "gemma3_text", "phi3", "llava", "smolvlm", "olmo2",
+    }
+)  # fmt: skip
+"""``config.model_type`` values with an ``apply_liger_kernel_to_*`` function in liger-kernel 0.8.5
+(``liger_kernel.transformers.monkey_patch.MODEL_TYPE_TO_APPLY_LIGER_FN``) whose lm_head output we
+know how to post-process (:func:`logit_transform`); the installed package is asked as well."""
+PLAIN_HEAD_MODEL_TYPES = frozenset(
+    {
+        "llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava",
+        "phi3", "idefics3", "smolvlm", "olmo2", "mllama",
+    }
+)  # fmt: skip
+"""Families whose causal-LM forward returns ``lm_head(hidden)`` unchanged (transformers 5.x)."""
+
+
+class LogitHead(NamedTuple):
+    """The vocabulary projection as the model applies it: ``softcap(scale * (h @ W.T + b))`` with
+    ``softcap(z) = c * tanh(z / c)`` (Gemma 2/3's ``final_logit_softcapping``); ``scale`` is Cohere's
+    ``logit_scale`` or 1 / Granite's ``logits_scaling``."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None = None
+    scale: float = 1.0
+    softcap: float | None = None
+    dtype: torch.dtype | None = None
+    """The matmul's dtype: autocast's when the model ran under it (as its own ``lm_head`` did),
+    else None: the hidden states' own."""
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """fp32 ``(n, V)`` logits of ``hidden`` (the plain, unchunked computation)."""
+        z = F.linear(hidden, self.weight, self.bias).float() * self.scale
+        return z if self.softcap is None else torch.tanh(z / self.softcap) * self.softcap
+
+
+def logit_transform(config: Any) -> tuple[float, float | None] | None:
+    """``(scale, softcap)`` that ``config``'s family applies after its ``lm_head``, or None for a
+    family not checked (its logits may be post-processed in ways the chunked loss would miss)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    model_type = getattr(config, "model_type", None)
+    if model_type in ("gemma", "gemma2", "gemma3", "gemma3_text"):
+        return 1.0, getattr(text, "final_logit_softcapping", None)
+    if model_type in ("cohere", "cohere2"):
+        return float(text.logit_scale), None
+    if model_type == "granite":
+        return 1.0 / float(text.logits_scaling), None
+    if model_type in PLAIN_HEAD_MODEL_TYPES:
+        return 1.0, None
+    return None
+
+
+def choose_loss_kernel(
+    requested: str,
+    *,
+    device_type: str,
+    liger_model_types: frozenset[str] | None,
+    model_type: str,
+    head_problem: str | None,
+) -> tuple[str, str]:
+    """``(kernel, why)``: ``"plain"`` (``(n, V)`` logits from the model), ``"chunked"``
+    (:func:`chunked_logprobs`) or ``"liger"`` (Liger's fused linear cross-entropy for SFT, and its
+    RMSNorm/RoPE/SwiGLU kernels patched into the model).
+
+    ``liger_model_types``: the families the installed liger-kernel patches (None: not installed);
+    ``head_problem``: why the lm_head cannot be taken out of the model (None: it can). ``auto``
+    picks Liger on CUDA when installed and the family is supported, else chunked, else plain; an
+    explicit choice that cannot be honoured raises ``ValueError`` saying why.
+    """
+    if requested not in LOSS_KERNELS:
+        raise ValueError(f"loss_kernel must be one of {', '.join(LOSS_KERNELS)}, got {requested!r}")
+    if requested == "plain":
+        return "plain", "loss_kernel 'plain' asked for"
+    if head_problem is not None:
+        if requested != "auto":
+            raise ValueError(
+                f"loss_kernel {requested!r} cannot be used: {head_problem}; use 'plain' or 'auto'"
+            )
+        return "plain", head_problem
+    liger_problem = None
+    if device_type != "cuda":
+        liger_problem = f"Liger kernels need CUDA (device is {device_type})"
+    elif liger_model_types is None:
+        liger_problem = "liger-kernel is not installed (pip install 'openft[gpu]')"
+    elif model_type not in liger_model_types or model_type not in LIGER_MODEL_TYPES:
+        liger_problem = f"no Liger kernels for {model_type} models"
+    if requested == "liger":
+        if liger_problem is not None:
+            raise ValueError(f"loss_kernel 'liger' cannot be used: {liger_problem}; use 'auto' or 'chunked'")
+        return "liger", "loss_kernel 'liger' asked for"
+    if requested == "chunked":
+        return "chunked", "loss_kernel 'chunked' asked for"
+    if liger_problem is None:
+        return "liger", f"Liger kernels on CUDA for {model_type}"
+    return "chunked", liger_problem
+
+
+def chunk_rows(vocab: int, budget: int | None = None) -> int:
+    """Rows per chunk so that one chunk's fp32 logits take at most ``budget`` (default
+    :data:`CHUNK_BYTES`) bytes."""
+    return max(1, (budget or CHUNK_BYTES) // (4 * vocab))
+
+
+class _ChunkedLogprobs(torch.autograd.Function):
+    """Per-token ``log p(target)`` and argmax hits of ``head(hidden)``, one row chunk at a time.
+
+    Forward keeps only ``(n,)`` log-sum-exps; backward recomputes each chunk's logits, turns them
+    into ``g * (onehot - softmax)`` in place, and pushes that through the softcap, the scale and
+    the matmul into the hidden states, the weight (when it trains) and the bias.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        targets: torch.Tensor,
+        scale: float,
+        softcap: float | None,
+        rows: int,
+        dtype: torch.dtype,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        n = hidden.shape[0]
+        logps = torch.empty(n, device=hidden.device, dtype=torch.float32)
+        lse = torch.empty_like(logps)
+        hits = torch.empty(n, device=hidden.device, dtype=torch.bool)
+        w, b = weight.to(dtype), None if bias is None else bias.to(dtype)
+        for s in range(0, n, rows):
+            z = _chunk_logits(hidden[s : s + rows], w, b, scale, softcap, dtype)[0]
+            t = targets[s : s + rows]
+            lse[s : s + rows] = torch.logsumexp(z, dim=-1)
+            logps[s : s + rows] = z.gather(-1, t.unsqueeze(-1)).squeeze(-1) - lse[s : s + rows]
+            hits[s : s + rows] = z.argmax(-1) == t
+        ctx.save_for_backward(hidden, weight, bias, targets, lse)
+        ctx.scale, ctx.softcap, ctx.rows, ctx.dtype = scale, softcap, rows, dtype
+        ctx.mark_non_differentiable(hits)
+        return logps, hits
+
+    @staticmethod
+    def backward(ctx: Any, grad_logps: torch.Tensor, _grad_hits: Any) -> tuple[Any, ...]:  # type: ignore[override]
+        hidden, weight, bias, targets, lse = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        dtype, rows = ctx.dtype, ctx.rows
+        w, b = weight.to(dtype), None if bias is None else bias.to(dtype)
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) if need_w else None
+        grad_b = torch.zeros(bias.shape, device=bias.device, dtype=torch.float32) if need_b else None
+        for s in range(0, hidden.shape[0], rows):
+            h = hidden[s : s + rows]
+            g = grad_logps[s : s + rows].float().unsqueeze(-1)
+            z, tanh = _chunk_logits(h, w, b, ctx.scale, ctx.softcap, dtype)
+            # d logp / dz = onehot(target) - softmax(z), scaled by the upstream gradient.
+            dz = z.sub_(lse[s : s + rows].unsqueeze(-1)).exp_().mul_(-g)
+            dz.scatter_add_(-1, targets[s : s + rows].unsqueeze(-1), g)
+            if tanh is not None:
+                dz.mul_(1 - tanh.square_())
+            dz.mul_(ctx.scale)
+            if need_b:
+                grad_b += dz.sum(0)
+            dz_c = dz.to(dtype)
+            if need_h:
+                grad_h[s : s + rows] = (dz_c @ w).to(hidden.dtype)
+            if need_w and dtype == torch.float32:
+                grad_w.addmm_(dz_c.t(), h.to(dtype))  # in place: no (V, H) temporary per chunk
+            elif need_w:
+                grad_w += dz_c.t() @ h.to(dtype)  # a low-precision product, summed in fp32
+        return (
+            grad_h,
+            None if grad_w is None else grad_w.to(weight.dtype),
+            None if grad_b is None else grad_b.to(bias.dtype),
+            None, None, None, None, None,
+        )  # fmt: skip
+
+
+def _chunk_logits(
+    h: torch.Tensor,
+    w: torch.Tensor,
+    b: torch.Tensor | None,
+    scale: float,
+    softcap: float | None,
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """fp32 logits of one chunk, and ``tanh(z / softcap)`` when softcapping (for the backward)."""
+    with torch.autocast(h.device.type, enabled=False):
+        z = F.linear(h.to(dtype), w, b).float()
+    if scale != 1.0:
+        z.mul_(scale)
+    if softcap is None:
+        return z, None
+    tanh = torch.tanh(z.div_(softcap))
+    return tanh * softcap, tanh
+
+
+def chunked_logprobs(
+    hidden: torch.Tensor, head: LogitHead, targets: torch.Tensor, rows: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(log p(target) per token, argmax == target per token)``, ``(n,)`` float32 and bool, of the
+    logits ``head.logits(hidden)`` without ever holding more than ``rows`` of them.
+
+    The matmul runs in ``head.dtype`` (else ``hidden``'s); logits and softmax are fp32. ``rows``:
+    default :func:`chunk_rows` of the vocabulary.
+    """
+    dtype = head.dtype or hidden.dtype
+    rows = rows or chunk_rows(head.weight.shape[0])
+    if hidden.shape[0] <= rows:  # one chunk: plain autograd holds no more, and skips the recompute
+        bias = None if head.bias is None else head.bias.to(dtype)
+        logits = LogitHead(head.weight.to(dtype), bias, head.scale, head.softcap).logits(hidden.to(dtype))
+        logps = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+        return logps, (logits.detach().argmax(-1) == targets)
+    return _ChunkedLogprobs.apply(
+        hidden, head.weight, head.bias, targets, head.scale, head.softcap, rows, dtype
+    )
+
+
+class Scores(NamedTuple):
+    """A batch at its labelled positions, as ``Feeder.forward`` returns it: ``(n, V)`` logits
+    (``kernel == "plain"``), or the ``(n, H)`` hidden states and the head that makes them logits."""
+
+    logits: torch.Tensor | None
+    """``(n, V)``: one row per labelled token, in row-major order (plain kernel only)."""
+    targets: torch.Tensor
+    rows: torch.Tensor
+    """The batch row of each labelled token (a packed batch has one row)."""
+    n_rows: int
+    hidden: torch.Tensor | None = None
+    head: LogitHead | None = None
+    kernel: str = "plain"
+
+
+def labelled_loss(scores: Scores) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`token_loss` of ``scores`` with its kernel: mean cross-entropy and argmax accuracy."""
+    if scores.kernel == "plain":
+        assert scores.logits is not None
+        return token_loss(scores.logits, scores.targets)
+    hidden, head, targets = scores.hidden, scores.head, scores.targets
+    assert hidden is not None and head is not None
+    if targets.numel() == 0:
+        return hidden.sum() * 0.0, torch.zeros((), device=hidden.device)
+    if scores.kernel == "liger":
+        return _liger_loss(hidden, head, targets)
+    logps, hits = chunked_logprobs(hidden, head, targets)
+    return -logps.mean(), hits.float().mean()
+
+
+def labelled_logprobs(scores: Scores) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(summed log-prob per row (n_rows,) float32, argmax hit per labelled token (n,) bool)``:
+    :func:`row_logprobs` with the scores' kernel (Liger's scores are chunked here: its
+    per-token reduction is not what it was chosen for)."""
+    if scores.kernel == "plain":
+        assert scores.logits is not None
+        with torch.no_grad():
+            hits = scores.logits.argmax(-1) == scores.targets
+        return row_logprobs(scores.logits, scores.targets, scores.rows, scores.n_rows), hits
+    assert scores.hidden is not None and scores.head is not None
+    logps, hits = chunked_logprobs(scores.hidden, scores.head, scores.targets)
+    rows = torch.zeros(scores.n_rows, device=logps.device, dtype=torch.float32)
+    return rows.index_add(0, scores.rows, logps), hits
+
+
+def _liger_loss(
+    hidden: torch.Tensor, head: LogitHead, targets: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Liger's fused linear cross-entropy (Triton, CUDA only): mean loss and token accuracy.
+    Inputs in the autocast dtype, as the model's own lm_head would take them; the weight's cast
+    is differentiable, so fp32 master weights still get their gradient."""
+    from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+    dtype = head.dtype or hidden.dtype
+    bias = None if head.bias is None else head.bias.to(dtype)
+    out = liger_fused_linear_cross_entropy(
+        hidden.to(dtype),
+        head.weight.to(dtype),
+        targets,
+        bias,
+        softcap=head.softcap,
+        return_token_accuracy=True,
+    )
+    return out.loss, out.token_accuracy.detach()

@@ -16,7 +16,7 @@ import json
 import math
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple, TypeVar
 
 import torch
@@ -27,7 +27,14 @@ from openft.models.render import Rendered
 from openft.training import distributed
 from openft.training.collate import collate_packed, collate_sft
 from openft.training.config import TrainConfig
-from openft.training.loss import predicting_positions, shifted_targets
+from openft.training.loss import (
+    LogitHead,
+    Scores,
+    choose_loss_kernel,
+    logit_transform,
+    predicting_positions,
+    shifted_targets,
+)
 from openft.training.reporter import Reporter
 from openft.training.trainable import describe_trainable, lora_plan, set_full_trainable
 from openft.training.vision_cache import SLOTS_KEY, VisionCache, vision_cache_for
@@ -80,6 +87,8 @@ def setup(cfg: TrainConfig, reporter: Reporter) -> Setup:
         dtype_bytes=2 if bf16 else 4,
         sharded=cfg.parallelism == "fsdp" and distributed.world_size() > 1,
     )
+    loss_kernel, why = loss_kernel_for(cfg, model, device)
+    reporter.on_message(f"loss: {LOSS_KERNEL_NAMES[loss_kernel]} ({why})", once="loss-kernel")
     feeder = Feeder(
         device=device,
         pad_id=pad_id,
@@ -88,6 +97,7 @@ def setup(cfg: TrainConfig, reporter: Reporter) -> Setup:
         labelled_logits=cfg.labelled_logits,
         autocast=autocast,
         vision=vision,
+        loss_kernel=loss_kernel,
     )
     return Setup(model, processor, device, pad_id, bf16, checkpointing, autocast, feeder)
 
@@ -125,6 +135,65 @@ def attention_for(cfg: TrainConfig, device: torch.device) -> str:
     return "sdpa"
 
 
+LOSS_KERNEL_NAMES = {
+    "plain": "full-vocabulary logits at the labelled positions",
+    "chunked": "chunked linear cross-entropy (no full-vocabulary logits)",
+    "liger": "Liger fused linear cross-entropy, RMSNorm, RoPE and SwiGLU kernels",
+}
+
+
+def loss_kernel_for(cfg: TrainConfig, model: Any, device: torch.device) -> tuple[str, str]:
+    """``(kernel, why)`` for ``cfg.loss_kernel`` on this model and device (see
+    :func:`training.loss.choose_loss_kernel`); Liger's kernels are patched into the model here."""
+    bare = distributed.unwrap(model)
+    model_type = bare.config.model_type
+    head = bare.get_output_embeddings()
+    problem = None
+    if not cfg.labelled_logits:
+        problem = "labelled_logits is off"
+    elif distributed.sharded(model):
+        problem = "FSDP shards the lm_head"
+    elif type(head) is not torch.nn.Linear:
+        problem = f"the lm_head is a {type(head).__name__}, not a plain Linear layer"
+    elif logit_transform(bare.config) is None:
+        problem = f"the logits of {model_type} models were not checked for post-processing"
+    liger = _liger_model_types() if device.type == "cuda" else None
+    kernel, why = choose_loss_kernel(
+        cfg.loss_kernel,
+        device_type=device.type,
+        liger_model_types=liger,
+        model_type=model_type,
+        head_problem=problem,
+    )
+    if kernel == "liger":
+        _apply_liger(bare)
+    return kernel, why
+
+
+def _liger_model_types() -> frozenset[str] | None:
+    """Families the installed liger-kernel patches; None when it (or Triton) is not importable."""
+    if importlib.util.find_spec("liger_kernel") is None or importlib.util.find_spec("triton") is None:
+        return None
+    try:
+        from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+    except ImportError:
+        return None
+    return frozenset(MODEL_TYPE_TO_APPLY_LIGER_FN)
+
+
+def _apply_liger(model: Any) -> None:
+    """Liger's RMSNorm, RoPE and SwiGLU (and LayerNorm where the family has it) into ``model``;
+    not its loss patches: the loss runs on the labelled hidden states (``loss.labelled_loss``)."""
+    import inspect
+
+    from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # under peft
+    apply = MODEL_TYPE_TO_APPLY_LIGER_FN[base.config.model_type]
+    wanted = {"fused_linear_cross_entropy": False, "cross_entropy": False, "model": base}
+    apply(**{k: v for k, v in wanted.items() if k in inspect.signature(apply).parameters})
+
+
 @dataclass(frozen=True)
 class Feeder:
     """How a recipe turns rendered examples into logits at the labelled positions.
@@ -134,6 +203,8 @@ class Feeder:
     with ``non_blocking=True`` and runs the model; with ``labelled_logits`` the ``lm_head`` only
     sees the hidden states that predict a labelled token (transformers' boolean
     ``logits_to_keep``), otherwise full logits are computed and the same positions picked after.
+    With a ``loss_kernel`` other than ``"plain"`` the lm_head does not run at all: its input
+    hidden states come back with the head itself, for a loss that never holds ``(n, V)`` logits.
     """
 
     device: torch.device
@@ -145,6 +216,10 @@ class Feeder:
     vision: VisionCache | None = None
     """Frozen image features computed once (``cfg.cache_vision_features``); None: the tower runs
     at every forward."""
+    loss_kernel: str = "plain"
+    """``"plain"``, ``"chunked"`` or ``"liger"`` (:func:`loss_kernel_for`)."""
+    _checked: list[bool] = field(default_factory=list, compare=False, repr=False)
+    """Non-empty once the first forward confirmed the head's post-processing (one host sync)."""
 
     def collate(self, items: Sequence[Rendered]) -> dict[str, torch.Tensor]:
         if self.packing and not any(r.vision for r in items):
@@ -175,20 +250,54 @@ class Feeder:
             self.vision.serving(batch, slots) if self.vision is not None else contextlib.nullcontext(batch)
         )
         with self.autocast(), served as inputs:
+            if self.loss_kernel != "plain":
+                hidden, head = self._labelled_hidden(model, inputs, keep)
+                return Scores(None, targets, rows, labels.shape[0], hidden, head, self.loss_kernel)
             if self.labelled_logits:
                 logits = model(**inputs, use_cache=False, logits_to_keep=keep).logits
             else:
                 logits = model(**inputs, use_cache=False).logits[keep]
         return Scores(logits, targets, rows, labels.shape[0])
 
+    def _labelled_hidden(
+        self, model: Any, batch: dict[str, torch.Tensor], keep: torch.Tensor
+    ) -> tuple[torch.Tensor, LogitHead]:
+        """The ``(n, H)`` hidden states the lm_head would see at ``keep``, and the head as a
+        :class:`LogitHead`. The model runs as usual (DDP's hooks, checkpointing and all) with its
+        lm_head swapped for one that keeps its input and projects only the first row, a probe
+        whose post-processed logits (softcapping, scaling) are checked against the head's once."""
+        bare = distributed.unwrap(model)
+        module = bare.get_output_embeddings()
+        seen: list[torch.Tensor] = []
 
-class Scores(NamedTuple):
-    logits: torch.Tensor
-    """``(n, V)``: one row per labelled token, in row-major order."""
-    targets: torch.Tensor
-    rows: torch.Tensor
-    """The batch row of each logit (a packed batch has one row)."""
-    n_rows: int
+        def keep_input(x: torch.Tensor) -> torch.Tensor:
+            seen.append(x)
+            # With gradients: DDP (find_unused_parameters) walks the output's graph to see which
+            # parameters this step uses; a detached output would mark them all unused.
+            return module.__class__.forward(module, x[:1])
+
+        module.forward = keep_input
+        try:
+            out = model(**batch, use_cache=False, logits_to_keep=keep).logits
+        finally:
+            del module.forward
+        (hidden,) = seen
+        device = hidden.device.type
+        scale, softcap = logit_transform(bare.config) or (1.0, None)
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+        head = LogitHead(module.weight, module.bias, scale, softcap, dtype)
+        if not self._checked and hidden.shape[0] > 0:
+            with torch.no_grad(), torch.autocast(device, enabled=dtype is not None, dtype=dtype):
+                probe = head.logits(hidden[:1].detach())
+            # The model post-processes in the lm_head's dtype (bf16 under autocast), the head in fp32.
+            tol = 1e-5 if dtype is None else 2e-2
+            if not torch.allclose(out.detach().float(), probe, rtol=tol, atol=tol):
+                raise RuntimeError(
+                    f"{bare.config.model_type}: the model post-processes its logits in a way the "
+                    "chunked loss does not; train with loss_kernel='plain'"
+                )
+            self._checked.append(True)
+        return hidden, head
 
 
 def valid_every(cfg: TrainConfig, steps_per_epoch: int, total_steps: int) -> int:

@@ -60,14 +60,13 @@ from openft.training import distributed
 from openft.training.async_save import StateWriter
 from openft.training.collate import collate_preference, epoch_batches
 from openft.training.config import TrainConfig
-from openft.training.loss import dpo_loss, dpo_metrics, row_logprobs
+from openft.training.loss import Scores, dpo_loss, dpo_metrics, labelled_logprobs
 from openft.training.prerender import render_all, render_workers
 from openft.training.progress import Progress, TrainResult, optimizer_and_schedule, resumable_state
 from openft.training.reporter import Reporter
 from openft.training.setup import (
     MAX_GRAD_NORM,
     Feeder,
-    Scores,
     fixed_sample,
     run_fingerprint,
     setup,
@@ -331,9 +330,9 @@ def score(
         with torch.no_grad(), distributed.unwrap(scorer.model).disable_adapter():
             ref_logps = _forward(scorer, batch)[0]
         ref_c, ref_r = ref_logps[:n], ref_logps[n:]
-    logps, scores = _forward(scorer, batch)
+    logps, scores, hits = _forward(scorer, batch)
     loss, rewards_c, rewards_r = dpo_loss(logps[:n], logps[n:], ref_c, ref_r, scorer.beta)
-    correct, labelled = _token_hits(scores, n)
+    correct, labelled = _token_hits(scores, hits, n)
     return Scored(loss, rewards_c, rewards_r, correct, labelled)
 
 
@@ -370,19 +369,20 @@ def evaluate(
     }
 
 
-def _forward(scorer: Scorer, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Scores]:
-    """(summed reply log-probs per row, the labelled positions' logits) for a collated batch."""
+def _forward(scorer: Scorer, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Scores, torch.Tensor]:
+    """(summed reply log-probs per row, the labelled positions' scores, their argmax hits) for a
+    collated batch."""
     scores = scorer.feeder.forward(scorer.model, batch)
-    return row_logprobs(scores.logits, scores.targets, scores.rows, scores.n_rows), scores
+    logps, hits = labelled_logprobs(scores)
+    return logps, scores, hits
 
 
 @torch.no_grad()
-def _token_hits(scores: Scores, n_chosen: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _token_hits(scores: Scores, hits: torch.Tensor, n_chosen: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(argmax hits, label tokens) of the first ``n_chosen`` rows, as float counts on the device
     so micro-batches add up exactly without a host sync."""
     chosen = scores.rows < n_chosen
-    hits = (scores.logits.argmax(-1) == scores.targets) & chosen
-    return hits.sum().float(), chosen.sum().float()
+    return (hits & chosen).sum().float(), chosen.sum().float()
 
 
 def _render_pair(processor: Any, ex: PreferenceExample, max_length: int, where: str) -> Pair:

@@ -9,6 +9,7 @@ assistant tokens only.
 How a step runs (``TrainConfig``'s speed switches, each giving the same losses up to float error):
 text micro-batches can be packed into one padding-free row (``cfg.packing``, by default with
 flash-attention only; image batches are padded), the ``lm_head`` runs only where a labelled token is predicted (``cfg.labelled_logits``),
+the loss never holds full-vocabulary logits (``cfg.loss_kernel``: chunked, or Liger's fused kernel on CUDA),
 the next micro-batches are collated on a background thread and copied from pinned memory
 (``cfg.prefetch``), and the loss and accuracy sums stay on the device until the step's metrics.
 
@@ -40,7 +41,7 @@ from openft.training import distributed
 from openft.training.async_save import StateWriter
 from openft.training.collate import epoch_batches, prefetched, target_tokens
 from openft.training.config import TrainConfig
-from openft.training.loss import token_loss
+from openft.training.loss import labelled_loss
 from openft.training.prerender import render_all, render_workers
 from openft.training.progress import Progress, TrainResult, optimizer_and_schedule, resumable_state
 from openft.training.reporter import Reporter
@@ -123,7 +124,7 @@ def _train(
         f"{total_steps} steps on {device.type} ({'bf16' if bf16 else 'fp32'}"
         f"{', gradient checkpointing' if checkpointing else ''}"
         f"{f', micro-batches of {cfg.micro_batch_size}' if cfg.micro_batch_size else ''}"
-        f"{', packed' if feeder.packing else ''})"
+        f"{', packed' if feeder.packing else ''}, {feeder.loss_kernel} loss)"
         + (f"; {len(valid)} validation examples, evaluated every {eval_every} steps" if valid else ""),
         once="training-plan",
     )
@@ -161,7 +162,7 @@ def _train(
                 for k, (chunk, counts) in enumerate(mine[b]):
                     share = sum(target_tokens(rendered[i]) for i in chunk) / n_targets if counts else 0.0
                     with distributed.accumulating(ddp, last=k == len(mine[b]) - 1):
-                        loss, accuracy = token_loss(*feeder.forward(ddp, next(feed))[:2])
+                        loss, accuracy = labelled_loss(feeder.forward(ddp, next(feed)))
                         (loss * share * distributed.world_size()).backward()
                     sums += torch.stack([loss.detach(), accuracy]) * share
                 torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
@@ -207,7 +208,7 @@ def _evaluate(model: Any, items: list[Rendered], feeder: Feeder, batch_size: int
                 n = sum(target_tokens(r) for r in chunk)
                 if n == 0:
                     continue
-                loss, accuracy = token_loss(*feeder.forward(model, feeder.collate(chunk))[:2])
+                loss, accuracy = labelled_loss(feeder.forward(model, feeder.collate(chunk)))
                 sums += torch.stack([loss, accuracy]) * n
                 n_total += n
     finally:
