@@ -194,6 +194,7 @@ def _run(ctx: WorkerContext, job: Job, lease: JobLease) -> None:
     from openft.models.validation import length_limit
     from openft.training import distributed
     from openft.training.recipes import dpo, sft
+    from openft.training.setup import planned_loss_kernel
 
     settings = ctx.settings
     if job.status == "running":
@@ -267,6 +268,7 @@ def _run(ctx: WorkerContext, job: Job, lease: JobLease) -> None:
         train_vision_tower=options.train_vision_tower,
         train_projector=options.train_projector,
         cache_vision_features=options.cache_vision_features,
+        loss_kernel=options.loss_kernel,
         init_model=job.init_model,
         parent_kind=weights_kind(init_weights) if init_weights else None,  # type: ignore[arg-type]
         max_length=limit.tokens,
@@ -290,15 +292,24 @@ def _run(ctx: WorkerContext, job: Job, lease: JobLease) -> None:
 
     # Predict peak memory from the validation statistics before spending any compute, and with it
     # how the job's processes split the work (FSDP2 when full training does not fit one device).
+    # The loss kernel sizes the logits in that plan; one this worker cannot run (Liger without
+    # CUDA or liger-kernel) fails the job here, before anything loads: only the worker knows.
+    empty = load_empty_model(base)
+    device = resolve_device(settings.device)
+    try:
+        loss_kernel, _ = planned_loss_kernel(options.loss_kernel, empty, device.split(":")[0])
+    except ValueError as exc:
+        raise JobFailed(f"openft.{exc}.", code="unsupported_parameter", param="openft.loss_kernel") from exc
     parallel = plan_parallelism(
-        load_empty_model(base),
+        empty,
         plan,
         stats,
         requested=options.parallelism,
         nproc=settings.nproc,
         dpo=job.method_type == "dpo",
-        device=resolve_device(settings.device),
+        device=device,
         limit_bytes=settings.memory_limit_bytes,
+        loss_kernel=loss_kernel,
     )
     memory = parallel.memory
     if settings.nproc > 1 or options.parallelism != "auto":  # a plain one-process job needs no word
