@@ -13,7 +13,7 @@ from tests.tasks import colour_examples, to_jsonl
 
 pytestmark = pytest.mark.slow
 
-DATA = to_jsonl(colour_examples(8, seed=5))
+DATA = to_jsonl(colour_examples(12, seed=5))
 
 
 def test_liger_on_a_cpu_worker_fails_the_job_saying_why_and_plain_trains(tmp_path):
