@@ -40,6 +40,7 @@ __all__ = [
     "ParallelPlan",
     "TrainingPlan",
     "choose_parallelism",
+    "plan_loss_kernel",
     "plan_memory",
     "plan_parallelism",
     "plan_training",
@@ -214,6 +215,21 @@ def plan_training(job: JobFacts, stats: DatasetStats, *, family: str | None) -> 
 
 def _lora(rank: int | None) -> LoraConfig:
     return LoraConfig(r=rank, alpha=2 * rank) if rank else LoraConfig()
+
+
+def plan_loss_kernel(model: Any, plan: TrainingPlan, *, device: str) -> str:
+    """The loss kernel ``plan.loss_kernel`` resolves to for ``model`` (a meta-device model is
+    enough) on ``device``, one process (under FSDP the recipe falls back to plain, see
+    :func:`plan_parallelism`): what the memory plan counts logits for. A kernel this worker cannot
+    run (Liger without CUDA or liger-kernel, an lm_head the loss cannot take out) fails the job
+    here, before anything loads: only the worker that takes the job knows its device."""
+    from openft.training.setup import planned_loss_kernel
+
+    try:
+        kernel, _ = planned_loss_kernel(plan.loss_kernel, model, device.split(":")[0])
+    except ValueError as exc:
+        raise JobFailed(f"openft.{exc}.", code="unsupported_parameter", param="openft.loss_kernel") from exc
+    return kernel
 
 
 @dataclass(frozen=True)

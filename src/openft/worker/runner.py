@@ -28,7 +28,7 @@ from openft.storage import repo
 from openft.storage.blobs import BlobStore
 from openft.storage.db import Database
 from openft.storage.tables import Job
-from openft.training.plan import DatasetStats, JobFacts, plan_parallelism, plan_training
+from openft.training.plan import DatasetStats, JobFacts, plan_loss_kernel, plan_parallelism, plan_training
 from openft.worker.events import JobReporter
 from openft.worker.queue import JobLease
 
@@ -194,7 +194,6 @@ def _run(ctx: WorkerContext, job: Job, lease: JobLease) -> None:
     from openft.models.validation import length_limit
     from openft.training import distributed
     from openft.training.recipes import dpo, sft
-    from openft.training.setup import planned_loss_kernel
 
     settings = ctx.settings
     if job.status == "running":
@@ -296,10 +295,7 @@ def _run(ctx: WorkerContext, job: Job, lease: JobLease) -> None:
     # CUDA or liger-kernel) fails the job here, before anything loads: only the worker knows.
     empty = load_empty_model(base)
     device = resolve_device(settings.device)
-    try:
-        loss_kernel, _ = planned_loss_kernel(options.loss_kernel, empty, device.split(":")[0])
-    except ValueError as exc:
-        raise JobFailed(f"openft.{exc}.", code="unsupported_parameter", param="openft.loss_kernel") from exc
+    loss_kernel = plan_loss_kernel(empty, plan, device=device)
     parallel = plan_parallelism(
         empty,
         plan,

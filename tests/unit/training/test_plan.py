@@ -299,3 +299,34 @@ def test_fsdp_plans_plain_logits_and_refuses_an_explicit_chunked_loss() -> None:
             model, asked, stats, requested="auto", nproc=2, limit_bytes=limit, loss_kernel="chunked", **kw
         )
     assert e.value.param == "openft.loss_kernel" and "parallelism 'ddp'" in e.value.message
+
+
+def test_plan_loss_kernel_resolves_on_the_worker_and_refuses_what_it_cannot_run(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """What the memory plan counts: chunked on CPU for ``auto``; Liger on CUDA where installed;
+    ``liger`` on a CPU worker, or a CUDA one without liger-kernel, fails the job saying why."""
+    import openft.training.setup as training_setup
+    from openft.training.plan import LossKernel, TrainingPlan, plan_loss_kernel
+
+    model = _qwen_sized()
+
+    def plan(kernel: LossKernel) -> TrainingPlan:
+        return plan_training(
+            JobFacts("Qwen/Qwen2.5-1.5B", "supervised", loss_kernel=kernel), STATS, family=None
+        )
+
+    assert plan_loss_kernel(model, plan("auto"), device="cpu") == "chunked"
+    assert plan_loss_kernel(model, plan("plain"), device="cpu") == "plain"
+    monkeypatch.setattr(training_setup, "_liger_model_types", lambda: frozenset({"qwen2"}))
+    assert plan_loss_kernel(model, plan("auto"), device="cuda:0") == "liger"
+    for device, why in (("cpu", "Liger kernels need CUDA (device is cpu)"), ("cuda:0", "not installed")):
+        if device == "cuda:0":
+            monkeypatch.setattr(training_setup, "_liger_model_types", lambda: None)
+        with pytest.raises(JobFailed) as e:
+            plan_loss_kernel(model, plan("liger"), device=device)
+        assert e.value.param == "openft.loss_kernel" and e.value.code == "unsupported_parameter"
+        assert (
+            e.value.message.startswith("openft.loss_kernel 'liger' cannot be used") and why in e.value.message
+        )
+    assert plan_loss_kernel(model, plan("auto"), device="cuda:0") == "chunked"
