@@ -207,24 +207,13 @@ def test_cache_vision_features_reaches_the_recipe_and_on_is_refused_for_full_tra
     assert e.value.param == "openft.cache_vision_features"
 
 
-def test_loss_kernel_reaches_the_recipe(tmp_path: Path) -> None:
-    plan = plan_training(JobFacts("openft-tiny-vlm", "supervised", loss_kernel="plain"), STATS, family=None)
+@pytest.mark.parametrize("asked", ["plain", "chunked", "liger", "auto"])
+def test_loss_kernel_reaches_the_recipe(tmp_path: Path, asked: str) -> None:
+    plan = plan_training(JobFacts("openft-tiny-vlm", "supervised", loss_kernel=asked), STATS, family=None)  # type: ignore[arg-type]
     cfg = plan.train_config(
         base_model="/m", output_dir=tmp_path, seed=0, device="cpu", init_weights=None, micro_batch_size=None
     )
-    assert plan.loss_kernel == "plain" and cfg.loss_kernel == "plain"
-    default = plan_training(JobFacts("openft-tiny-vlm", "supervised"), STATS, family=None)
-    assert (
-        default.train_config(
-            base_model="/m",
-            output_dir=tmp_path,
-            seed=0,
-            device="cpu",
-            init_weights=None,
-            micro_batch_size=None,
-        ).loss_kernel
-        == "auto"
-    )
+    assert plan.loss_kernel == asked and cfg.loss_kernel == asked
 
 
 def _qwen_sized() -> object:
