@@ -123,6 +123,17 @@ def test_jobs_create_sends_parallelism(cli, train_file):
     assert "full fine-tuning only" in line and line.endswith("(param: openft.parallelism)")
 
 
+def test_jobs_create_sends_loss_kernel(cli, train_file):
+    """``--loss-kernel`` reaches the server, which refuses the chunked loss under FSDP."""
+    line = failed(
+        cli(
+            "jobs", "create", "--training-file", train_file, "--model", "openft-tiny-vlm",
+            "--parallelism", "fsdp", "--loss-kernel", "chunked",
+        )  # fmt: skip
+    )
+    assert "parallelism 'fsdp'" in line and line.endswith("(param: openft.loss_kernel)")
+
+
 def test_jobs_create_list_get_pause_cancel(cli, train_file):
     job_id = ok(
         cli(

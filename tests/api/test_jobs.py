@@ -282,3 +282,24 @@ def test_cache_vision_features_is_validated_on_create(client, train_file):
         **base, extra_body={"openft": {"cache_vision_features": "on", "training_type": "lora"}}
     )
     assert job.status in ("validating_files", "queued")
+
+
+def test_loss_kernel_is_validated_on_create(client, train_file):
+    """``openft.loss_kernel`` takes auto, chunked, plain or liger; chunked or liger with FSDP (which
+    shards the lm_head) is refused with what to do; a valid choice is stored on the job."""
+    base = {"training_file": train_file.id, "model": "openft-tiny-vlm"}
+    with pytest.raises(openai.BadRequestError) as e:
+        client.fine_tuning.jobs.create(**base, extra_body={"openft": {"loss_kernel": "fused"}})
+    assert e.value.status_code == 400 and e.value.param == "openft.loss_kernel"
+    assert e.value.type == "invalid_request_error" and "'chunked'" in e.value.message
+    for kernel in ("chunked", "liger"):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.fine_tuning.jobs.create(
+                **base, extra_body={"openft": {"loss_kernel": kernel, "parallelism": "fsdp"}}
+            )
+        assert e.value.param == "openft.loss_kernel" and e.value.code == "unsupported_parameter"
+        assert "parallelism 'fsdp'" in e.value.message and "'plain'" in e.value.message
+    job = client.fine_tuning.jobs.create(
+        **base, extra_body={"openft": {"loss_kernel": "plain", "parallelism": "fsdp"}}
+    )
+    assert job.status in ("validating_files", "queued")

@@ -76,6 +76,14 @@ def create(
             rich_help_panel=_EXT,
         ),
     ] = None,
+    loss_kernel: Annotated[
+        Literal["auto", "chunked", "plain", "liger"] | None,
+        typer.Option(
+            help="How the loss meets the vocabulary: chunked (no full-vocabulary logits), liger "
+            "(CUDA workers with openft[gpu]), plain (the model's logits) (default: auto).",
+            rich_help_panel=_EXT,
+        ),
+    ] = None,
     json_out: JsonOption = False,
     base_url: BaseUrlOption = DEFAULT_BASE_URL,
     api_key: ApiKeyOption = None,
@@ -102,6 +110,8 @@ def create(
         options["train_projector"] = True
     if parallelism is not None:
         options["parallelism"] = parallelism
+    if loss_kernel is not None:
+        options["loss_kernel"] = loss_kernel
     optional = {
         k: v
         for k, v in {"validation_file": validation_file, "suffix": suffix, "seed": seed}.items()

@@ -136,6 +136,13 @@ class OpenFTOptions(_Strict):
     ``train_projector``): the same losses, no vision-tower pass after an image's first. ``auto``: on
     when they are frozen and the features fit a quarter of the host's free memory; ``on``: also
     beyond that budget (refused when the features train); ``off``: never."""
+    loss_kernel: Literal["auto", "chunked", "plain", "liger"] = "auto"
+    """How the loss meets the vocabulary (the same loss up to float error): ``chunked`` never holds
+    more than one ~256 MB block of fp32 logits; ``liger``: Liger's fused kernels (a CUDA worker with
+    ``openft[gpu]`` installed, supported families; else the job fails before training, saying why);
+    ``plain``: the labelled positions' full-vocabulary logits from the model (for a family whose
+    logits the chunked loss refuses). ``auto``: Liger where it can run, else chunked, else plain.
+    ``chunked`` and ``liger`` cannot run with ``parallelism: fsdp`` (it shards the lm_head)."""
 
 
 class WandbIntegration(BaseModel):
@@ -185,6 +192,14 @@ class CreateFineTuningJobRequest(Request):
                 "'lora' use parallelism 'ddp' or 'auto' (a LoRA adapter's training state is small), or "
                 "set training_type 'full'.",
                 param="openft.parallelism",
+                code="unsupported_parameter",
+            )
+        if self.openft.parallelism == "fsdp" and self.openft.loss_kernel in ("chunked", "liger"):
+            raise InvalidRequest(
+                f"openft.loss_kernel '{self.openft.loss_kernel}' cannot run with parallelism 'fsdp' (FSDP "
+                "shards the lm_head the loss takes out of the model); use loss_kernel 'auto' or 'plain', "
+                "or parallelism 'ddp'.",
+                param="openft.loss_kernel",
                 code="unsupported_parameter",
             )
         trained = [

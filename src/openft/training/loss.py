@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from openft.models.render import IGNORE_INDEX
+from openft.training import memory
 
 
 def predicting_positions(labels: torch.Tensor) -> torch.Tensor:
@@ -137,8 +138,9 @@ def dpo_metrics(rewards_chosen: torch.Tensor, rewards_rejected: torch.Tensor) ->
 
 LOSS_KERNELS = ("auto", "chunked", "plain", "liger")
 """``TrainConfig.loss_kernel`` values (see :func:`choose_loss_kernel`)."""
-CHUNK_BYTES = 256 * 2**20
-"""fp32 logits per chunk: rows = this // (4 * V) (441 rows at V=151,936), at least 1."""
+CHUNK_BYTES = memory.CHUNK_BYTES
+"""fp32 logits per chunk: rows = this // (4 * V) (441 rows at V=151,936), at least 1 (the memory
+planner's figure; tests shrink this one)."""
 LIGER_MODEL_TYPES = frozenset(
     {
         "llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen2_vl", "qwen2_5_vl", "qwen3_vl",
@@ -240,7 +242,7 @@ def choose_loss_kernel(
 def chunk_rows(vocab: int, budget: int | None = None) -> int:
     """Rows per chunk so that one chunk's fp32 logits take at most ``budget`` (default
     :data:`CHUNK_BYTES`) bytes."""
-    return max(1, (budget or CHUNK_BYTES) // (4 * vocab))
+    return memory.chunk_rows(vocab, budget or CHUNK_BYTES)
 
 
 class _ChunkedLogprobs(torch.autograd.Function):

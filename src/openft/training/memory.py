@@ -11,8 +11,11 @@ against measured peaks and asserts a factor-of-two band):
   residuals; gate, up, act and product of the MLP). With checkpointing only each layer's input is
   kept (``hidden`` per layer and token), plus one layer recomputed at a time. Attention is assumed
   memory-efficient (SDPA/flash: no ``seq^2`` term); eager attention on long sequences needs more.
-- **logits**: ``batch*seq*vocab`` in the model dtype, an fp32 copy for the loss (log-softmax) and
-  its fp32 gradient. DPO doubles the sequences (chosen + rejected rows).
+- **logits**: in the model dtype, an fp32 copy for the loss (log-softmax) and its fp32 gradient,
+  for as many rows as the loss kernel that runs holds at once (``loss_kernel``): ``"full"`` every
+  position (``batch*seq*vocab``, the Hugging Face loss), ``"plain"`` the labelled positions only,
+  ``"chunked"``/``"liger"`` at most one block of :func:`chunk_rows` rows (:data:`CHUNK_BYTES` of
+  fp32 logits; Liger's fused kernel chunks likewise). DPO doubles the sequences (chosen + rejected).
 - **vision tower**: ``image_tokens`` per example (patches entering the encoder) through
   ``vision_layers`` layers of ``30*vision_hidden`` elements each (stored like the decoder's).
 
@@ -35,6 +38,34 @@ ACT_HIDDEN_FACTOR = 26
 ACT_INTERMEDIATE_FACTOR = 4
 VISION_ACT_FACTOR = 30
 LOGITS_FP32_COPIES = 2  # the fp32 log-softmax input/output and its gradient, beside the model-dtype logits
+CHUNK_BYTES = 256 * 2**20
+"""fp32 logits per block of the chunked loss (``training.loss``): rows = this // (4 * V) (441 rows
+at V=151,936), at least 1."""
+LOSS_KERNEL_ROWS = ("full", "plain", "chunked", "liger")
+"""``loss_kernel`` values :func:`estimate_peak_bytes` knows: the chosen kernels of
+``training.loss.choose_loss_kernel``, and ``"full"``: logits at every position."""
+
+
+def chunk_rows(vocab: int, budget: int | None = None) -> int:
+    """Rows per chunk so that one chunk's fp32 logits take at most ``budget`` (default
+    :data:`CHUNK_BYTES`) bytes."""
+    return max(1, (budget or CHUNK_BYTES) // (4 * vocab))
+
+
+def logits_rows(
+    loss_kernel: str, *, sequences: int, seq_len: int, labelled_len: int | None, vocab: int
+) -> int:
+    """Rows of vocabulary logits the loss holds at once (see the module docstring).
+    ``labelled_len``: labelled tokens per sequence (None: unknown, bounded by ``seq_len``)."""
+    if loss_kernel not in LOSS_KERNEL_ROWS:
+        raise ValueError(f"loss_kernel must be one of {', '.join(LOSS_KERNEL_ROWS)}, got {loss_kernel!r}")
+    every = sequences * seq_len
+    if loss_kernel == "full":
+        return every
+    labelled = every if labelled_len is None else sequences * min(labelled_len, seq_len)
+    if loss_kernel == "plain":
+        return labelled
+    return min(labelled, chunk_rows(vocab))
 
 
 @dataclass(frozen=True)
@@ -68,6 +99,8 @@ def estimate_peak_bytes(
     vision_hidden_size: int | None = None,
     vision_layers: int | None = None,
     shards: int = 1,
+    loss_kernel: str = "full",
+    labelled_len: int | None = None,
 ) -> MemoryEstimate:
     """Peak bytes of one training step (forward, backward, AdamW step) for one micro-batch.
 
@@ -80,7 +113,8 @@ def estimate_peak_bytes(
     to the text ones. ``shards`` > 1 (FSDP over that many ranks): weights, gradients and optimizer
     state are split evenly, plus the whole weights FSDP gathers at a time: the root group
     (embeddings and head, kept gathered through the step) and two decoder layers (the one running
-    and the one prefetched).
+    and the one prefetched). ``loss_kernel`` and ``labelled_len`` (labelled tokens per sequence)
+    size the logits (:func:`logits_rows`).
     """
     inter = intermediate_size if intermediate_size is not None else 4 * hidden_size
     v_hidden = vision_hidden_size if vision_hidden_size is not None else hidden_size
@@ -110,7 +144,11 @@ def estimate_peak_bytes(
         "optimizer": n_trainable * ADAMW_STATE_BYTES // shards,
         "activations": act_elems * dtype_bytes,
         "vision_activations": v_elems * dtype_bytes,
-        "logits": tokens * vocab_size * (dtype_bytes + 4 * LOGITS_FP32_COPIES),
+        "logits": logits_rows(
+            loss_kernel, sequences=rows, seq_len=seq_len, labelled_len=labelled_len, vocab=vocab_size
+        )
+        * vocab_size
+        * (dtype_bytes + 4 * LOGITS_FP32_COPIES),
         "reference_model": n_params * dtype_bytes // shards if dpo and not lora else 0,
     }
     return MemoryEstimate(total=sum(breakdown.values()), breakdown=breakdown)
@@ -230,9 +268,11 @@ def plan_for_model(
     gradient_checkpointing: bool,
     available: int,
     shards: int = 1,
+    loss_kernel: str = "full",
 ) -> tuple[int, int, MemoryEstimate]:
     """Micro-batch and accumulation steps that fit ``available`` bytes for this (meta) model and
-    the longest example; plus the estimate at the chosen micro-batch. ``shards``: FSDP ranks.
+    the longest example; plus the estimate at the chosen micro-batch. ``shards``: FSDP ranks;
+    ``loss_kernel``: the one that will run (``training.setup.planned_loss_kernel``).
     ``image_tokens`` counts the decoder's image tokens per example; the model's family says how
     many encoder patches each is."""
     facts = model_facts(model)
@@ -254,6 +294,7 @@ def plan_for_model(
             lora=lora_rank is not None,
             dpo=dpo,
             shards=shards,
+            loss_kernel=loss_kernel,
         )
 
     micro, accum = plan_batch(estimate, batch_size=batch_size, available_bytes=available)

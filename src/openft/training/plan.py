@@ -31,6 +31,7 @@ from openft.training.hparams import DatasetStats, Hyperparameters, advice, base_
 
 TrainingType = Literal["lora", "full"]
 Parallelism = Literal["single", "ddp", "fsdp"]
+LossKernel = Literal["auto", "chunked", "plain", "liger"]
 
 __all__ = [
     "DatasetStats",
@@ -39,6 +40,7 @@ __all__ = [
     "ParallelPlan",
     "TrainingPlan",
     "choose_parallelism",
+    "plan_loss_kernel",
     "plan_memory",
     "plan_parallelism",
     "plan_training",
@@ -58,6 +60,7 @@ class JobFacts:
     train_vision_tower: bool = False
     train_projector: bool = False
     cache_vision_features: Literal["auto", "on", "off"] = "auto"
+    loss_kernel: LossKernel = "auto"
     init_model: str | None = None
     """The ``ft:`` model the job continues from, if any."""
     parent_kind: Literal["adapter", "full"] | None = None
@@ -86,6 +89,8 @@ class TrainingPlan:
     max_length: int = 2048
     bf16: bool | None = None
     cache_vision_features: Literal["auto", "on", "off"] = "auto"
+    loss_kernel: LossKernel = "auto"
+    """As asked (``openft.loss_kernel``); the worker resolves it (``training.setup.planned_loss_kernel``)."""
 
     @property
     def learning_rate(self) -> float:
@@ -139,6 +144,7 @@ class TrainingPlan:
             bf16=self.bf16,
             parallelism="fsdp" if parallelism == "fsdp" else "ddp",
             cache_vision_features=self.cache_vision_features,
+            loss_kernel=self.loss_kernel,
         )
 
 
@@ -203,11 +209,27 @@ def plan_training(job: JobFacts, stats: DatasetStats, *, family: str | None) -> 
         max_length=job.max_length,
         bf16=job.bf16,
         cache_vision_features=job.cache_vision_features,
+        loss_kernel=job.loss_kernel,
     )
 
 
 def _lora(rank: int | None) -> LoraConfig:
     return LoraConfig(r=rank, alpha=2 * rank) if rank else LoraConfig()
+
+
+def plan_loss_kernel(model: Any, plan: TrainingPlan, *, device: str) -> str:
+    """The loss kernel ``plan.loss_kernel`` resolves to for ``model`` (a meta-device model is
+    enough) on ``device``, one process (under FSDP the recipe falls back to plain, see
+    :func:`plan_parallelism`): what the memory plan counts logits for. A kernel this worker cannot
+    run (Liger without CUDA or liger-kernel, an lm_head the loss cannot take out) fails the job
+    here, before anything loads: only the worker that takes the job knows its device."""
+    from openft.training.setup import planned_loss_kernel
+
+    try:
+        kernel, _ = planned_loss_kernel(plan.loss_kernel, model, device.split(":")[0])
+    except ValueError as exc:
+        raise JobFailed(f"openft.{exc}.", code="unsupported_parameter", param="openft.loss_kernel") from exc
+    return kernel
 
 
 @dataclass(frozen=True)
@@ -258,6 +280,7 @@ def plan_memory(
     device: str,
     limit_bytes: int | None,
     shards: int = 1,
+    loss_kernel: str = "plain",
 ) -> MemoryPlan:
     """Predict peak memory for ``model`` (shapes only: a meta-device model is enough) before
     spending any compute: split the batch into micro-batches with gradient accumulation when it
@@ -265,7 +288,10 @@ def plan_memory(
 
     Gradient checkpointing (~20-30% slower steps) is chosen only when it is needed: when not even
     a micro-batch of one fits without it. Accumulating more micro-batches costs no extra FLOPs.
-    ``shards``: the FSDP ranks that split weights, gradients and optimizer state (1: none)."""
+    ``shards``: the FSDP ranks that split weights, gradients and optimizer state (1: none).
+    ``loss_kernel``: the one that will run (``"plain"``, ``"chunked"``, ``"liger"``): the chunked
+    kernels hold one block of logits, not every labelled position's, so long sequences with a
+    large vocabulary need neither checkpointing nor micro-batches for the logits' sake."""
     from openft.training.memory import available_bytes, plan_for_model
 
     available = limit_bytes or available_bytes(device)
@@ -283,6 +309,7 @@ def plan_memory(
             gradient_checkpointing=checkpointing,
             available=available,
             shards=shards,
+            loss_kernel=loss_kernel,
         )
 
     checkpointing = False
@@ -388,13 +415,17 @@ def plan_parallelism(
     dpo: bool,
     device: str,
     limit_bytes: int | None,
+    loss_kernel: str = "plain",
 ) -> ParallelPlan:
     """:func:`choose_parallelism` with the memory plan that goes with it: the one-device plan
     decides whether the model fits; under FSDP the batch is planned again with the training state
-    split ``nproc`` ways. A job that fits neither way fails with the one-device plan's advice."""
+    split ``nproc`` ways. A job that fits neither way fails with the one-device plan's advice.
+
+    ``loss_kernel``: the one that runs unsharded; FSDP shards the lm_head, so its plan counts the
+    plain kernel's logits, and a job that asked for ``chunked`` or ``liger`` is refused there."""
     try:
         single: MemoryPlan | None = plan_memory(
-            model, plan, stats, dpo=dpo, device=device, limit_bytes=limit_bytes
+            model, plan, stats, dpo=dpo, device=device, limit_bytes=limit_bytes, loss_kernel=loss_kernel
         )
         too_big: JobFailed | None = None
     except JobFailed as exc:
@@ -406,8 +437,24 @@ def plan_parallelism(
         fits_one_device=single is not None and not single.gradient_checkpointing,
     )
     if parallelism == "fsdp":
+        if plan.loss_kernel in ("chunked", "liger"):
+            raise JobFailed(
+                f"openft.loss_kernel '{plan.loss_kernel}' cannot run under FSDP (it shards the lm_head), "
+                "and this full fine-tuning job needs FSDP on this worker"
+                + (" to fit" if requested == "auto" else "")
+                + "; use loss_kernel 'auto' or 'plain', or parallelism 'ddp'.",
+                code="unsupported_parameter",
+                param="openft.loss_kernel",
+            )
         memory = plan_memory(
-            model, plan, stats, dpo=dpo, device=device, limit_bytes=limit_bytes, shards=nproc
+            model,
+            plan,
+            stats,
+            dpo=dpo,
+            device=device,
+            limit_bytes=limit_bytes,
+            shards=nproc,
+            loss_kernel="plain",
         )
     elif single is not None:
         memory = single

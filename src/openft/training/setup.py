@@ -22,6 +22,7 @@ from typing import Any, NamedTuple, TypeVar
 import torch
 
 from openft.adapters import apply_lora, merge
+from openft.errors import JobFailed
 from openft.models.loader import load_model, resolve_device, weights_kind
 from openft.models.render import Rendered
 from openft.training import distributed
@@ -146,28 +147,43 @@ def loss_kernel_for(cfg: TrainConfig, model: Any, device: torch.device) -> tuple
     """``(kernel, why)`` for ``cfg.loss_kernel`` on this model and device (see
     :func:`training.loss.choose_loss_kernel`); Liger's kernels are patched into the model here."""
     bare = distributed.unwrap(model)
-    model_type = bare.config.model_type
-    head = bare.get_output_embeddings()
-    problem = None
-    if not cfg.labelled_logits:
-        problem = "labelled_logits is off"
-    elif distributed.sharded(model):
-        problem = "FSDP shards the lm_head"
-    elif type(head) is not torch.nn.Linear:
-        problem = f"the lm_head is a {type(head).__name__}, not a plain Linear layer"
-    elif logit_transform(bare.config) is None:
-        problem = f"the logits of {model_type} models were not checked for post-processing"
-    liger = _liger_model_types() if device.type == "cuda" else None
-    kernel, why = choose_loss_kernel(
+    kernel, why = planned_loss_kernel(
         cfg.loss_kernel,
-        device_type=device.type,
-        liger_model_types=liger,
-        model_type=model_type,
-        head_problem=problem,
+        bare,
+        device.type,
+        labelled_logits=cfg.labelled_logits,
+        sharded=distributed.sharded(model),
     )
     if kernel == "liger":
         _apply_liger(bare)
     return kernel, why
+
+
+def planned_loss_kernel(
+    requested: str, model: Any, device_type: str, *, labelled_logits: bool = True, sharded: bool = False
+) -> tuple[str, str]:
+    """``(kernel, why)`` that ``requested`` resolves to for ``model`` (unwrapped; a meta-device
+    model is enough) on ``device_type``, without patching anything: the worker asks before
+    training, for the memory plan and to refuse a kernel that cannot run; raises ``ValueError``
+    saying why (:func:`training.loss.choose_loss_kernel`)."""
+    model_type = model.config.model_type
+    head = model.get_output_embeddings()
+    problem = None
+    if not labelled_logits:
+        problem = "labelled_logits is off"
+    elif sharded:
+        problem = "FSDP shards the lm_head"
+    elif type(head) is not torch.nn.Linear:
+        problem = f"the lm_head is a {type(head).__name__}, not a plain Linear layer"
+    elif logit_transform(model.config) is None:
+        problem = f"the logits of {model_type} models were not checked for post-processing"
+    return choose_loss_kernel(
+        requested,
+        device_type=device_type,
+        liger_model_types=_liger_model_types() if device_type == "cuda" else None,
+        model_type=model_type,
+        head_problem=problem,
+    )
 
 
 def _liger_model_types() -> frozenset[str] | None:
@@ -292,9 +308,11 @@ class Feeder:
             # The model post-processes in the lm_head's dtype (bf16 under autocast), the head in fp32.
             tol = 1e-5 if dtype is None else 2e-2
             if not torch.allclose(out.detach().float(), probe, rtol=tol, atol=tol):
-                raise RuntimeError(
+                raise JobFailed(
                     f"{bare.config.model_type}: the model post-processes its logits in a way the "
-                    "chunked loss does not; train with loss_kernel='plain'"
+                    'chunked loss does not; train with extra_body.openft.loss_kernel = "plain"',
+                    code="unsupported_parameter",
+                    param="openft.loss_kernel",
                 )
             self._checked.append(True)
         return hidden, head

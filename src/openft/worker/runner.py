@@ -28,7 +28,7 @@ from openft.storage import repo
 from openft.storage.blobs import BlobStore
 from openft.storage.db import Database
 from openft.storage.tables import Job
-from openft.training.plan import DatasetStats, JobFacts, plan_parallelism, plan_training
+from openft.training.plan import DatasetStats, JobFacts, plan_loss_kernel, plan_parallelism, plan_training
 from openft.worker.events import JobReporter
 from openft.worker.queue import JobLease
 
@@ -267,6 +267,7 @@ def _run(ctx: WorkerContext, job: Job, lease: JobLease) -> None:
         train_vision_tower=options.train_vision_tower,
         train_projector=options.train_projector,
         cache_vision_features=options.cache_vision_features,
+        loss_kernel=options.loss_kernel,
         init_model=job.init_model,
         parent_kind=weights_kind(init_weights) if init_weights else None,  # type: ignore[arg-type]
         max_length=limit.tokens,
@@ -290,15 +291,21 @@ def _run(ctx: WorkerContext, job: Job, lease: JobLease) -> None:
 
     # Predict peak memory from the validation statistics before spending any compute, and with it
     # how the job's processes split the work (FSDP2 when full training does not fit one device).
+    # The loss kernel sizes the logits in that plan; one this worker cannot run (Liger without
+    # CUDA or liger-kernel) fails the job here, before anything loads: only the worker knows.
+    empty = load_empty_model(base)
+    device = resolve_device(settings.device)
+    loss_kernel = plan_loss_kernel(empty, plan, device=device)
     parallel = plan_parallelism(
-        load_empty_model(base),
+        empty,
         plan,
         stats,
         requested=options.parallelism,
         nproc=settings.nproc,
         dpo=job.method_type == "dpo",
-        device=resolve_device(settings.device),
+        device=device,
         limit_bytes=settings.memory_limit_bytes,
+        loss_kernel=loss_kernel,
     )
     memory = parallel.memory
     if settings.nproc > 1 or options.parallelism != "auto":  # a plain one-process job needs no word

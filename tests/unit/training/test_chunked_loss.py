@@ -16,6 +16,7 @@ from transformers import Gemma3ForCausalLM, Gemma3TextConfig, Qwen2Config, Qwen2
 
 import openft.training.loss as loss_module
 import openft.training.setup as training_setup
+from openft.errors import JobFailed
 from openft.models.render import IGNORE_INDEX, Rendered
 from openft.training.config import TrainConfig
 from openft.training.loss import (
@@ -217,8 +218,9 @@ def test_a_head_whose_logits_are_post_processed_unseen_is_refused(monkeypatch: p
     that softcaps where ``logit_transform`` says it does not would otherwise train on wrong logits."""
     monkeypatch.setattr(training_setup, "logit_transform", lambda config: (1.0, None))
     feeder = _feeder("chunked")
-    with pytest.raises(RuntimeError, match="loss_kernel='plain'"):
+    with pytest.raises(JobFailed, match='extra_body.openft.loss_kernel = "plain"') as e:
         feeder.forward(_gemma3(softcap=0.5), feeder.collate(_items()))
+    assert e.value.param == "openft.loss_kernel"  # the job's error names the setting as users write it
 
 
 def test_a_few_adamw_steps_give_the_losses_of_plain(small_chunks: None) -> None:

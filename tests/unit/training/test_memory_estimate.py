@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from openft.errors import InvalidRequest
-from openft.training.memory import MemoryEstimate, ModelFacts, estimate_peak_bytes, plan_batch
+from openft.training.memory import CHUNK_BYTES, MemoryEstimate, ModelFacts, estimate_peak_bytes, plan_batch
 
 MiB = 2**20
 
@@ -261,3 +261,23 @@ def test_gemma3_vision_memory_counts_encoder_patches_not_pooled_tokens() -> None
         **{k: kw[k] for k in kw if k != "lora_rank"},
     )
     assert planned.breakdown["vision_activations"] == patches.breakdown["vision_activations"] > 0
+
+
+def test_logits_follow_the_loss_kernel() -> None:
+    """Full logits count every position; plain only the labelled ones; the chunked kernels (and
+    Liger's) one block of CHUNK_BYTES fp32 logits, whatever the length, batch or DPO doubling."""
+    full = _est(seq_len=8192, batch_size=4).breakdown["logits"]
+    assert full == 4 * 8192 * 151_936 * 10  # model-dtype logits + two fp32 copies
+    assert _est(seq_len=8192, batch_size=4, loss_kernel="plain").breakdown["logits"] == full
+    assert _est(seq_len=8192, batch_size=4, loss_kernel="plain", labelled_len=512).breakdown["logits"] == (
+        4 * 512 * 151_936 * 10
+    )
+    block = (CHUNK_BYTES // (4 * 151_936)) * 151_936 * 10
+    for kernel in ("chunked", "liger"):
+        for kw in ({}, {"seq_len": 8192, "batch_size": 4}, {"dpo": True, "seq_len": 32_768}):
+            assert _est(loss_kernel=kernel, **kw).breakdown["logits"] == block
+        # Fewer labelled tokens than one block: only those rows.
+        assert _est(loss_kernel=kernel, labelled_len=100).breakdown["logits"] == 100 * 151_936 * 10
+    assert block == 441 * 151_936 * 10 and 74 * block < full  # 441 rows against 4 x 8,192
+    with pytest.raises(ValueError, match="loss_kernel must be one of"):
+        _est(loss_kernel="fused")

@@ -205,3 +205,117 @@ def test_cache_vision_features_reaches_the_recipe_and_on_is_refused_for_full_tra
             JobFacts("openft-tiny-vlm", "supervised", cache_vision_features="on"), STATS, family="qwen2_vl"
         )
     assert e.value.param == "openft.cache_vision_features"
+
+
+@pytest.mark.parametrize("asked", ["plain", "chunked", "liger", "auto"])
+def test_loss_kernel_reaches_the_recipe(tmp_path: Path, asked: str) -> None:
+    plan = plan_training(JobFacts("openft-tiny-vlm", "supervised", loss_kernel=asked), STATS, family=None)  # type: ignore[arg-type]
+    cfg = plan.train_config(
+        base_model="/m", output_dir=tmp_path, seed=0, device="cpu", init_weights=None, micro_batch_size=None
+    )
+    assert plan.loss_kernel == asked and cfg.loss_kernel == asked
+
+
+def _qwen_sized() -> object:
+    """Qwen2-1.5B's shapes (151,936-token vocabulary, 28 layers), on the meta device."""
+    from accelerate import init_empty_weights
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(
+        hidden_size=1536,
+        intermediate_size=8960,
+        num_hidden_layers=28,
+        num_attention_heads=12,
+        num_key_value_heads=2,
+        vocab_size=151_936,
+        tie_word_embeddings=True,
+    )
+    with init_empty_weights():
+        return Qwen2ForCausalLM(config)
+
+
+@pytest.mark.parametrize("kernel", ["chunked", "liger"])
+def test_the_chunked_loss_frees_the_plan_from_checkpointing_and_micro_batches(kernel: str) -> None:
+    """On an 80 GiB device a LoRA job on a Qwen-sized model needs gradient checkpointing for one
+    8k-token example, and micro-batches for 4 x 2k tokens, only because of the plain loss's
+    (n, 151,936) logits: with the chunked loss (or Liger's) the same jobs run as asked."""
+    from openft.training.plan import plan_memory
+
+    model = _qwen_sized()
+    limit = 80 * 2**30
+    for batch, tokens in ((1, 8192), (4, 2048)):
+        stats = DatasetStats(examples=64, tokens_mean=tokens * 0.8, tokens_p95=tokens, tokens_max=tokens)
+        plan = plan_training(
+            JobFacts("Qwen/Qwen2.5-1.5B", "supervised", requested={"batch_size": batch}, max_length=8192),
+            stats,
+            family=None,
+        )
+        assert plan.lora is not None
+        kw = dict(dpo=False, device="cuda:0", limit_bytes=limit)
+        plain = plan_memory(model, plan, stats, loss_kernel="plain", **kw)
+        chunked = plan_memory(model, plan, stats, loss_kernel=kernel, **kw)
+        assert plain.gradient_checkpointing or plain.grad_accum_steps > 1, plain
+        if batch == 1:
+            assert plain.gradient_checkpointing, plain
+        else:
+            assert plain.grad_accum_steps > 1 and not plain.gradient_checkpointing, plain
+        assert not chunked.gradient_checkpointing and chunked.grad_accum_steps == 1, chunked
+        assert chunked.micro_batch_size is None and chunked.estimate_bytes < limit
+
+
+def test_fsdp_plans_plain_logits_and_refuses_an_explicit_chunked_loss() -> None:
+    """FSDP shards the lm_head, so only the plain loss runs under it: its plan counts plain logits,
+    and a job that asked for chunked (or Liger) is refused with what to do."""
+    from openft.training.plan import plan_memory, plan_parallelism
+
+    model = _qwen_sized()
+    stats = DatasetStats(examples=8, tokens_mean=200.0, tokens_p95=256, tokens_max=256)
+    facts = dict(
+        base_model="some/base", method="supervised", training_type="full", requested={"batch_size": 1}
+    )
+    full = plan_training(JobFacts(**facts), stats, family=None)  # type: ignore[arg-type]
+    kw = dict(dpo=False, device="cuda:0")
+    one = plan_memory(model, full, stats, limit_bytes=10**13, loss_kernel="chunked", **kw).estimate_bytes
+    sharded = plan_memory(model, full, stats, limit_bytes=10**13, shards=2, loss_kernel="plain", **kw)
+    limit = (one + sharded.estimate_bytes) // 2  # fits only when sharded
+    two = plan_parallelism(
+        model, full, stats, requested="auto", nproc=2, limit_bytes=limit, loss_kernel="chunked", **kw
+    )
+    assert two.parallelism == "fsdp" and two.memory.estimate_bytes == sharded.estimate_bytes
+    asked = plan_training(JobFacts(**facts, loss_kernel="chunked"), stats, family=None)  # type: ignore[arg-type]
+    with pytest.raises(JobFailed) as e:
+        plan_parallelism(
+            model, asked, stats, requested="auto", nproc=2, limit_bytes=limit, loss_kernel="chunked", **kw
+        )
+    assert e.value.param == "openft.loss_kernel" and "parallelism 'ddp'" in e.value.message
+
+
+def test_plan_loss_kernel_resolves_on_the_worker_and_refuses_what_it_cannot_run(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """What the memory plan counts: chunked on CPU for ``auto``; Liger on CUDA where installed;
+    ``liger`` on a CPU worker, or a CUDA one without liger-kernel, fails the job saying why."""
+    import openft.training.setup as training_setup
+    from openft.training.plan import LossKernel, TrainingPlan, plan_loss_kernel
+
+    model = _qwen_sized()
+
+    def plan(kernel: LossKernel) -> TrainingPlan:
+        return plan_training(
+            JobFacts("Qwen/Qwen2.5-1.5B", "supervised", loss_kernel=kernel), STATS, family=None
+        )
+
+    assert plan_loss_kernel(model, plan("auto"), device="cpu") == "chunked"
+    assert plan_loss_kernel(model, plan("plain"), device="cpu") == "plain"
+    monkeypatch.setattr(training_setup, "_liger_model_types", lambda: frozenset({"qwen2"}))
+    assert plan_loss_kernel(model, plan("auto"), device="cuda:0") == "liger"
+    for device, why in (("cpu", "Liger kernels need CUDA (device is cpu)"), ("cuda:0", "not installed")):
+        if device == "cuda:0":
+            monkeypatch.setattr(training_setup, "_liger_model_types", lambda: None)
+        with pytest.raises(JobFailed) as e:
+            plan_loss_kernel(model, plan("liger"), device=device)
+        assert e.value.param == "openft.loss_kernel" and e.value.code == "unsupported_parameter"
+        assert (
+            e.value.message.startswith("openft.loss_kernel 'liger' cannot be used") and why in e.value.message
+        )
+    assert plan_loss_kernel(model, plan("auto"), device="cuda:0") == "chunked"
