@@ -20,7 +20,6 @@ and renames the folder into place; a kill at any moment leaves the previous stat
 
 from __future__ import annotations
 
-import json
 import shutil
 import warnings
 from pathlib import Path
@@ -31,12 +30,10 @@ import torch.distributed as dist
 
 from openft.training import distributed
 from openft.training.state import (
-    FORMAT_VERSION,
-    STATE_FILE,
     TrainState,
-    _fsync,
     _siblings,
     checked_meta,
+    commit_state,
     position,
 )
 
@@ -65,7 +62,7 @@ def save_sharded_state(
     import torch.distributed.checkpoint as dcp
 
     directory = Path(directory)
-    tmp, old = _siblings(directory)
+    tmp, _ = _siblings(directory)
     if distributed.is_main():
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -73,26 +70,21 @@ def save_sharded_state(
     names = _trainable(model)
     dcp.save(_state_dicts(model, optimizer, names), checkpoint_id=tmp / SHARDS_DIR)
     if distributed.is_main():  # dcp.save returned: every rank's shards and the metadata are written
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        torch.save(rng_states, tmp / "rng.pt")
-        meta = {
-            "format_version": FORMAT_VERSION,
-            "step": step,
-            "epoch": epoch,
-            "batch_in_epoch": batch_in_epoch,
-            "trainable": names,
-            "sharded_by": distributed.world_size(),
-            "extra": extra or {},
-        }
-        (tmp / STATE_FILE).write_text(json.dumps(meta, indent=1))
-        for f in (tmp / SHARDS_DIR / ".metadata", *tmp.iterdir()):
-            if f.is_file():
-                _fsync(f)
-        if directory.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            directory.rename(old)
-        tmp.rename(directory)
-        shutil.rmtree(old, ignore_errors=True)
+        commit_state(
+            tmp,
+            directory,
+            scheduler=scheduler,
+            rng_states=rng_states,
+            meta={
+                "step": step,
+                "epoch": epoch,
+                "batch_in_epoch": batch_in_epoch,
+                "trainable": names,
+                "sharded_by": distributed.world_size(),
+                "extra": extra or {},
+            },
+            also_fsync=(tmp / SHARDS_DIR / ".metadata",),
+        )
     dist.barrier()  # the new state is in place (and tmp free) before any rank goes on
     return directory
 

@@ -90,7 +90,7 @@ def save_state(
     ``copied``: trainable weights and optimizer state copied to CPU earlier
     (``async_save.snapshot``), written instead of reading ``model`` and ``optimizer``."""
     directory = Path(directory)
-    tmp, old = _siblings(directory)
+    tmp, _ = _siblings(directory)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     names = [n for n, p in model.named_parameters() if p.requires_grad]
@@ -103,26 +103,47 @@ def save_state(
         optimizer_state = optimizer.state_dict()
     save_file(trainable, str(tmp / "trainable.safetensors"))
     torch.save(optimizer_state, tmp / "optimizer.pt")
+    commit_state(
+        tmp,
+        directory,
+        scheduler=scheduler,
+        rng_states=rng_states,
+        meta={
+            "step": step,
+            "epoch": epoch,
+            "batch_in_epoch": batch_in_epoch,
+            "trainable": sorted(trainable),
+            "extra": extra or {},
+        },
+    )
+    return directory
+
+
+def commit_state(
+    tmp: Path,
+    directory: Path,
+    *,
+    scheduler: Any,
+    rng_states: dict[str, Any],
+    meta: dict[str, Any],
+    also_fsync: tuple[Path, ...] = (),
+) -> None:
+    """Finish a state written into ``tmp`` (either format): schedule, RNG and ``state.json`` last,
+    everything fsynced, then swapped in for ``directory``. The old state is set aside before the
+    rename, so a process killed at any line leaves one complete state for :func:`find_state`."""
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     torch.save(rng_states, tmp / "rng.pt")
-    meta = {
-        "format_version": FORMAT_VERSION,
-        "step": step,
-        "epoch": epoch,
-        "batch_in_epoch": batch_in_epoch,
-        "trainable": sorted(trainable),
-        "extra": extra or {},
-    }
-    (tmp / STATE_FILE).write_text(json.dumps(meta, indent=1))
-    for f in tmp.iterdir():
-        _fsync(f)
-    _hold_if_asked(step)
+    (tmp / STATE_FILE).write_text(json.dumps({"format_version": FORMAT_VERSION, **meta}, indent=1))
+    for f in (*also_fsync, *tmp.iterdir()):
+        if f.is_file():
+            _fsync(f)
+    _hold_if_asked(meta["step"])
+    _, old = _siblings(directory)
     if directory.exists():
         shutil.rmtree(old, ignore_errors=True)
         directory.rename(old)
     tmp.rename(directory)
     shutil.rmtree(old, ignore_errors=True)
-    return directory
 
 
 def find_state(directory: Path) -> Path | None:
