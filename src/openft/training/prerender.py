@@ -46,6 +46,8 @@ PIXEL_KEYS = frozenset({"pixel_values"})
 _POOL_LOCK = threading.Lock()
 _job: Callable[[Any], Any] | None = None
 """The render function of the pool being run; set before forking, so workers inherit it."""
+_stop: Any = None
+"""The pool's ``Event``, set once an example failed: workers skip what is left (inherited too)."""
 
 
 def render_workers(setting: int | None, n_items: int) -> int:
@@ -95,25 +97,38 @@ def _compacting(fn: Callable[[T], R], pixel_dtype: torch.dtype | None) -> Callab
 
 
 def _forked(job: Callable[[T], R], items: list[T], workers: int) -> Iterator[R]:
-    global _job
+    global _job, _stop
     chunk = max(1, math.ceil(len(items) / (workers * 8)))  # a few chunks per worker: even finish times
-    with _POOL_LOCK:  # one pool at a time: its workers must fork with this call's ``_job``
-        _job = job
+    context = multiprocessing.get_context("fork")
+    with _POOL_LOCK:  # one pool at a time: its workers must fork with this call's globals
+        _job, _stop = job, context.Event()
         try:
-            yield from _collect(
-                multiprocessing.get_context("fork").Pool(workers, initializer=_init_worker), items, chunk
-            )
+            yield from _collect(context.Pool(workers, initializer=_init_worker), items, chunk, _stop)
         finally:
-            _job = None
+            _job = _stop = None
 
 
-def _collect(pool: Any, items: list[Any], chunk: int) -> Iterator[Any]:
-    with pool:
+def _collect(pool: Any, items: list[Any], chunk: int, stop: Any) -> Iterator[Any]:
+    """Results in order; the first failure in file order raised as the serial loop raises it.
+
+    After a failure the rest is still drained (the workers skip it) and the pool is closed and
+    joined, never terminated: ``Pool.terminate`` stops reading results, then waits for the result
+    pipe's lock, which a worker blocked writing a large result holds (it hung a CI run)."""
+    failure: tuple[str, str | None, str | None] | None = None
+    try:
         for kind, payload in pool.imap(_run_one, items, chunksize=chunk):
-            if kind == "error":  # the first failure in file order, as the serial loop raises it
-                message, param, code = payload
-                raise InvalidRequest(message, param=param, code=code)
-            yield payload
+            if kind == "error" and failure is None:
+                failure = payload
+                stop.set()
+            elif kind == "ok" and failure is None:
+                yield payload
+    finally:
+        stop.set()  # also when the caller stops early or a worker raised something else
+        pool.close()
+        pool.join()
+    if failure is not None:
+        message, param, code = failure
+        raise InvalidRequest(message, param=param, code=code)
 
 
 def _init_worker() -> None:
@@ -140,7 +155,9 @@ _SAME_WIDTH_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int6
 
 
 def _run_one(item: Any) -> tuple[str, Any]:
-    assert _job is not None
+    assert _job is not None and _stop is not None
+    if _stop.is_set():  # an earlier example failed: the pool is only being drained
+        return "skipped", None
     try:
         return "ok", _job(item)
     except InvalidRequest as e:  # its keyword-only fields do not survive exception pickling

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import functools
 import io
+import multiprocessing
 import random
+import threading
 
 import pytest
 import torch
@@ -150,3 +152,31 @@ def test_bf16_pixels_give_the_same_logits_under_bf16_autocast(family, tiny, llav
             use_cache=False,
         ).logits
     assert not torch.equal(a, b)
+
+
+def _fail_at_41(i: int) -> torch.Tensor:
+    if i == 40:
+        raise InvalidRequest("line 41: no assistant message", param="training_file", code="bad_line")
+    return torch.zeros(4 << 20)  # 16 MiB: the workers are busy writing results when line 41 fails
+
+
+def test_a_failure_with_large_results_in_flight_raises_and_leaves_no_worker() -> None:
+    # Terminating the pool on the error had hung a CI run (and hangs this test's shape on the
+    # first try): a worker blocked writing a large result holds the result pipe's lock, which
+    # Pool.terminate waits for after it has stopped reading results. The thread only turns
+    # such a hang into a failure; a pass takes seconds.
+    outcome: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            render_all(_fail_at_41, list(range(200)), workers=2)
+        except InvalidRequest as e:
+            outcome.append(e)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(timeout=600)
+    assert not thread.is_alive(), "render_all hung after a failing example"
+    assert [e.message for e in outcome] == ["line 41: no assistant message"]
+    assert multiprocessing.active_children() == []
+    assert render_all(_fail_at_41, [1, 2, 3], workers=2)[2].shape == (4 << 20,)  # a new pool works
