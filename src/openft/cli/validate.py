@@ -99,6 +99,7 @@ def validate(
                 f"  tokens ({t.source}): total {t.total:,}, min {t.min}, mean {t.mean}, "
                 f"p50 {t.p50}, p95 {t.p95}, max {t.max}; "
                 f"trained per epoch {t.trained_tokens_per_epoch:,}"
+                + (f", at most {t.trained_max:,} trained in one sequence" if t.trained_max is not None else "")
             )
         if report.issues:
             counts = ", ".join(f"{code} {n}" for code, n in report.counts_by_code().items())

@@ -74,6 +74,9 @@ class TokenSummary:
     """Nearest-rank percentiles."""
     trained_tokens_per_epoch: int
     """What one epoch trains on: each example capped at the model's context."""
+    trained_max: int | None = None
+    """The most trained (labelled) tokens in one sequence, before truncation (the model's counter
+    only; None for an estimate). The memory planner sizes a labelled-positions loss with it."""
 
 
 @dataclass(frozen=True)

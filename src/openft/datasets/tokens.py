@@ -12,13 +12,26 @@ import io
 import json
 import math
 from collections.abc import Callable
+from typing import NamedTuple
 
 from PIL import Image
 
 from openft.datasets.formats import ChatExample, Example, ImagePart, Message
 from openft.datasets.report import TokenSummary
 
-TokenCounter = Callable[[Example], int]
+
+class TokenCount(NamedTuple):
+    """What a model's counter (``models.render.count_tokens``) finds in one example."""
+
+    total: int
+    """All tokens, image tokens included, of every sequence the example trains (a DPO pair: two)."""
+    trained: int
+    """The most trained (labelled) tokens in any one of those sequences: the rows of logits a loss
+    over labelled positions holds for it (:func:`openft.training.memory.logits_rows`)."""
+
+
+TokenCounter = Callable[[Example], "int | TokenCount"]
+"""A model's counter: the total, or a :class:`TokenCount` when it also knows the trained tokens."""
 
 _PER_MESSAGE = 4  # role markers and separators, roughly what chat templates add
 
@@ -68,9 +81,12 @@ class TokenStats:
     def __init__(self, source: str) -> None:
         self.source = source
         self.counts: list[int] = []  # one small int per example: fine even at 50k examples
+        self.trained_max: int | None = None  # None until a counter says (estimates do not)
 
-    def add(self, n: int) -> None:
+    def add(self, n: int, trained: int | None = None) -> None:
         self.counts.append(n)
+        if trained is not None:
+            self.trained_max = max(self.trained_max or 0, trained)
 
     def summary(self, max_tokens: int | None) -> TokenSummary:
         """Totals and distribution; ``trained_tokens_per_epoch`` caps each example at the context."""
@@ -87,6 +103,7 @@ class TokenStats:
             p50=_percentile(counts, 50),
             p95=_percentile(counts, 95),
             trained_tokens_per_epoch=capped,
+            trained_max=self.trained_max,
         )
 
 

@@ -40,7 +40,7 @@ from openft.datasets.lines import read_jsonl
 from openft.datasets.moderation import SKIP_CODE, SKIP_PHRASE, Moderator, default_moderator, verdicts_for
 from openft.datasets.report import Issue, Report, Severity, Summary
 from openft.datasets.rules import DEFAULT_CONTROL_TOKENS, LineCheck, check_chat, check_preference
-from openft.datasets.tokens import TokenStats, estimate_tokens
+from openft.datasets.tokens import TokenCount, TokenCounter, TokenStats, estimate_tokens
 from openft.errors import InvalidRequest
 from openft.threads import available_cores
 
@@ -63,7 +63,7 @@ class ValidationOptions:
     """Seconds for each image download, redirects included."""
     moderator: Moderator | None = None
     """Image moderation; None means the default offline one (``default_moderator()``)."""
-    token_counter: Callable[[Example], int] | None = None
+    token_counter: TokenCounter | None = None
     """The model's own counter (from its processor); None means a rough estimate."""
     max_tokens: int | None = None
     """The model's context length; longer examples get an ``example_too_long`` warning."""
@@ -311,11 +311,12 @@ class _Validator:
         """Count the example's tokens; False (and a skip issue) if the model cannot train on it:
         its chat template refuses the conversation, or truncation leaves nothing to train on."""
         try:
-            n = int(self.counter(example))
+            counted = self.counter(example)
         except InvalidRequest as exc:
             self._add(Issue(line, exc.param or "", exc.code or "invalid_example", "skip", exc.message))
             return False
-        self.tokens.add(n)
+        n, trained = counted if isinstance(counted, TokenCount) else (int(counted), None)
+        self.tokens.add(n, trained)
         limit = self.options.max_tokens
         if limit and n > limit:
             self._add(

@@ -42,6 +42,7 @@ from PIL import Image
 
 from openft.datasets.formats import ChatExample, ImagePart, Message, PreferenceExample, TextPart
 from openft.datasets.images import DECODE_MAX_PIXELS, open_image
+from openft.datasets.tokens import TokenCount
 from openft.errors import InvalidRequest
 from openft.models.families import (
     END_OF_TURN_TOKENS,
@@ -67,6 +68,7 @@ __all__ = [
     "LOW_DETAIL_MAX_PIXELS",
     "Rendered",
     "cat_vision",
+    "TokenCount",
     "count_tokens",
     "fold_system",
     "load_image",
@@ -346,8 +348,8 @@ def cat_vision(values: Sequence[torch.Tensor]) -> torch.Tensor:
 @_one_at_a_time
 def count_tokens(
     processor: Any, example: ChatExample | PreferenceExample, *, max_length: int | None = None
-) -> int:
-    """Total tokens (image tokens included) of ``example`` before truncation, tools included.
+) -> TokenCount:
+    """Tokens (image tokens included) of ``example`` before truncation, tools included.
 
     A chat example counts its whole rendered conversation. A preference pair counts both
     sequences a DPO step runs: prompt + preferred and prompt + non-preferred. With
@@ -359,13 +361,14 @@ def count_tokens(
         sequences = [tuple(example.messages)]
     else:
         sequences = [(*example.prompt, reply) for reply in (example.preferred, example.non_preferred)]
-    total = 0
+    total = trained = 0
     for messages in sequences:
         r = render_chat(processor, messages, tools=tools)
         if max_length is not None and len(r.input_ids) > max_length:
             render_chat(processor, messages, tools=tools, max_length=max_length)
         total += len(r.input_ids)
-    return total
+        trained = max(trained, r.n_label_tokens)
+    return TokenCount(total, trained)
 
 
 def fold_system(messages: Sequence[Message]) -> tuple[Message, ...]:

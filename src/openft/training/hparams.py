@@ -150,6 +150,8 @@ class DatasetStats:
     """Examples with at least one image."""
     images: int = 0
     """Images in all."""
+    trained_max: int | None = None
+    """The most trained (labelled) tokens in one sequence (None: unknown, so every position)."""
 
     @classmethod
     def from_summary(cls, summary: Summary) -> DatasetStats:
@@ -162,6 +164,7 @@ class DatasetStats:
             tokens_max=tokens.max or 0,
             examples_with_images=summary.examples_with_images,
             images=summary.images,
+            trained_max=tokens.trained_max,
         )
 
     @property

@@ -269,10 +269,12 @@ def plan_for_model(
     available: int,
     shards: int = 1,
     loss_kernel: str = "full",
+    labelled_len: int | None = None,
 ) -> tuple[int, int, MemoryEstimate]:
     """Micro-batch and accumulation steps that fit ``available`` bytes for this (meta) model and
     the longest example; plus the estimate at the chosen micro-batch. ``shards``: FSDP ranks;
-    ``loss_kernel``: the one that will run (``training.setup.planned_loss_kernel``).
+    ``loss_kernel``: the one that will run (``training.setup.planned_loss_kernel``);
+    ``labelled_len``: the most labelled tokens in one sequence (None: unknown).
     ``image_tokens`` counts the decoder's image tokens per example; the model's family says how
     many encoder patches each is."""
     facts = model_facts(model)
@@ -295,6 +297,7 @@ def plan_for_model(
             dpo=dpo,
             shards=shards,
             loss_kernel=loss_kernel,
+            labelled_len=labelled_len,
         )
 
     micro, accum = plan_batch(estimate, batch_size=batch_size, available_bytes=available)

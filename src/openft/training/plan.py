@@ -310,7 +310,8 @@ def plan_memory(
             available=available,
             shards=shards,
             loss_kernel=loss_kernel,
-        )
+            labelled_len=stats.trained_max,  # from the validation counts: a long prompt with a short
+        )  # answer holds the answer's logits only (a loss over labelled positions)
 
     checkpointing = False
     try:

@@ -228,11 +228,12 @@ def main() -> None:
         "mixed_supervised": mixed_supervised,
         "mixed_dpo": mixed_dpo,
     }
-    only = set(sys.argv[1:])
+    expected_only = "--expected-only" in sys.argv[1:]
+    only = set(sys.argv[1:]) - {"--expected-only"}  # case names (none: all of them)
     for name, build in builders.items():
         if only and name not in only:
             continue
-        if "--expected-only" not in only:
+        if not expected_only:
             write_case(name, build())
         expected = run_case(name)
         (HERE / f"{name}.expected.json").write_text(json.dumps(expected, indent=1, ensure_ascii=False) + "\n")

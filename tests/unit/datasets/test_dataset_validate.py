@@ -95,6 +95,18 @@ def test_summary_shape_and_tokens() -> None:
     assert [i["code"] for i in d["issues"]] == ["example_too_long"] * 5
 
 
+def test_summary_keeps_the_most_trained_tokens_a_model_counter_reports() -> None:
+    """A model's counter also says how many tokens each example trains; the summary keeps the
+    most (the memory planner's logits rows). The estimate does not know it: None."""
+    from openft.datasets.tokens import TokenCount
+
+    examples = [chat(f"q{i}", "a" * (4 * i)) for i in range(10)]
+    counted = run(examples, token_counter=lambda ex: TokenCount(100 + ex.line, 3 * ex.line))
+    tokens = counted.report.to_dict()["summary"]["tokens"]
+    assert (tokens["max"], tokens["trained_max"]) == (110, 30)
+    assert run(examples).report.to_dict()["summary"]["tokens"]["trained_max"] is None
+
+
 def test_custom_control_tokens_and_error_message() -> None:
     result = run([chat("say <bos> now")] + [chat(f"q{i}") for i in range(10)], control_tokens=["<bos>"])
     report = result.report

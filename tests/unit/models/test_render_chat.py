@@ -145,12 +145,17 @@ def test_truncation_keeps_complete_images(processor) -> None:
 
 def test_count_tokens(processor) -> None:
     msgs = (user(image(), "q"), assistant("cat"))
-    n = len(render_chat(processor, msgs).input_ids)
-    assert count_tokens(processor, ChatExample(line=1, messages=msgs)) == n
+    r = render_chat(processor, msgs)
+    n, trained = len(r.input_ids), r.n_label_tokens
+    assert 0 < trained < n
+    assert count_tokens(processor, ChatExample(line=1, messages=msgs)) == (n, trained)
+    longer = render_chat(processor, (*msgs[:1], assistant("a black cat on a mat")))
     pair = PreferenceExample(
-        line=1, prompt=msgs[:1], preferred=assistant("cat"), non_preferred=assistant("cat")
+        line=1, prompt=msgs[:1], preferred=assistant("a black cat on a mat"), non_preferred=assistant("cat")
     )
-    assert count_tokens(processor, pair) == 2 * n
+    # A pair bills both sequences; its trained rows are the longer reply's.
+    assert count_tokens(processor, pair) == (n + len(longer.input_ids), longer.n_label_tokens)
+    assert longer.n_label_tokens > trained
 
 
 def test_images_without_a_placeholder_are_refused(processor) -> None:

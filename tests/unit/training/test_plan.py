@@ -263,6 +263,30 @@ def test_the_chunked_loss_frees_the_plan_from_checkpointing_and_micro_batches(ke
         assert chunked.micro_batch_size is None and chunked.estimate_bytes < limit
 
 
+def test_the_plain_loss_plan_counts_the_trained_tokens_the_validation_found() -> None:
+    """The plain loss runs the head at labelled positions only: 8k-token prompts with 64-token
+    answers hold 64 rows of (151,936) logits, not 8,192. With the validation's count of trained
+    tokens the plan needs no checkpointing; without it (an estimate) it stays conservative."""
+    from dataclasses import replace
+
+    from openft.training.plan import plan_memory
+
+    model = _qwen_sized()
+    unknown = DatasetStats(examples=64, tokens_mean=8000.0, tokens_p95=8192, tokens_max=8192)
+    known = replace(unknown, trained_max=64)
+    plan = plan_training(
+        JobFacts("Qwen/Qwen2.5-1.5B", "supervised", requested={"batch_size": 1}, max_length=8192),
+        unknown,
+        family=None,
+    )
+    kw = dict(dpo=False, device="cuda:0", limit_bytes=80 * 2**30, loss_kernel="plain")
+    conservative = plan_memory(model, plan, unknown, **kw)
+    counted = plan_memory(model, plan, known, **kw)
+    assert conservative.gradient_checkpointing, conservative
+    assert not counted.gradient_checkpointing and counted.grad_accum_steps == 1, counted
+    assert counted.estimate_bytes < counted.available_bytes
+
+
 def test_fsdp_plans_plain_logits_and_refuses_an_explicit_chunked_loss() -> None:
     """FSDP shards the lm_head, so only the plain loss runs under it: its plan counts plain logits,
     and a job that asked for chunked (or Liger) is refused with what to do."""
