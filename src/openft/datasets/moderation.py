@@ -69,7 +69,8 @@ import re
 import threading
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
@@ -247,27 +248,38 @@ class OpenCVModerator:
         for path in self._files.values():
             if cv2.CascadeClassifier(path).empty():
                 raise ImportError(f"OpenCV cascade {path} is missing; install opencv-python-headless<5")
-        # OpenCV detectors are not documented as thread-safe: one set per thread.
-        self._local = threading.local()
+        self._idle: dict[str, list[Any]] = {}
+        self._idle_lock = threading.Lock()
 
-    def _per_thread(self, name: str, make: Callable[[], Any]) -> Any:
-        """This thread's detector ``name``, made on first use (only the detectors a thread runs)."""
-        det = getattr(self._local, name, None)
+    @contextmanager
+    def _detector(self, name: str, make: Callable[[], Any]) -> Iterator[Any]:
+        """A detector ``name`` for the caller alone: an idle one, else a new one, returned after use.
+
+        OpenCV detectors are not documented as thread-safe. Validation has 8 fetch threads but
+        judges one image per core at a time: as many detectors exist as were ever used at once,
+        not one per thread (a DNN net costs ~0.1 s CPU to load and plan, and memory).
+        """
+        with self._idle_lock:
+            idle = self._idle.setdefault(name, [])
+            det = idle.pop() if idle else None
         if det is None:
             det = make()
-            setattr(self._local, name, det)
-        return det
+        try:
+            yield det
+        finally:
+            with self._idle_lock:
+                idle.append(det)
 
-    def _cascade(self, name: str) -> Any:
-        return self._per_thread(name, lambda: self._cv2.CascadeClassifier(self._files[name]))
+    def _cascade(self, name: str) -> AbstractContextManager[Any]:
+        return self._detector(name, lambda: self._cv2.CascadeClassifier(self._files[name]))
 
-    def _hog(self) -> Any:
+    def _hog(self) -> AbstractContextManager[Any]:
         def make() -> Any:
             hog = self._cv2.HOGDescriptor()
             hog.setSVMDetector(self._cv2.HOGDescriptor_getDefaultPeopleDetector())
             return hog
 
-        return self._per_thread("hog", make)
+        return self._detector("hog", make)
 
     def moderate(self, image: Image.Image) -> ModerationResult:
         width, height = image.size
@@ -325,20 +337,20 @@ class OpenCVModerator:
     def face_score(self, rgb: np.ndarray) -> float:
         """1.0 when a frontal or profile (either way) face is found, else 0.0."""
         cv2 = self._cv2
-        frontal, profile = self._cascade("frontal"), self._cascade("profile")
         h, w = rgb.shape[:2]
         gray = cv2.cvtColor(self._scaled(rgb, self._face_scale(w, h)), cv2.COLOR_RGB2GRAY)
         side = max(20, int(min(gray.shape) * self.face_min_share))
-        for cascade, img, step in (
-            (frontal, gray, self.face_scale_step),
-            (profile, gray, self.profile_scale_step),
-            (profile, cv2.flip(gray, 1), self.profile_scale_step),  # the cascade knows one direction
-        ):
-            found = cascade.detectMultiScale(
-                img, scaleFactor=step, minNeighbors=self.face_neighbors, minSize=(side, side)
-            )
-            if len(found):
-                return 1.0
+        with self._cascade("frontal") as frontal, self._cascade("profile") as profile:
+            for cascade, img, step in (
+                (frontal, gray, self.face_scale_step),
+                (profile, gray, self.profile_scale_step),
+                (profile, cv2.flip(gray, 1), self.profile_scale_step),  # the cascade knows one direction
+            ):
+                found = cascade.detectMultiScale(
+                    img, scaleFactor=step, minNeighbors=self.face_neighbors, minSize=(side, side)
+                )
+                if len(found):
+                    return 1.0
         return 0.0
 
     def people_score(self, rgb: np.ndarray) -> float:
@@ -347,9 +359,10 @@ class OpenCVModerator:
         small = self._scaled(rgb, self.hog_max_side / max(h, w))
         if min(small.shape[:2]) < 128:
             return 0.0
-        _, weights = self._hog().detectMultiScale(
-            small, winStride=(8, 8), padding=(8, 8), scale=self.hog_scale_step
-        )
+        with self._hog() as hog:
+            _, weights = hog.detectMultiScale(
+                small, winStride=(8, 8), padding=(8, 8), scale=self.hog_scale_step
+            )
         best = float(np.max(weights)) if len(weights) else 0.0
         return float(min(1.0, 0.5 * best / self.hog_threshold))
 
@@ -396,10 +409,11 @@ class MTCNNModerator(OpenCVModerator):
 
     def face_score(self, rgb: np.ndarray) -> float:
         """MTCNN's best face probability mapped to [0, 1]; 0.5 at ``mtcnn_confidence``."""
-        mtcnn = self._per_thread("mtcnn", self._make_mtcnn)
         h, w = rgb.shape[:2]
         small = self._scaled(rgb, self._face_scale(w, h))
-        best = max((float(f["confidence"]) for f in mtcnn.detect_faces(small)), default=0.0)
+        with self._detector("mtcnn", self._make_mtcnn) as mtcnn:
+            faces = mtcnn.detect_faces(small)
+        best = max((float(f["confidence"]) for f in faces), default=0.0)
         t = self.mtcnn_confidence
         return 0.5 + 0.5 * (best - t) / (1 - t) if best >= t else 0.5 * best / t
 
@@ -467,23 +481,23 @@ class PedestrianSSDModerator(MTCNNModerator):
         self._body_graph = _pedestrian_ssd_graph()  # ImportError without the weights
         super().__init__()
 
-    def _ssd(self) -> Any:
+    def _ssd(self) -> AbstractContextManager[Any]:
         def make() -> Any:
             model, config = self._body_graph
             return self._cv2.dnn.readNetFromTensorflow(model, config)
 
-        return self._per_thread("ssd", make)
+        return self._detector("ssd", make)
 
     def people_score(self, rgb: np.ndarray) -> float:
         """The detector's best person probability mapped to [0, 1]; 0.5 at ``body_threshold``."""
         side = self.body_side
         # The graph's own preprocessing, (x - 127.5) / 127.5 on RGB, was cut off with its while-loop.
         blob = self._cv2.dnn.blobFromImage(rgb, 1 / 127.5, (side, side), (127.5, 127.5, 127.5))
-        net = self._ssd()
-        net.setInput(blob)
-        # Class logits, channels (background, person) per anchor: no boxes are needed, only whether
-        # any anchor holds a person, so box decoding and NMS are skipped.
-        logits = float(net.forward(_SSD_OUTPUT)[0, 1::2].max())
+        with self._ssd() as net:
+            net.setInput(blob)
+            # Class logits, channels (background, person) per anchor: no boxes are needed, only
+            # whether any anchor holds a person, so box decoding and NMS are skipped.
+            logits = float(net.forward(_SSD_OUTPUT)[0, 1::2].max())
         best = 1 / (1 + np.exp(-logits))
         t = self.body_threshold
         return float(0.5 + 0.5 * (best - t) / (1 - t) if best >= t else 0.5 * best / t)
