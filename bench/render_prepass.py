@@ -86,16 +86,22 @@ def main() -> None:
     fn = functools.partial(_render, processor, max_length=4096)
 
     times: dict[int, list[float]] = {w: [] for w in args.workers}
+    main_cpu: dict[int, list[float]] = {w: [] for w in args.workers}  # this process, all threads
     loads = []
     reference = None
     for i in range(args.repeats):
         for w in args.workers:
             loads.append(os.getloadavg()[0])
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             rendered = render_all(fn, examples, workers=w)
             times[w].append(time.perf_counter() - t0)
+            main_cpu[w].append(time.process_time() - c0)
             loads.append(os.getloadavg()[0])
-            print(f"run {i + 1}/{args.repeats}: {w} worker(s) {times[w][-1]:.2f} s", flush=True)
+            print(
+                f"run {i + 1}/{args.repeats}: {w} process(es) {times[w][-1]:.2f} s, "
+                f"main process CPU {main_cpu[w][-1] / args.examples * 1e3:.1f} ms/example",
+                flush=True,
+            )
             reference = reference or rendered
             assert all(
                 torch.equal(a.vision["pixel_values"], b.vision["pixel_values"]) and a.input_ids == b.input_ids
@@ -108,11 +114,15 @@ def main() -> None:
     print(
         f"\n{args.examples} examples, one {args.size}-px image each (grid {grid}, {pixels.shape[0]} patches)"
     )
-    print("| workers | wall s (min/median/max) | examples/s (median) |\n|---|---|---|")
+    print(
+        "| processes | wall s (min/median/max) | examples/s (median) | main process CPU ms/example (median) |"
+        "\n|---|---|---|---|"
+    )
     for w in args.workers:
         med = statistics.median(times[w])
         spread = "/".join(f"{v:.2f}" for v in (min(times[w]), med, max(times[w])))
-        print(f"| {w} | {spread} | {args.examples / med:.0f} |")
+        cpu = statistics.median(main_cpu[w]) / args.examples * 1e3
+        print(f"| {w} | {spread} | {args.examples / med:.0f} | {cpu:.1f} |")
     print(f"load average (1 min) during the runs: {min(loads):.1f}-{max(loads):.1f}; cores: {os.cpu_count()}")
     fp32 = pixels.nbytes
     bf16 = pixels.to(torch.bfloat16).nbytes
