@@ -113,7 +113,7 @@ class TrainConfig:
     render_workers: int | None = None
     """Processes for the up-front render of every example (``training.prerender``), this one
     included: same results in the same order, on several cores. ``1``: serially in this process;
-    ``None``: one per core this process may use, at most one per 32 examples."""
+    ``None``: this process's share of the cores (its torch threads), at most one per 32 examples."""
 
     cache_vision_features: Literal["auto", "on", "off"] = "auto"
     """Compute each image's features once and reuse them every epoch and in validation, when the

@@ -75,13 +75,15 @@ _run: _Run | None = None
 
 
 def render_workers(setting: int | None, n_items: int) -> int:
-    """Processes for the pre-pass, this one included: ``setting`` when given (1 = serial), else one
-    per core this process may use (shared by the ranks of a multi-process job), and no more than
-    one per :data:`MIN_EXAMPLES_PER_WORKER` examples. This process renders too, when no result is
-    waiting for it, so a 2-core machine gets one worker (measured faster: bench/README.md)."""
+    """Processes for the pre-pass, this one included: ``setting`` when given (1 = serial), else
+    this process's torch threads, which openft sizes to its share of the cores (``openft.threads``:
+    ``openft serve`` splits them between its embedded workers and the API, a multi-process job
+    between its ranks), at most the cores it may use and one per
+    :data:`MIN_EXAMPLES_PER_WORKER` examples. This process renders too, when no result is waiting
+    for it, so a dedicated 2-core worker renders on 2 processes (bench/README.md)."""
     if setting is not None:
         return max(1, setting)
-    cores = max(1, available_cores() // distributed.world_size())
+    cores = min(torch.get_num_threads(), max(1, available_cores() // distributed.world_size()))
     return max(1, min(cores, n_items // MIN_EXAMPLES_PER_WORKER))
 
 

@@ -89,14 +89,21 @@ def test_a_failing_example_gives_the_serial_error_for_the_first_one_in_file_orde
     assert errors[0][0].startswith("validation file line 7: example is ")
 
 
-def test_auto_process_count_is_bounded_by_cores_and_examples(monkeypatch) -> None:
+def test_auto_process_count_is_this_process_share_of_the_cores(monkeypatch) -> None:
+    threads = 8
+    monkeypatch.setattr("openft.training.prerender.torch.get_num_threads", lambda: threads)
     monkeypatch.setattr("openft.training.prerender.available_cores", lambda: 8)
     assert render_workers(None, 10) == 1  # too few examples to pay for a fork
     assert render_workers(None, 3 * MIN_EXAMPLES_PER_WORKER) == 3
     assert render_workers(None, 100_000) == 8  # this process renders too: one per core
     assert render_workers(1, 100_000) == 1 and render_workers(4, 10) == 4
+    threads = 1  # `openft serve` with one embedded worker on 2 cores: the API has the other one
+    assert render_workers(None, 100_000) == 1
+    threads = 2  # a dedicated worker on 2 cores: one forked worker beside it (bench/README.md)
     monkeypatch.setattr("openft.training.prerender.available_cores", lambda: 2)
-    assert render_workers(None, 100_000) == 2  # one worker beside this process (bench/README.md)
+    assert render_workers(None, 100_000) == 2
+    threads = 16  # more threads asked than cores: still one process per core
+    assert render_workers(None, 100_000) == 2
 
 
 def test_pixels_are_stored_in_the_asked_dtype_at_half_the_bytes(processor) -> None:
