@@ -1,14 +1,16 @@
-"""The recipes' up-front render of every example, serial vs a pool of processes, at 448 px.
+"""The recipes' up-front render of every example, serial vs several processes, at 448 px.
 
     python bench/render_prepass.py [--examples 200] [--size 448] [--workers 1 2] [--repeats 3]
 
 Renders ``--examples`` single-image SFT examples (a ``--size``-px PNG with a few random shapes,
 plus a question and an answer) with ``training.prerender.render_all``, as ``sft.run`` does, once
-per worker count and round-robin ``--repeats`` times (so load elsewhere on the machine hits every
+per process count (``--workers``: 1 = serial; N = this process and N-1 forked ones) and round-robin
+``--repeats`` times (so load elsewhere on the machine hits every
 setting alike). The processor is the built-in tiny model's tokenizer and template with Qwen2-VL's
 published image-processor limits (``min_pixels`` 56², ``max_pixels`` 28² x 1280, patch 14, merge
 2), so a 448-px image is what a real Qwen2-VL run keeps: 32 x 32 patches, 256 image tokens. It
-prints the wall time per setting (min/median/max), the 1-minute load average before and after, and
+prints the wall time per setting (min/median/max), this process's CPU time per example (all its
+threads; the workers' not included), the 1-minute load average before and after, and
 the host bytes of one image's ``pixel_values`` as training keeps them: fp32 (CPU runs) and bf16
 (runs under bf16 autocast).
 """

@@ -1,7 +1,7 @@
 """The recipes' render pre-pass: every example rendered once, by this process and forked workers.
 
 Rendering (chat template, tokenizer, image decode and resize, patchify) is CPU work done once per
-run before the first step; on one core a 448-px Qwen2-VL image costs ~15-20 ms, so a 50k-image
+run before the first step; on one core a 448-px Qwen2-VL image costs ~20 ms, so a 50k-image
 file keeps a GPU idle for minutes. :func:`render_all` spreads it over processes: fork hands the
 processor and the examples to the workers for free (no pickling, no reload from disk); the
 examples are cut into chunks that every process, this one included, claims in file order from a
@@ -9,8 +9,8 @@ shared counter; this process renders a chunk only when no worker's result is wai
 
 A result's large buffers (pixels: 4.6 MiB per 448-px image in fp32) do not cross the pool's pipe:
 pickled through a pipe they cost the receiving process about as much CPU as rendering them
-(64 KiB reads, several copies; measured 16.7 ms per image here against ~15 ms to render one, see
-bench/README.md). A worker pickles a chunk's results with protocol 5, writes the out-of-band
+(64 KiB reads, several copies: 15-24 ms per 448-px image here against ~20 ms to render one, so two
+processes were slower than one; bench/README.md). A worker pickles a chunk's results with protocol 5, writes the out-of-band
 buffers into one file in ``/dev/shm`` (tmpfs: memory) and sends only its name; this process reads
 them straight into fresh tensors and unlinks the file. Lifetime: the worker creates and closes the
 file but never unlinks it once sent; this process unlinks every file it is sent, also the results
