@@ -121,7 +121,6 @@ def _compacting(fn: Callable[[T], R], pixel_dtype: torch.dtype | None) -> Callab
     return lambda x: compact(fn(x), pixel_dtype)
 
 
-
 @dataclass
 class _Run:
     """One pre-pass, shared by this process and its forked workers."""

@@ -257,7 +257,9 @@ def test_large_results_come_back_identical_through_shared_memory_not_the_pipe(pi
     assert _segments() == []
 
 
-def test_without_room_in_shared_memory_results_come_through_the_pipe(pipe_bytes, monkeypatch, tmp_path) -> None:
+def test_without_room_in_shared_memory_results_come_through_the_pipe(
+    pipe_bytes, monkeypatch, tmp_path
+) -> None:
     monkeypatch.setattr(prerender, "SHM_DIR", tmp_path / "missing")  # the workers cannot write there
     out = _render_big(8)
     for i, (_, got) in enumerate(out):
