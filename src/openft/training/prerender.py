@@ -219,6 +219,9 @@ def _collect(pool: Any, run: _Run) -> dict[int, list[tuple[str, Any]]]:
                 else:
                     done[index] = run.render(index)
                 continue
+            except Exception:  # a worker's error (not an interruption of this wait): one reply less
+                waiting -= 1
+                raise
             waiting -= 1
             if reply is not None:
                 index, shipped = reply
@@ -227,17 +230,19 @@ def _collect(pool: Any, run: _Run) -> dict[int, list[tuple[str, Any]]]:
                 else:
                     _release(shipped)
     finally:
-        if waiting:  # unwinding (a worker raised, or this process was interrupted): stop and drain
-            run.fail(0)
-            for _ in range(waiting):
-                try:
-                    reply = replies.next()
-                except Exception:  # noqa: BLE001 - another worker's error; the first is being raised
-                    continue
-                if reply is not None:
-                    _release(reply[1])
-        pool.close()
-        pool.join()
+        try:
+            if waiting:  # unwinding (a worker raised, or this process was interrupted): stop, drain
+                run.fail(0)
+                for _ in range(waiting):
+                    try:
+                        reply = replies.next()
+                    except Exception:  # noqa: BLE001 - another worker's error; one is being raised
+                        continue
+                    if reply is not None:
+                        _release(reply[1])
+        finally:
+            pool.close()
+            pool.join()
     return done
 
 

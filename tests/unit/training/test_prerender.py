@@ -280,3 +280,34 @@ def test_an_unexpected_error_is_raised_as_the_serial_loop_raises_it_and_leaves_n
             render_all(_raise_at_5, list(range(40)), workers=workers)
     assert multiprocessing.active_children() == []
     assert _segments() == []
+
+
+def _unsendable_from_a_worker(i: int) -> object:
+    if os.getpid() == _PARENT:
+        _WORKER_RENDERED.wait(timeout=600)  # (so a worker surely renders one)
+        return i
+    _WORKER_RENDERED.set()
+    return threading.Lock()  # a result a worker cannot pickle back
+
+
+def test_a_result_a_worker_cannot_send_raises_and_leaves_nothing() -> None:
+    # The pool re-raises the worker's pickling error in this process, which must then drain the
+    # other replies without waiting for that one twice (it hung before this test existed).
+    global _PARENT
+    _PARENT = os.getpid()
+    _WORKER_RENDERED.clear()
+    outcome: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            render_all(_unsendable_from_a_worker, list(range(40)), workers=2)
+        except TypeError as e:
+            outcome.append(e)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(timeout=600)
+    assert not thread.is_alive(), "render_all hung after a worker's error"
+    assert len(outcome) == 1 and "pickle" in str(outcome[0])
+    assert multiprocessing.active_children() == []
+    assert _segments() == []
