@@ -219,7 +219,7 @@ def _collect(pool: Any, run: _Run) -> dict[int, list[tuple[str, Any]]]:
                 else:
                     done[index] = run.render(index)
                 continue
-            except Exception:  # a worker's error (not an interruption of this wait): one reply less
+            except Exception:  # a worker's error (not an interruption of this wait): a reply consumed
                 waiting -= 1
                 raise
             waiting -= 1

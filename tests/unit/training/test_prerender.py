@@ -291,8 +291,8 @@ def _unsendable_from_a_worker(i: int) -> object:
 
 
 def test_a_result_a_worker_cannot_send_raises_and_leaves_nothing() -> None:
-    # The pool re-raises the worker's pickling error in this process, which must then drain the
-    # other replies without waiting for that one twice (it hung before this test existed).
+    # The pool re-raises the worker's pickling error in this process, which then stops the other
+    # workers, drains their replies (unlinking their files) and joins them.
     global _PARENT
     _PARENT = os.getpid()
     _WORKER_RENDERED.clear()
