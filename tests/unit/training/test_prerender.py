@@ -11,6 +11,7 @@ import multiprocessing.connection
 import os
 import random
 import threading
+from typing import TypeVar
 
 import pytest
 import torch
@@ -25,6 +26,8 @@ from openft.training.collate import collate_sft
 from openft.training.prerender import MIN_EXAMPLES_PER_WORKER, render_all, render_workers
 from openft.training.recipes.sft import _render
 from tests.unit.models.tiny_llava import build_tiny_llava
+
+E = TypeVar("E", bound=BaseException)
 
 
 def _png(rng: random.Random, size: int) -> bytes:
@@ -171,24 +174,18 @@ def _fail_at_41(i: int) -> torch.Tensor:
     return torch.zeros(4 << 20)  # 16 MiB: the workers are busy writing results when line 41 fails
 
 
-def test_a_failure_with_large_results_in_flight_raises_and_leaves_no_worker() -> None:
+@pytest.mark.parametrize("shared_memory", [True, False], ids=["shm", "pipe"])
+def test_a_failure_with_large_results_in_flight_raises_and_leaves_no_worker(
+    shared_memory, monkeypatch, tmp_path
+) -> None:
     # Terminating the pool on the error had hung a CI run (and hangs this test's shape on the
-    # first try): a worker blocked writing a large result holds the result pipe's lock, which
-    # Pool.terminate waits for after it has stopped reading results. The thread only turns
-    # such a hang into a failure; a pass takes seconds.
-    outcome: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            render_all(_fail_at_41, list(range(200)), workers=2)
-        except InvalidRequest as e:
-            outcome.append(e)
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    thread.join(timeout=600)
-    assert not thread.is_alive(), "render_all hung after a failing example"
-    assert [e.message for e in outcome] == ["line 41: no assistant message"]
+    # first try with results through the pipe, as without room in /dev/shm): a worker blocked
+    # writing a large result holds the result pipe's lock, which Pool.terminate waits for after
+    # it has stopped reading results.
+    if not shared_memory:
+        monkeypatch.setattr(prerender, "SHM_DIR", tmp_path / "missing")
+    error = _raised_without_hanging(_fail_at_41, list(range(200)), InvalidRequest)
+    assert error.message == "line 41: no assistant message"
     assert multiprocessing.active_children() == []
     assert _segments() == []  # the results discarded after the failure had their files unlinked too
     assert render_all(_fail_at_41, [1, 2, 3], workers=2)[2].shape == (4 << 20,)  # a new pool works
@@ -232,10 +229,15 @@ def pipe_bytes(monkeypatch) -> list[int]:
     return received
 
 
-def _render_big(n: int) -> list[tuple[int, dict[str, torch.Tensor]]]:
+def _as_the_parent() -> None:
+    """Before a pool forks: this is the process that waits for a worker's first render."""
     global _PARENT
     _PARENT = os.getpid()
     _WORKER_RENDERED.clear()
+
+
+def _render_big(n: int) -> list[tuple[int, dict[str, torch.Tensor]]]:
+    _as_the_parent()
     return render_all(_pixels_of, list(range(n)), workers=2)
 
 
@@ -293,21 +295,27 @@ def _unsendable_from_a_worker(i: int) -> object:
 def test_a_result_a_worker_cannot_send_raises_and_leaves_nothing() -> None:
     # The pool re-raises the worker's pickling error in this process, which then stops the other
     # workers, drains their replies (unlinking their files) and joins them.
-    global _PARENT
-    _PARENT = os.getpid()
-    _WORKER_RENDERED.clear()
-    outcome: list[BaseException] = []
+    _as_the_parent()
+    error = _raised_without_hanging(_unsendable_from_a_worker, list(range(40)), TypeError)
+    assert "pickle" in str(error)
+    assert multiprocessing.active_children() == []
+    assert _segments() == []
+
+
+def _raised_without_hanging(fn, items: list[int], kind: type[E]) -> E:
+    """The ``kind`` error ``render_all`` on 2 processes raises. The thread only turns a hang into
+    a failure; a pass takes seconds."""
+    outcome: list[E] = []
 
     def run() -> None:
         try:
-            render_all(_unsendable_from_a_worker, list(range(40)), workers=2)
-        except TypeError as e:
+            render_all(fn, items, workers=2)
+        except kind as e:
             outcome.append(e)
 
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
     thread.join(timeout=600)
-    assert not thread.is_alive(), "render_all hung after a worker's error"
-    assert len(outcome) == 1 and "pickle" in str(outcome[0])
-    assert multiprocessing.active_children() == []
-    assert _segments() == []
+    assert not thread.is_alive(), "render_all hung after an error"
+    assert len(outcome) == 1
+    return outcome[0]
