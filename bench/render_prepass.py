@@ -1,14 +1,16 @@
-"""The recipes' up-front render of every example, serial vs a pool of processes, at 448 px.
+"""The recipes' up-front render of every example, serial vs several processes, at 448 px.
 
     python bench/render_prepass.py [--examples 200] [--size 448] [--workers 1 2] [--repeats 3]
 
 Renders ``--examples`` single-image SFT examples (a ``--size``-px PNG with a few random shapes,
 plus a question and an answer) with ``training.prerender.render_all``, as ``sft.run`` does, once
-per worker count and round-robin ``--repeats`` times (so load elsewhere on the machine hits every
+per process count (``--workers``: 1 = serial; N = this process and N-1 forked ones) and round-robin
+``--repeats`` times (so load elsewhere on the machine hits every
 setting alike). The processor is the built-in tiny model's tokenizer and template with Qwen2-VL's
 published image-processor limits (``min_pixels`` 56², ``max_pixels`` 28² x 1280, patch 14, merge
 2), so a 448-px image is what a real Qwen2-VL run keeps: 32 x 32 patches, 256 image tokens. It
-prints the wall time per setting (min/median/max), the 1-minute load average before and after, and
+prints the wall time per setting (min/median/max), this process's CPU time per example (all its
+threads; the workers' not included), the 1-minute load average before and after, and
 the host bytes of one image's ``pixel_values`` as training keeps them: fp32 (CPU runs) and bf16
 (runs under bf16 autocast).
 """
@@ -86,16 +88,22 @@ def main() -> None:
     fn = functools.partial(_render, processor, max_length=4096)
 
     times: dict[int, list[float]] = {w: [] for w in args.workers}
+    main_cpu: dict[int, list[float]] = {w: [] for w in args.workers}  # this process, all threads
     loads = []
     reference = None
     for i in range(args.repeats):
         for w in args.workers:
             loads.append(os.getloadavg()[0])
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             rendered = render_all(fn, examples, workers=w)
             times[w].append(time.perf_counter() - t0)
+            main_cpu[w].append(time.process_time() - c0)
             loads.append(os.getloadavg()[0])
-            print(f"run {i + 1}/{args.repeats}: {w} worker(s) {times[w][-1]:.2f} s", flush=True)
+            print(
+                f"run {i + 1}/{args.repeats}: {w} process(es) {times[w][-1]:.2f} s, "
+                f"main process CPU {main_cpu[w][-1] / args.examples * 1e3:.1f} ms/example",
+                flush=True,
+            )
             reference = reference or rendered
             assert all(
                 torch.equal(a.vision["pixel_values"], b.vision["pixel_values"]) and a.input_ids == b.input_ids
@@ -108,11 +116,15 @@ def main() -> None:
     print(
         f"\n{args.examples} examples, one {args.size}-px image each (grid {grid}, {pixels.shape[0]} patches)"
     )
-    print("| workers | wall s (min/median/max) | examples/s (median) |\n|---|---|---|")
+    print(
+        "| processes | wall s (min/median/max) | examples/s (median) | main process CPU ms/example (median) |"
+        "\n|---|---|---|---|"
+    )
     for w in args.workers:
         med = statistics.median(times[w])
         spread = "/".join(f"{v:.2f}" for v in (min(times[w]), med, max(times[w])))
-        print(f"| {w} | {spread} | {args.examples / med:.0f} |")
+        cpu = statistics.median(main_cpu[w]) / args.examples * 1e3
+        print(f"| {w} | {spread} | {args.examples / med:.0f} | {cpu:.1f} |")
     print(f"load average (1 min) during the runs: {min(loads):.1f}-{max(loads):.1f}; cores: {os.cpu_count()}")
     fp32 = pixels.nbytes
     bf16 = pixels.to(torch.bfloat16).nbytes

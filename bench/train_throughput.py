@@ -36,6 +36,7 @@ import argparse
 import base64
 import io
 import json
+import multiprocessing
 import os
 import random
 import statistics
@@ -231,11 +232,13 @@ def run_openft(args, mode: str, data) -> dict:
         rep = TimingReporter()
         rep.watch_model()
         render = sft._render
-        labelled = []
+        # Counted in whichever process renders (the pre-pass forks workers): a shared counter.
+        labelled = multiprocessing.get_context("fork").Value("q", 0)
 
         def counting_render(*a, **k):
             rendered = render(*a, **k)
-            labelled.append(rendered.n_label_tokens)
+            with labelled.get_lock():
+                labelled.value += rendered.n_label_tokens
             return rendered
 
         sft._render = counting_render
@@ -245,7 +248,7 @@ def run_openft(args, mode: str, data) -> dict:
         "prep_s": rep.prep_s,
         "step_s": rep.step_s,
         "step_tokens": tokens,
-        "labelled_tokens": sum(labelled) * args.epochs,
+        "labelled_tokens": labelled.value * args.epochs,
         "steps": result.steps,
         "params": rep.params,
         "trainable": rep.trainable,

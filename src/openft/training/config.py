@@ -111,9 +111,9 @@ class TrainConfig:
     """Collate the next micro-batches in a background thread (pinned memory on CUDA, copied with
     ``non_blocking=True``) while the current one computes."""
     render_workers: int | None = None
-    """Processes for the up-front render of every example (``training.prerender``): same results
-    in the same order, on several cores. ``1``: serially in this process; ``None``: the cores this
-    process may use but one, at most one per 32 examples (serial below 2)."""
+    """Processes for the up-front render of every example (``training.prerender``), this one
+    included: same results in the same order, on several cores. ``1``: serially in this process;
+    ``None``: this process's share of the cores (its torch threads), at most one per 32 examples."""
 
     cache_vision_features: Literal["auto", "on", "off"] = "auto"
     """Compute each image's features once and reuse them every epoch and in validation, when the

@@ -1,16 +1,28 @@
-"""The recipes' render pre-pass: every example rendered once, in a pool of worker processes.
+"""The recipes' render pre-pass: every example rendered once, by this process and forked workers.
 
 Rendering (chat template, tokenizer, image decode and resize, patchify) is CPU work done once per
-run before the first step; on one core a 448-px Qwen2-VL image costs tens of milliseconds, so a
-50k-image file keeps a GPU idle for minutes. :func:`render_all` spreads it over forked worker
-processes: fork hands the processor to the workers for free (no pickling, no reload from disk),
-results come back in the input order, and each worker sends its tensors by value as numpy arrays
-(torch's own pickling for multiprocessing would hand over one shared-memory file descriptor per
-tensor, which runs out at tens of thousands of images; its plain pickling goes through
-``torch.save`` and measured ~70 ms per 448-px image here, as slow as rendering it).
+run before the first step; on one core a 448-px Qwen2-VL image costs ~20 ms, so a 50k-image
+file keeps a GPU idle for minutes. :func:`render_all` spreads it over processes: fork hands the
+processor and the examples to the workers for free (no pickling, no reload from disk); the
+examples are cut into chunks that every process, this one included, claims in file order from a
+shared counter; this process renders a chunk only when no worker's result is waiting for it.
+
+A result's large buffers (pixels: 4.6 MiB per 448-px image in fp32) do not cross the pool's pipe:
+pickled through a pipe they cost the receiving process about as much CPU as rendering them
+(64 KiB reads, several copies: 15-24 ms per 448-px image here against ~20 ms to render one, so two
+processes were slower than one; bench/README.md). A worker pickles a chunk's results with protocol 5, writes the out-of-band
+buffers into one file in ``/dev/shm`` (tmpfs: memory) and sends only its name; this process reads
+them straight into fresh tensors and unlinks the file. Lifetime: the worker creates and closes the
+file but never unlinks it once sent; this process unlinks every file it is sent, also the results
+it discards after a failure or while it is unwinding, so none is left behind (a process killed
+mid-render excepted). Without room there (``ENOSPC``, no ``/dev/shm``) the chunk goes through the
+pipe as before. Not torch's own tensor sharing: it hands over one file descriptor per tensor,
+which runs out at tens of thousands of images, and its tensors would keep ``/dev/shm`` charged
+for the whole run.
 
 An example that fails raises the same :class:`InvalidRequest` (message, param, code) as the serial
-path, for the first failing example in file order.
+path, for the first failing example in file order: chunks are claimed in order and no process
+starts an example after the earliest failure seen so far, so every example before it is rendered.
 
 Pixels are also stored compactly: ``pixel_dtype`` (bf16 when the run autocasts to bf16) halves
 host RAM. That is lossless *for that run*: every supported vision tower's first use of
@@ -20,13 +32,19 @@ and rounding an already-bf16 value again is exact (``test_prerender`` checks the
 
 from __future__ import annotations
 
+import copyreg
+import io
+import itertools
 import math
 import multiprocessing
+import os
+import pickle
 import sys
 import threading
-from collections.abc import Callable, Iterator, Sequence
-from multiprocessing.reduction import ForkingPickler
-from typing import Any, TypeVar
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple, TypeVar
 
 import torch
 
@@ -43,36 +61,43 @@ MIN_EXAMPLES_PER_WORKER = 32
 PIXEL_KEYS = frozenset({"pixel_values"})
 """Vision tensors stored in ``pixel_dtype`` (image grids and masks keep their integer types)."""
 
+CHUNK_MAX = 8
+"""Examples per chunk at most: a chunk's pixels sit in one ``/dev/shm`` file until received."""
+OUT_OF_BAND_MIN = 64 << 10
+"""Bytes: a buffer at least this large goes through the shared-memory file, smaller ones in band."""
+SHM_DIR = Path("/dev/shm")
+SEGMENT_PREFIX = "openft-render-"
+"""Names of the files in :data:`SHM_DIR` a pre-pass writes: ``openft-render-<parent pid>-...``."""
+
 _POOL_LOCK = threading.Lock()
-_job: Callable[[Any], Any] | None = None
-"""The render function of the pool being run; set before forking, so workers inherit it."""
-_stop: Any = None
-"""The pool's ``Event``, set once an example failed: workers skip what is left (inherited too)."""
+_run: _Run | None = None
+"""The pre-pass being run; set before forking, so the workers inherit it."""
 
 
 def render_workers(setting: int | None, n_items: int) -> int:
-    """Processes for the pre-pass: ``setting`` when given (1 = serial, in this process), else one
-    per core this process may use (shared by the ranks of a multi-process job) but one, which is
-    left to this process receiving the results, and no more than one per
-    :data:`MIN_EXAMPLES_PER_WORKER` examples. Fewer than 2 workers means the serial path: on 2
-    cores the copies back cost more than a second worker gains (measured: bench/README.md)."""
+    """Processes for the pre-pass, this one included: ``setting`` when given (1 = serial), else
+    this process's torch threads, which openft sizes to its share of the cores (``openft.threads``:
+    ``openft serve`` splits them between its embedded workers and the API, a multi-process job
+    between its ranks), at most the cores it may use and one per
+    :data:`MIN_EXAMPLES_PER_WORKER` examples. This process renders too, when no result is waiting
+    for it, so a dedicated 2-core worker renders on 2 processes (bench/README.md)."""
     if setting is not None:
         return max(1, setting)
-    cores = max(1, available_cores() // distributed.world_size() - 1)
-    workers = min(cores, n_items // MIN_EXAMPLES_PER_WORKER)
-    return workers if workers >= 2 else 1
+    cores = min(torch.get_num_threads(), max(1, available_cores() // distributed.world_size()))
+    return max(1, min(cores, n_items // MIN_EXAMPLES_PER_WORKER))
 
 
 def render_all(
     fn: Callable[[T], R], items: Sequence[T], *, workers: int, pixel_dtype: torch.dtype | None = None
 ) -> list[R]:
     """``[fn(x) for x in items]`` (each result with its pixels in ``pixel_dtype``), on ``workers``
-    processes when that is more than 1 and the platform can fork."""
+    processes (this one and ``workers - 1`` forked ones) when that is more than 1 and the platform
+    can fork."""
     items = list(items)
     job = _compacting(fn, pixel_dtype)
     if workers <= 1 or len(items) < 2 or sys.platform != "linux":
         return [job(x) for x in items]
-    return list(_forked(job, items, min(workers, len(items))))
+    return _forked(job, items, min(workers, len(items)))
 
 
 def compact(value: Any, pixel_dtype: torch.dtype | None) -> Any:
@@ -96,46 +121,223 @@ def _compacting(fn: Callable[[T], R], pixel_dtype: torch.dtype | None) -> Callab
     return lambda x: compact(fn(x), pixel_dtype)
 
 
-def _forked(job: Callable[[T], R], items: list[T], workers: int) -> Iterator[R]:
-    global _job, _stop
-    chunk = max(1, math.ceil(len(items) / (workers * 8)))  # a few chunks per worker: even finish times
+@dataclass
+class _Run:
+    """One pre-pass, shared by this process and its forked workers."""
+
+    job: Callable[[Any], Any]
+    items: list[Any]
+    chunk: int
+    next_chunk: Any  # multiprocessing.Value: the next chunk to claim
+    failed_at: Any  # multiprocessing.Value: the earliest failing example so far (len(items): none)
+    n_chunks: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.n_chunks = math.ceil(len(self.items) / self.chunk)
+
+    def claim(self) -> int | None:
+        """The next chunk to render, or None when none is left before the earliest failure."""
+        with self.next_chunk.get_lock():
+            index = self.next_chunk.value
+            if index >= self.n_chunks or index * self.chunk >= self.failed_at.value:
+                return None
+            self.next_chunk.value = index + 1
+        return index
+
+    def fail(self, at: int) -> None:
+        with self.failed_at.get_lock():
+            self.failed_at.value = min(self.failed_at.value, at)
+
+    def render(self, index: int) -> list[tuple[str, Any]]:
+        """Chunk ``index`` as ``(kind, payload)`` pairs, up to and including its first failure."""
+        out: list[tuple[str, Any]] = []
+        for k in range(index * self.chunk, min((index + 1) * self.chunk, len(self.items))):
+            if k >= self.failed_at.value:  # an earlier example failed: only it matters now
+                break
+            try:
+                out.append(("ok", self.job(self.items[k])))
+            except InvalidRequest as e:  # its keyword-only fields do not survive exception pickling
+                out.append(("error", (e.message, e.param, e.code)))
+            except Exception as e:
+                out.append(("raise", e))
+            else:
+                continue
+            self.fail(k)
+            break
+        return out
+
+
+class _Shipped(NamedTuple):
+    """A worker's chunk as sent through the pipe: its pickle, and the name of the file in
+    :data:`SHM_DIR` that holds its out-of-band buffers (``sizes``, one after another), if any."""
+
+    data: bytes
+    segment: str | None
+    sizes: tuple[int, ...]
+
+
+def _forked(job: Callable[[T], R], items: list[T], processes: int) -> list[R]:
+    global _run
+    # A few chunks per process (even finish times), small enough to bound the shared memory in flight.
+    chunk = min(CHUNK_MAX, max(1, math.ceil(len(items) / (processes * 8))))
     context = multiprocessing.get_context("fork")
-    with _POOL_LOCK:  # one pool at a time: its workers must fork with this call's globals
-        _job, _stop = job, context.Event()
+    with _POOL_LOCK:  # one pre-pass at a time: its workers must fork with this call's globals
+        _run = run = _Run(job, items, chunk, context.Value("q", 0), context.Value("q", len(items)))
         try:
-            yield from _collect(context.Pool(workers, initializer=_init_worker), items, chunk, _stop)
+            done = _collect(context.Pool(processes - 1, initializer=_init_worker), run)
         finally:
-            _job = _stop = None
+            _run = None
+    out: list[Any] = []
+    for index in range(run.n_chunks):  # every chunk before the first failure was rendered
+        for kind, payload in done[index]:
+            if kind == "error":
+                message, param, code = payload
+                raise InvalidRequest(message, param=param, code=code)
+            if kind == "raise":
+                raise payload
+            out.append(payload)
+    return out
 
 
-def _collect(pool: Any, items: list[Any], chunk: int, stop: Any) -> Iterator[Any]:
-    """Results in order; the first failure in file order raised as the serial loop raises it.
-
-    After a failure the rest is still drained (the workers skip it) and the pool is closed and
-    joined, never terminated: ``Pool.terminate`` stops reading results, then waits for the result
-    pipe's lock, which a worker blocked writing a large result holds (it hung a CI run)."""
-    failure: tuple[str, str | None, str | None] | None = None
+def _collect(pool: Any, run: _Run) -> dict[int, list[tuple[str, Any]]]:
+    """Every chunk's results by index: the workers' as they come, this process's own when none
+    is waiting. Every reply is received (the workers skip what is after a failure), then the pool
+    is closed and joined, never terminated: ``Pool.terminate`` stops reading results, then waits
+    for the result pipe's lock, which a worker blocked writing a large result holds (it hung a
+    CI run). A reply not needed any more still has its shared-memory file unlinked."""
+    done: dict[int, list[tuple[str, Any]]] = {}
+    replies = pool.imap_unordered(_work, range(run.n_chunks))  # one reply per chunk: some None
+    waiting, idle = run.n_chunks, False
     try:
-        for kind, payload in pool.imap(_run_one, items, chunksize=chunk):
-            if kind == "error" and failure is None:
-                failure = payload
-                stop.set()
-            elif kind == "ok" and failure is None:
-                yield payload
+        while waiting:
+            try:
+                reply = replies.next(timeout=None if idle else 0)
+            except multiprocessing.TimeoutError:  # nothing to receive: render a chunk here
+                index = run.claim()
+                if index is None:
+                    idle = True
+                else:
+                    done[index] = run.render(index)
+                continue
+            except Exception:  # a worker's error (not an interruption of this wait): a reply consumed
+                waiting -= 1
+                raise
+            waiting -= 1
+            if reply is not None:
+                index, shipped = reply
+                if index * run.chunk <= run.failed_at.value:  # not wholly after a failure
+                    done[index] = _receive(shipped)
+                else:
+                    _release(shipped)
     finally:
-        stop.set()  # also when the caller stops early or a worker raised something else
-        pool.close()
-        pool.join()
-    if failure is not None:
-        message, param, code = failure
-        raise InvalidRequest(message, param=param, code=code)
+        try:
+            if waiting:  # unwinding (a worker raised, or this process was interrupted): stop, drain
+                run.fail(0)
+                for _ in range(waiting):
+                    try:
+                        reply = replies.next()
+                    except Exception:  # noqa: BLE001 - another worker's error; one is being raised
+                        continue
+                    if reply is not None:
+                        _release(reply[1])
+        finally:
+            pool.close()
+            pool.join()
+    return done
 
 
 def _init_worker() -> None:
     # A lock another thread of the parent held at the fork stays held forever in the child.
     render._TOKENIZER_LOCK = threading.RLock()
-    torch.set_num_threads(1)  # the pool is the parallelism; image ops stay on their core
-    ForkingPickler.register(torch.Tensor, _by_value)  # in this worker only: results go by value
+    torch.set_num_threads(1)  # the processes are the parallelism; image ops stay on their core
+
+
+def _work(_: int) -> tuple[int, _Shipped] | None:
+    """A pool task: claim the next chunk and render it (None when none is left)."""
+    assert _run is not None
+    index = _run.claim()
+    return None if index is None else (index, _ship(_run.render(index)))
+
+
+_PICKLING = copyreg.dispatch_table.copy()
+_SEGMENTS = itertools.count()
+
+
+def _ship(value: Any) -> _Shipped:
+    """``value`` pickled (protocol 5) with its large buffers in a new file in :data:`SHM_DIR`, or
+    all in band when that file cannot be written."""
+    large: list[pickle.PickleBuffer] = []
+
+    def out_of_band(buffer: pickle.PickleBuffer) -> bool:
+        if buffer.raw().nbytes < OUT_OF_BAND_MIN:
+            return True
+        large.append(buffer)
+        return False
+
+    data = _dumps(value, out_of_band)
+    if not large:
+        return _Shipped(data, None, ())
+    segment = _write_segment([b.raw() for b in large])
+    if segment is None:
+        return _Shipped(_dumps(value, None), None, ())
+    return _Shipped(data, segment, tuple(b.raw().nbytes for b in large))
+
+
+def _dumps(value: Any, buffer_callback: Callable[[pickle.PickleBuffer], bool] | None) -> bytes:
+    f = io.BytesIO()
+    pickler = pickle.Pickler(f, protocol=5, buffer_callback=buffer_callback)
+    pickler.dispatch_table = _PICKLING  # tensors by value, as numpy arrays (buffers out of band)
+    pickler.dump(value)
+    return f.getvalue()
+
+
+def _write_segment(buffers: list[memoryview]) -> str | None:
+    """A new file in :data:`SHM_DIR` holding ``buffers``; None (and no file) when it cannot be
+    written. Closed but not unlinked: the receiver unlinks it once it has read it."""
+    name = f"{SEGMENT_PREFIX}{os.getppid()}-{os.getpid()}-{next(_SEGMENTS)}"
+    path = SHM_DIR / name
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError:
+        return None
+    try:
+        with open(fd, "wb", buffering=0) as f:
+            for buffer in buffers:
+                while buffer:
+                    buffer = buffer[f.write(buffer) :]
+    except BaseException as e:
+        path.unlink(missing_ok=True)
+        if isinstance(e, OSError):  # ENOSPC: tmpfs full (containers often cap it at 64 MiB)
+            return None
+        raise
+    return name
+
+
+def _receive(shipped: _Shipped) -> Any:
+    """A worker's chunk, its buffers read from the file straight into fresh tensors; the file
+    unlinked."""
+    if shipped.segment is None:
+        return pickle.loads(shipped.data)
+    buffers = []
+    try:
+        with open(SHM_DIR / shipped.segment, "rb", buffering=0) as f:
+            for size in shipped.sizes:
+                buffer = torch.empty(size, dtype=torch.uint8).numpy()  # not zeroed: read over
+                view = memoryview(buffer)
+                while view:
+                    n = f.readinto(view)
+                    if not n:
+                        raise EOFError(f"{SHM_DIR / shipped.segment} is shorter than its worker wrote")
+                    view = view[n:]
+                buffers.append(buffer)
+    finally:
+        _release(shipped)
+    return pickle.loads(shipped.data, buffers=buffers)
+
+
+def _release(shipped: _Shipped) -> None:
+    if shipped.segment is not None:
+        (SHM_DIR / shipped.segment).unlink(missing_ok=True)
 
 
 def _by_value(t: torch.Tensor) -> tuple[Any, tuple[Any, ...]]:
@@ -152,13 +354,4 @@ def _from_array(data: Any, dtype: str, shape: tuple[int, ...]) -> torch.Tensor:
 
 
 _SAME_WIDTH_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
-def _run_one(item: Any) -> tuple[str, Any]:
-    assert _job is not None and _stop is not None
-    if _stop.is_set():  # an earlier example failed: the pool is only being drained
-        return "skipped", None
-    try:
-        return "ok", _job(item)
-    except InvalidRequest as e:  # its keyword-only fields do not survive exception pickling
-        return "error", (e.message, e.param, e.code)
+_PICKLING[torch.Tensor] = _by_value

@@ -1,13 +1,17 @@
-"""The render pre-pass on a pool of processes: the serial results, in order, with the same errors;
-pixels stored in the run's autocast dtype change nothing the model computes."""
+"""The render pre-pass on several processes: the serial results, in order, with the same errors;
+large results through /dev/shm (none left behind), not the pool's pipe; this process renders its
+share; pixels stored in the run's autocast dtype change nothing the model computes."""
 
 from __future__ import annotations
 
 import functools
 import io
 import multiprocessing
+import multiprocessing.connection
+import os
 import random
 import threading
+from typing import TypeVar
 
 import pytest
 import torch
@@ -17,10 +21,13 @@ from openft.datasets.formats import ChatExample, ImagePart, Message, TextPart
 from openft.errors import InvalidRequest
 from openft.models.loader import load_model, resolve_base
 from openft.models.render import Rendered
+from openft.training import prerender
 from openft.training.collate import collate_sft
 from openft.training.prerender import MIN_EXAMPLES_PER_WORKER, render_all, render_workers
 from openft.training.recipes.sft import _render
 from tests.unit.models.tiny_llava import build_tiny_llava
+
+E = TypeVar("E", bound=BaseException)
 
 
 def _png(rng: random.Random, size: int) -> bytes:
@@ -85,14 +92,21 @@ def test_a_failing_example_gives_the_serial_error_for_the_first_one_in_file_orde
     assert errors[0][0].startswith("validation file line 7: example is ")
 
 
-def test_auto_worker_count_is_bounded_by_cores_and_examples(monkeypatch) -> None:
+def test_auto_process_count_is_this_process_share_of_the_cores(monkeypatch) -> None:
+    threads = 8
+    monkeypatch.setattr("openft.training.prerender.torch.get_num_threads", lambda: threads)
     monkeypatch.setattr("openft.training.prerender.available_cores", lambda: 8)
     assert render_workers(None, 10) == 1  # too few examples to pay for a fork
     assert render_workers(None, 3 * MIN_EXAMPLES_PER_WORKER) == 3
-    assert render_workers(None, 100_000) == 7  # one core left to the process receiving results
+    assert render_workers(None, 100_000) == 8  # this process renders too: one per core
     assert render_workers(1, 100_000) == 1 and render_workers(4, 10) == 4
+    threads = 1  # `openft serve` with one embedded worker on 2 cores: the API has the other one
+    assert render_workers(None, 100_000) == 1
+    threads = 2  # a dedicated worker on 2 cores: one forked worker beside it (bench/README.md)
     monkeypatch.setattr("openft.training.prerender.available_cores", lambda: 2)
-    assert render_workers(None, 100_000) == 1  # 2 cores: serial (see bench/README.md)
+    assert render_workers(None, 100_000) == 2
+    threads = 16  # more threads asked than cores: still one process per core
+    assert render_workers(None, 100_000) == 2
 
 
 def test_pixels_are_stored_in_the_asked_dtype_at_half_the_bytes(processor) -> None:
@@ -160,23 +174,148 @@ def _fail_at_41(i: int) -> torch.Tensor:
     return torch.zeros(4 << 20)  # 16 MiB: the workers are busy writing results when line 41 fails
 
 
-def test_a_failure_with_large_results_in_flight_raises_and_leaves_no_worker() -> None:
+@pytest.mark.parametrize("shared_memory", [True, False], ids=["shm", "pipe"])
+def test_a_failure_with_large_results_in_flight_raises_and_leaves_no_worker(
+    shared_memory, monkeypatch, tmp_path
+) -> None:
     # Terminating the pool on the error had hung a CI run (and hangs this test's shape on the
-    # first try): a worker blocked writing a large result holds the result pipe's lock, which
-    # Pool.terminate waits for after it has stopped reading results. The thread only turns
-    # such a hang into a failure; a pass takes seconds.
-    outcome: list[BaseException] = []
+    # first try with results through the pipe, as without room in /dev/shm): a worker blocked
+    # writing a large result holds the result pipe's lock, which Pool.terminate waits for after
+    # it has stopped reading results.
+    if not shared_memory:
+        monkeypatch.setattr(prerender, "SHM_DIR", tmp_path / "missing")
+    error = _raised_without_hanging(_fail_at_41, list(range(200)), InvalidRequest)
+    assert error.message == "line 41: no assistant message"
+    assert multiprocessing.active_children() == []
+    assert _segments() == []  # the results discarded after the failure had their files unlinked too
+    assert render_all(_fail_at_41, [1, 2, 3], workers=2)[2].shape == (4 << 20,)  # a new pool works
+    assert _segments() == []
+
+
+def _segments() -> list[str]:
+    """This process's pre-pass files in /dev/shm (other processes' runs are not ours to judge)."""
+    return sorted(p.name for p in prerender.SHM_DIR.glob(f"{prerender.SEGMENT_PREFIX}{os.getpid()}-*"))
+
+
+_PARENT = 0
+"""The test process's pid, set before a pool forks."""
+_WORKER_RENDERED = multiprocessing.get_context("fork").Event()
+
+
+def _pixels_of(i: int) -> tuple[int, dict[str, torch.Tensor]]:
+    """Result ``i`` of a few MiB (fp32, bf16 and a small integer tensor), and the pid rendering it.
+    This process waits for a worker's first render, so both shares are non-empty however the
+    machine schedules the processes."""
+    if os.getpid() == _PARENT:
+        _WORKER_RENDERED.wait(timeout=600)
+    else:
+        _WORKER_RENDERED.set()
+    pixels = torch.linspace(-1, 1, 1 << 20) * (i + 1)
+    return os.getpid(), {"pixels": pixels, "half": pixels.to(torch.bfloat16), "grid": torch.tensor([1, i, 8])}
+
+
+@pytest.fixture
+def pipe_bytes(monkeypatch) -> list[int]:
+    """Bytes this process receives through multiprocessing pipes (the pool's results among them)."""
+    received: list[int] = []
+    real = multiprocessing.connection.Connection._recv_bytes
+
+    def counting(self, *args, **kwargs):
+        buf = real(self, *args, **kwargs)
+        received.append(buf.getbuffer().nbytes)
+        return buf
+
+    monkeypatch.setattr(multiprocessing.connection.Connection, "_recv_bytes", counting)
+    return received
+
+
+def _as_the_parent() -> None:
+    """Before a pool forks: this is the process that waits for a worker's first render."""
+    global _PARENT
+    _PARENT = os.getpid()
+    _WORKER_RENDERED.clear()
+
+
+def _render_big(n: int) -> list[tuple[int, dict[str, torch.Tensor]]]:
+    _as_the_parent()
+    return render_all(_pixels_of, list(range(n)), workers=2)
+
+
+def test_this_process_renders_a_share_beside_its_workers() -> None:
+    pids = [pid for pid, _ in _render_big(16)]
+    assert os.getpid() in pids and set(pids) - {os.getpid()}
+    assert multiprocessing.active_children() == []
+
+
+def test_large_results_come_back_identical_through_shared_memory_not_the_pipe(pipe_bytes) -> None:
+    out = _render_big(32)  # 192 MiB of results
+    assert {pid for pid, _ in out} - {os.getpid()}  # (a worker rendered some)
+    for i, (_, got) in enumerate(out):
+        _, want = _pixels_of(i)
+        assert sorted(got) == sorted(want)
+        for key in want:
+            assert got[key].dtype == want[key].dtype and torch.equal(got[key], want[key])
+    assert 0 < sum(pipe_bytes) < 1 << 20  # only the pickles' small parts crossed the pipe
+    assert _segments() == []
+
+
+def test_without_room_in_shared_memory_results_come_through_the_pipe(
+    pipe_bytes, monkeypatch, tmp_path
+) -> None:
+    monkeypatch.setattr(prerender, "SHM_DIR", tmp_path / "missing")  # the workers cannot write there
+    out = _render_big(8)
+    for i, (_, got) in enumerate(out):
+        _, want = _pixels_of(i)
+        assert all(torch.equal(got[key], want[key]) for key in want)
+    assert sum(pipe_bytes) > 6 << 20  # each worker-rendered result (6 MiB) crossed the pipe
+
+
+def _raise_at_5(i: int) -> torch.Tensor:
+    if i == 5:
+        raise RuntimeError("the image processor broke on item 5")
+    return torch.ones(1 << 20)
+
+
+def test_an_unexpected_error_is_raised_as_the_serial_loop_raises_it_and_leaves_nothing() -> None:
+    for workers in (1, 2):
+        with pytest.raises(RuntimeError, match="broke on item 5"):
+            render_all(_raise_at_5, list(range(40)), workers=workers)
+    assert multiprocessing.active_children() == []
+    assert _segments() == []
+
+
+def _unsendable_from_a_worker(i: int) -> object:
+    if os.getpid() == _PARENT:
+        _WORKER_RENDERED.wait(timeout=600)  # (so a worker surely renders one)
+        return i
+    _WORKER_RENDERED.set()
+    return threading.Lock()  # a result a worker cannot pickle back
+
+
+def test_a_result_a_worker_cannot_send_raises_and_leaves_nothing() -> None:
+    # The pool re-raises the worker's pickling error in this process, which then stops the other
+    # workers, drains their replies (unlinking their files) and joins them.
+    _as_the_parent()
+    error = _raised_without_hanging(_unsendable_from_a_worker, list(range(40)), TypeError)
+    assert "pickle" in str(error)
+    assert multiprocessing.active_children() == []
+    assert _segments() == []
+
+
+def _raised_without_hanging(fn, items: list[int], kind: type[E]) -> E:
+    """The ``kind`` error ``render_all`` on 2 processes raises. The thread only turns a hang into
+    a failure; a pass takes seconds."""
+    outcome: list[E] = []
 
     def run() -> None:
         try:
-            render_all(_fail_at_41, list(range(200)), workers=2)
-        except InvalidRequest as e:
+            render_all(fn, items, workers=2)
+        except kind as e:
             outcome.append(e)
 
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
     thread.join(timeout=600)
-    assert not thread.is_alive(), "render_all hung after a failing example"
-    assert [e.message for e in outcome] == ["line 41: no assistant message"]
-    assert multiprocessing.active_children() == []
-    assert render_all(_fail_at_41, [1, 2, 3], workers=2)[2].shape == (4 << 20,)  # a new pool works
+    assert not thread.is_alive(), "render_all hung after an error"
+    assert len(outcome) == 1
+    return outcome[0]
