@@ -15,7 +15,8 @@ buffers into one file in ``/dev/shm`` (tmpfs: memory) and sends only its name; t
 them straight into fresh tensors and unlinks the file. Lifetime: the worker creates and closes the
 file but never unlinks it once sent; this process unlinks every file it is sent, also the results
 it discards after a failure or while it is unwinding, so none is left behind (a process killed
-mid-render excepted). Without room there (``ENOSPC``, no ``/dev/shm``) the chunk goes through the
+mid-render excepted: the next pre-pass on the machine removes files left by a parent that no
+longer exists, once they are :data:`STALE_AFTER_S` old). Without room there (``ENOSPC``, no ``/dev/shm``) the chunk goes through the
 pipe as before. Not torch's own tensor sharing: it hands over one file descriptor per tensor,
 which runs out at tens of thousands of images, and its tensors would keep ``/dev/shm`` charged
 for the whole run.
@@ -41,6 +42,7 @@ import os
 import pickle
 import sys
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,6 +70,9 @@ OUT_OF_BAND_MIN = 64 << 10
 SHM_DIR = Path("/dev/shm")
 SEGMENT_PREFIX = "openft-render-"
 """Names of the files in :data:`SHM_DIR` a pre-pass writes: ``openft-render-<parent pid>-...``."""
+STALE_AFTER_S = 600.0
+"""A file whose parent process is gone is removed only once this old: a parent in another pid
+namespace sharing this ``/dev/shm`` looks gone from here, but reads its files within seconds."""
 
 _POOL_LOCK = threading.Lock()
 _run: _Run | None = None
@@ -176,8 +181,37 @@ class _Shipped(NamedTuple):
     sizes: tuple[int, ...]
 
 
+def sweep_stale_segments(now: float | None = None) -> int:
+    """Remove the files a killed pre-pass left in :data:`SHM_DIR` (its parent pid gone, the file
+    older than :data:`STALE_AFTER_S`); the number removed. tmpfs is memory: left there, each
+    killed run would keep its last chunks' pixels charged until a reboot."""
+    now = time.time() if now is None else now
+    removed = 0
+    for path in SHM_DIR.glob(f"{SEGMENT_PREFIX}*"):
+        parent = path.name[len(SEGMENT_PREFIX) :].split("-", 1)[0]
+        try:
+            if not parent.isdigit() or _alive(int(parent)) or now - path.stat().st_mtime < STALE_AFTER_S:
+                continue
+            path.unlink()
+            removed += 1
+        except OSError:  # gone meanwhile, or not ours to remove
+            continue
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 def _forked(job: Callable[[T], R], items: list[T], processes: int) -> list[R]:
     global _run
+    sweep_stale_segments()
     # A few chunks per process (even finish times), small enough to bound the shared memory in flight.
     chunk = min(CHUNK_MAX, max(1, math.ceil(len(items) / (processes * 8))))
     context = multiprocessing.get_context("fork")

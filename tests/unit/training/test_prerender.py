@@ -319,3 +319,44 @@ def _raised_without_hanging(fn, items: list[int], kind: type[E]) -> E:
     assert not thread.is_alive(), "render_all hung after an error"
     assert len(outcome) == 1
     return outcome[0]
+
+
+def test_files_a_killed_pre_pass_left_are_swept_by_the_next_one(tmp_path, monkeypatch) -> None:
+    """A pre-pass SIGKILLed mid-render leaves its chunk files in tmpfs (memory). The next pre-pass
+    removes those whose parent process is gone once they are old enough, and nothing else: not a
+    live parent's, not a fresh one (a parent in another pid namespace), not another program's."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    monkeypatch.setattr(prerender, "SHM_DIR", tmp_path)
+    # A real pre-pass parent killed mid-render: its chunk file stays behind.
+    script = (
+        "import sys, time, torch\n"
+        "from openft.training import prerender\n"
+        f"prerender.SHM_DIR = __import__('pathlib').Path({str(tmp_path)!r})\n"
+        "def slow(i):\n"
+        "    time.sleep(0.2 if i < 8 else 60)\n"
+        "    return torch.zeros(1 << 16)\n"
+        "print('go', flush=True)\n"
+        "prerender._forked(slow, list(range(64)), 2)\n"
+    )
+    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, start_new_session=True)
+    assert child.stdout.readline().strip() == b"go"
+    while not list(tmp_path.glob(f"{prerender.SEGMENT_PREFIX}{child.pid}-*")):
+        assert child.poll() is None
+        time.sleep(0.05)
+    os.killpg(child.pid, signal.SIGKILL)
+    child.wait()
+    left = list(tmp_path.glob(f"{prerender.SEGMENT_PREFIX}{child.pid}-*"))
+    assert left
+    live = tmp_path / f"{prerender.SEGMENT_PREFIX}{os.getpid()}-1-0"
+    other = tmp_path / "someone-else"
+    for path in (live, other):
+        path.write_bytes(b"x")
+    old = time.time() + 2 * prerender.STALE_AFTER_S  # as if this much later
+
+    assert prerender.sweep_stale_segments() == 0  # too fresh: could be another namespace's
+    assert prerender.sweep_stale_segments(now=old) == len(left)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, other.name])
