@@ -284,11 +284,13 @@ def _load_on_ranks(cfg, reporter):  # type: ignore[no-untyped-def]
     from openft.training.setup import setup
 
     model = setup(cfg, reporter).model
-    before = [t.is_meta for t in [*model.parameters(), *model.buffers()]]
+    meta_params = [p.is_meta for p in model.parameters()]
+    meta_buffers = [b.is_meta for b in model.buffers()]
     distributed.shard(model, torch.device("cpu"), vision_blocks=True, bf16=False)
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     mine = {
-        "meta_before": (all(before), any(before)),
+        "meta_params": (all(meta_params), any(meta_params)),
+        "meta_buffers": any(meta_buffers),
         "buffers": {n: b.tolist() for n, b in model.named_buffers()},
         "local_bytes": sum(p.to_local().numel() * p.element_size() for p in model.parameters()),
         "tied": model.get_output_embeddings().weight is model.get_input_embeddings().weight,
@@ -299,39 +301,63 @@ def _load_on_ranks(cfg, reporter):  # type: ignore[no-untyped-def]
     return {"ranks": everyone, "full": {k: v.tolist() for k, v in full.items()}}
 
 
-@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied-embeddings"])
-def test_fsdp_ranks_other_than_0_never_load_the_weights(tmp_path: Path, tied: bool) -> None:
-    """Under FSDP2 on 2 ranks only rank 0 reads the pretrained weights: rank 1 built every parameter
-    and buffer on the meta device (no memory), then received its shards from rank 0, so it holds
-    about half the weights, the gathered model equals the pretrained one exactly, and its
-    non-persistent buffers (rotary inverse frequencies, in no state dict) equal the loaded ones.
-    With tied input and output embeddings (the tiny model re-configured) both ranks keep them one
-    parameter."""
-    import dataclasses
+def _pretrained_as(form: str, base: Path, out: Path) -> Path:
+    """The tiny model's folder with its weights stored another way: ``tied`` (embeddings shared, so
+    stored once), ``index`` (Hugging Face's sharded safetensors with model.safetensors.index.json),
+    ``bin`` (a PyTorch pickle, not safetensors)."""
     import json
     import shutil
 
     import torch
     from safetensors.torch import load_file, save_file
 
+    if form == "untied":
+        return base
+    folder = shutil.copytree(base, out / form)
+    weights = load_file(folder / "model.safetensors")
+    if form == "tied":
+        config = json.loads((folder / "config.json").read_text())
+        config["tie_word_embeddings"] = config["text_config"]["tie_word_embeddings"] = True
+        (folder / "config.json").write_text(json.dumps(config))
+        del weights["lm_head.weight"]  # a tied checkpoint stores the embeddings once
+        save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    elif form == "index":
+        from huggingface_hub import save_torch_state_dict
+
+        (folder / "model.safetensors").unlink()
+        save_torch_state_dict(weights, folder, max_shard_size=300_000)
+        assert len(list(folder.glob("model-*-of-*.safetensors"))) > 3
+    else:
+        (folder / "model.safetensors").unlink()
+        torch.save(weights, folder / "pytorch_model.bin")
+    return folder
+
+
+@pytest.mark.parametrize("form", ["untied", "tied", "index", "bin"])
+def test_fsdp_ranks_read_only_their_slices_of_the_weights(tmp_path: Path, form: str) -> None:
+    """Under FSDP2 on 2 ranks no rank reads the whole pretrained model: both build every parameter
+    on the meta device (buffers real: the rotary inverse frequencies, in no state dict, are
+    computed) and each reads only its own slices from the safetensors, one file or Hugging Face's
+    sharded form with its index; weights in a ``.bin`` are read by rank 0 alone, the others getting
+    their shards from it. Either way each rank holds about half the weights, the gathered model
+    equals the pretrained one exactly and the buffers equal the loaded ones. With tied input and
+    output embeddings (stored once) both ranks keep them one parameter."""
+    import dataclasses
+
+    import torch
+
     from openft.models.loader import load_model
     from openft.training import distributed
     from openft.training.reporter import ListReporter
 
     cfg = _config(tmp_path, "load", parallelism="fsdp")
-    if tied:
-        base = shutil.copytree(cfg.base_model, tmp_path / "tied")
-        config = json.loads((base / "config.json").read_text())
-        config["tie_word_embeddings"] = config["text_config"]["tie_word_embeddings"] = True
-        (base / "config.json").write_text(json.dumps(config))
-        weights = load_file(base / "model.safetensors")  # a tied checkpoint stores the embeddings once
-        del weights["lm_head.weight"]
-        save_file(weights, base / "model.safetensors", metadata={"format": "pt"})
-        cfg = dataclasses.replace(cfg, base_model=str(base))
+    cfg = dataclasses.replace(cfg, base_model=str(_pretrained_as(form, Path(cfg.base_model), tmp_path)))
+    tied = form == "tied"
     out = distributed.launch(functools.partial(_load_on_ranks, cfg), ListReporter(), nproc=2, threads=1)
     zero, one = out["ranks"]
-    assert zero["meta_before"] == (False, False)
-    assert one["meta_before"] == (True, True)
+    assert zero["meta_params"] == ((False, False) if form == "bin" else (True, True))
+    assert one["meta_params"] == (True, True)
+    assert not zero["meta_buffers"] and not one["meta_buffers"]
     pretrained, _ = load_model(cfg.base_model, device="cpu")
     assert (pretrained.get_output_embeddings().weight is pretrained.get_input_embeddings().weight) is tied
     assert zero["tied"] is one["tied"] is tied
@@ -340,7 +366,8 @@ def test_fsdp_ranks_other_than_0_never_load_the_weights(tmp_path: Path, tied: bo
     for name, t in weights.items():
         assert torch.equal(torch.tensor(out["full"][name], dtype=t.dtype), t), name
     total = sum(p.numel() * p.element_size() for p in pretrained.parameters())
-    assert one["local_bytes"] < 0.6 * total, (one["local_bytes"], total)
+    for rank in (zero, one):
+        assert rank["local_bytes"] < 0.6 * total, (rank["local_bytes"], total)
     buffers = dict(pretrained.named_buffers())
     assert {n for n in buffers if n.endswith("inv_freq")}
     for rank in (zero, one):
