@@ -391,7 +391,9 @@ def _checkpoint_on_ranks(cfg, reporter):  # type: ignore[no-untyped-def]
 
 
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied-embeddings"])
-def test_fsdp_checkpoint_is_written_a_file_at_a_time_with_the_same_tensors(tmp_path: Path, tied: bool) -> None:
+def test_fsdp_checkpoint_is_written_a_file_at_a_time_with_the_same_tensors(
+    tmp_path: Path, tied: bool
+) -> None:
     """The epoch checkpoint of a sharded model, gathered one tensor at a time and written by rank 0
     in files of at most the set size (Hugging Face's sharded form: model-0000k-of-0000N.safetensors
     + model.safetensors.index.json), holds exactly the tensors, names and config one process writes

@@ -202,4 +202,6 @@ def test_a_failed_background_save_is_raised_and_leaves_the_previous_state(
     with pytest.raises(StateSaveError, match=r"\(step 2\) failed: OSError: .*No space left"):
         writer.close()
     fresh, fresh_optimizer, fresh_scheduler = _net(shard=True)
-    assert load_sharded_state(state, model=fresh, optimizer=fresh_optimizer, scheduler=fresh_scheduler).step == 1
+    assert (
+        load_sharded_state(state, model=fresh, optimizer=fresh_optimizer, scheduler=fresh_scheduler).step == 1
+    )
