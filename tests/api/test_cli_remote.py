@@ -116,16 +116,8 @@ def test_jobs_create_sends_parallelism(cli, train_file):
     """``--parallelism`` reaches the server, which refuses fsdp with LoRA and says what to use."""
     line = failed(
         cli(
-            "jobs",
-            "create",
-            "--training-file",
-            train_file,
-            "--model",
-            "openft-tiny-vlm",
-            "--training-type",
-            "lora",
-            "--parallelism",
-            "fsdp",
+            "jobs", "create", "--training-file", train_file, "--model", "openft-tiny-vlm",
+            "--training-type", "lora", "--parallelism", "fsdp",
         )  # fmt: skip
     )
     assert "full fine-tuning only" in line and line.endswith("(param: openft.parallelism)")
@@ -135,16 +127,8 @@ def test_jobs_create_sends_loss_kernel(cli, train_file):
     """``--loss-kernel`` reaches the server, which refuses the chunked loss under FSDP."""
     line = failed(
         cli(
-            "jobs",
-            "create",
-            "--training-file",
-            train_file,
-            "--model",
-            "openft-tiny-vlm",
-            "--parallelism",
-            "fsdp",
-            "--loss-kernel",
-            "chunked",
+            "jobs", "create", "--training-file", train_file, "--model", "openft-tiny-vlm",
+            "--parallelism", "fsdp", "--loss-kernel", "chunked",
         )  # fmt: skip
     )
     assert "parallelism 'fsdp'" in line and line.endswith("(param: openft.loss_kernel)")

@@ -141,10 +141,7 @@ def test_vision_lora_is_served_and_kept_by_merged_export(full_server, tmp_path):
         plain = [
             c2.chat.completions.create(
                 # A catalog list entry that is a folder is named by the folder's name.
-                model=merged.name,
-                messages=[picture_message(p)],
-                temperature=0,
-                max_tokens=6,
+                model=merged.name, messages=[picture_message(p)], temperature=0, max_tokens=6
             )
             for p in pictures
         ]

@@ -42,9 +42,7 @@ class BodyLimit:
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
             return await self.app(scope, receive, send)
         limit, setting, param = self.limit_for(scope["path"])
-        message = (
-            f"Request body exceeds the {limit}-byte limit of this endpoint; send less, or raise {setting}."
-        )
+        message = f"Request body exceeds the {limit}-byte limit of this endpoint; send less, or raise {setting}."
         declared = _content_length(scope)
         if declared is not None and declared > limit:
             response = error_response(

@@ -138,7 +138,6 @@ async def receive_upload(
             "on_part_end": on_part_end,
         },
     )
-
     async def flush(sink: _Sink) -> None:
         batch = list(pending)
         pending.clear()

@@ -132,7 +132,7 @@ def test_a_long_streamed_reply_is_read_once_not_at_every_token(fmt: str) -> None
     character about twice in all, once to find where a value ends and once to decode it (reading
     the reply again at every token cost ~n²/6 characters here, and 0.7 s for 6,000 characters)."""
     f = FORMATS[fmt]
-    rows = [{"id": i, "name": f"item {i}", "tags": ["a", 'b]{\\"'], "score": i / 8} for i in range(90)]
+    rows = [{"id": i, "name": f"item {i}", "tags": ["a", "b]{\\\""], "score": i / 8} for i in range(90)]
     calls = f.render([ParsedCall("save", json.dumps({"rows": rows})), CALL])
     text = "Saving the rows now.\n\n" + calls if f.marker else calls
     assert len(text) > 6000

@@ -105,9 +105,7 @@ def test_qwen_vl_models_are_found_and_split_into_their_parts(tmp_path, family, e
     # Training (``training.trainable``) freezes and adapts by this answer, asking the model's family.
     from openft.training.trainable import part_of
 
-    assert all(
-        part_of(n, find_family(model)) == p for p, names in parts.items() if p != "lm_head" for n in names
-    )
+    assert all(part_of(n, find_family(model)) == p for p, names in parts.items() if p != "lm_head" for n in names)
 
 
 def test_qwen3_vl_template_is_the_published_one() -> None:

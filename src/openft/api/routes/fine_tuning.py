@@ -43,7 +43,9 @@ def _job(row, project: Project) -> FineTuningJob:  # type: ignore[no-untyped-def
 
 
 @router.post("", response_model=FineTuningJob)
-def create_job(body: CreateFineTuningJobRequest, project: CurrentProject, state: State) -> FineTuningJob:
+def create_job(
+    body: CreateFineTuningJobRequest, project: CurrentProject, state: State
+) -> FineTuningJob:
     body.refuse_unsupported()
     method = body.resolved_method()
     with state.db.session() as s:
