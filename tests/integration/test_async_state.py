@@ -33,8 +33,9 @@ def _train() -> list:
 
 
 CHILD = """
-import json, sys
+import functools, json, sys
 from pathlib import Path
+from openft.training import distributed
 from openft.training.recipes import sft
 from openft.training.reporter import ListReporter
 from tests.integration.test_async_state import SETTINGS, _train
@@ -46,7 +47,12 @@ class Logged(ListReporter):
         with open(sys.argv[3], "a") as f:
             f.write(json.dumps(metrics) + "\\n")
 
-sft.run(_cfg(sys.argv[1], Path(sys.argv[2]), **SETTINGS), _train(), Logged())
+if sys.argv[4:] == ["fsdp"]:  # 2 ranks, given up on when one dies (no restarts)
+    cfg = _cfg(sys.argv[1], Path(sys.argv[2]), parallelism="fsdp", **SETTINGS)
+    run = functools.partial(sft.run, cfg, _train(), resume=True)
+    distributed.launch(run, Logged(), nproc=2, threads=1, max_restarts=0)
+else:
+    sft.run(_cfg(sys.argv[1], Path(sys.argv[2]), **SETTINGS), _train(), Logged())
 """
 
 
@@ -129,27 +135,6 @@ def test_a_failed_background_write_fails_the_run_before_its_checkpoint(
     assert not (out / "step-6").exists() and find_state(out / "state") is None
 
 
-CHILD_FSDP = """
-import functools, json, sys
-from pathlib import Path
-from openft.training import distributed
-from openft.training.recipes import sft
-from openft.training.reporter import ListReporter
-from tests.integration.test_async_state import SETTINGS, _train
-from tests.integration.test_sft_recipe import _cfg
-
-class Logged(ListReporter):
-    def on_step(self, metrics):
-        super().on_step(metrics)
-        with open(sys.argv[3], "a") as f:
-            f.write(json.dumps(metrics) + "\\n")
-
-cfg = _cfg(sys.argv[1], Path(sys.argv[2]), parallelism="fsdp", **SETTINGS)
-run = functools.partial(sft.run, cfg, _train(), resume=True)
-distributed.launch(run, Logged(), nproc=2, threads=1, max_restarts=0)
-"""
-
-
 def _spawned(pid: int) -> list[int]:
     """The ranks (``spawn`` children) of the launcher process ``pid``, oldest first."""
     from tests.integration.test_distributed import _children
@@ -179,7 +164,9 @@ def test_fsdp_ranks_killed_mid_background_write_resume_from_the_previous_state(
         "OPENFT_TORCH_THREADS": "1",
         HOLD_ENV: f"4:{held}",  # rank 0 commits step 4's state: held with every rank's shards written
     }
-    proc = subprocess.Popen([sys.executable, "-c", CHILD_FSDP, base, str(out), str(log)], cwd=ROOT, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CHILD, base, str(out), str(log), "fsdp"], cwd=ROOT, env=env
+    )
     try:
         _wait(held.exists, "step 4's state write started", proc)
         _wait(lambda: len(_steps(log)) >= 6, "steps 5 and 6 ran during the write", proc)

@@ -311,7 +311,7 @@ def _pretrained_as(form: str, base: Path, out: Path) -> Path:
     import torch
     from safetensors.torch import load_file, save_file
 
-    if form == "untied":
+    if form in ("untied", "3-ranks"):
         return base
     folder = shutil.copytree(base, out / form)
     weights = load_file(folder / "model.safetensors")
@@ -333,7 +333,7 @@ def _pretrained_as(form: str, base: Path, out: Path) -> Path:
     return folder
 
 
-@pytest.mark.parametrize("form", ["untied", "tied", "index", "bin"])
+@pytest.mark.parametrize("form", ["untied", "tied", "index", "bin", "3-ranks"])
 def test_fsdp_ranks_read_only_their_slices_of_the_weights(tmp_path: Path, form: str) -> None:
     """Under FSDP2 on 2 ranks no rank reads the whole pretrained model: both build every parameter
     on the meta device (buffers real: the rotary inverse frequencies, in no state dict, are
@@ -341,7 +341,8 @@ def test_fsdp_ranks_read_only_their_slices_of_the_weights(tmp_path: Path, form: 
     sharded form with its index; weights in a ``.bin`` are read by rank 0 alone, the others getting
     their shards from it. Either way each rank holds about half the weights, the gathered model
     equals the pretrained one exactly and the buffers equal the loaded ones. With tied input and
-    output embeddings (stored once) both ranks keep them one parameter."""
+    output embeddings (stored once) both ranks keep them one parameter. On 3 ranks most tensors
+    split unevenly (FSDP2 pads the last chunk; a rank past a short tensor's end owns no rows)."""
     import dataclasses
 
     import torch
@@ -353,24 +354,25 @@ def test_fsdp_ranks_read_only_their_slices_of_the_weights(tmp_path: Path, form: 
     cfg = _config(tmp_path, "load", parallelism="fsdp")
     cfg = dataclasses.replace(cfg, base_model=str(_pretrained_as(form, Path(cfg.base_model), tmp_path)))
     tied = form == "tied"
-    out = distributed.launch(functools.partial(_load_on_ranks, cfg), ListReporter(), nproc=2, threads=1)
-    zero, one = out["ranks"]
+    nproc = 3 if form == "3-ranks" else 2
+    out = distributed.launch(functools.partial(_load_on_ranks, cfg), ListReporter(), nproc=nproc, threads=1)
+    zero, *others = out["ranks"]
     assert zero["meta_params"] == ((False, False) if form == "bin" else (True, True))
-    assert one["meta_params"] == (True, True)
-    assert not zero["meta_buffers"] and not one["meta_buffers"]
+    assert all(r["meta_params"] == (True, True) for r in others)
+    assert not any(r["meta_buffers"] for r in out["ranks"])
     pretrained, _ = load_model(cfg.base_model, device="cpu")
     assert (pretrained.get_output_embeddings().weight is pretrained.get_input_embeddings().weight) is tied
-    assert zero["tied"] is one["tied"] is tied
+    assert all(r["tied"] is tied for r in out["ranks"])
     weights = pretrained.state_dict()
     assert out["full"].keys() == weights.keys()
     for name, t in weights.items():
         assert torch.equal(torch.tensor(out["full"][name], dtype=t.dtype), t), name
     total = sum(p.numel() * p.element_size() for p in pretrained.parameters())
-    for rank in (zero, one):
-        assert rank["local_bytes"] < 0.6 * total, (rank["local_bytes"], total)
+    for rank in out["ranks"]:
+        assert rank["local_bytes"] < 1.2 * total / nproc, (rank["local_bytes"], total)
     buffers = dict(pretrained.named_buffers())
     assert {n for n in buffers if n.endswith("inv_freq")}
-    for rank in (zero, one):
+    for rank in out["ranks"]:
         assert rank["buffers"].keys() == buffers.keys()
         for name, b in buffers.items():
             assert torch.equal(torch.tensor(rank["buffers"][name], dtype=b.dtype), b), name

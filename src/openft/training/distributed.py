@@ -247,10 +247,9 @@ def full_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Gather a sharded model's full weights onto rank 0's CPU (other ranks get an empty dict), one
     parameter at a time. A collective: every rank must call it.
 
-    Only for the servable checkpoint at each epoch end, which must be whole (an ordinary Hugging
-    Face folder the API server loads): rank 0's host memory then holds the full trained weights
-    (4 bytes per parameter in fp32, ~28 GB for a 7B model) once per epoch, never the optimizer
-    state. Resumable state is saved sharded (``training.sharded_state``) instead."""
+    Only where the servable checkpoint cannot be written a file at a time
+    (``fsdp_io.save_servable``: a model whose saved names need more than renaming): rank 0's host
+    memory then holds the full trained weights (4 bytes per parameter in fp32) once per epoch."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     reshard(model)

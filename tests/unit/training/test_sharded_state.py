@@ -55,7 +55,7 @@ def _full(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     }
 
 
-def _save(directory: Path, model, optimizer, scheduler, step: int) -> None:  # type: ignore[no-untyped-def]
+def _save(directory: Path, model, optimizer, scheduler, step: int, writer=None) -> None:  # type: ignore[no-untyped-def]
     save_sharded_state(
         directory,
         model=model,
@@ -66,6 +66,7 @@ def _save(directory: Path, model, optimizer, scheduler, step: int) -> None:  # t
         batch_in_epoch=step,
         rng_states={"torch": torch.get_rng_state()},
         extra={"n": step},
+        writer=writer,
     )
 
 
@@ -149,18 +150,7 @@ def test_a_background_save_writes_the_shards_as_they_were_when_asked(
     saved = _full(model)
     state = tmp_path / "state"
     with StateWriter() as writer:
-        save_sharded_state(
-            state,
-            model=model,
-            optimizer=optimizer,
-            scheduler=scheduler,
-            step=1,
-            epoch=1,
-            batch_in_epoch=1,
-            rng_states={"torch": torch.get_rng_state()},
-            extra={"n": 1},
-            writer=writer,
-        )
+        _save(state, model, optimizer, scheduler, step=1, writer=writer)
         _step(model, optimizer, scheduler)  # the live weights, moments and schedule move on
         _step(model, optimizer, scheduler)
         assert find_state(state) is None
@@ -188,17 +178,7 @@ def test_a_failed_background_save_is_raised_and_leaves_the_previous_state(
 
     monkeypatch.setattr(sharded_state, "commit_state", full_disk)
     writer = StateWriter()
-    save_sharded_state(
-        state,
-        model=model,
-        optimizer=optimizer,
-        scheduler=scheduler,
-        step=2,
-        epoch=1,
-        batch_in_epoch=2,
-        rng_states={},
-        writer=writer,
-    )
+    _save(state, model, optimizer, scheduler, step=2, writer=writer)
     with pytest.raises(StateSaveError, match=r"\(step 2\) failed: OSError: .*No space left"):
         writer.close()
     fresh, fresh_optimizer, fresh_scheduler = _net(shard=True)
