@@ -127,36 +127,37 @@ _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "
 def load_slices(model: torch.nn.Module, source: str) -> None:
     """Fill a sharded, materialised (``to_empty``) ``model`` from the safetensors at ``source``:
     each rank reads just the rows of each parameter it owns (FSDP2's dim-0 chunks, the last one
-    shorter or empty), and persistent buffers whole."""
+    shorter or empty), and persistent buffers whole.
+
+    Each tensor opens its file anew: safetensors maps the whole file, and the pages a rank has read
+    stay mapped (counted in its RSS, ~its share of the model again) until the file is closed."""
     from safetensors import safe_open
     from torch.distributed.tensor import DTensor
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
     files, names = pretrained_files(source), stored_names(model)
     assert files is not None and names is not None  # checked by slices_cover
-    with contextlib.ExitStack() as stack, torch.no_grad():
-        opened: dict[Path, Any] = {}
+    with torch.no_grad():
         for name, stored in names.items():
             path = files[stored]
-            if path not in opened:
-                opened[path] = stack.enter_context(safe_open(str(path), "pt", device="cpu"))
-            piece = opened[path].get_slice(stored)
             target = model.get_parameter_or_buffer(name)
-            if list(piece.get_shape()) != list(target.shape):
-                raise ValueError(
-                    f"{path.name}: {stored} has shape {piece.get_shape()}, the model expects {list(target.shape)}"
-                )
-            if isinstance(target, DTensor):
+            with safe_open(str(path), "pt", device="cpu") as f:
+                piece = f.get_slice(stored)
+                if list(piece.get_shape()) != list(target.shape):
+                    raise ValueError(
+                        f"{path.name}: {stored} has shape {piece.get_shape()}, the model expects {list(target.shape)}"
+                    )
+                if not isinstance(target, DTensor):
+                    target.copy_(f.get_tensor(stored))
+                    continue
                 local = target.to_local()
+                if local.numel() == 0:
+                    continue  # a rank past the last (short) chunk owns nothing of this tensor
                 shape, offset = compute_local_shape_and_global_offset(
                     target.shape, target.device_mesh, target.placements
                 )
-                if local.numel() == 0:
-                    continue  # a rank past the last (short) chunk owns nothing of this tensor
                 rows = tuple(slice(o, o + s) for o, s in zip(offset, shape, strict=True))
-                local.copy_(piece[rows] if rows else opened[path].get_tensor(stored))
-            else:
-                target.copy_(opened[path].get_tensor(stored))
+                local.copy_(piece[rows] if rows else f.get_tensor(stored))
 
 
 def save_servable(model: torch.nn.Module, directory: Path, *, max_file_bytes: int | None = None) -> bool:
