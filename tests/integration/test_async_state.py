@@ -75,6 +75,19 @@ def _wait(predicate, what: str, proc: subprocess.Popen) -> None:
         time.sleep(0.1)
 
 
+def _assert_resumed_like(whole, want, *, killed: list[dict], again, got, out: Path) -> None:  # type: ignore[no-untyped-def]
+    """The killed run's steps 1-6 and the resumed run's 3-12 have the uninterrupted run's losses,
+    the final weights match, and the finished run removed its state."""
+    assert [s["step"] for s in again.steps] == list(range(3, 13))
+    for x, y in zip(whole.steps[2:], again.steps, strict=True):
+        assert abs(x["train_loss"] - y["train_loss"]) < 1e-5, (x, y)
+    for x, y in zip(whole.steps[:6], killed, strict=True):
+        assert abs(x["train_loss"] - y["train_loss"]) < 1e-5, (x, y)
+    assert got.steps == want.steps == 12
+    _assert_close_weights(want.weights_dir, got.weights_dir, atol=1e-5)
+    assert not (out / "state").exists() and not (out / ".state.tmp").exists()  # done: state removed
+
+
 def test_a_kill_mid_background_write_resumes_from_the_previous_state(base: str, tmp_path: Path) -> None:
     whole = ListReporter()
     want = sft.run(_cfg(base, tmp_path / "whole", async_state_save=False, **SETTINGS), _train(), whole)
@@ -104,14 +117,7 @@ def test_a_kill_mid_background_write_resumes_from_the_previous_state(base: str, 
 
     again = ListReporter()
     got = sft.run(_cfg(base, out, **SETTINGS), _train(), again, resume=True)
-    assert [s["step"] for s in again.steps] == list(range(3, 13))
-    for x, y in zip(whole.steps[2:], again.steps, strict=True):
-        assert abs(x["train_loss"] - y["train_loss"]) < 1e-5, (x, y)
-    for x, y in zip(whole.steps[:6], _steps(log), strict=True):  # the killed run's steps too
-        assert abs(x["train_loss"] - y["train_loss"]) < 1e-5, (x, y)
-    assert got.steps == want.steps == 12
-    _assert_close_weights(want.weights_dir, got.weights_dir, atol=1e-5)
-    assert not (out / "state").exists() and not (out / ".state.tmp").exists()  # done: state removed
+    _assert_resumed_like(whole, want, killed=_steps(log), again=again, got=got, out=out)
 
 
 def test_a_failed_background_write_fails_the_run_before_its_checkpoint(
@@ -192,11 +198,4 @@ def test_fsdp_ranks_killed_mid_background_write_resume_from_the_previous_state(
     assert [m for _, m in again.messages if m.startswith("Job resumed")] == [
         "Job resumed at step 2 of 12 (epoch 1, batch 3)"
     ]
-    assert [s["step"] for s in again.steps] == list(range(3, 13))
-    for x, y in zip(whole.steps[2:], again.steps, strict=True):
-        assert abs(x["train_loss"] - y["train_loss"]) < 1e-5, (x, y)
-    for x, y in zip(whole.steps[:6], _steps(log), strict=True):  # the killed run's steps too
-        assert abs(x["train_loss"] - y["train_loss"]) < 1e-5, (x, y)
-    assert got.steps == want.steps == 12
-    _assert_close_weights(want.weights_dir, got.weights_dir, atol=1e-5)
-    assert not (out / "state").exists() and not (out / ".state.tmp").exists()  # done: state removed
+    _assert_resumed_like(whole, want, killed=_steps(log), again=again, got=got, out=out)
