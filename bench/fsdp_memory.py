@@ -1,17 +1,24 @@
 """Per-rank memory of full fine-tuning on 1 process vs N FSDP2 ranks (gloo on CPU, or CUDA), and
-per-rank peak memory while loading the pretrained weights and saving the resumable state.
+per-rank peak memory while loading the pretrained weights, saving the resumable state and writing
+the epoch's servable checkpoint.
 
     python bench/fsdp_memory.py [--nproc 2] [--layers 12] [--hidden 768] [--vocab 8192] [--steps 2]
-    python bench/fsdp_memory.py --io [--runs 3] [--nproc 2]   # load and save, old vs new path
+    python bench/fsdp_memory.py --io [--runs 3] [--nproc 2] [--file-mib 64]   # old vs new path
 
-``--io``: the same model, saved once as a pretrained folder, is loaded by N FSDP ranks, trained one
-step and its resumable state saved, through two paths, interleaved ``--runs`` times (old, new, old,
-new...): *old* is what openft did before (every rank reads the whole model into host RAM, then
-shards; the save gathers the full weights and AdamW state onto rank 0, which writes them);
-*new* is openft's path today (only rank 0 reads the weights, the others build on the meta device
-and receive their shards, ``distributed.shard``; every rank writes its own shards,
-``sharded_state.save_sharded_state``). Printed per rank and path: peak RSS above the RSS at the
-start of the load and of the save (min / median / max over the runs), and the load average.
+``--io``: the same model, saved once as a pretrained folder (safetensors), is loaded by N FSDP
+ranks, trained one step, its resumable state saved and its servable checkpoint written, through
+two paths, interleaved ``--runs`` times (old, new, old, new...), both with openft's own functions:
+*old* is what openft did before: rank 0 reads the whole model and broadcasts each tensor, the
+others build on the meta device (``distributed.shard``'s fallback, still used for ``.bin``
+weights); the state is saved synchronously (``save_sharded_state`` without a writer); the
+checkpoint gathers the full weights onto rank 0 (``distributed.full_state``) for
+``save_pretrained``. *new* is openft's path today: every rank reads only its own slices of the
+safetensors (``fsdp_io``); the state is copied and written in the background (``dcp.async_save``,
+waited for before the next phase); the checkpoint is gathered and written a file of at most
+``--file-mib`` at a time (``fsdp_io.save_servable``; openft's default is 1 GiB, more than this
+model). Printed per rank and path: peak RSS above the RSS at the start of each phase (min /
+median / max over the runs), the time the training thread is blocked by the state save (the
+stall), and the load average.
 
 A random-init Qwen2 text model (~98M parameters, ~390 MB of fp32 weights at the defaults, most of
 them in decoder layers as in real LLMs, whose embeddings are a few percent of the weights; the
@@ -169,26 +176,24 @@ def train(
     return {"ranks": everyone}
 
 
-def load_and_save(*, folder: str, old: bool, out: str, reporter: Any) -> list[dict[str, Any]]:
-    """One rank's load (``old``: every rank reads the weights), one step, and one state save
-    (``old``: gathered onto rank 0, which writes it); returns every rank's peak RSS of each phase."""
+def load_and_save(
+    *, folder: str, old: bool, out: str, file_bytes: int, reporter: Any
+) -> list[dict[str, Any]]:
+    """One rank's load, one step, one state save and one checkpoint, the ``old`` way or openft's
+    (see the docstring); returns every rank's peak RSS of each phase and its save stall."""
     import torch
     import torch.distributed as dist
-    from safetensors.torch import save_file
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        get_model_state_dict,
-        get_optimizer_state_dict,
-    )
 
     from openft.models.loader import load_model
-    from openft.training import distributed
+    from openft.training import distributed, fsdp_io
+    from openft.training.async_save import StateWriter
     from openft.training.sharded_state import save_sharded_state
 
     device = torch.device("cpu")
     start = _rss()
     with _PeakRss() as load_rss:
-        model, _ = load_model(folder, device="cpu", trainable=True, weights=old or distributed.is_main())
+        model, _ = load_model(folder, device="cpu", trainable=True, weights=old and distributed.is_main())
+        assert old or fsdp_io.slices_cover(model, folder)
         distributed.shard(model, device, vision_blocks=False, bf16=False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
@@ -197,36 +202,44 @@ def load_and_save(*, folder: str, old: bool, out: str, reporter: Any) -> list[di
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     distributed.reshard(model)
+    dist.barrier()
     before_save = _rss()
-    target = Path(out) / ("old" if old else "new")
-    with _PeakRss() as save_rss:
-        if old:  # what distributed.full_state(model, optimizer) + state.save_state did
-            options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-            weights = get_model_state_dict(model, options=options)
-            optim = get_optimizer_state_dict(model, optimizer, options=options)
+    with _PeakRss() as save_rss, StateWriter() as writer:
+        t0 = time.perf_counter()
+        save_sharded_state(
+            Path(out) / "state",
+            model=model,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            step=1,
+            epoch=1,
+            batch_in_epoch=1,
+            rng_states={},
+            writer=None if old else writer,
+        )
+        stall = time.perf_counter() - t0
+        writer.wait()  # the background write's memory counts too
+    dist.barrier()
+    before_checkpoint = _rss()
+    target = Path(out) / "checkpoint"
+    with _PeakRss() as checkpoint_rss:
+        if distributed.is_main():
+            target.mkdir(parents=True)
+        if old:
+            weights = distributed.full_state(model)
             if distributed.is_main():
-                target.mkdir(parents=True, exist_ok=True)
-                save_file(
-                    {k: v.contiguous() for k, v in weights.items()}, str(target / "trainable.safetensors")
-                )
-                torch.save(optim, target / "optimizer.pt")
-            del weights, optim
-            dist.barrier()
+                model.save_pretrained(target, state_dict=weights)
+            del weights
         else:
-            save_sharded_state(
-                target,
-                model=model,
-                optimizer=optimizer,
-                scheduler=scheduler,
-                step=1,
-                epoch=1,
-                batch_in_epoch=1,
-                rng_states={},
-            )
+            assert fsdp_io.save_servable(model, target, max_file_bytes=file_bytes)
+        dist.barrier()
     mine = {
         "rank": distributed.rank(),
         "load": load_rss.peak - start,
         "save": save_rss.peak - before_save,
+        "stall": stall,
+        "checkpoint": checkpoint_rss.peak - before_checkpoint,
+        "files": len(list(target.glob("*.safetensors"))),
     }
     everyone: list[Any] = [None] * distributed.world_size()
     dist.all_gather_object(everyone, mine)
@@ -269,7 +282,11 @@ def io_main(args: argparse.Namespace) -> None:
         for run in range(args.runs):
             for path in ("old", "new"):
                 fn = functools.partial(
-                    load_and_save, folder=str(Path(tmp) / "base"), old=path == "old", out=f"{tmp}/{path}{run}"
+                    load_and_save,
+                    folder=str(Path(tmp) / "base"),
+                    old=path == "old",
+                    out=f"{tmp}/{path}{run}",
+                    file_bytes=args.file_mib * mib,
                 )
                 figures[path].append(
                     distributed.launch(fn, ListReporter(), nproc=args.nproc, threads=1, max_restarts=0)
@@ -278,10 +295,15 @@ def io_main(args: argparse.Namespace) -> None:
         for path in ("old", "new"):
             for r in range(args.nproc):
                 cells = []
-                for phase in ("load", "save"):
+                for phase in ("load", "save", "checkpoint"):
                     xs = sorted(run[r][phase] / mib for run in figures[path])
                     cells.append(f"{phase} +{xs[0]:.0f} / +{statistics.median(xs):.0f} / +{xs[-1]:.0f} MiB")
+                stalls = sorted(run[r]["stall"] for run in figures[path])
+                cells.append(
+                    f"save stall {stalls[0]:.2f} / {statistics.median(stalls):.2f} / {stalls[-1]:.2f} s"
+                )
                 print(f"{path} rank {r}: " + "; ".join(cells) + " (min / median / max)")
+            print(f"{path}: checkpoint in {figures[path][0][0]['files']} safetensors file(s)")
         print(f"load average (1 min) after each launch: {' '.join(f'{x:.2f}' for x in loads)}")
 
 
@@ -297,6 +319,7 @@ def main() -> None:
     parser.add_argument("--malloc", choices=["mmap", "default"], default="mmap")
     parser.add_argument("--io", action="store_true", help="load and save memory, old vs new path")
     parser.add_argument("--runs", type=int, default=3, help="--io: interleaved runs of each path")
+    parser.add_argument("--file-mib", type=int, default=64, help="--io: the new checkpoint's largest file")
     args = parser.parse_args()
     if args.malloc == "mmap":  # read by glibc when each spawned rank starts (see the docstring)
         os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(2**20))

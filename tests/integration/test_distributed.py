@@ -284,11 +284,13 @@ def _load_on_ranks(cfg, reporter):  # type: ignore[no-untyped-def]
     from openft.training.setup import setup
 
     model = setup(cfg, reporter).model
-    before = [t.is_meta for t in [*model.parameters(), *model.buffers()]]
+    meta_params = [p.is_meta for p in model.parameters()]
+    meta_buffers = [b.is_meta for b in model.buffers()]
     distributed.shard(model, torch.device("cpu"), vision_blocks=True, bf16=False)
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     mine = {
-        "meta_before": (all(before), any(before)),
+        "meta_params": (all(meta_params), any(meta_params)),
+        "meta_buffers": any(meta_buffers),
         "buffers": {n: b.tolist() for n, b in model.named_buffers()},
         "local_bytes": sum(p.to_local().numel() * p.element_size() for p in model.parameters()),
         "tied": model.get_output_embeddings().weight is model.get_input_embeddings().weight,
@@ -299,51 +301,149 @@ def _load_on_ranks(cfg, reporter):  # type: ignore[no-untyped-def]
     return {"ranks": everyone, "full": {k: v.tolist() for k, v in full.items()}}
 
 
-@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied-embeddings"])
-def test_fsdp_ranks_other_than_0_never_load_the_weights(tmp_path: Path, tied: bool) -> None:
-    """Under FSDP2 on 2 ranks only rank 0 reads the pretrained weights: rank 1 built every parameter
-    and buffer on the meta device (no memory), then received its shards from rank 0, so it holds
-    about half the weights, the gathered model equals the pretrained one exactly, and its
-    non-persistent buffers (rotary inverse frequencies, in no state dict) equal the loaded ones.
-    With tied input and output embeddings (the tiny model re-configured) both ranks keep them one
-    parameter."""
-    import dataclasses
+def _pretrained_as(form: str, base: Path, out: Path) -> Path:
+    """The tiny model's folder with its weights stored another way: ``tied`` (embeddings shared, so
+    stored once), ``index`` (Hugging Face's sharded safetensors with model.safetensors.index.json),
+    ``bin`` (a PyTorch pickle, not safetensors)."""
     import json
     import shutil
 
     import torch
     from safetensors.torch import load_file, save_file
 
+    if form == "3-ranks":  # as generated: one model.safetensors, untied embeddings
+        return base
+    folder = shutil.copytree(base, out / form)
+    weights = load_file(folder / "model.safetensors")
+    if form == "tied":
+        config = json.loads((folder / "config.json").read_text())
+        config["tie_word_embeddings"] = config["text_config"]["tie_word_embeddings"] = True
+        (folder / "config.json").write_text(json.dumps(config))
+        del weights["lm_head.weight"]  # a tied checkpoint stores the embeddings once
+        save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    elif form == "index":
+        from huggingface_hub import save_torch_state_dict
+
+        (folder / "model.safetensors").unlink()
+        save_torch_state_dict(weights, folder, max_shard_size=300_000)
+        assert len(list(folder.glob("model-*-of-*.safetensors"))) > 3
+    else:
+        (folder / "model.safetensors").unlink()
+        torch.save(weights, folder / "pytorch_model.bin")
+    return folder
+
+
+@pytest.mark.parametrize("form", ["3-ranks", "tied", "index", "bin"])
+def test_fsdp_ranks_read_only_their_slices_of_the_weights(tmp_path: Path, form: str) -> None:
+    """Under FSDP2 on 2 ranks no rank reads the whole pretrained model: both build every parameter
+    on the meta device (buffers real: the rotary inverse frequencies, in no state dict, are
+    computed) and each reads only its own slices from the safetensors, one file or Hugging Face's
+    sharded form with its index; weights in a ``.bin`` are read by rank 0 alone, the others getting
+    their shards from it. Either way each rank holds about half the weights, the gathered model
+    equals the pretrained one exactly and the buffers equal the loaded ones. With tied input and
+    output embeddings (stored once) both ranks keep them one parameter. On 3 ranks most tensors
+    split unevenly (FSDP2 pads the last chunk; a rank past a short tensor's end owns no rows)."""
+    import dataclasses
+
+    import torch
+
     from openft.models.loader import load_model
     from openft.training import distributed
     from openft.training.reporter import ListReporter
 
     cfg = _config(tmp_path, "load", parallelism="fsdp")
-    if tied:
-        base = shutil.copytree(cfg.base_model, tmp_path / "tied")
-        config = json.loads((base / "config.json").read_text())
-        config["tie_word_embeddings"] = config["text_config"]["tie_word_embeddings"] = True
-        (base / "config.json").write_text(json.dumps(config))
-        weights = load_file(base / "model.safetensors")  # a tied checkpoint stores the embeddings once
-        del weights["lm_head.weight"]
-        save_file(weights, base / "model.safetensors", metadata={"format": "pt"})
-        cfg = dataclasses.replace(cfg, base_model=str(base))
-    out = distributed.launch(functools.partial(_load_on_ranks, cfg), ListReporter(), nproc=2, threads=1)
-    zero, one = out["ranks"]
-    assert zero["meta_before"] == (False, False)
-    assert one["meta_before"] == (True, True)
+    cfg = dataclasses.replace(cfg, base_model=str(_pretrained_as(form, Path(cfg.base_model), tmp_path)))
+    tied = form == "tied"
+    nproc = 3 if form == "3-ranks" else 2
+    out = distributed.launch(functools.partial(_load_on_ranks, cfg), ListReporter(), nproc=nproc, threads=1)
+    zero, *others = out["ranks"]
+    assert zero["meta_params"] == ((False, False) if form == "bin" else (True, True))
+    assert all(r["meta_params"] == (True, True) for r in others)
+    assert not any(r["meta_buffers"] for r in out["ranks"])
     pretrained, _ = load_model(cfg.base_model, device="cpu")
     assert (pretrained.get_output_embeddings().weight is pretrained.get_input_embeddings().weight) is tied
-    assert zero["tied"] is one["tied"] is tied
+    assert all(r["tied"] is tied for r in out["ranks"])
     weights = pretrained.state_dict()
     assert out["full"].keys() == weights.keys()
     for name, t in weights.items():
         assert torch.equal(torch.tensor(out["full"][name], dtype=t.dtype), t), name
     total = sum(p.numel() * p.element_size() for p in pretrained.parameters())
-    assert one["local_bytes"] < 0.6 * total, (one["local_bytes"], total)
+    for rank in out["ranks"]:
+        assert rank["local_bytes"] < 1.2 * total / nproc, (rank["local_bytes"], total)
     buffers = dict(pretrained.named_buffers())
     assert {n for n in buffers if n.endswith("inv_freq")}
-    for rank in (zero, one):
+    for rank in out["ranks"]:
         assert rank["buffers"].keys() == buffers.keys()
         for name, b in buffers.items():
             assert torch.equal(torch.tensor(rank["buffers"][name], dtype=b.dtype), b), name
+
+
+def _checkpoint_on_ranks(cfg, reporter):  # type: ignore[no-untyped-def]
+    """In each rank: the recipe's setup and sharding, then the epoch checkpoint written a file at a
+    time (files of at most 300 kB); returns its folder (rank 0)."""
+    import torch
+
+    from openft.training import distributed, fsdp_io, progress
+    from openft.training.setup import setup
+
+    fsdp_io.MAX_FILE_BYTES = 300_000
+    model, processor = setup(cfg, reporter)[:2]
+    distributed.shard(model, torch.device("cpu"), vision_blocks=True, bf16=False)
+    return str(progress._save_sharded_checkpoint(model, processor, cfg, step=7))
+
+
+def test_fsdp_checkpoint_is_written_a_file_at_a_time_with_the_same_tensors(tmp_path: Path) -> None:
+    """The epoch checkpoint of a sharded model, gathered one tensor at a time and written by rank 0
+    in files of at most the set size (Hugging Face's sharded form: model-0000k-of-0000N.safetensors
+    + model.safetensors.index.json), holds exactly the tensors, names and config one process writes
+    for the same (here: the pretrained) weights, loads with transformers (``load_model``: what
+    serving and resumed jobs use), and survives the content-addressed blob store's round trip
+    (stored as a folder, materialised). Tied embeddings: stored once, as one process stores them
+    (the untied case is the recipe's own checkpoint in the pause test above)."""
+    import dataclasses
+    import json
+
+    import torch
+    from safetensors.torch import load_file
+
+    from openft.models.loader import load_model
+    from openft.storage.blobs import LocalBlobStore
+    from openft.training import distributed
+    from openft.training.reporter import ListReporter
+
+    cfg = _config(tmp_path, "ckpt", parallelism="fsdp")
+    cfg = dataclasses.replace(cfg, base_model=str(_pretrained_as("tied", Path(cfg.base_model), tmp_path)))
+    fn = functools.partial(_checkpoint_on_ranks, cfg)
+    new = Path(distributed.launch(fn, ListReporter(), nproc=2, threads=1))
+    old = tmp_path / "one-process"
+    pretrained_model = load_model(cfg.base_model, device="cpu", trainable=True)[0]
+    pretrained_model.save_pretrained(old)
+    assert new == cfg.output_dir / "step-7" and not (new / "model.safetensors").exists()
+    index = json.loads((new / "model.safetensors.index.json").read_text())
+    files = sorted(new.glob("model-*-of-*.safetensors"))
+    assert len(files) > 3 and sorted(set(index["weight_map"].values())) == [f.name for f in files]
+    written: dict[str, torch.Tensor] = {}
+    for f in files:
+        part = load_file(f)
+        biggest = max(t.numel() * t.element_size() for t in part.values())
+        assert len(part) == 1 or sum(t.numel() * t.element_size() for t in part.values()) <= 300_000, f
+        assert biggest <= 300_000 or len(part) == 1, f  # a tensor over the limit gets a file of its own
+        assert not written.keys() & part.keys()
+        written |= part
+        assert {k: f.name for k in part} == {k: index["weight_map"][k] for k in part}
+    before = load_file(old / "model.safetensors")
+    assert written.keys() == before.keys() and "lm_head.weight" not in written
+    for name, t in before.items():
+        assert written[name].dtype == t.dtype and torch.equal(written[name], t), name
+    assert json.loads((new / "config.json").read_text()) == json.loads((old / "config.json").read_text())
+    assert (new / "openft.json").exists() and (new / "tokenizer_config.json").exists()
+
+    pretrained = pretrained_model.state_dict()
+    store = LocalBlobStore(tmp_path / "blobs", dir_cache=tmp_path / "cache")
+    fetched = store.materialize_dir(store.put_dir(new))
+    for f in new.iterdir():
+        assert (fetched / f.name).read_bytes() == f.read_bytes(), f.name
+    served = load_model(cfg.base_model, fetched, device="cpu")[0].state_dict()
+    assert served.keys() == pretrained.keys()
+    for name, t in pretrained.items():
+        assert torch.equal(served[name], t), name

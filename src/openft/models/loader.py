@@ -85,15 +85,19 @@ def load_model(
     ``device`` (``"auto"``: cuda if available, else cpu) and put in eval mode unless ``trainable``.
     ``attn_implementation`` (``"sdpa"``, ``"flash_attention_2"``...): None keeps transformers' default.
 
-    ``weights=False``: the same architecture on the meta device, nothing read or allocated (an FSDP
-    rank other than 0, which receives its shards from rank 0). An adapter is not applied: full
-    fine-tuning merges it into the base, whose structure this already is.
+    ``weights=False``: the same architecture with its parameters on the meta device, nothing read
+    (an FSDP rank, which then reads or receives its shards). Buffers are real: the non-persistent
+    ones (rotary ``inv_freq``) are computed, not stored, and are small. An adapter is not applied:
+    full fine-tuning merges it into the base, whose structure this already is.
     """
     kind = weights_kind(weights_dir) if weights_dir is not None else None
     source = str(weights_dir) if kind == "full" else base
     if not weights:
-        with torch.device("meta"):
+        from accelerate import init_empty_weights
+
+        with init_empty_weights(include_buffers=False):
             model = _auto_model(source, dtype, attn_implementation, empty=True)
+        model.tie_weights()  # accelerate's patched register_parameter re-wraps, untying them
         model.train(trainable)
         return model, load_processor(base if kind != "full" else source)
     model = _auto_model(source, dtype, attn_implementation)

@@ -92,16 +92,16 @@ def snapshot(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
-) -> tuple[tuple[dict[str, torch.Tensor], dict[str, Any]], _SavedScheduler]:
+) -> tuple[tuple[dict[str, torch.Tensor], dict[str, Any]], SavedScheduler]:
     """What ``state.save_state`` writes, copied to CPU: ``(weights, optimizer_state)`` to pass as
-    its ``copied``, and a stand-in for ``scheduler``. (A sharded model saves its shards
-    synchronously instead: ``training.sharded_state``.)"""
+    its ``copied``, and a stand-in for ``scheduler``. (A sharded model's shards are copied by
+    ``dcp.async_save`` instead: ``training.sharded_state``.)"""
     weights = {n: _cpu_copy(p) for n, p in model.named_parameters() if p.requires_grad}
     copied = (weights, _cpu_copy(optimizer.state_dict()))
-    return copied, _SavedScheduler(copy.deepcopy(scheduler.state_dict()))
+    return copied, SavedScheduler(copy.deepcopy(scheduler.state_dict()))
 
 
-class _SavedScheduler:
+class SavedScheduler:
     """A scheduler's ``state_dict`` as it was at the snapshot (what ``save_state`` asks it for)."""
 
     def __init__(self, state: dict[str, Any]) -> None:

@@ -22,8 +22,9 @@ Inside the ranks the recipes stay single-process code with a few calls into this
   all ranks run the same number of micro-batches (:func:`rank_micro_batches` pads with weight-0
   stand-ins), evaluate together, write their shards of the resumable state
   (``training.sharded_state``) and, at each epoch end, gather the full weights for rank 0 to write
-  the servable checkpoint (:func:`full_state`); only rank 0 reads the pretrained weights, the
-  others get their shards from it (:func:`shard`);
+  the servable checkpoint one file at a time (``training.fsdp_io.save_servable``); each rank reads
+  only its own slices of the pretrained weights (safetensors; else rank 0 reads them and the
+  others get their shards from it, :func:`shard`);
 - rank 0 alone reports, evaluates (all ranks under FSDP) and writes state (every rank under FSDP)
   and checkpoints (:func:`is_main`); every rank loads the saved state on resume; a cancel or pause is rank 0's answer, broadcast so all ranks stop
   at the same step boundary;
@@ -134,10 +135,12 @@ def shard(
     DDP's ``find_unused_parameters``). ``bf16`` (CUDA): weights gathered and computed in bf16,
     gradients reduced in fp32, fp32 master shards for AdamW.
 
-    Only rank 0 needs the weights: the other ranks may pass the architecture on the meta device
-    (``load_model(weights=False)``); after sharding, every rank receives its shards from rank 0's
-    full weights (:func:`_load_from_rank0`), one tensor at a time, so no rank but 0 ever holds
-    the full model.
+    No rank needs the whole model: when every rank passes the architecture with its parameters on
+    the meta device (``load_model(weights=False)``, weights in safetensors: ``fsdp_io.slices_cover``),
+    each reads its own slices of them after sharding (:func:`_load_slices`). Otherwise (``.bin``
+    weights, an adapter merged into the base) only rank 0 loads them, the others pass the meta
+    architecture and receive their shards from rank 0's full weights (:func:`_load_from_rank0`),
+    one tensor at a time, so no rank but 0 ever holds the full model.
     """
     if world_size() == 1:
         return model
@@ -145,9 +148,15 @@ def shard(
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     _align_with_rank0(model)
-    # Rank 0's full tensors (references, no copy), kept past ``fully_shard``, which replaces the
-    # parameters with this rank's shards; sent to the other ranks below, then dropped.
-    full = model.state_dict() if is_main() else {}
+    # Built without weights on every rank: each reads its own slices from the safetensors
+    # (``training.fsdp_io``). Else rank 0's full tensors (references, no copy), kept past
+    # ``fully_shard``, which replaces the parameters with this rank's shards; sent to the other
+    # ranks below, then dropped.
+    sliced = agree(all(p.is_meta for p in model.parameters()))
+    from openft.training import fsdp_io
+
+    fsdp_io.stored_names(model)  # looked up by class name, which fully_shard changes
+    full = model.state_dict() if is_main() and not sliced else {}
 
     mesh = init_device_mesh(device.type, (world_size(),))
     policy = MixedPrecisionPolicy(
@@ -165,7 +174,10 @@ def shard(
         fully_shard(module, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
     model.set_reduce_scatter_unused_params(True)  # type: ignore[operator]
-    _load_from_rank0(model, full, device)
+    if sliced:
+        _load_slices(model, device)
+    else:
+        _load_from_rank0(model, full, device)
     del full
     log.info("FSDP2 over %d ranks: %d blocks sharded, plus the root", world_size(), len(blocks))
     return model
@@ -184,6 +196,22 @@ def _align_with_rank0(model: torch.nn.Module) -> None:
     for name, t in [*model.named_parameters(), *model.named_buffers()]:
         if t.is_meta and t.dtype != theirs[0][name]:
             t.data = t.data.to(theirs[0][name])  # free on the meta device
+
+
+def _load_slices(model: torch.nn.Module, device: torch.device) -> None:
+    """Every rank's shards read from the safetensors the model was configured from (its
+    ``name_or_path``), each rank only its own rows (``fsdp_io.load_slices``). Buffers were
+    computed when the model was built (rotary ``inv_freq``): kept across ``to_empty``, which
+    allocates the sharded storage; persistent ones are then read whole."""
+    from openft.training import fsdp_io
+
+    kept = {n: b.detach().clone() for n, b in model.named_buffers() if not b.is_meta}
+    model.to_empty(device=device)
+    with torch.no_grad():
+        for name, buf in model.named_buffers():
+            if name in kept:
+                buf.copy_(kept[name])
+    fsdp_io.load_slices(model, str(model.name_or_path))  # type: ignore[attr-defined]
 
 
 def _load_from_rank0(model: torch.nn.Module, full: dict[str, torch.Tensor], device: torch.device) -> None:
@@ -219,10 +247,9 @@ def full_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Gather a sharded model's full weights onto rank 0's CPU (other ranks get an empty dict), one
     parameter at a time. A collective: every rank must call it.
 
-    Only for the servable checkpoint at each epoch end, which must be whole (an ordinary Hugging
-    Face folder the API server loads): rank 0's host memory then holds the full trained weights
-    (4 bytes per parameter in fp32, ~28 GB for a 7B model) once per epoch, never the optimizer
-    state. Resumable state is saved sharded (``training.sharded_state``) instead."""
+    Only where the servable checkpoint cannot be written a file at a time
+    (``fsdp_io.save_servable``: a model whose saved names need more than renaming): rank 0's host
+    memory then holds the full trained weights (4 bytes per parameter in fp32) once per epoch."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     reshard(model)

@@ -8,8 +8,11 @@ owns its resumable state in ``output_dir/state`` (``training.state``) and its ch
   or pause, and at each epoch end *before* that epoch's checkpoint is announced, so a crash at any
   moment resumes at the exact next batch and never retrains an epoch or loses its checkpoint;
 - the periodic saves are written in the background (``cfg.async_state_save``, see
-  ``training.async_save``) while training goes on; every other save, and the end of the run,
-  first waits for that write, so at most one is in flight and a failed one fails the job;
+  ``training.async_save``; under FSDP every rank's shards, ``training.sharded_state``) while
+  training goes on; every other save, and the end of the run, first waits for that write, so at
+  most one is in flight and a failed one fails the job;
+- under FSDP the epoch's servable checkpoint is gathered and written a file at a time
+  (``training.fsdp_io.save_servable``): rank 0 never holds the whole model;
 - the optimizer, warm-up and decay schedule are built here too, in ``named_parameters()`` order,
   which is the order a saved optimizer state refers to.
 """
@@ -30,7 +33,7 @@ import torch
 from openft.adapters import save_adapter
 from openft.errors import JobCancelled
 from openft.models.loader import write_marker
-from openft.training import distributed
+from openft.training import distributed, fsdp_io
 from openft.training.async_save import StateWriter, snapshot
 from openft.training.config import TrainConfig
 from openft.training.reporter import Reporter
@@ -202,11 +205,10 @@ class Progress:
     def end_epoch(self, epoch: int, processor: Any) -> None:
         """Write the epoch's servable checkpoint, save the state after it, then announce it."""
         self.writer.wait()  # a failed background save fails the job before a checkpoint is written
-        # A sharded model's full weights are gathered by every rank, for rank 0 to write: the
-        # servable folder is whole. Once per epoch, and weights only (no optimizer state).
-        weights = distributed.full_state(self.model) if distributed.sharded(self.model) else None
-        if distributed.is_main():
-            self.checkpoints.append(_save_checkpoint(self.model, processor, self.cfg, self.step, weights))
+        if distributed.sharded(self.model):  # every rank gathers, rank 0 writes a file at a time
+            self.checkpoints.append(_save_sharded_checkpoint(self.model, processor, self.cfg, self.step))
+        elif distributed.is_main():
+            self.checkpoints.append(_save_checkpoint(self.model, processor, self.cfg, self.step))
         else:  # other ranks only keep track of it (rank 0 writes every file)
             self.checkpoints.append(_checkpoint_dir(self.cfg, self.step))
         self._save(epoch + 1, 0)
@@ -226,7 +228,7 @@ class Progress:
 
     def _save(self, epoch: int, batch_in_epoch: int, *, background: bool = False) -> None:
         """Rank 0 saves (one process, DDP); under FSDP every rank writes its shards
-        (``training.sharded_state``, synchronously). Every rank loads the state on resume.
+        (``training.sharded_state``). Every rank loads the state on resume.
         ``background``: copy the state to CPU and write it on ``writer``'s thread; a synchronous
         save first waits for a background one (never two on one folder)."""
         sharded = distributed.sharded(self.model)
@@ -244,7 +246,17 @@ class Progress:
             },
         }
         directory = self.output_dir / STATE_DIR
-        if background and not sharded:
+        if background and sharded:
+            self.writer.wait()
+            save_sharded_state(
+                directory,
+                model=self.model,
+                optimizer=self.optimizer,
+                scheduler=self.scheduler,
+                writer=self.writer,
+                **position,
+            )
+        elif background:
             copied, scheduler = snapshot(self.model, self.optimizer, self.scheduler)
             write = functools.partial(
                 save_state,
@@ -290,27 +302,48 @@ def _checkpoint_dir(cfg: TrainConfig, step: int) -> Path:
     return Path(cfg.output_dir) / f"step-{step}"
 
 
-def _save_checkpoint(
-    model: Any, processor: Any, cfg: TrainConfig, step: int, weights: dict[str, torch.Tensor] | None = None
-) -> Path:
-    """Write a servable folder (weights + processor + openft.json) atomically as ``step-<N>``.
-    ``weights``: a sharded model's gathered full weights (the folder is the same ordinary
-    Hugging Face one a single process writes)."""
-    target = _checkpoint_dir(cfg, step)
+def _save_checkpoint(model: Any, processor: Any, cfg: TrainConfig, step: int) -> Path:
+    """Write a servable folder (weights + processor + openft.json) atomically as ``step-<N>``."""
+    tmp = _checkpoint_tmp(cfg, step)
+    if cfg.lora is not None:
+        save_adapter(model, tmp)
+    else:
+        model.save_pretrained(tmp)
+    return _finish_checkpoint(tmp, processor, cfg, step)
+
+
+def _save_sharded_checkpoint(model: Any, processor: Any, cfg: TrainConfig, step: int) -> Path:
+    """:func:`_save_checkpoint` for an FSDP-sharded model (full fine-tuning), a collective: every
+    rank gathers one tensor at a time and rank 0 writes them a file at a time
+    (``fsdp_io.save_servable``), into the same ordinary Hugging Face folder a single process
+    writes (split into several files when the weights exceed one). Configuration files come from
+    ``save_pretrained`` itself, given no weights."""
+    main = distributed.is_main()
+    tmp = _checkpoint_tmp(cfg, step) if main else _checkpoint_dir(cfg, step)  # only rank 0 writes
+    if main:
+        model.save_pretrained(tmp, state_dict={})  # config.json, generation_config.json
+        for written in tmp.glob("model*.safetensors*"):
+            written.unlink()  # its empty weights file
+    if not fsdp_io.save_servable(model, tmp):  # names that need more than renaming: gather whole
+        weights = distributed.full_state(model)
+        if main:
+            model.save_pretrained(tmp, state_dict=weights)
+        del weights
+    return _finish_checkpoint(tmp, processor, cfg, step) if main else tmp
+
+
+def _checkpoint_tmp(cfg: TrainConfig, step: int) -> Path:
     tmp = Path(cfg.output_dir) / f".step-{step}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    if cfg.lora is not None:
-        save_adapter(model, tmp)
-        kind = "adapter"
-    elif weights is not None:
-        model.save_pretrained(tmp, state_dict=weights)
-        kind = "full"
-    else:
-        model.save_pretrained(tmp)
-        kind = "full"
+    return tmp
+
+
+def _finish_checkpoint(tmp: Path, processor: Any, cfg: TrainConfig, step: int) -> Path:
+    """Processor files and the ``openft.json`` marker into ``tmp``, then renamed into place."""
+    target = _checkpoint_dir(cfg, step)
     processor.save_pretrained(tmp)
-    write_marker(tmp, kind=kind, base_model=cfg.base_model)
+    write_marker(tmp, kind="adapter" if cfg.lora is not None else "full", base_model=cfg.base_model)
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)
     return target

@@ -25,7 +25,7 @@ from openft.adapters import apply_lora, merge
 from openft.errors import JobFailed
 from openft.models.loader import load_model, resolve_device, weights_kind
 from openft.models.render import Rendered
-from openft.training import distributed
+from openft.training import distributed, fsdp_io
 from openft.training.collate import collate_packed, collate_sft
 from openft.training.config import TrainConfig
 from openft.training.loss import (
@@ -353,24 +353,29 @@ def _build_model(
     weight in fp32; full fine-tuning keeps fp32 master weights and relies on autocast.
     """
     dtype = torch.bfloat16 if bf16 and cfg.lora is not None else None
+    continuing_adapter = cfg.init_weights is not None and weights_kind(cfg.init_weights) == "adapter"
     # FSDP: the whole model would not fit the device; ``distributed.shard`` moves it there in shards.
-    # Only rank 0 reads the weights (into host memory); the others build the architecture on the
-    # meta device and receive their shards from rank 0 once sharded.
+    # Every rank builds the architecture on the meta device; with safetensors weights each rank
+    # then reads only its own slices (``fsdp_io``), else rank 0 reads them all (into host memory)
+    # and the others receive their shards from it.
     fsdp = cfg.parallelism == "fsdp" and distributed.world_size() > 1
-    materialised = not fsdp or distributed.is_main()
-    model, processor = load_model(
+    load = functools.partial(
+        load_model,
         cfg.base_model,
         cfg.init_weights,
         device="cpu" if fsdp else cfg.device,
         dtype=dtype,
         trainable=True,
         attn_implementation=attn_implementation,
-        weights=materialised,
     )
+    model, processor = load(weights=not fsdp)
+    sliced = fsdp and not continuing_adapter and fsdp_io.slices_cover(model, model.name_or_path)
+    materialised = not fsdp or (distributed.is_main() and not sliced)
+    if fsdp and materialised:
+        model, processor = load(weights=True)
     if gradient_checkpointing:
         # Non-reentrant checkpointing needs no input grads, so it works with frozen embeddings.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    continuing_adapter = cfg.init_weights is not None and weights_kind(cfg.init_weights) == "adapter"
     if cfg.lora is not None and not continuing_adapter:
         plan = lora_plan(
             model, cfg.lora, train_vision_tower=cfg.train_vision_tower, train_projector=cfg.train_projector
@@ -383,6 +388,8 @@ def _build_model(
     for p in model.parameters():
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()  # AdamW on bf16 weights loses small updates
+    if sliced:
+        fsdp_io.align_frozen_dtypes(model, model.name_or_path)
     model.train()
     return model, processor
 

@@ -16,10 +16,19 @@ are keyed by parameter name (``get_state_dict``), so the optimizer's own order d
 Atomic like the full format: every rank writes into the hidden sibling ``.state.tmp``, and after
 all have written (DCP's own final collective) rank 0 adds the small files, ``state.json`` last,
 and renames the folder into place; a kill at any moment leaves the previous state.
+
+In the background (``writer``: the periodic saves): ``dcp.async_save`` copies each rank's shards
+to CPU before it returns (training may then update the originals) and writes them on a thread,
+its collectives on a process group of their own (:func:`_save_group`) so they never interleave
+with the training's. Each rank's :class:`~openft.training.async_save.StateWriter` waits for that
+write; rank 0's then commits (DCP's coordinator finishes only after every rank's files are
+written). The next save on each rank first waits for its writer, so at most one is in flight, and
+a failed write fails the job like a failed full-format one.
 """
 
 from __future__ import annotations
 
+import copy
 import shutil
 import warnings
 from pathlib import Path
@@ -29,6 +38,7 @@ import torch
 import torch.distributed as dist
 
 from openft.training import distributed
+from openft.training.async_save import SavedScheduler, StateWriter
 from openft.training.state import (
     TrainState,
     _siblings,
@@ -56,9 +66,12 @@ def save_sharded_state(
     batch_in_epoch: int,
     rng_states: dict[str, Any],
     extra: dict[str, Any] | None = None,
+    writer: StateWriter | None = None,
 ) -> Path:
     """Write the state of a sharded ``model`` atomically to ``directory`` (replacing an older one).
-    A collective: every rank calls it, each writing its own shards."""
+    A collective: every rank calls it, each writing its own shards. ``writer``: return once the
+    shards are copied and write them on its thread (the caller waits for ``writer`` before the
+    next save, on every rank)."""
     import torch.distributed.checkpoint as dcp
 
     directory = Path(directory)
@@ -68,25 +81,53 @@ def save_sharded_state(
         tmp.mkdir(parents=True)
     dist.barrier()  # the empty folder exists before any rank writes into it
     names = _trainable(model)
-    dcp.save(_state_dicts(model, optimizer, names), checkpoint_id=tmp / SHARDS_DIR)
-    if distributed.is_main():  # dcp.save returned: every rank's shards and the metadata are written
-        commit_state(
-            tmp,
-            directory,
-            scheduler=scheduler,
-            rng_states=rng_states,
-            meta={
-                "step": step,
-                "epoch": epoch,
-                "batch_in_epoch": batch_in_epoch,
-                "trainable": names,
-                "sharded_by": distributed.world_size(),
-                "extra": extra or {},
-            },
-            also_fsync=(tmp / SHARDS_DIR / ".metadata",),
-        )
-    dist.barrier()  # the new state is in place (and tmp free) before any rank goes on
+    meta = {
+        "step": step,
+        "epoch": epoch,
+        "batch_in_epoch": batch_in_epoch,
+        "trainable": names,
+        "sharded_by": distributed.world_size(),
+        "extra": extra or {},
+    }
+
+    def commit(scheduler: Any) -> None:  # every rank's shards and the metadata are written
+        if distributed.is_main():
+            commit_state(
+                tmp,
+                directory,
+                scheduler=scheduler,
+                rng_states=rng_states,
+                meta=meta,
+                also_fsync=(tmp / SHARDS_DIR / ".metadata",),
+            )
+
+    state = _state_dicts(model, optimizer, names)
+    if writer is None:
+        dcp.save(state, checkpoint_id=tmp / SHARDS_DIR)
+        commit(scheduler)
+        dist.barrier()  # the new state is in place (and tmp free) before any rank goes on
+        return directory
+    written = dcp.async_save(state, checkpoint_id=tmp / SHARDS_DIR, process_group=_save_group())
+    saved_scheduler = SavedScheduler(copy.deepcopy(scheduler.state_dict()))
+
+    def finish() -> None:
+        written.result()
+        commit(saved_scheduler)
+
+    writer.submit(finish, f"step {step}")
     return directory
+
+
+_SAVE_GROUP: list[Any] = []
+
+
+def _save_group() -> Any:
+    """A gloo process group for background saves only (created once, by every rank together at
+    its first background save): their collectives run on the writer thread while training's run
+    on the default group, and two threads must never share one group's sequence of collectives."""
+    if not _SAVE_GROUP or _SAVE_GROUP[0][0] is not dist.group.WORLD:
+        _SAVE_GROUP[:] = [(dist.group.WORLD, dist.new_group(backend="gloo"))]
+    return _SAVE_GROUP[0][1]
 
 
 def load_sharded_state(

@@ -254,9 +254,9 @@ def _siblings(directory: Path) -> tuple[Path, Path]:
 def _hold_if_asked(step: int) -> None:
     """Tests only: with ``OPENFT_TEST_HOLD_STATE_WRITE=<step>:<file>``, the save of that step's
     state creates ``<file>`` and stops here for good, its files written but not renamed into place,
-    so a test can kill the process mid-write."""
+    so a test can kill the process mid-write. Once: a restarted run (``<file>`` exists) goes on."""
     asked = os.environ.get(HOLD_ENV, "")
-    if asked.partition(":")[0] == str(step):
+    if asked.partition(":")[0] == str(step) and not Path(asked.partition(":")[2]).exists():
         Path(asked.partition(":")[2]).touch()
         threading.Event().wait()
 

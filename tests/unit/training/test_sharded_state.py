@@ -55,7 +55,7 @@ def _full(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     }
 
 
-def _save(directory: Path, model, optimizer, scheduler, step: int) -> None:  # type: ignore[no-untyped-def]
+def _save(directory: Path, model, optimizer, scheduler, step: int, writer=None) -> None:  # type: ignore[no-untyped-def]
     save_sharded_state(
         directory,
         model=model,
@@ -66,6 +66,7 @@ def _save(directory: Path, model, optimizer, scheduler, step: int) -> None:  # t
         batch_in_epoch=step,
         rng_states={"torch": torch.get_rng_state()},
         extra={"n": step},
+        writer=writer,
     )
 
 
@@ -123,3 +124,64 @@ def test_the_state_resumes_unsharded_with_the_same_next_step(group: None, tmp_pa
     ours, theirs = _full(plain), _full(model)
     for name, t in theirs.items():
         torch.testing.assert_close(ours[name], t, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_a_background_save_writes_the_shards_as_they_were_when_asked(
+    group: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``writer``: the call returns with the shards copied; steps taken before the write (held
+    back here until they ran) change nothing in it, and the state appears once it is written."""
+    import threading
+
+    from torch.distributed.checkpoint.filesystem import FileSystemWriter
+
+    from openft.training.async_save import StateWriter
+
+    stepped = threading.Event()
+    real_write = FileSystemWriter.write_data
+
+    def held_write(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        assert stepped.wait(60)
+        return real_write(self, *args, **kwargs)
+
+    monkeypatch.setattr(FileSystemWriter, "write_data", held_write)
+    model, optimizer, scheduler = _net(shard=True)
+    _step(model, optimizer, scheduler)
+    saved = _full(model)
+    state = tmp_path / "state"
+    with StateWriter() as writer:
+        _save(state, model, optimizer, scheduler, step=1, writer=writer)
+        _step(model, optimizer, scheduler)  # the live weights, moments and schedule move on
+        _step(model, optimizer, scheduler)
+        assert find_state(state) is None
+        stepped.set()
+    assert find_state(state) == state
+    fresh, fresh_optimizer, fresh_scheduler = _net(shard=True)
+    resumed = load_sharded_state(state, model=fresh, optimizer=fresh_optimizer, scheduler=fresh_scheduler)
+    assert (resumed.step, resumed.extra, fresh_scheduler.last_epoch) == (1, {"n": 1}, 1)
+    for name, t in _full(fresh).items():
+        assert torch.equal(t, saved[name]), name
+
+
+def test_a_failed_background_save_is_raised_and_leaves_the_previous_state(
+    group: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from openft.training.async_save import StateSaveError, StateWriter
+
+    model, optimizer, scheduler = _net(shard=True)
+    _step(model, optimizer, scheduler)
+    state = tmp_path / "state"
+    _save(state, model, optimizer, scheduler, step=1)
+
+    def full_disk(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(sharded_state, "commit_state", full_disk)
+    writer = StateWriter()
+    _save(state, model, optimizer, scheduler, step=2, writer=writer)
+    with pytest.raises(StateSaveError, match=r"\(step 2\) failed: OSError: .*No space left"):
+        writer.close()
+    fresh, fresh_optimizer, fresh_scheduler = _net(shard=True)
+    assert (
+        load_sharded_state(state, model=fresh, optimizer=fresh_optimizer, scheduler=fresh_scheduler).step == 1
+    )
