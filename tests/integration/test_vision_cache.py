@@ -157,6 +157,88 @@ def test_cached_features_give_the_same_losses_with_one_tower_pass_per_image(
     assert counter.rows > 2 * once  # the uncached run encodes them every epoch and evaluation
 
 
+class _TowerRuns:
+    """Counts vision-tower rows (the projector's input after a pass of the tower) and keeps the
+    projector's weights of every model ``sft.run`` builds."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        from openft.models.families import find_family
+
+        self.rows = 0
+        self.fresh = False
+        self.projectors: list[dict[str, torch.Tensor]] = []
+        """Per model: its projector's parameters (trained in place), and peft's frozen originals."""
+        original = setup_mod._build_model
+
+        def build(*args: Any, **kwargs: Any) -> tuple[Any, Any]:
+            model, processor = original(*args, **kwargs)
+            family = find_family(model)
+            tower = next(m for n, m in model.named_modules() if n and family.component(n) == "vision_tower")  # type: ignore[union-attr]
+            tower.register_forward_hook(self._ran)
+            model.get_submodule(projector_roots(model)[0]).register_forward_pre_hook(self._count)
+            self.projectors.append(
+                {n: p for n, p in model.named_parameters() if family.component(n) == "projector"}  # type: ignore[union-attr]
+            )
+            return model, processor
+
+        monkeypatch.setattr(setup_mod, "_build_model", build)
+
+    def _ran(self, *args: Any) -> None:
+        self.fresh = True
+
+    def _count(self, module: Any, args: tuple[Any, ...]) -> None:
+        if self.fresh:  # the projector's input straight from a pass of the tower
+            self.rows += args[0].numel() // args[0].shape[-1]
+            self.fresh = False
+
+
+def _tower_rows(base: str, examples: list[ChatExample]) -> int:
+    """Vision-tower rows of the distinct examples with pictures: what one pass of the tower yields."""
+    from openft.models.families import find_family
+    from openft.models.loader import load_model
+    from openft.models.render import render_chat
+
+    model, processor = load_model(base, device="cpu")
+    token = model.config.image_token_id
+    per_token = find_family(model).patches_per_token(model.config)  # type: ignore[union-attr]
+    rendered = [render_chat(processor, ex.messages) for ex in examples]
+    return per_token * sum(r.input_ids.count(token) for r in rendered if r.vision)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_trained_projector_on_cached_tower_outputs_trains_as_without_the_cache(
+    family: str, models: Callable[[str], str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """LoRA with ``train_projector``: the tower is frozen, its outputs are cached once per distinct
+    image, and the projector still trains on them: the same losses and the same projector weights
+    after two shuffled epochs with validation as running the tower every step."""
+    base = models(family)
+    train, valid = _examples(1, 6), _examples(2, 3)
+    runs = _TowerRuns(monkeypatch)
+
+    cached = ListReporter()
+    sft.run(_cfg(base, tmp_path / "on", "on", train_projector=True), train, cached, valid_examples=valid)
+    rows_cached, runs.rows = runs.rows, 0
+    plain = ListReporter()
+    sft.run(_cfg(base, tmp_path / "off", "off", train_projector=True), train, plain, valid_examples=valid)
+
+    assert len(cached.steps) == len(plain.steps) == 6
+    assert _losses(cached) == pytest.approx(_losses(plain), abs=1e-6, rel=0)
+    assert any("trained projector: the tower's outputs" in m for _, m in cached.messages)
+    on, off = runs.projectors
+    trained = [n for n, p in off.items() if p.requires_grad]
+    assert trained and sorted(trained) == sorted(n for n, p in on.items() if p.requires_grad)
+    for name in trained:
+        torch.testing.assert_close(on[name], off[name], rtol=0, atol=1e-6)
+    # It did train: the weights moved from peft's frozen copy of the loaded projector.
+    assert any(
+        not torch.equal(off[n], off[n.replace(".modules_to_save.default.", ".original_module.")]) for n in trained
+    )
+    once = _tower_rows(base, train + valid)
+    assert rows_cached == once  # every distinct image through the tower exactly once
+    assert runs.rows > 2 * once  # the uncached run encodes them every epoch and evaluation
+
+
 def test_a_wrongly_keyed_cache_changes_the_losses(
     models: Callable[[str], str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
