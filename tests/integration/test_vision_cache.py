@@ -232,7 +232,8 @@ def test_a_trained_projector_on_cached_tower_outputs_trains_as_without_the_cache
         torch.testing.assert_close(on[name], off[name], rtol=0, atol=1e-6)
     # It did train: the weights moved from peft's frozen copy of the loaded projector.
     assert any(
-        not torch.equal(off[n], off[n.replace(".modules_to_save.default.", ".original_module.")]) for n in trained
+        not torch.equal(off[n], off[n.replace(".modules_to_save.default.", ".original_module.")])
+        for n in trained
     )
     once = _tower_rows(base, train + valid)
     assert rows_cached == once  # every distinct image through the tower exactly once
@@ -263,30 +264,37 @@ def test_a_wrongly_keyed_cache_changes_the_losses(
     assert _losses(wrong) != pytest.approx(_losses(plain), abs=1e-4)
 
 
+@pytest.mark.parametrize("train_projector", [False, True])
 def test_resumed_run_with_the_cache_matches_the_uninterrupted_run(
-    models: Callable[[str], str], tmp_path: Path
+    models: Callable[[str], str], tmp_path: Path, train_projector: bool
 ) -> None:
     """The cache is in memory only: a run stopped mid-epoch 2 and resumed refills it and gives the
-    losses of an uninterrupted run without it."""
+    losses of an uninterrupted run without it (projected features, or the tower's outputs under a
+    trained projector, whose weights come back from the checkpoint)."""
     from openft.errors import JobCancelled
 
     base = models("qwen2_vl")
     train, valid = _examples(3, 6), _examples(4, 2)
     whole = ListReporter()
-    sft.run(_cfg(base, tmp_path / "whole", "off"), train, whole, valid_examples=valid)
+    kw = {"train_projector": train_projector}
+    sft.run(_cfg(base, tmp_path / "whole", "off", **kw), train, whole, valid_examples=valid)
     out = tmp_path / "paused"
     first = ListReporter(stop_after=4)
     with pytest.raises(JobCancelled):
-        sft.run(_cfg(base, out, "on"), train, first, valid_examples=valid)
+        sft.run(_cfg(base, out, "on", **kw), train, first, valid_examples=valid)
     second = ListReporter()
-    sft.run(_cfg(base, out, "on"), train, second, valid_examples=valid, resume=True)
+    sft.run(_cfg(base, out, "on", **kw), train, second, valid_examples=valid, resume=True)
     assert [s["step"] for s in second.steps] == [5, 6]
     assert _losses(first) + _losses(second) == pytest.approx(_losses(whole), abs=1e-6, rel=0)
 
 
-def test_dpo_with_the_cache_matches_dpo_without(models: Callable[[str], str], tmp_path: Path) -> None:
+@pytest.mark.parametrize("train_projector", [False, True])
+def test_dpo_with_the_cache_matches_dpo_without(
+    models: Callable[[str], str], tmp_path: Path, train_projector: bool
+) -> None:
     """DPO's stacked chosen/rejected rows share their prompt's pictures: one cache entry serves both,
-    and the reference (adapter disabled) reuses it too."""
+    and the reference (adapter disabled: peft's original projector under ``train_projector``)
+    reuses it too."""
     from openft.datasets.formats import PreferenceExample
 
     base = models("qwen2_vl")
@@ -298,33 +306,52 @@ def test_dpo_with_the_cache_matches_dpo_without(models: Callable[[str], str], tm
     runs = {}
     for cache in ("on", "off"):
         rep = ListReporter()
-        dpo.run(_cfg(base, tmp_path / cache, cache), pairs, rep, beta=0.1)
+        dpo.run(_cfg(base, tmp_path / cache, cache, train_projector=train_projector), pairs, rep, beta=0.1)
         runs[cache] = rep
     assert _losses(runs["on"]) == pytest.approx(_losses(runs["off"]), abs=1e-6, rel=0)
     assert any("computed once and cached" in m for _, m in runs["on"].messages)
 
 
-def test_auto_declines_when_the_features_train(models: Callable[[str], str], tmp_path: Path) -> None:
-    """Full fine-tuning trains the projector: ``auto`` says why it does not cache, ``on`` is refused."""
+def test_full_fine_tuning_caches_the_tower_and_a_trained_tower_is_not_cached(
+    models: Callable[[str], str], tmp_path: Path
+) -> None:
+    """Full fine-tuning trains the projector but not the tower: ``auto`` caches the tower's outputs,
+    with the losses of ``off``. With ``train_vision_tower`` ``auto`` says why it does not cache and
+    ``on`` is refused."""
     from openft.errors import InvalidRequest
 
     base = models("qwen2_vl")
-    train = _examples(1, 2)
-    rep = ListReporter()
+    train, valid = _examples(1, 4), _examples(2, 2)
     cfg = TrainConfig(
         base_model=base,
         output_dir=tmp_path / "a",
-        n_epochs=1,
+        n_epochs=2,
         batch_size=2,
         learning_rate=1e-3,
         seed=0,
         device="cpu",
+        valid_every=2,
     )
-    sft.run(cfg, train, rep)
-    assert any("not cached: the vision tower or projector trains" in m for _, m in rep.messages)
+    runs = {}
+    for cache in ("auto", "off"):
+        rep = ListReporter()
+        sft.run(
+            TrainConfig(**{**cfg.__dict__, "output_dir": tmp_path / cache, "cache_vision_features": cache}),
+            train,
+            rep,
+            valid_examples=valid,
+        )
+        runs[cache] = rep
+    assert any("trained projector: the tower's outputs" in m for _, m in runs["auto"].messages)
+    assert _losses(runs["auto"]) == pytest.approx(_losses(runs["off"]), abs=1e-6, rel=0)
+
+    tower = {**cfg.__dict__, "n_epochs": 1, "train_vision_tower": True}
+    rep = ListReporter()
+    sft.run(TrainConfig(**{**tower, "output_dir": tmp_path / "t"}), train, rep)
+    assert any("not cached: the vision tower trains" in m for _, m in rep.messages)
     with pytest.raises(InvalidRequest, match="cache_vision_features 'on' is not possible"):
         sft.run(
-            TrainConfig(**{**cfg.__dict__, "output_dir": tmp_path / "b", "cache_vision_features": "on"}),
+            TrainConfig(**{**tower, "output_dir": tmp_path / "b", "cache_vision_features": "on"}),
             train,
             ListReporter(),
         )

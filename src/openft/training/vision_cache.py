@@ -186,7 +186,10 @@ class VisionCache:
         tokens = sum(self._tokens[s] for s in slots)
         if self.split is None:
             need = vision_cache_bytes(
-                image_tokens=tokens, hidden_size=self._hidden, layers=self._layers, dtype_bytes=self.dtype_bytes
+                image_tokens=tokens,
+                hidden_size=self._hidden,
+                layers=self._layers,
+                dtype_bytes=self.dtype_bytes,
             )
             what = "frozen vision tower: features"
         else:
@@ -332,7 +335,9 @@ class VisionCache:
             if owner is not None:
                 del owner.permute_input_for_window_attn
         if len(inputs) != len(split.projectors):
-            raise RuntimeError(f"the model's get_image_features called {len(inputs)} of {len(split.projectors)} projectors")
+            raise RuntimeError(
+                f"the model's get_image_features called {len(inputs)} of {len(split.projectors)} projectors"
+            )
         self._pooler_is_tensor = isinstance(out.pooler_output, torch.Tensor)
         feats = [inputs[i] for i in range(len(split.projectors))]
         self._row_shapes = [f.shape[1:] for f in feats]
@@ -452,9 +457,7 @@ def vision_cache_for(
     if not vision:
         return None
     why_not = None
-    training = {
-        family.component(name) for name, p in model.named_parameters() if p.requires_grad
-    }
+    training = {family.component(name) for name, p in model.named_parameters() if p.requires_grad}
     dropout = _active_dropout(model, [m for _, m in vision])
     split = None
     if "vision_tower" in training:
