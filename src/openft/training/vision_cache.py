@@ -91,8 +91,6 @@ class TowerSplit:
     projectors: tuple[nn.Module, ...]
     """The projector modules as the model calls them: the main one first, then Qwen3-VL's
     DeepStack mergers in layer order."""
-    tower: tuple[nn.Module, ...]
-    """The tower's modules (run in eval mode)."""
     windowed: nn.Module | None
     """Qwen2.5-VL's vision model, whose tower runs in window order (``permute_input_for_window_attn``)."""
     row_width: int
@@ -131,7 +129,7 @@ class VisionCache:
         self._layers = 1 + len(
             getattr(getattr(config, "vision_config", None), "deepstack_visual_indexes", ()) or ()
         )
-        self._eval_modules = list(split.tower if split is not None else eval_modules)
+        self._eval_modules = list(eval_modules)
         self._inner = _feature_module(model)
         self._original = self._inner.get_image_features
         # The instance attribute wins over the method.
@@ -458,7 +456,6 @@ def vision_cache_for(
         return None
     why_not = None
     training = {family.component(name) for name, p in model.named_parameters() if p.requires_grad}
-    dropout = _active_dropout(model, [m for _, m in vision])
     split = None
     if "vision_tower" in training:
         why_not = "the vision tower trains, so its outputs change every step"
@@ -471,6 +468,9 @@ def vision_cache_for(
                 split = tower_split(model)
         except LookupError as e:
             why_not = str(e)
+    # What runs frozen: the tower, and the projector unless it trains (then it runs as without the cache).
+    frozen = [m for n, m in vision if split is None or family.component(n) == "vision_tower"]
+    dropout = _active_dropout(model, frozen)
     if why_not is None and dropout and mode == "auto":
         why_not = f"the frozen vision tower has active dropout ({dropout}); set cache_vision_features 'on' to run it without"
     if why_not is not None:
@@ -480,9 +480,7 @@ def vision_cache_for(
             )
         reporter.on_message(f"vision features are not cached: {why_not}", once="vision-cache")
         return None
-    return VisionCache(
-        model, device, mode=mode, dtype_bytes=dtype_bytes, eval_modules=[m for _, m in vision], split=split
-    )
+    return VisionCache(model, device, mode=mode, dtype_bytes=dtype_bytes, eval_modules=frozen, split=split)
 
 
 def tower_split(model: nn.Module) -> TowerSplit:
@@ -493,7 +491,6 @@ def tower_split(model: nn.Module) -> TowerSplit:
         raise LookupError(f"{type(model).__name__} has no vision family")
     main: list[nn.Module] = []
     deep: list[nn.Module] = []
-    tower: list[nn.Module] = []
     windowed = None
     for root in projector_roots(model):
         module = model.get_submodule(root)
@@ -507,9 +504,7 @@ def tower_split(model: nn.Module) -> TowerSplit:
         raise LookupError(
             f"{type(model).__name__} has {len(main)} projector modules where one takes the tower's output"
         )
-    for name, module in model.named_modules():
-        if name and family.component(name) == "vision_tower":
-            tower.append(module)
+    for module in model.modules():
         if hasattr(type(module), "permute_input_for_window_attn"):  # Qwen2.5-VL's vision model
             windowed = module
     config = model.config
@@ -520,7 +515,6 @@ def tower_split(model: nn.Module) -> TowerSplit:
         width *= len(layers)
     return TowerSplit(
         projectors=(main[0], *deep),
-        tower=tuple(tower),
         windowed=windowed,
         row_width=width,
         rows_per_token=family.patches_per_token(config),
