@@ -494,10 +494,10 @@ def tower_split(model: nn.Module) -> TowerSplit:
     windowed = None
     for root in projector_roots(model):
         module = model.get_submodule(root)
-        base = getattr(module, "original_module", None)  # peft's modules_to_save wrapper
-        if isinstance(module, nn.ModuleList) or isinstance(base, nn.ModuleList):
-            lst = module if isinstance(module, nn.ModuleList) else module.modules_to_save["default"]  # type: ignore[index]
-            deep.extend(lst)  # Qwen3-VL's DeepStack mergers, called in layer order
+        if isinstance(module, nn.ModuleList):
+            # Qwen3-VL's DeepStack mergers, called in layer order (under peft each member is wrapped
+            # on its own: training.trainable.lora_plan).
+            deep.extend(module)
         else:
             main.append(module)
     if len(main) != 1:

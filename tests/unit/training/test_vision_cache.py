@@ -105,6 +105,7 @@ def test_a_trained_projector_runs_on_cached_tower_outputs(tiny: tuple[Any, Any])
     cache = vision_cache.vision_cache_for(model, torch.device("cpu"), "on", ListReporter(), dtype_bytes=4)
     assert cache is not None and cache.split is not None
     assert cache.split.projectors == (merger,) and cache.split.rows_per_token == 4
+    assert cache.split.row_width == model.config.vision_config.embed_dim  # the tower's width, not the text's
     rep = ListReporter()
     cache.admit(items, rep)
     assert any("the tower's outputs of 2 distinct image sets" in m for _, m in rep.messages)
