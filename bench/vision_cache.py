@@ -1,14 +1,17 @@
 """Frozen vision features cached vs. recomputed: seconds per epoch, ``python bench/vision_cache.py``.
 
-The same LoRA run (tower and projector frozen: the default plan) with
-``cache_vision_features="on"`` and ``"off"``, each ``--repeats`` times interleaved in fresh
+Two cases (``--cases``): ``frozen``, the same LoRA run with tower and projector frozen (the default
+plan: the projected features are cached), and ``projector``, LoRA with ``train_projector`` (the
+frozen tower's outputs are cached and the projector trains on them). Each case runs with
+``cache_vision_features="on"`` and ``"off"``, every variant ``--repeats`` times interleaved in fresh
 processes with ``--threads`` torch threads. Model: ``openft-tiny-vlm`` with its processor's pixel
 budget raised to ``--image-size``² (448² by default: 1,024 patches, 256 image tokens per image;
 the shipped tiny processor would shrink such an image to 64 tokens). Data: synthetic shape
 pictures of ``--image-size`` px, one per example. Reported per variant as min/median/max over the
 runs: the up-front render (``prep s``), the first epoch's seconds and the mean of the later
 epochs' (the first epoch fills the cache; the later ones reuse it), the final train loss (equal
-across variants), and the 1-minute load average before/after the runs.
+between ``on`` and ``off`` of a case), and the 1-minute load average before/after the runs; then per
+case the later epochs' median time with the cache over the median without.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -59,7 +63,15 @@ def run_child(args: argparse.Namespace) -> dict:
         for i, (png, prompt, answer) in enumerate(data)
     ]
     with tempfile.TemporaryDirectory() as out:
-        cfg = openft_config(out, args, "lora", n_epochs=args.epochs, cache_vision_features=args.child)
+        case, cache = args.child.split(":")
+        cfg = openft_config(
+            out,
+            args,
+            "lora",
+            n_epochs=args.epochs,
+            cache_vision_features=cache,
+            train_projector=case == "projector",
+        )
         rep = TimingReporter()
         rep.watch_model()
         sft.run(cfg, examples, rep)
@@ -79,6 +91,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--cases", default="frozen,projector", help="comma-separated: frozen, projector")
     ap.add_argument("--model-dir", help=argparse.SUPPRESS)
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--json-out", help=argparse.SUPPRESS)
@@ -99,23 +112,32 @@ def main() -> None:
             ]
             return [sys.executable, __file__, *passed, f"--child={variant}", f"--json-out={json_out}"]
 
-        runs, errors = run_interleaved(["on", "off"], command, args.repeats, tmp)
+        cases = args.cases.split(",")
+        variants = [f"{case}:{cache}" for case in cases for cache in ("on", "off")]
+        runs, errors = run_interleaved(variants, command, args.repeats, tmp)
     print(
         f"\nopenft-tiny-vlm LoRA, {args.examples} examples of {args.image_size} px, batch {args.batch_size}, "
         f"{args.epochs} epochs, {args.threads} thread(s), {args.repeats} runs interleaved (min/median/max)"
     )
-    print("| cache | prep s | epoch 1 s | later epochs s (mean) | final loss | load |")
-    print("|---|---|---|---|---|---|")
+    print("| case | cache | prep s | epoch 1 s | later epochs s (mean) | final loss | load |")
+    print("|---|---|---|---|---|---|---|")
+    later: dict[str, list[float]] = {}
     for variant, results in runs.items():
+        case, cache = variant.split(":")
         if not results:
-            print(f"| {variant} | failed: {errors.get(variant)} |")
+            print(f"| {case} | {cache} | failed: {errors.get(variant)} |")
             continue
-        later = [sum(r["epoch_s"][1:]) / (len(r["epoch_s"]) - 1) for r in results]
+        later[variant] = [sum(r["epoch_s"][1:]) / (len(r["epoch_s"]) - 1) for r in results]
         print(
-            f"| {variant} | {spread([r['prep_s'] for r in results])} "
-            f"| {spread([r['epoch_s'][0] for r in results], '{:.2f}')} | {spread(later, '{:.2f}')} "
+            f"| {case} | {cache} | {spread([r['prep_s'] for r in results])} "
+            f"| {spread([r['epoch_s'][0] for r in results], '{:.2f}')} | {spread(later[variant], '{:.2f}')} "
             f"| {spread([r['last_loss'] for r in results], '{:.4f}')} | {load_range(results)} |"
         )
+    for case in cases:
+        on, off = later.get(f"{case}:on"), later.get(f"{case}:off")
+        if on and off:
+            ratio = statistics.median(on) / statistics.median(off)
+            print(f"{case}: later epochs with the cache take {ratio:.2f}x the time without (medians)")
 
 
 if __name__ == "__main__":

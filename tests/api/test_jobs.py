@@ -265,23 +265,32 @@ def test_parallelism_is_validated_on_create(client, train_file):
 
 
 def test_cache_vision_features_is_validated_on_create(client, train_file):
-    """``openft.cache_vision_features`` takes auto, on or off; 'on' with trained image features is
-    refused with what to do."""
+    """``openft.cache_vision_features`` takes auto, on or off; 'on' with a trained vision tower is
+    refused with what to do; 'on' with a trained projector (train_projector, full fine-tuning) is
+    accepted: the frozen tower's outputs are cached."""
     base = {"training_file": train_file.id, "model": "openft-tiny-vlm"}
     with pytest.raises(openai.BadRequestError) as e:
         client.fine_tuning.jobs.create(**base, extra_body={"openft": {"cache_vision_features": "yes"}})
     assert e.value.status_code == 400 and e.value.param == "openft.cache_vision_features"
-    for trained in ({"training_type": "full"}, {"training_type": "lora", "train_projector": True}):
+    for kind in ("full", "lora"):
         with pytest.raises(openai.BadRequestError) as e:
             client.fine_tuning.jobs.create(
-                **base, extra_body={"openft": {"cache_vision_features": "on", **trained}}
+                **base,
+                extra_body={
+                    "openft": {"cache_vision_features": "on", "training_type": kind, "train_vision_tower": True}
+                },
             )
         assert e.value.param == "openft.cache_vision_features" and e.value.code == "unsupported_parameter"
-        assert "needs frozen image features" in e.value.message
-    job = client.fine_tuning.jobs.create(
-        **base, extra_body={"openft": {"cache_vision_features": "on", "training_type": "lora"}}
-    )
-    assert job.status in ("validating_files", "queued")
+        assert "needs a frozen vision tower" in e.value.message and "train_vision_tower" in e.value.message
+    for accepted in (
+        {"training_type": "lora"},
+        {"training_type": "lora", "train_projector": True},
+        {"training_type": "full"},
+    ):
+        job = client.fine_tuning.jobs.create(
+            **base, extra_body={"openft": {"cache_vision_features": "on", **accepted}}
+        )
+        assert job.status in ("validating_files", "queued")
 
 
 def test_loss_kernel_is_validated_on_create(client, train_file):

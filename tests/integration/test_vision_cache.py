@@ -157,6 +157,89 @@ def test_cached_features_give_the_same_losses_with_one_tower_pass_per_image(
     assert counter.rows > 2 * once  # the uncached run encodes them every epoch and evaluation
 
 
+class _TowerRuns:
+    """Counts vision-tower rows (the projector's input after a pass of the tower) and keeps the
+    projector's weights of every model ``sft.run`` builds."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        from openft.models.families import find_family
+
+        self.rows = 0
+        self.fresh = False
+        self.projectors: list[dict[str, torch.Tensor]] = []
+        """Per model: its projector's parameters (trained in place), and peft's frozen originals."""
+        original = setup_mod._build_model
+
+        def build(*args: Any, **kwargs: Any) -> tuple[Any, Any]:
+            model, processor = original(*args, **kwargs)
+            family = find_family(model)
+            tower = next(m for n, m in model.named_modules() if n and family.component(n) == "vision_tower")  # type: ignore[union-attr]
+            tower.register_forward_hook(self._ran)
+            model.get_submodule(projector_roots(model)[0]).register_forward_pre_hook(self._count)
+            self.projectors.append(
+                {n: p for n, p in model.named_parameters() if family.component(n) == "projector"}  # type: ignore[union-attr]
+            )
+            return model, processor
+
+        monkeypatch.setattr(setup_mod, "_build_model", build)
+
+    def _ran(self, *args: Any) -> None:
+        self.fresh = True
+
+    def _count(self, module: Any, args: tuple[Any, ...]) -> None:
+        if self.fresh:  # the projector's input straight from a pass of the tower
+            self.rows += args[0].numel() // args[0].shape[-1]
+            self.fresh = False
+
+
+def _tower_rows(base: str, examples: list[ChatExample]) -> int:
+    """Vision-tower rows of the distinct examples with pictures: what one pass of the tower yields."""
+    from openft.models.families import find_family
+    from openft.models.loader import load_model
+    from openft.models.render import render_chat
+
+    model, processor = load_model(base, device="cpu")
+    token = model.config.image_token_id
+    per_token = find_family(model).patches_per_token(model.config)  # type: ignore[union-attr]
+    rendered = [render_chat(processor, ex.messages) for ex in examples]
+    return per_token * sum(r.input_ids.count(token) for r in rendered if r.vision)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_trained_projector_on_cached_tower_outputs_trains_as_without_the_cache(
+    family: str, models: Callable[[str], str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """LoRA with ``train_projector``: the tower is frozen, its outputs are cached once per distinct
+    image, and the projector still trains on them: the same losses and the same projector weights
+    after two shuffled epochs with validation as running the tower every step."""
+    base = models(family)
+    train, valid = _examples(1, 6), _examples(2, 3)
+    runs = _TowerRuns(monkeypatch)
+
+    cached = ListReporter()
+    sft.run(_cfg(base, tmp_path / "on", "on", train_projector=True), train, cached, valid_examples=valid)
+    rows_cached, runs.rows = runs.rows, 0
+    plain = ListReporter()
+    sft.run(_cfg(base, tmp_path / "off", "off", train_projector=True), train, plain, valid_examples=valid)
+
+    assert len(cached.steps) == len(plain.steps) == 6
+    assert _losses(cached) == pytest.approx(_losses(plain), abs=1e-6, rel=0)
+    assert any("trained projector: the tower's outputs" in m for _, m in cached.messages)
+    on, off = runs.projectors
+    trained = [n for n, p in off.items() if p.requires_grad]
+    assert trained and sorted(trained) == sorted(n for n, p in on.items() if p.requires_grad)
+    for name in trained:
+        torch.testing.assert_close(on[name], off[name], rtol=0, atol=1e-6)
+    # It did train: the weights moved from peft's frozen copy of the loaded projector.
+    assert any(
+        not torch.equal(off[n], off[n.replace(".modules_to_save.default.", ".original_module.")])
+        for n in trained
+    )
+    once = _tower_rows(base, train + valid)
+    assert rows_cached == once  # every distinct image through the tower exactly once
+    assert runs.rows > 2 * once  # the uncached run encodes them every epoch and evaluation
+
+
 def test_a_wrongly_keyed_cache_changes_the_losses(
     models: Callable[[str], str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -181,30 +264,37 @@ def test_a_wrongly_keyed_cache_changes_the_losses(
     assert _losses(wrong) != pytest.approx(_losses(plain), abs=1e-4)
 
 
+@pytest.mark.parametrize("train_projector", [False, True])
 def test_resumed_run_with_the_cache_matches_the_uninterrupted_run(
-    models: Callable[[str], str], tmp_path: Path
+    models: Callable[[str], str], tmp_path: Path, train_projector: bool
 ) -> None:
     """The cache is in memory only: a run stopped mid-epoch 2 and resumed refills it and gives the
-    losses of an uninterrupted run without it."""
+    losses of an uninterrupted run without it (projected features, or the tower's outputs under a
+    trained projector, whose weights come back from the checkpoint)."""
     from openft.errors import JobCancelled
 
     base = models("qwen2_vl")
     train, valid = _examples(3, 6), _examples(4, 2)
     whole = ListReporter()
-    sft.run(_cfg(base, tmp_path / "whole", "off"), train, whole, valid_examples=valid)
+    kw = {"train_projector": train_projector}
+    sft.run(_cfg(base, tmp_path / "whole", "off", **kw), train, whole, valid_examples=valid)
     out = tmp_path / "paused"
     first = ListReporter(stop_after=4)
     with pytest.raises(JobCancelled):
-        sft.run(_cfg(base, out, "on"), train, first, valid_examples=valid)
+        sft.run(_cfg(base, out, "on", **kw), train, first, valid_examples=valid)
     second = ListReporter()
-    sft.run(_cfg(base, out, "on"), train, second, valid_examples=valid, resume=True)
+    sft.run(_cfg(base, out, "on", **kw), train, second, valid_examples=valid, resume=True)
     assert [s["step"] for s in second.steps] == [5, 6]
     assert _losses(first) + _losses(second) == pytest.approx(_losses(whole), abs=1e-6, rel=0)
 
 
-def test_dpo_with_the_cache_matches_dpo_without(models: Callable[[str], str], tmp_path: Path) -> None:
+@pytest.mark.parametrize("train_projector", [False, True])
+def test_dpo_with_the_cache_matches_dpo_without(
+    models: Callable[[str], str], tmp_path: Path, train_projector: bool
+) -> None:
     """DPO's stacked chosen/rejected rows share their prompt's pictures: one cache entry serves both,
-    and the reference (adapter disabled) reuses it too."""
+    and the reference (adapter disabled: peft's original projector under ``train_projector``)
+    reuses it too."""
     from openft.datasets.formats import PreferenceExample
 
     base = models("qwen2_vl")
@@ -216,33 +306,52 @@ def test_dpo_with_the_cache_matches_dpo_without(models: Callable[[str], str], tm
     runs = {}
     for cache in ("on", "off"):
         rep = ListReporter()
-        dpo.run(_cfg(base, tmp_path / cache, cache), pairs, rep, beta=0.1)
+        dpo.run(_cfg(base, tmp_path / cache, cache, train_projector=train_projector), pairs, rep, beta=0.1)
         runs[cache] = rep
     assert _losses(runs["on"]) == pytest.approx(_losses(runs["off"]), abs=1e-6, rel=0)
     assert any("computed once and cached" in m for _, m in runs["on"].messages)
 
 
-def test_auto_declines_when_the_features_train(models: Callable[[str], str], tmp_path: Path) -> None:
-    """Full fine-tuning trains the projector: ``auto`` says why it does not cache, ``on`` is refused."""
+def test_full_fine_tuning_caches_the_tower_and_a_trained_tower_is_not_cached(
+    models: Callable[[str], str], tmp_path: Path
+) -> None:
+    """Full fine-tuning trains the projector but not the tower: ``auto`` caches the tower's outputs,
+    with the losses of ``off``. With ``train_vision_tower`` ``auto`` says why it does not cache and
+    ``on`` is refused."""
     from openft.errors import InvalidRequest
 
     base = models("qwen2_vl")
-    train = _examples(1, 2)
-    rep = ListReporter()
+    train, valid = _examples(1, 4), _examples(2, 2)
     cfg = TrainConfig(
         base_model=base,
         output_dir=tmp_path / "a",
-        n_epochs=1,
+        n_epochs=2,
         batch_size=2,
         learning_rate=1e-3,
         seed=0,
         device="cpu",
+        valid_every=2,
     )
-    sft.run(cfg, train, rep)
-    assert any("not cached: the vision tower or projector trains" in m for _, m in rep.messages)
+    runs = {}
+    for cache in ("auto", "off"):
+        rep = ListReporter()
+        sft.run(
+            TrainConfig(**{**cfg.__dict__, "output_dir": tmp_path / cache, "cache_vision_features": cache}),
+            train,
+            rep,
+            valid_examples=valid,
+        )
+        runs[cache] = rep
+    assert any("trained projector: the tower's outputs" in m for _, m in runs["auto"].messages)
+    assert _losses(runs["auto"]) == pytest.approx(_losses(runs["off"]), abs=1e-6, rel=0)
+
+    tower = {**cfg.__dict__, "n_epochs": 1, "train_vision_tower": True}
+    rep = ListReporter()
+    sft.run(TrainConfig(**{**tower, "output_dir": tmp_path / "t"}), train, rep)
+    assert any("not cached: the vision tower trains" in m for _, m in rep.messages)
     with pytest.raises(InvalidRequest, match="cache_vision_features 'on' is not possible"):
         sft.run(
-            TrainConfig(**{**cfg.__dict__, "output_dir": tmp_path / "b", "cache_vision_features": "on"}),
+            TrainConfig(**{**tower, "output_dir": tmp_path / "b", "cache_vision_features": "on"}),
             train,
             ListReporter(),
         )

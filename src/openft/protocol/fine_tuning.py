@@ -131,11 +131,13 @@ class OpenFTOptions(_Strict):
     across the processes; full fine-tuning only), ``auto``: FSDP2 for full fine-tuning that does not
     fit one device, else DDP."""
     cache_vision_features: Literal["auto", "on", "off"] = "auto"
-    """Compute each image's features once and reuse them every epoch and in validation, when the
-    vision tower and projector are both frozen (LoRA without ``train_vision_tower`` /
-    ``train_projector``): the same losses, no vision-tower pass after an image's first. ``auto``: on
-    when they are frozen and the features fit a quarter of the host's free memory; ``on``: also
-    beyond that budget (refused when the features train); ``off``: never."""
+    """Run the frozen vision tower once per image and reuse its work every epoch and in validation:
+    the same losses, no vision-tower pass after an image's first. With the projector frozen too
+    (LoRA without ``train_projector``) the projected features are kept; when the projector trains
+    (``train_projector``, or full fine-tuning) the tower's output is kept and the projector runs on
+    it every step. ``auto``: on when the tower is frozen and what is kept fits a quarter of the
+    host's free memory; ``on``: also beyond that budget (refused with ``train_vision_tower``);
+    ``off``: never."""
     loss_kernel: Literal["auto", "chunked", "plain", "liger"] = "auto"
     """How the loss meets the vocabulary (the same loss up to float error): ``chunked`` never holds
     more than one ~256 MB block of fp32 logits; ``liger``: Liger's fused kernels (a CUDA worker with
@@ -202,19 +204,10 @@ class CreateFineTuningJobRequest(Request):
                 param="openft.loss_kernel",
                 code="unsupported_parameter",
             )
-        trained = [
-            what
-            for what, on in (
-                ("training_type 'full' (it trains the projector)", self.openft.training_type == "full"),
-                ("train_vision_tower", self.openft.train_vision_tower),
-                ("train_projector", self.openft.train_projector),
-            )
-            if on
-        ]
-        if self.openft.cache_vision_features == "on" and trained:
+        if self.openft.cache_vision_features == "on" and self.openft.train_vision_tower:
             raise InvalidRequest(
-                "openft.cache_vision_features 'on' needs frozen image features, but this job trains them "
-                f"({', '.join(trained)}); use 'auto' or 'off', or train a LoRA adapter without them.",
+                "openft.cache_vision_features 'on' needs a frozen vision tower, but this job trains it "
+                "(train_vision_tower); use 'auto' or 'off', or leave the tower frozen.",
                 param="openft.cache_vision_features",
                 code="unsupported_parameter",
             )

@@ -116,13 +116,15 @@ class TrainConfig:
     ``None``: this process's share of the cores (its torch threads), at most one per 32 examples."""
 
     cache_vision_features: Literal["auto", "on", "off"] = "auto"
-    """Compute each image's features once and reuse them every epoch and in validation, when the
-    vision tower and projector are both frozen (the default LoRA plan; see
-    ``training.vision_cache``): same losses, no vision-tower forward after an image's first.
-    ``"auto"``: on when the features are frozen, the tower has no active dropout, the job is not
-    FSDP-sharded and the cache fits a quarter of the host's available memory (else off, the reason
-    logged). ``"on"``: also when the tower has dropout (it then runs in eval mode) or the cache
-    exceeds that budget; refused (``InvalidRequest``) when the features train. ``"off"``: never."""
+    """Run the frozen vision tower once per distinct image set and reuse its work every epoch and
+    in validation (``training.vision_cache``): same losses, no vision-tower forward after an image's
+    first. With the projector frozen too (the default LoRA plan) the projected features are cached;
+    when the projector trains (``train_projector``, full fine-tuning) the tower's outputs are, and
+    the projector runs on them with autograd every step. ``"auto"``: on when the tower is frozen,
+    has no active dropout, the job is not FSDP-sharded and the cache fits a quarter of the host's
+    available memory (else off, the reason logged). ``"on"``: also when the tower has dropout (it
+    then runs in eval mode) or the cache exceeds that budget; refused (``InvalidRequest``) when the
+    tower trains. ``"off"``: never."""
 
     parallelism: Literal["ddp", "fsdp"] = "ddp"
     """How a job on several processes splits the work (ignored on one process). ``"ddp"``: every

@@ -182,14 +182,6 @@ def plan_training(job: JobFacts, stats: DatasetStats, *, family: str | None) -> 
         )
     else:
         training_type = job.training_type
-    if job.cache_vision_features == "on" and training_type == "full":
-        raise JobFailed(
-            "openft.cache_vision_features 'on' needs frozen image features, but this job is full "
-            "fine-tuning (training_type 'auto' chose it), which trains the projector; use 'auto' or "
-            "'off', or training_type 'lora'.",
-            code="unsupported_parameter",
-            param="openft.cache_vision_features",
-        )
     hp = resolve_hparams(
         dict(job.requested),
         n_examples=stats.examples,

@@ -74,7 +74,15 @@ def lora_plan(
             raise InvalidRequest(
                 "train_projector was asked for but this base model has no vision projector", param="model"
             )
-        to_save += [r for r in roots if r not in to_save]
+        for root in roots:
+            # peft cannot wrap a ModuleList (Qwen3-VL's DeepStack mergers): its members are saved instead.
+            module = model.get_submodule(root)
+            names = (
+                [f"{root}.{child}" for child, _ in module.named_children()]
+                if isinstance(module, nn.ModuleList)
+                else [root]
+            )
+            to_save += [n for n in names if n not in to_save]
     return dataclasses.replace(lora, target_modules=tuple(targets), modules_to_save=tuple(to_save))
 
 

@@ -19,10 +19,26 @@ validation passes, the two sides of a DPO pair and resumed runs all find the sam
 
 Exactness: cached features are what the model computes, bit for bit, provided the tower is
 deterministic. Dropout inside a frozen tower would draw new masks each step, so while caching the
-tower and projector always run in eval mode (``auto`` declines a tower with active dropout rather
-than change it). When the projector or the tower trains (full fine-tuning always trains the
-projector), caching is off: the features change with every step, and caching only the tower's
-part would need a per-family split of ``get_image_features`` that transformers does not expose.
+frozen modules always run in eval mode (``auto`` declines a tower with active dropout rather than
+change it).
+
+When the projector trains but the tower is frozen (``train_projector``; full fine-tuning, which
+trains the projector unless ``train_vision_tower`` trains the tower too), the cache keeps the
+tower's output instead: the projector's input, per example. Every family's projector is a module
+that the model's ``get_image_features`` calls with the tower's output as its first argument
+(Qwen2-VL / Qwen2.5-VL ``visual.merger``, Qwen3-VL's ``visual.merger`` and DeepStack's
+``visual.deepstack_merger_list[i]`` on intermediate block outputs, LLaVA's and Gemma 3's
+``multi_modal_projector``, Idefics3/SmolVLM's ``connector``). So the wrapped ``get_image_features``
+runs the model's own code once per new image set without autograd, the tower in eval mode, and
+keeps each projector's input through a forward pre-hook; then, and for every later batch, it runs
+the projectors (with autograd, in the model's own mode) on the cached inputs of the batch's
+examples and returns their output in the model's format. The projectors act on each merged patch
+group, pooled image or tile on its own, so projecting one example's cached rows is projecting them
+in any batch. Qwen2.5-VL's tower works in window order and the model undoes it after the merger:
+each image's windows permute only its own merge units, so an example's rows are kept in window
+order with its part of the window index its forward used (from ``permute_input_for_window_attn``),
+and the merged rows are put back in image order as the model does (the same sums in the same
+order as without the cache, so gradients agree too).
 """
 
 from __future__ import annotations
@@ -30,6 +46,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import inspect
+import itertools
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -43,6 +60,7 @@ from openft.models.families import find_family
 from openft.models.render import Rendered
 from openft.training.memory import available_bytes, vision_cache_bytes
 from openft.training.reporter import Reporter
+from openft.training.trainable import projector_roots
 
 CacheMode = Literal["auto", "on", "off"]
 SLOTS_KEY = "openft_vision_slots"
@@ -58,9 +76,27 @@ HOST_BUDGET_FRACTION = 0.25
 @dataclass
 class _Entry:
     pooler: torch.Tensor
-    """``(n_image_tokens, hidden)``: the projected features of one example's images."""
+    """Frozen features: ``(n_image_tokens, hidden)``, the projected features of one example's
+    images. Tower features: the rows of the projector's input for them (flattened to 2-D)."""
     deepstack: list[torch.Tensor] | None
-    """Qwen3-VL: one ``(n_image_tokens, hidden)`` tensor per DeepStack layer."""
+    """Qwen3-VL: one tensor per DeepStack layer, like ``pooler`` (its merger's output or input)."""
+    order: torch.Tensor | None = None
+    """Qwen2.5-VL's tower features, kept in window order: the merged units' order back to the image's."""
+
+
+@dataclass(frozen=True)
+class TowerSplit:
+    """Where a model's frozen vision tower ends and its trained projector begins."""
+
+    projectors: tuple[nn.Module, ...]
+    """The projector modules as the model calls them: the main one first, then Qwen3-VL's
+    DeepStack mergers in layer order."""
+    windowed: nn.Module | None
+    """Qwen2.5-VL's vision model, whose tower runs in window order (``permute_input_for_window_attn``)."""
+    row_width: int
+    """Features per cached row (the tower's width; several selected layers side by side for LLaVA)."""
+    rows_per_token: int
+    """Tower rows folded into one image token by the projector (``Family.patches_per_token``)."""
 
 
 class VisionCache:
@@ -74,13 +110,16 @@ class VisionCache:
         mode: CacheMode,
         dtype_bytes: int,
         eval_modules: Sequence[nn.Module],
+        split: TowerSplit | None = None,
     ) -> None:
         self.device = device
         self.mode = mode
         self.dtype_bytes = dtype_bytes
         self.enabled = True
+        self.split = split
+        """Set when the projector trains: the cache keeps the tower's output (module docstring)."""
         self.tower_calls = 0
-        """Calls of the model's ``get_image_features`` (each runs the vision tower once)."""
+        """Vision-tower passes (calls of the model's ``get_image_features`` that ran it)."""
         self.hits = 0
         """Examples whose features came from the cache."""
         config = model.config
@@ -93,7 +132,8 @@ class VisionCache:
         self._eval_modules = list(eval_modules)
         self._inner = _feature_module(model)
         self._original = self._inner.get_image_features
-        self._inner.get_image_features = self._capture  # the instance attribute wins over the method
+        # The instance attribute wins over the method.
+        self._inner.get_image_features = self._capture if split is None else self._capture_tower
         self._slots: dict[bytes, int] = {}
         self._tokens: list[int] = []
         self._entries: list[_Entry | None] = []
@@ -102,6 +142,8 @@ class VisionCache:
         self._pending: list[int] | None = None
         self._captured: Any = None
         self._pooler_is_tensor = False
+        self._row_shapes: list[torch.Size] = []
+        """Tower features: each projector's input shape after its first dimension (restored from rows)."""
 
     # --- host side (the collate thread) ----------------------------------------------------------
 
@@ -139,12 +181,23 @@ class VisionCache:
             self.close()
             return
         slots = {self.slot_of(r) for r in with_images}
-        need = vision_cache_bytes(
-            image_tokens=sum(self._tokens[s] for s in slots),
-            hidden_size=self._hidden,
-            layers=self._layers,
-            dtype_bytes=self.dtype_bytes,
-        )
+        tokens = sum(self._tokens[s] for s in slots)
+        if self.split is None:
+            need = vision_cache_bytes(
+                image_tokens=tokens,
+                hidden_size=self._hidden,
+                layers=self._layers,
+                dtype_bytes=self.dtype_bytes,
+            )
+            what = "frozen vision tower: features"
+        else:
+            need = vision_cache_bytes(
+                image_tokens=tokens * self.split.rows_per_token,
+                hidden_size=self.split.row_width,
+                layers=len(self.split.projectors),
+                dtype_bytes=self.dtype_bytes,
+            )
+            what = "frozen vision tower, trained projector: the tower's outputs"
         budget = int(available_bytes("cpu") * HOST_BUDGET_FRACTION)
         gib = need / 2**30
         if self.mode == "auto" and need > budget:
@@ -157,7 +210,7 @@ class VisionCache:
             )
             return
         reporter.on_message(
-            f"frozen vision tower: features of {len(slots)} distinct image sets are computed once and "
+            f"{what} of {len(slots)} distinct image sets are computed once and "
             f"cached in host memory ({gib:.3f} GiB)",
             once="vision-cache",
         )
@@ -175,11 +228,20 @@ class VisionCache:
     @contextlib.contextmanager
     def serving(self, batch: dict[str, Any], slots: torch.Tensor | None) -> Iterator[dict[str, Any]]:
         """Around one model call: ``batch`` with cached features instead of pixels when every
-        example's are cached; otherwise ``batch`` as is, and the features the call computes are kept."""
+        example's are cached; otherwise ``batch`` as is, and the features the call computes are kept.
+        Tower features: ``batch`` as is (the projector runs inside the model's call, where it would
+        without the cache), the wrapped ``get_image_features`` told which examples it serves."""
         if not self.enabled or slots is None:
             yield batch
             return
         wanted = slots.tolist()
+        if self.split is not None:
+            self._pending = wanted
+            try:
+                yield batch
+            finally:
+                self._pending = None
+            return
         entries = [self._entries[s] for s in wanted]
         if all(e is not None for e in entries):
             self.hits += len(entries)
@@ -194,22 +256,26 @@ class VisionCache:
             self._pending = self._captured = None
 
     def _from_cache(self, batch: dict[str, Any], entries: list[_Entry]) -> dict[str, Any]:
+        pooled = [self._up(e.pooler) for e in entries]
+        deep = None
+        if entries[0].deepstack is not None:
+            deep = [[self._up(e.deepstack[k]) for e in entries] for k in range(len(entries[0].deepstack))]  # type: ignore[index]
+        rest = {k: v for k, v in batch.items() if k not in PIXEL_KEYS}
+        return {**rest, "mm_encoder_outputs": {"image": self._features(pooled, deep)}}
+
+    def _up(self, t: torch.Tensor) -> torch.Tensor:
+        return t.to(self.device, non_blocking=True)
+
+    def _features(self, pooled: list[torch.Tensor], deep: list[list[torch.Tensor]] | None) -> Any:
+        """Per-example features (and DeepStack layers) in the form ``get_image_features`` returns."""
         from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-        def up(t: torch.Tensor) -> torch.Tensor:
-            return t.to(self.device, non_blocking=True)
-
-        pooled = [up(e.pooler) for e in entries]
         out = BaseModelOutputWithPooling(
             pooler_output=torch.cat(pooled) if self._pooler_is_tensor else tuple(pooled)
         )
-        if entries[0].deepstack is not None:
-            out["deepstack_features"] = [
-                tuple(up(e.deepstack[k]) for e in entries)  # type: ignore[index]
-                for k in range(len(entries[0].deepstack))
-            ]
-        rest = {k: v for k, v in batch.items() if k not in PIXEL_KEYS}
-        return {**rest, "mm_encoder_outputs": {"image": out}}
+        if deep is not None:
+            out["deepstack_features"] = [tuple(layer) for layer in deep]
+        return out
 
     def _capture(self, *args: Any, **kwargs: Any) -> Any:
         """The model's ``get_image_features``, tower and projector in eval mode and without autograd
@@ -220,6 +286,93 @@ class VisionCache:
         if self._pending is not None:
             self._captured = out
         return out
+
+    def _capture_tower(self, *args: Any, **kwargs: Any) -> Any:
+        """The model's ``get_image_features`` when the projector trains: the tower's output from the
+        cache (running the tower once, without autograd, for a batch with a new image set), then
+        the projectors on it with autograd."""
+        wanted = self._pending
+        if wanted is None:  # not a call openft tagged (no slots): the model's own path
+            with _eval_mode(self._eval_modules):
+                return self._original(*args, **kwargs)
+        if any(self._entries[s] is None for s in wanted):
+            self._run_tower(wanted, args, kwargs)
+        else:
+            self.hits += len(wanted)
+        return self._project(wanted)
+
+    def _run_tower(self, wanted: list[int], args: Any, kwargs: Any) -> None:
+        split = self.split
+        assert split is not None
+        self.tower_calls += 1
+        inputs: dict[int, torch.Tensor] = {}
+        windows: list[torch.Tensor] = []
+
+        def keeper(i: int) -> Any:
+            def keep(module: nn.Module, args: tuple[Any, ...]) -> None:
+                inputs.setdefault(i, args[0])
+
+            return keep
+
+        hooks = [m.register_forward_pre_hook(keeper(i)) for i, m in enumerate(split.projectors)]
+        owner = split.windowed
+        if owner is not None:
+            method = type(owner).permute_input_for_window_attn  # type: ignore[attr-defined]
+
+            def permute(t: torch.Tensor, window_index: torch.Tensor, seq_len: int) -> torch.Tensor:
+                windows.append(window_index)
+                return method(owner, t, window_index, seq_len=seq_len)
+
+            owner.permute_input_for_window_attn = permute  # type: ignore[assignment]
+        try:
+            with torch.no_grad(), _eval_mode(self._eval_modules):
+                out = self._original(*args, **kwargs)
+        finally:
+            for h in hooks:
+                h.remove()
+            if owner is not None:
+                del owner.permute_input_for_window_attn
+        if len(inputs) != len(split.projectors):
+            raise RuntimeError(
+                f"the model's get_image_features called {len(inputs)} of {len(split.projectors)} projectors"
+            )
+        self._pooler_is_tensor = isinstance(out.pooler_output, torch.Tensor)
+        feats = [inputs[i] for i in range(len(split.projectors))]
+        self._row_shapes = [f.shape[1:] for f in feats]
+        tokens = sum(self._tokens[s] for s in wanted)
+        rows = feats[0].numel() // feats[0].shape[-1]
+        if tokens == 0 or rows % tokens:
+            raise RuntimeError(f"{rows} vision-tower rows for {tokens} image tokens")
+        counts = [self._tokens[s] * (rows // tokens) for s in wanted]
+        parts = [_split_rows(f, counts) for f in feats]
+        # Qwen2.5-VL: each image's windows are a permutation of its own merged units, so an
+        # example's rows stay in window order (the merger sees what it sees without the cache) and
+        # its own window index says how its merged units go back to image order.
+        orders = torch.split(windows[0], [self._tokens[s] for s in wanted]) if windows else None
+        start = 0
+        for i, slot in enumerate(wanted):
+            if self._entries[slot] is None:
+                kept = [self._to_host(p[i]) for p in parts]
+                order = None if orders is None else torch.argsort(orders[i] - start).cpu()
+                self._entries[slot] = _Entry(kept[0], kept[1:] if len(kept) > 1 else None, order)
+            start += self._tokens[slot]
+
+    def _project(self, wanted: list[int]) -> Any:
+        """The projectors (with autograd) on the cached tower outputs of ``wanted``, per example."""
+        split = self.split
+        assert split is not None
+        entries: list[_Entry] = [self._entries[s] for s in wanted]  # type: ignore[misc]
+        counts = [self._tokens[s] for s in wanted]
+        back = None
+        if entries[0].order is not None:  # Qwen2.5-VL: what the model does after its merger
+            offsets = [0, *itertools.accumulate(counts)][:-1]
+            back = self._up(torch.cat([e.order + o for e, o in zip(entries, offsets, strict=True)]))  # type: ignore[operator]
+        outs = []
+        for i, (projector, shape) in enumerate(zip(split.projectors, self._row_shapes, strict=True)):
+            rows = torch.cat([self._up(e.pooler if i == 0 else e.deepstack[i - 1]) for e in entries])  # type: ignore[index]
+            out = projector(rows.reshape(-1, *shape))
+            outs.append(_split_rows(out if back is None else out[back], counts, detach=False))
+        return self._features(list(outs[0]), [list(o) for o in outs[1:]] if len(outs) > 1 else None)
 
     def _store(self, slots: list[int], out: Any) -> None:
         pooler = out.pooler_output
@@ -241,7 +394,7 @@ class VisionCache:
         return t.detach().clone()  # not a view: the batch's features must be freeable
 
 
-def _split_rows(features: Any, counts: list[int]) -> tuple[torch.Tensor, ...]:
+def _split_rows(features: Any, counts: list[int], *, detach: bool = True) -> tuple[torch.Tensor, ...]:
     rows = (
         torch.cat([f.reshape(-1, f.shape[-1]) for f in features])
         if isinstance(features, (list, tuple))
@@ -249,7 +402,7 @@ def _split_rows(features: Any, counts: list[int]) -> tuple[torch.Tensor, ...]:
     )
     if rows.shape[0] != sum(counts):
         raise RuntimeError(f"{rows.shape[0]} image features for {sum(counts)} image tokens")
-    return torch.split(rows.detach(), counts)
+    return torch.split(rows.detach() if detach else rows, counts)
 
 
 @contextlib.contextmanager
@@ -288,8 +441,9 @@ def vision_cache_for(
     sharded: bool = False,
 ) -> VisionCache | None:
     """A cache when ``mode`` allows one and it would be exact, else None (with the reason said when
-    the model has a vision tower). ``on`` refuses a model whose image features train. ``sharded``:
-    the job runs under FSDP."""
+    the model has a vision tower): of the image features when tower and projector are frozen, of the
+    tower's output when only the projector trains. ``on`` refuses a model whose tower trains or
+    whose split is unknown. ``sharded``: the job runs under FSDP."""
     family = find_family(model)
     if mode == "off" or family is None:
         return None
@@ -301,21 +455,22 @@ def vision_cache_for(
     if not vision:
         return None
     why_not = None
-    trains = any(
-        p.requires_grad
-        for name, p in model.named_parameters()
-        if family.component(name) in ("vision_tower", "projector")
-    )
-    dropout = _active_dropout(model, [m for _, m in vision])
-    if trains:
-        why_not = "the vision tower or projector trains, so image features change every step"
+    training = {family.component(name) for name, p in model.named_parameters() if p.requires_grad}
+    split = None
+    if "vision_tower" in training:
+        why_not = "the vision tower trains, so its outputs change every step"
     elif sharded:
         why_not = "the model is sharded (FSDP), where every rank must run the same vision forwards"
     else:
         try:
             _feature_module(model)
+            if "projector" in training:
+                split = tower_split(model)
         except LookupError as e:
             why_not = str(e)
+    # What runs frozen: the tower, and the projector unless it trains (then it runs as without the cache).
+    frozen = [m for n, m in vision if split is None or family.component(n) == "vision_tower"]
+    dropout = _active_dropout(model, frozen)
     if why_not is None and dropout and mode == "auto":
         why_not = f"the frozen vision tower has active dropout ({dropout}); set cache_vision_features 'on' to run it without"
     if why_not is not None:
@@ -325,7 +480,45 @@ def vision_cache_for(
             )
         reporter.on_message(f"vision features are not cached: {why_not}", once="vision-cache")
         return None
-    return VisionCache(model, device, mode=mode, dtype_bytes=dtype_bytes, eval_modules=[m for _, m in vision])
+    return VisionCache(model, device, mode=mode, dtype_bytes=dtype_bytes, eval_modules=frozen, split=split)
+
+
+def tower_split(model: nn.Module) -> TowerSplit:
+    """The tower/projector boundary of ``model`` (frozen tower, trained projector), or LookupError
+    saying why there is none we can cache at."""
+    family = find_family(model)
+    if family is None:
+        raise LookupError(f"{type(model).__name__} has no vision family")
+    main: list[nn.Module] = []
+    deep: list[nn.Module] = []
+    windowed = None
+    for root in projector_roots(model):
+        module = model.get_submodule(root)
+        if isinstance(module, nn.ModuleList):
+            # Qwen3-VL's DeepStack mergers, called in layer order (under peft each member is wrapped
+            # on its own: training.trainable.lora_plan).
+            deep.extend(module)
+        else:
+            main.append(module)
+    if len(main) != 1:
+        raise LookupError(
+            f"{type(model).__name__} has {len(main)} projector modules where one takes the tower's output"
+        )
+    for module in model.modules():
+        if hasattr(type(module), "permute_input_for_window_attn"):  # Qwen2.5-VL's vision model
+            windowed = module
+    config = model.config
+    vc = config.vision_config
+    width = int(getattr(vc, "embed_dim", None) or vc.hidden_size)  # Qwen2-VL: embed_dim; others: hidden_size
+    layers = getattr(config, "vision_feature_layer", None)
+    if isinstance(layers, (list, tuple)):  # LLaVA: several selected layers side by side
+        width *= len(layers)
+    return TowerSplit(
+        projectors=(main[0], *deep),
+        windowed=windowed,
+        row_width=width,
+        rows_per_token=family.patches_per_token(config),
+    )
 
 
 def _active_dropout(model: nn.Module, modules: Sequence[nn.Module]) -> str:

@@ -192,19 +192,22 @@ def test_plan_parallelism_shards_the_training_state_when_it_does_not_fit() -> No
     assert cfg.parallelism == "fsdp"
 
 
-def test_cache_vision_features_reaches_the_recipe_and_on_is_refused_for_full_training(tmp_path: Path) -> None:
+def test_cache_vision_features_reaches_the_recipe_with_lora_and_full_training(tmp_path: Path) -> None:
     real = "Qwen/Qwen2-VL-2B-Instruct"
     plan = plan_training(JobFacts(real, "supervised", cache_vision_features="off"), STATS, family="qwen2_vl")
     cfg = plan.train_config(
         base_model="/m", output_dir=tmp_path, seed=0, device="cpu", init_weights=None, micro_batch_size=None
     )
     assert cfg.lora is not None and cfg.cache_vision_features == "off"
-    # training_type auto is full for the tiny model: it trains the projector, so "on" cannot hold.
-    with pytest.raises(JobFailed, match="cache_vision_features 'on' needs frozen image features") as e:
-        plan_training(
-            JobFacts("openft-tiny-vlm", "supervised", cache_vision_features="on"), STATS, family="qwen2_vl"
-        )
-    assert e.value.param == "openft.cache_vision_features"
+    # training_type auto is full for the tiny model: it trains the projector on the frozen tower's
+    # cached outputs.
+    plan = plan_training(
+        JobFacts("openft-tiny-vlm", "supervised", cache_vision_features="on"), STATS, family="qwen2_vl"
+    )
+    cfg = plan.train_config(
+        base_model="/m", output_dir=tmp_path, seed=0, device="cpu", init_weights=None, micro_batch_size=None
+    )
+    assert cfg.lora is None and cfg.cache_vision_features == "on" and not cfg.train_vision_tower
 
 
 @pytest.mark.parametrize("asked", ["plain", "chunked", "liger", "auto"])

@@ -206,3 +206,19 @@ def test_selection_and_memory_facts_per_family(three_models: dict[str, str], kin
     for train_vision_tower, n_targets in zip((False, True), want["lora_targets"], strict=True):
         plan = lora_plan(model, LORA, train_vision_tower=train_vision_tower, train_projector=False)
         assert len(plan.target_modules) == n_targets
+
+
+def test_lora_train_projector_saves_qwen3_deepstack_mergers_one_by_one(three_models: dict[str, str]) -> None:
+    """Qwen3-VL's projector includes a ModuleList of DeepStack mergers, which peft cannot wrap as a
+    whole: each merger is saved (and trained) on its own, the merger's copy counted once."""
+    model, _ = load_model(three_models["qwen3_vl"], device="cpu", trainable=True)
+    plan = lora_plan(model, LORA, train_vision_tower=False, train_projector=True)
+    n = len(model.get_submodule("model.visual.deepstack_merger_list"))
+    assert n > 0
+    assert plan.modules_to_save == (
+        "model.visual.merger",
+        *(f"model.visual.deepstack_merger_list.{i}" for i in range(n)),
+    )
+    peft_model = apply_lora(model, plan)
+    trained, total = parameter_counts(peft_model)["projector"]
+    assert trained == total > 0

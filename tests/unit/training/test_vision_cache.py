@@ -75,15 +75,48 @@ def test_the_cache_size_is_one_row_per_image_token_and_deepstack_layer() -> None
     assert vision_cache_bytes(image_tokens=256, hidden_size=1536, layers=4, dtype_bytes=2) == 4 * 786_432
 
 
-def test_features_that_train_are_not_cached(tiny: tuple[Any, Any]) -> None:
+def test_a_trained_tower_is_not_cached(tiny: tuple[Any, Any]) -> None:
     model, _ = tiny
-    model.get_submodule("model.visual.merger").requires_grad_(True)  # a LoRA plan with train_projector
+    model.get_submodule("model.visual.blocks").requires_grad_(True)  # train_vision_tower
     rep = ListReporter()
     assert vision_cache.vision_cache_for(model, torch.device("cpu"), "auto", rep, dtype_bytes=4) is None
-    assert any("projector trains" in m for _, m in rep.messages)
+    assert any("the vision tower trains" in m for _, m in rep.messages)
     with pytest.raises(InvalidRequest, match="not possible") as e:
         vision_cache.vision_cache_for(model, torch.device("cpu"), "on", rep, dtype_bytes=4)
     assert e.value.param == "openft.cache_vision_features"
+
+
+def test_a_trained_projector_runs_on_cached_tower_outputs(tiny: tuple[Any, Any]) -> None:
+    """``train_projector``: the second forward (rows swapped) takes the tower's output from the cache
+    and gives the logits and the projector gradients of the model without the cache."""
+    model, processor = tiny
+    merger = model.get_submodule("model.visual.merger")
+    merger.requires_grad_(True)
+    items = _rendered(processor, [(200, 0, 0), (0, 0, 200)])
+    plain = _feeder(processor, None)
+
+    def step(feeder: Feeder, rows: list[Rendered]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        model.zero_grad()
+        logits = feeder.forward(model, feeder.collate(rows)).logits
+        (logits.float() ** 2).mean().backward()
+        return logits.detach(), [p.grad.clone() for p in merger.parameters()]  # type: ignore[union-attr]
+
+    want = step(plain, items[::-1])
+    cache = vision_cache.vision_cache_for(model, torch.device("cpu"), "on", ListReporter(), dtype_bytes=4)
+    assert cache is not None and cache.split is not None
+    assert cache.split.projectors == (merger,) and cache.split.rows_per_token == 4
+    assert cache.split.row_width == model.config.vision_config.embed_dim  # the tower's width, not the text's
+    rep = ListReporter()
+    cache.admit(items, rep)
+    assert any("the tower's outputs of 2 distinct image sets" in m for _, m in rep.messages)
+    fed = _feeder(processor, cache)
+    step(fed, items)  # fills the cache
+    got = step(fed, items[::-1])
+    assert cache.tower_calls == 1 and cache.hits == 2
+    torch.testing.assert_close(got[0], want[0], rtol=0, atol=1e-6)
+    for g, w in zip(got[1], want[1], strict=True):
+        torch.testing.assert_close(g, w, rtol=0, atol=1e-7)
+    assert any(g.abs().sum() > 0 for g in got[1])
 
 
 def test_fsdp_and_off_do_not_cache(tiny: tuple[Any, Any]) -> None:
