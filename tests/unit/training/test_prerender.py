@@ -10,6 +10,7 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import random
+import signal
 import threading
 from typing import TypeVar
 
@@ -18,7 +19,7 @@ import torch
 from PIL import Image
 
 from openft.datasets.formats import ChatExample, ImagePart, Message, TextPart
-from openft.errors import InvalidRequest
+from openft.errors import InvalidRequest, JobFailed
 from openft.models.loader import load_model, resolve_base
 from openft.models.render import Rendered
 from openft.training import prerender
@@ -360,3 +361,50 @@ def test_files_a_killed_pre_pass_left_are_swept_by_the_next_one(tmp_path, monkey
     assert prerender.sweep_stale_segments() == 0  # too fresh: could be another namespace's
     assert prerender.sweep_stale_segments(now=old) == len(left)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, other.name])
+
+
+_KILLS = multiprocessing.get_context("fork").Value("i", 0)
+"""Render workers killed so far by ``_killing_at_3`` (shared with the forked workers)."""
+
+
+def _killing_at_3(i: int, *, times: int) -> torch.Tensor:
+    """Item ``i`` (1 MiB: through /dev/shm); a worker rendering item 3 SIGKILLs itself, as the
+    kernel's out-of-memory killer would, the first ``times`` times (never this test process)."""
+    if i == 3 and os.getpid() != _PARENT:
+        with _KILLS.get_lock():
+            kill = _KILLS.value < times
+            _KILLS.value += kill
+        if kill:
+            os.kill(os.getpid(), signal.SIGKILL)
+    return torch.full((1 << 18,), float(i))
+
+
+def _pre_pass_with_kills(times: int) -> list[torch.Tensor]:
+    _as_the_parent()
+    _KILLS.value = 0
+    return render_all(functools.partial(_killing_at_3, times=times), list(range(40)), workers=2)
+
+
+def test_a_worker_killed_mid_render_has_its_chunk_rendered_again_and_nothing_is_left() -> None:
+    # multiprocessing.Pool replaced the dead worker but lost its task: this pre-pass waited forever.
+    out = _pre_pass_with_kills(times=1)
+    assert _KILLS.value == 1  # a worker did die on item 3
+    assert len(out) == 40
+    for i, got in enumerate(out):  # the serial results, in order
+        assert torch.equal(got, torch.full((1 << 18,), float(i)))
+    assert multiprocessing.active_children() == []
+    assert _segments() == []
+
+
+def test_a_chunk_that_kills_every_worker_fails_the_pre_pass_with_a_clear_error() -> None:
+    with pytest.raises(JobFailed) as caught:
+        _pre_pass_with_kills(times=1000)
+    assert _KILLS.value == prerender.MAX_KILLS  # retried on a new worker once, then given up
+    error = caught.value
+    assert error.code == "render_worker_killed"
+    assert "killed by signal 9 (SIGKILL), most likely by the kernel's out-of-memory killer" in error.message
+    assert "rendering examples 4-6 of the file, 2 times" in error.message
+    assert "render_workers" in error.message and "more memory" in error.message
+    assert multiprocessing.active_children() == []
+    assert _segments() == []
+    assert len(_pre_pass_with_kills(times=0)) == 40  # the next pre-pass works
