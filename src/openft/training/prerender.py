@@ -4,10 +4,12 @@ Rendering (chat template, tokenizer, image decode and resize, patchify) is CPU w
 run before the first step; on one core a 448-px Qwen2-VL image costs ~20 ms, so a 50k-image
 file keeps a GPU idle for minutes. :func:`render_all` spreads it over processes: fork hands the
 processor and the examples to the workers for free (no pickling, no reload from disk); the
-examples are cut into chunks that every process, this one included, claims in file order from a
-shared counter; this process renders a chunk only when no worker's result is waiting for it.
+examples are cut into chunks that this process hands out in file order, each worker through its
+own pipe, rendering one itself between receiving the workers' results. A worker that dies (the
+out-of-memory killer's SIGKILL) has its chunks rendered by a new one; a chunk that kills two
+fails the pre-pass with a :class:`JobFailed` that says so (:class:`_Workers`).
 
-A result's large buffers (pixels: 4.6 MiB per 448-px image in fp32) do not cross the pool's pipe:
+A result's large buffers (pixels: 4.6 MiB per 448-px image in fp32) do not cross a worker's pipe:
 pickled through a pipe they cost the receiving process about as much CPU as rendering them
 (64 KiB reads, several copies: 15-24 ms per 448-px image here against ~20 ms to render one, so two
 processes were slower than one; bench/README.md). A worker pickles a chunk's results with protocol 5, writes the out-of-band
@@ -15,14 +17,14 @@ buffers into one file in ``/dev/shm`` (tmpfs: memory) and sends only its name; t
 them straight into fresh tensors and unlinks the file. Lifetime: the worker creates and closes the
 file but never unlinks it once sent; this process unlinks every file it is sent, also the results
 it discards after a failure or while it is unwinding, so none is left behind (a process killed
-mid-render excepted: the next pre-pass on the machine removes files left by a parent that no
+mid-render excepted: a worker's unsent file is removed when its death is seen, and the next pre-pass on the machine removes files left by a parent that no
 longer exists, once they are :data:`STALE_AFTER_S` old). Without room there (``ENOSPC``, no ``/dev/shm``) the chunk goes through the
 pipe as before. Not torch's own tensor sharing: it hands over one file descriptor per tensor,
 which runs out at tens of thousands of images, and its tensors would keep ``/dev/shm`` charged
 for the whole run.
 
 An example that fails raises the same :class:`InvalidRequest` (message, param, code) as the serial
-path, for the first failing example in file order: chunks are claimed in order and no process
+path, for the first failing example in file order: chunks are handed out in order and no process
 starts an example after the earliest failure seen so far, so every example before it is rendered.
 
 Pixels are also stored compactly: ``pixel_dtype`` (bf16 when the run autocasts to bf16) halves
@@ -245,8 +247,9 @@ class _Workers:
     This process hands out the chunks in file order (each worker holds at most
     :data:`WORKER_DEPTH`, so it has the next one while this one is busy) and, between receiving
     the replies waiting, renders the next chunk itself (were it to render only when no reply
-    waits, receiving a worker's results, as costly as rendering them, could take all its time). Each worker has its own pipes, so nothing is shared that a worker killed at
-    any line could leave locked (``multiprocessing.Pool`` shares a result pipe and its lock, and
+    waits, receiving a worker's results, as costly as rendering them, could take all its time).
+    Each worker has its own pipes, so nothing is shared that a worker killed at any line could
+    leave locked (``multiprocessing.Pool`` shares a result pipe and its lock, and
     loses the task of a worker that dies: the pre-pass then waited forever). A worker's death is
     seen on its process sentinel: the chunk it was rendering and those queued behind it go to
     a new worker (never to this process: a chunk that kills its renderer would kill the training
@@ -260,7 +263,7 @@ class _Workers:
         self.workers: list[_Worker] = []
         self.todo: deque[int] = deque(range(run.n_chunks))  # not yet handed out, in file order
         self.retry: deque[int] = deque()  # a dead worker's chunks: for workers only
-        self.kills: dict[int, int] = {}
+        self.kills: dict[int | None, int] = {}  # workers killed, by the chunk they were rendering
         self.done: dict[int, list[tuple[str, Any]]] = {}
 
     def collect(self) -> dict[int, list[tuple[str, Any]]]:
@@ -341,25 +344,28 @@ class _Workers:
                 break  # one reply at a time: the loop hands it new work meanwhile
         if not dead:
             return
+        exitcode = self._forget(worker)
+        # It was rendering the first of its chunks, the others queued behind it (none: it died
+        # idle, or starting; counted too, so that workers which cannot start end the pre-pass).
+        first = worker.assigned[0] if worker.assigned else None
+        self.kills[first] = self.kills.get(first, 0) + 1
+        if self.kills[first] >= MAX_KILLS:
+            raise _killed(self.run, first, exitcode, self.kills[first])
+        self.retry = deque(sorted([*self.retry, *worker.assigned]))
+        self._start()
+
+    def _forget(self, worker: _Worker) -> int | None:
+        """Join ``worker`` (its pipe read to its end) and free what it held; its exit code."""
         worker.process.join()
-        pid, exitcode = worker.process.pid, worker.process.exitcode
-        self._forget(worker)
+        exitcode, pid = worker.process.exitcode, worker.process.pid
         # A file it wrote but did not send (killed between the two): every one it sent is unlinked.
         for path in SHM_DIR.glob(f"{SEGMENT_PREFIX}{os.getpid()}-{pid}-*"):
             path.unlink(missing_ok=True)
-        if worker.assigned:  # it was rendering the first; the others were queued behind it
-            first = worker.assigned[0]
-            self.kills[first] = self.kills.get(first, 0) + 1
-            if self.kills[first] >= MAX_KILLS:
-                raise _killed(self.run, first, exitcode, self.kills[first])
-            self.retry = deque(sorted([*self.retry, *worker.assigned]))
-        self._start()
-
-    def _forget(self, worker: _Worker) -> None:
         self.workers.remove(worker)
         worker.tasks.close()
         worker.results.close()
         worker.process.close()
+        return exitcode
 
     def _stop(self) -> None:
         """Tell every worker to stop (skipping what it holds if unwinding), read its pipe to its
@@ -379,7 +385,6 @@ class _Workers:
                     break
                 if isinstance(reply, _Shipped):
                     _release(reply)
-            worker.process.join()
             self._forget(worker)
 
 
@@ -389,9 +394,7 @@ MAX_KILLS = 2
 """Workers a chunk may see killed before the pre-pass fails (once may be another job's memory)."""
 
 
-def _killed(run: _Run, index: int, exitcode: int | None, kills: int) -> JobFailed:
-    first = index * run.chunk
-    last = min(first + run.chunk, len(run.items))
+def _killed(run: _Run, index: int | None, exitcode: int | None, kills: int) -> JobFailed:
     if exitcode is not None and exitcode < 0:
         how = f"was killed by signal {-exitcode} ({signal.Signals(-exitcode).name})"
         if -exitcode == signal.SIGKILL:
@@ -399,12 +402,19 @@ def _killed(run: _Run, index: int, exitcode: int | None, kills: int) -> JobFaile
     else:
         how = f"exited with status {exitcode}"
     return JobFailed(
-        f"A render worker process {how} while rendering examples {first + 1}-{last} of the file, "
-        f"{kills} times. Give the job more memory, or render on fewer processes "
-        "(openft render_workers, 1 renders serially in the training process), or shorten or "
-        "downscale those examples' images.",
+        f"A render worker process {how} {_doing(run, index)}, {kills} times. Give the openft "
+        "worker more memory, or render on fewer processes (render_workers, or OPENFT_TORCH_THREADS "
+        "on the worker: 1 renders in the training process only), or use smaller images in those "
+        "examples.",
         code="render_worker_killed",
     )
+
+
+def _doing(run: _Run, index: int | None) -> str:
+    if index is None:
+        return "while starting or between chunks"
+    first = index * run.chunk
+    return f"while rendering examples {first + 1}-{min(first + run.chunk, len(run.items))} of the file"
 
 
 def _worker_main(tasks: Connection, results: Connection, theirs: list[Connection]) -> None:

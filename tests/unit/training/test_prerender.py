@@ -364,18 +364,31 @@ def test_files_a_killed_pre_pass_left_are_swept_by_the_next_one(tmp_path, monkey
 
 
 _KILLS = multiprocessing.get_context("fork").Value("i", 0)
-"""Render workers killed so far by ``_killing_at_3`` (shared with the forked workers)."""
+"""Render workers killed so far by ``_kill_this_worker`` (shared with the forked workers)."""
+
+
+def _to_be_killed(times: int) -> bool:
+    """Whether this process is a render worker (never this test process) to be killed: fewer than
+    ``times`` were so far (counted as killed from now)."""
+    if os.getpid() == _PARENT:
+        return False
+    with _KILLS.get_lock():
+        if _KILLS.value >= times:
+            return False
+        _KILLS.value += 1
+    return True
+
+
+def _kill_this_worker(times: int) -> None:
+    """SIGKILL this process, as the kernel's out-of-memory killer would, if it is to be killed."""
+    if _to_be_killed(times):
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _killing_at_3(i: int, *, times: int) -> torch.Tensor:
-    """Item ``i`` (1 MiB: through /dev/shm); a worker rendering item 3 SIGKILLs itself, as the
-    kernel's out-of-memory killer would, the first ``times`` times (never this test process)."""
-    if i == 3 and os.getpid() != _PARENT:
-        with _KILLS.get_lock():
-            kill = _KILLS.value < times
-            _KILLS.value += kill
-        if kill:
-            os.kill(os.getpid(), signal.SIGKILL)
+    """Item ``i`` (1 MiB: through /dev/shm); the first ``times`` workers rendering item 3 die."""
+    if i == 3:
+        _kill_this_worker(times)
     return torch.full((1 << 18,), float(i))
 
 
@@ -385,10 +398,36 @@ def _pre_pass_with_kills(times: int) -> list[torch.Tensor]:
     return render_all(functools.partial(_killing_at_3, times=times), list(range(40)), workers=2)
 
 
-def test_a_worker_killed_mid_render_has_its_chunk_rendered_again_and_nothing_is_left() -> None:
+@pytest.mark.parametrize("where", ["rendering", "after writing its file", "halfway through sending"])
+def test_a_worker_killed_mid_render_has_its_chunk_rendered_again_and_nothing_is_left(
+    where, monkeypatch, tmp_path
+) -> None:
     # multiprocessing.Pool replaced the dead worker but lost its task: this pre-pass waited forever.
-    out = _pre_pass_with_kills(times=1)
-    assert _KILLS.value == 1  # a worker did die on item 3
+    times = 1
+    if where == "after writing its file":  # before sending its name: the file is ours to remove
+        times = 0
+        real_write = prerender._write_segment
+
+        def write_then_die(buffers: list[memoryview]) -> str | None:
+            name = real_write(buffers)
+            _kill_this_worker(1)
+            return name
+
+        monkeypatch.setattr(prerender, "_write_segment", write_then_die)
+    elif where == "halfway through sending":  # a large result through the pipe, cut short
+        times = 0
+        monkeypatch.setattr(prerender, "SHM_DIR", tmp_path / "missing")
+        real_send = multiprocessing.connection.Connection._send
+
+        def send_half_then_die(self, buf, *args):
+            if len(buf) > 1 << 20 and _to_be_killed(1):
+                real_send(self, buf[: len(buf) // 2], *args)
+                os.kill(os.getpid(), signal.SIGKILL)
+            real_send(self, buf, *args)
+
+        monkeypatch.setattr(multiprocessing.connection.Connection, "_send", send_half_then_die)
+    out = _pre_pass_with_kills(times)
+    assert _KILLS.value == 1  # a worker did die there
     assert len(out) == 40
     for i, got in enumerate(out):  # the serial results, in order
         assert torch.equal(got, torch.full((1 << 18,), float(i)))
@@ -399,12 +438,12 @@ def test_a_worker_killed_mid_render_has_its_chunk_rendered_again_and_nothing_is_
 def test_a_chunk_that_kills_every_worker_fails_the_pre_pass_with_a_clear_error() -> None:
     with pytest.raises(JobFailed) as caught:
         _pre_pass_with_kills(times=1000)
-    assert _KILLS.value == prerender.MAX_KILLS  # retried on a new worker once, then given up
+    assert _KILLS.value == prerender.MAX_KILLS  # rendered again on a new worker once, then given up
     error = caught.value
     assert error.code == "render_worker_killed"
     assert "killed by signal 9 (SIGKILL), most likely by the kernel's out-of-memory killer" in error.message
     assert "rendering examples 4-6 of the file, 2 times" in error.message
-    assert "render_workers" in error.message and "more memory" in error.message
+    assert "OPENFT_TORCH_THREADS" in error.message and "more memory" in error.message
     assert multiprocessing.active_children() == []
     assert _segments() == []
     assert len(_pre_pass_with_kills(times=0)) == 40  # the next pre-pass works
