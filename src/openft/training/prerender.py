@@ -139,6 +139,7 @@ class _Run:
     items: list[Any]
     chunk: int
     failed_at: Any  # multiprocessing.RawValue: an example that failed (len(items): none so far)
+    parent: int = field(default_factory=os.getpid)  # the process that forks the workers
     n_chunks: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -485,7 +486,9 @@ def _dumps(value: Any, buffer_callback: Callable[[pickle.PickleBuffer], bool] | 
 def _write_segment(buffers: list[memoryview]) -> str | None:
     """A new file in :data:`SHM_DIR` holding ``buffers``; None (and no file) when it cannot be
     written. Closed but not unlinked: the receiver unlinks it once it has read it."""
-    name = f"{SEGMENT_PREFIX}{os.getppid()}-{os.getpid()}-{next(_SEGMENTS)}"
+    # The pre-pass's process, not getppid(): a worker orphaned by its death has init's (pid 1, alive).
+    parent = _run.parent if _run is not None else os.getppid()
+    name = f"{SEGMENT_PREFIX}{parent}-{os.getpid()}-{next(_SEGMENTS)}"
     path = SHM_DIR / name
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

@@ -12,6 +12,7 @@ import os
 import random
 import signal
 import threading
+from pathlib import Path
 from typing import TypeVar
 
 import pytest
@@ -447,3 +448,37 @@ def test_a_chunk_that_kills_every_worker_fails_the_pre_pass_with_a_clear_error()
     assert multiprocessing.active_children() == []
     assert _segments() == []
     assert len(_pre_pass_with_kills(times=0)) == 40  # the next pre-pass works
+
+
+def test_workers_of_a_killed_pre_pass_exit_and_remove_their_files(tmp_path) -> None:
+    """The training process SIGKILLed mid pre-pass (its workers not): each worker sees its pipes
+    closed, removes the file it could not send, and exits, rather than waiting forever for work."""
+    import subprocess
+    import sys
+    import time
+
+    script = (
+        "import multiprocessing, os, sys, time, torch\n"
+        "from openft.training import prerender\n"
+        "parent = os.getpid()\n"
+        "def slow(i):\n"
+        "    if os.getpid() == parent:\n"
+        "        print(*[p.pid for p in multiprocessing.active_children()], flush=True)\n"
+        "        time.sleep(600)\n"
+        "    time.sleep(0.05)\n"
+        "    return torch.zeros(1 << 18)\n"
+        "prerender._forked(slow, list(range(400)), 3)\n"
+    )
+    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE)
+    workers = [int(pid) for pid in child.stdout.readline().split()]
+    assert len(workers) == 2
+    child.kill()
+    child.wait()
+    for pid in workers:  # reparented: gone, or a zombie nobody reaps here
+        while (
+            Path(f"/proc/{pid}").exists()
+            and Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+        ):
+            time.sleep(0.05)
+    for pid in workers:  # (named after the pre-pass's process, not init that adopted them)
+        assert not list(prerender.SHM_DIR.glob(f"{prerender.SEGMENT_PREFIX}*-{pid}-*"))
