@@ -10,7 +10,9 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import random
+import signal
 import threading
+from pathlib import Path
 from typing import TypeVar
 
 import pytest
@@ -18,7 +20,7 @@ import torch
 from PIL import Image
 
 from openft.datasets.formats import ChatExample, ImagePart, Message, TextPart
-from openft.errors import InvalidRequest
+from openft.errors import InvalidRequest, JobFailed
 from openft.models.loader import load_model, resolve_base
 from openft.models.render import Rendered
 from openft.training import prerender
@@ -360,3 +362,123 @@ def test_files_a_killed_pre_pass_left_are_swept_by_the_next_one(tmp_path, monkey
     assert prerender.sweep_stale_segments() == 0  # too fresh: could be another namespace's
     assert prerender.sweep_stale_segments(now=old) == len(left)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, other.name])
+
+
+_KILLS = multiprocessing.get_context("fork").Value("i", 0)
+"""Render workers killed so far by ``_kill_this_worker`` (shared with the forked workers)."""
+
+
+def _to_be_killed(times: int) -> bool:
+    """Whether this process is a render worker (never this test process) to be killed: fewer than
+    ``times`` were so far (counted as killed from now)."""
+    if os.getpid() == _PARENT:
+        return False
+    with _KILLS.get_lock():
+        if _KILLS.value >= times:
+            return False
+        _KILLS.value += 1
+    return True
+
+
+def _kill_this_worker(times: int) -> None:
+    """SIGKILL this process, as the kernel's out-of-memory killer would, if it is to be killed."""
+    if _to_be_killed(times):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _killing_at_3(i: int, *, times: int) -> torch.Tensor:
+    """Item ``i`` (1 MiB: through /dev/shm); the first ``times`` workers rendering item 3 die."""
+    if i == 3:
+        _kill_this_worker(times)
+    return torch.full((1 << 18,), float(i))
+
+
+def _pre_pass_with_kills(times: int) -> list[torch.Tensor]:
+    _as_the_parent()
+    _KILLS.value = 0
+    return render_all(functools.partial(_killing_at_3, times=times), list(range(40)), workers=2)
+
+
+@pytest.mark.parametrize("where", ["rendering", "after writing its file", "halfway through sending"])
+def test_a_worker_killed_mid_render_has_its_chunk_rendered_again_and_nothing_is_left(
+    where, monkeypatch, tmp_path
+) -> None:
+    # multiprocessing.Pool replaced the dead worker but lost its task: this pre-pass waited forever.
+    times = 1
+    if where == "after writing its file":  # before sending its name: the file is ours to remove
+        times = 0
+        real_write = prerender._write_segment
+
+        def write_then_die(buffers: list[memoryview]) -> str | None:
+            name = real_write(buffers)
+            _kill_this_worker(1)
+            return name
+
+        monkeypatch.setattr(prerender, "_write_segment", write_then_die)
+    elif where == "halfway through sending":  # a large result through the pipe, cut short
+        times = 0
+        monkeypatch.setattr(prerender, "SHM_DIR", tmp_path / "missing")
+        real_send = multiprocessing.connection.Connection._send
+
+        def send_half_then_die(self, buf, *args):
+            if len(buf) > 1 << 20 and _to_be_killed(1):
+                real_send(self, buf[: len(buf) // 2], *args)
+                os.kill(os.getpid(), signal.SIGKILL)
+            real_send(self, buf, *args)
+
+        monkeypatch.setattr(multiprocessing.connection.Connection, "_send", send_half_then_die)
+    out = _pre_pass_with_kills(times)
+    assert _KILLS.value == 1  # a worker did die there
+    assert len(out) == 40
+    for i, got in enumerate(out):  # the serial results, in order
+        assert torch.equal(got, torch.full((1 << 18,), float(i)))
+    assert multiprocessing.active_children() == []
+    assert _segments() == []
+
+
+def test_a_chunk_that_kills_every_worker_fails_the_pre_pass_with_a_clear_error() -> None:
+    with pytest.raises(JobFailed) as caught:
+        _pre_pass_with_kills(times=1000)
+    assert _KILLS.value == prerender.MAX_KILLS  # rendered again on a new worker once, then given up
+    error = caught.value
+    assert error.code == "render_worker_killed"
+    assert "killed by signal 9 (SIGKILL), most likely by the kernel's out-of-memory killer" in error.message
+    assert "rendering examples 4-6 of the file, 2 times" in error.message
+    assert "OPENFT_TORCH_THREADS" in error.message and "more memory" in error.message
+    assert multiprocessing.active_children() == []
+    assert _segments() == []
+    assert len(_pre_pass_with_kills(times=0)) == 40  # the next pre-pass works
+
+
+def test_workers_of_a_killed_pre_pass_exit_and_remove_their_files(tmp_path) -> None:
+    """The training process SIGKILLed mid pre-pass (its workers not): each worker sees its pipes
+    closed, removes the file it could not send, and exits, rather than waiting forever for work."""
+    import subprocess
+    import sys
+    import time
+
+    script = (
+        "import multiprocessing, os, sys, time, torch\n"
+        "from openft.training import prerender\n"
+        "parent = os.getpid()\n"
+        "def slow(i):\n"
+        "    if os.getpid() == parent:\n"
+        "        print(*[p.pid for p in multiprocessing.active_children()], flush=True)\n"
+        "        time.sleep(600)\n"
+        "    time.sleep(0.05)\n"
+        "    return torch.zeros(1 << 18)\n"
+        "prerender._forked(slow, list(range(400)), 3)\n"
+    )
+    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE)
+    workers = [int(pid) for pid in child.stdout.readline().split()]
+    assert len(workers) == 2
+    child.kill()
+    child.wait()
+    for pid in workers:  # reparented: gone, or a zombie nobody reaps here
+        while (
+            Path(f"/proc/{pid}").exists()
+            and Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+        ):
+            time.sleep(0.05)
+    for pid in workers:  # (named after the pre-pass's process, not init that adopted them)
+        assert not list(prerender.SHM_DIR.glob(f"{prerender.SEGMENT_PREFIX}*-{pid}-*"))
