@@ -79,7 +79,7 @@ STALE_AFTER_S = 600.0
 """A file whose parent process is gone is removed only once this old: a parent in another pid
 namespace sharing this ``/dev/shm`` looks gone from here, but reads its files within seconds."""
 
-_POOL_LOCK = threading.Lock()
+_PREPASS_LOCK = threading.Lock()
 _run: _Run | None = None
 """The pre-pass being run; set before forking, so the workers inherit it."""
 
@@ -214,7 +214,7 @@ def _forked(job: Callable[[T], R], items: list[T], processes: int) -> list[R]:
     # A few chunks per process (even finish times), small enough to bound the shared memory in flight.
     chunk = min(CHUNK_MAX, max(1, math.ceil(len(items) / (processes * 8))))
     context = multiprocessing.get_context("fork")
-    with _POOL_LOCK:  # one pre-pass at a time: its workers must fork with this call's globals
+    with _PREPASS_LOCK:  # one pre-pass at a time: its workers must fork with this call's globals
         _run = run = _Run(job, items, chunk, context.RawValue("q", len(items)))
         try:
             done = _Workers(context, run, processes - 1).collect()
